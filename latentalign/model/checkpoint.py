@@ -1,0 +1,155 @@
+"""Loading and exporting checkpoints in the three DeepSeek-V2 formats.
+
+- ours: `model_type: latentalign_deepseek_v2`, written by `save_pretrained` of our models;
+- transformers-native: `model_type: deepseek_v2`, fused 3-D expert weights or per-expert names;
+- the original hub format: `model_type: deepseek_v2` with `auto_map`, `rope_scaling`, per-expert weight names
+  (`mlp.experts.E.{gate,up,down}_proj.weight`).
+
+All three load through transformers' own conversion (per-expert names are merged into the fused experts),
+registered for our model type. `export_native` writes the format vanilla transformers and vLLM read, with
+the original per-expert names and `rope_scaling`/`rope_theta` restored for tools that read the hub format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import MODEL_TYPE, LatentAlignConfig
+from .modeling import LatentAlignForCausalLM, LatentAlignForSequenceClassification
+
+NATIVE_MODEL_TYPE = "deepseek_v2"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Keys of a saved config that describe the file rather than the architecture.
+_FILE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+_OUR_KEYS = ("device_aux_loss_alpha", "comm_aux_loss_alpha", "num_device_groups", "router_aux_loss_coef",
+             "moe_capacity_factor", "mla_attention")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the path and what is wrong."""
+
+
+def _local_dir(path) -> Path | None:
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a checkpoint directory holding config.json and weights.")
+    # Not on disk: a hub repo id ("org/name") is resolved by transformers, anything path-like is an error.
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise CheckpointError(f"{path}: no such checkpoint directory.")
+    return None
+
+
+def read_config(path, **overrides) -> LatentAlignConfig:
+    """Our config from any of the three formats (a directory or a hub id)."""
+    local = _local_dir(path)
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        config_file = Path(hf_hub_download(str(path), "config.json"))
+    else:
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{local}: missing config.json; this is not a saved model directory.")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err}).") from None
+    model_type = raw.get("model_type")
+    if model_type not in (MODEL_TYPE, NATIVE_MODEL_TYPE):
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a DeepSeek-V2 architecture; latentalign loads "
+            f"'{NATIVE_MODEL_TYPE}' and '{MODEL_TYPE}' checkpoints."
+        )
+    values = {k: v for k, v in raw.items() if k not in _FILE_KEYS}
+    if model_type == NATIVE_MODEL_TYPE and values.get("rope_parameters") and values.get("rope_scaling"):
+        values.pop("rope_scaling")  # written by export_native for the original code; rope_parameters rules here
+        values.pop("rope_theta", None)
+    values.update(overrides)
+    try:
+        return LatentAlignConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: invalid config: {err}") from None
+
+
+def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
+    local = _local_dir(path)
+    if local is not None and not any((local / f).is_file() for f in WEIGHT_FILES):
+        raise CheckpointError(f"{local}: no weights found (looked for {', '.join(WEIGHT_FILES)}).")
+    # Mismatches are collected rather than raised, so that the error below names them in one line.
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True, **kwargs)
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in list(mismatched)[:3])
+        raise CheckpointError(f"{path}: weight shapes do not match config.json ({shown}).")
+    missing = [k for k in info.get("missing_keys") or [] if not (cls is LatentAlignForSequenceClassification and k.startswith("score."))]
+    if missing:
+        raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}.")
+    return model
+
+
+def load_model(path, *, dtype: torch.dtype | str | None = None, **kwargs) -> LatentAlignForCausalLM:
+    """Our causal LM from our checkpoints, transformers-native `deepseek_v2` ones, or original hub ones.
+
+    Config overrides go in as keywords that name config fields (e.g. `mla_attention="absorbed"`); the rest
+    go to `from_pretrained` (e.g. `device_map`).
+    """
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in LatentAlignConfig.__dataclass_fields__}
+    config = read_config(path, **overrides)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _from_pretrained(LatentAlignForCausalLM, path, config, kwargs)
+
+
+def load_reward_model(path, *, dtype=None, num_labels: int = 1, **kwargs) -> LatentAlignForSequenceClassification:
+    """A reward model (one scalar per sequence) from any checkpoint `load_model` reads.
+
+    From a causal-LM checkpoint the backbone is loaded and the score head starts from the config's init.
+    """
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in LatentAlignConfig.__dataclass_fields__}
+    config = read_config(path, num_labels=num_labels, **overrides)
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _from_pretrained(LatentAlignForSequenceClassification, path, config, kwargs)
+
+
+def native_config_dict(config: LatentAlignConfig) -> dict:
+    """The config.json of a vanilla `deepseek_v2` checkpoint: transformers' keys plus the hub's rope keys."""
+    values = config.to_dict()
+    for key in _OUR_KEYS + ("num_labels", "id2label", "label2id"):
+        values.pop(key, None)
+    values["model_type"] = NATIVE_MODEL_TYPE
+    values["architectures"] = ["DeepseekV2ForCausalLM"]
+    rope = dict(values.get("rope_parameters") or {})
+    values["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+        values["rope_scaling"] = {"type": rope["rope_type"], **scaling}
+    return values
+
+
+def export_native(model, out_dir, *, safe_serialization: bool = True) -> Path:
+    """Write a checkpoint that vanilla transformers loads as `deepseek_v2` (no import of this package, no
+    trust_remote_code): original per-expert weight names, LoRA merged, `rope_scaling`/`rope_theta` restored."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    if not isinstance(model, LatentAlignForCausalLM):
+        raise TypeError(f"export_native expects a LatentAlignForCausalLM (or a PEFT wrapper of one), got "
+                        f"{type(model).__name__}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=safe_serialization)
+    config = native_config_dict(model.config)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,224 @@
+"""Our DeepSeek-V2 config: transformers' `DeepseekV2Config` plus what training needs.
+
+transformers owns the `deepseek_v2` model type, so ours registers as `latentalign_deepseek_v2`. Every field of
+the parent keeps its meaning; the additions are the paper's balance-loss coefficients (DeepSeek-V2 §2.2.3),
+the device-group count those losses use, the coefficient TRL reads (`router_aux_loss_coef`), a training-only
+token-dropping capacity factor, and the choice of MLA attention path.
+
+Presets carry the hub values of DeepSeek-V2 and V2-Lite (see the design facts §7), and `tiny`, the embedded
+default that trains on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import DeepseekV2Config
+
+MODEL_TYPE = "latentalign_deepseek_v2"
+MLA_PATHS = ("auto", "expanded", "absorbed")
+
+# The YaRN settings shipped with DeepSeek-V2, V2-Chat and V2-Lite (4K -> 160K, §4 of the facts).
+DEEPSEEK_V2_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+
+
+@strict
+class LatentAlignConfig(DeepseekV2Config):
+    r"""
+    aux_loss_alpha (`float`, defaults to 0.001):
+        alpha1, the expert-level balance loss coefficient. Same name and meaning as in the hub configs.
+    device_aux_loss_alpha (`float`, defaults to 0.0):
+        alpha2, the device-level balance loss coefficient (0.05 for DeepSeek-V2).
+    comm_aux_loss_alpha (`float`, defaults to 0.0):
+        alpha3, the communication balance loss coefficient (0.02 for DeepSeek-V2).
+    num_device_groups (`int`, *optional*):
+        D, the number of devices the routed experts are spread over, used by the device and communication
+        losses. Defaults to `n_group` (the groups of device-limited routing), else 1.
+    router_aux_loss_coef (`float`, defaults to 1.0):
+        The weight TRL puts on `outputs.aux_loss`. The alphas already scale each balance term, so 1.0 adds them
+        as the paper does; 0.0 turns the balance loss off.
+    moe_capacity_factor (`float`, *optional*):
+        Token dropping while training: each device group keeps at most `factor * tokens * top_k / D`
+        assignments, dropping those of lowest affinity. `None` (the default) drops nothing; never applied in eval.
+    mla_attention (`str`, defaults to `"auto"`):
+        `"expanded"` up-projects the latent into per-head keys and values (training, prefill); `"absorbed"`
+        folds W^UK into the query and W^UV after attention, attending over the cached latents (decoding);
+        `"auto"` uses absorbed attention when a cache already holds past tokens, expanded otherwise.
+    """
+
+    model_type = MODEL_TYPE
+
+    num_experts_per_tok: int | None = 6  # transformers leaves it unset; every DeepSeek-V2 model routes to 6
+    aux_loss_alpha: float = 0.001
+    device_aux_loss_alpha: float = 0.0
+    comm_aux_loss_alpha: float = 0.0
+    num_device_groups: int | None = None
+    router_aux_loss_coef: float = 1.0
+    moe_capacity_factor: float | None = None
+    mla_attention: str = "auto"
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.mla_attention not in MLA_PATHS:
+            raise ValueError(f"mla_attention must be one of {MLA_PATHS}, got {self.mla_attention!r}.")
+        if self.topk_method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(
+                f"topk_method must be 'greedy' or 'group_limited_greedy', got {self.topk_method!r}."
+            )
+        n_experts, top_k = self.n_routed_experts, self.num_experts_per_tok
+        if top_k is None or not 0 < top_k <= n_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..n_routed_experts ({n_experts}), got {top_k}.")
+        if self.topk_method == "group_limited_greedy":
+            if not self.n_group or n_experts % self.n_group:
+                raise ValueError(
+                    f"group_limited_greedy routing needs n_group dividing n_routed_experts ({n_experts}), "
+                    f"got n_group={self.n_group}."
+                )
+            if not self.topk_group or not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group must be in 1..n_group ({self.n_group}), got {self.topk_group}.")
+        if n_experts % self.device_groups:
+            raise ValueError(
+                f"num_device_groups ({self.device_groups}) must divide n_routed_experts ({n_experts})."
+            )
+        for name in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}.")
+
+    @property
+    def device_groups(self) -> int:
+        """D of the device and communication balance losses."""
+        return self.num_device_groups or self.n_group or 1
+
+    @property
+    def device_topk(self) -> int:
+        """M: how many device groups one token may reach (DeepSeek-V2 routes to at most 3 of 8)."""
+        if self.topk_method == "group_limited_greedy" and self.topk_group:
+            return self.topk_group
+        return min(self.device_groups, self.num_experts_per_tok)
+
+
+def _tiny() -> dict:
+    # About 2M parameters: trains on 2 CPU cores in minutes. The vocabulary is replaced by the size of the
+    # embedded tokenizer when a stage builds the model.
+    return dict(
+        vocab_size=512,
+        hidden_size=192,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        aux_loss_alpha=0.01,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def _hub_common() -> dict:
+    return dict(
+        vocab_size=102400,
+        num_attention_heads=None,  # set below
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        max_position_embeddings=163840,
+        rope_theta=10000.0,
+        rope_scaling=dict(DEEPSEEK_V2_YARN),
+        rms_norm_eps=1e-6,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        tie_word_embeddings=False,
+        norm_topk_prob=False,
+    )
+
+
+def _deepseek_v2_lite() -> dict:
+    cfg = _hub_common()
+    cfg.update(
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=None,
+        n_routed_experts=64,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        aux_loss_alpha=0.001,  # alpha1 only: all of Lite's experts sit on one device
+    )
+    return cfg
+
+
+def _deepseek_v2() -> dict:
+    cfg = _hub_common()
+    cfg.update(
+        hidden_size=5120,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        q_lora_rank=1536,
+        n_routed_experts=160,
+        topk_method="group_limited_greedy",
+        n_group=8,
+        topk_group=3,
+        routed_scaling_factor=16.0,
+        aux_loss_alpha=0.003,
+        device_aux_loss_alpha=0.05,
+        comm_aux_loss_alpha=0.02,
+    )
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "deepseek-v2-lite": _deepseek_v2_lite, "deepseek-v2": _deepseek_v2}
+
+
+def model_config(name: str = "tiny", **overrides) -> LatentAlignConfig:
+    """Build a config from a preset, e.g. `model_config("tiny", num_hidden_layers=2)`.
+
+    >>> model_config("deepseek-v2-lite").n_routed_experts
+    64
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    values = PRESETS[name]()
+    known = set(values) | set(LatentAlignConfig.__dataclass_fields__) | {"rope_scaling", "rope_theta", "num_labels"}
+    unknown = sorted(k for k in overrides if k not in known and not hasattr(LatentAlignConfig, k))
+    if unknown:
+        raise ValueError(f"Unknown config keys for preset {name!r}: {unknown}.")
+    values.update(overrides)
+    return LatentAlignConfig(**values)

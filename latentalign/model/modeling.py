@@ -1,0 +1,422 @@
+"""DeepSeek-V2 for post-training: Multi-head Latent Attention and DeepSeekMoE on transformers' own code.
+
+Reads top to bottom: routing and balance losses, grouped experts, the MoE block, MLA with its two attention
+paths, the decoder, and the causal-LM and reward heads. Every module subclasses its transformers
+`deepseek_v2` counterpart and keeps its parameter names, so state dicts move both ways unchanged.
+
+Where this departs from transformers 5.24 (the reasons are in the design facts, §2 and §5):
+- MLA decodes with weight absorption over the cached latents instead of re-expanding keys and values
+  through `kv_b_proj` at every step; training and prefill keep the expanded path.
+- Routed experts run as grouped matrix multiplies over expert-sorted tokens, with no Python loop over experts.
+- `output_router_logits=True` returns `aux_loss`, the paper's expert-, device- and communication-level
+  balance losses (transformers computes none), and `expert_load`, tokens per expert per MoE layer.
+- Training can drop tokens beyond a device capacity (off by default).
+- Position ids follow the attention mask, so a left-padded row sees the positions it would see alone.
+- The reward head pools the last token that the attention mask marks real, whatever the padding side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
+
+from .config import LatentAlignConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing and balance losses (DeepSeek-V2 §2.2)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def select_experts(scores: torch.Tensor, config: LatentAlignConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K experts per token from softmax affinities `scores` (N, E): greedy or device-limited.
+
+    Device-limited routing first keeps the `topk_group` groups holding the highest affinity, masking the
+    other groups' experts to 0, then takes the top-K of what is left. Returns (weights, indices), each (N, K);
+    the weights are the affinities of the chosen experts (not renormalised, as `norm_topk_prob: false`).
+    """
+    if config.topk_method == "group_limited_greedy":
+        n, n_experts = scores.shape
+        groups = scores.view(n, config.n_group, n_experts // config.n_group)
+        keep = groups.amax(dim=-1).topk(config.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros(n, config.n_group, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
+        scores = scores.masked_fill(~group_mask.repeat_interleave(n_experts // config.n_group, dim=1), 0.0)
+    return torch.topk(scores, k=config.num_experts_per_tok, dim=-1, sorted=False)
+
+
+def drop_over_capacity(
+    weights: torch.Tensor, indices: torch.Tensor, config: LatentAlignConfig, capacity_factor: float
+) -> torch.Tensor:
+    """Device-level token dropping (§2.2.4): zero the lowest-affinity assignments beyond each device's budget.
+
+    The budget of each of the D device groups is `capacity_factor * N * K / D` assignments. Returns the new
+    weights; dropped assignments weigh 0 and so contribute nothing (the shared experts still see the token).
+    """
+    n, k = indices.shape
+    d = config.device_groups
+    budget = max(1, int(capacity_factor * n * k / d))
+    device = (indices // (config.n_routed_experts // d)).reshape(-1)  # (N*K,)
+    flat_w = weights.reshape(-1)
+    # Rank each assignment inside its device by affinity: sort by weight (descending), then stably by device.
+    order = torch.argsort(-flat_w.detach(), stable=True)
+    order = order[torch.argsort(device[order], stable=True)]
+    counts = torch.bincount(device, minlength=d)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[device[order]]
+    return torch.where(rank < budget, flat_w, torch.zeros_like(flat_w)).view(n, k)
+
+
+@dataclass
+class BalanceStats:
+    loss: torch.Tensor  # scalar: alpha1 * L_ExpBal + alpha2 * L_DevBal + alpha3 * L_CommBal, summed over layers
+    expert_load: torch.Tensor  # (n_moe_layers, E): tokens routed to each expert (real tokens only)
+
+
+def balance_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    config: LatentAlignConfig,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 1,
+) -> BalanceStats:
+    """The balance losses of DeepSeek-V2 eq. 12-20, per sequence, averaged over the batch, summed over layers.
+
+    `router_logits` holds one (B*T, E) tensor per MoE layer. With T the real tokens of a sequence:
+      expert:  f_i = E/(K T) #{t selects i},   P_i = 1/T sum_t s_{i,t},   L = sum_i f_i P_i
+      device:  f'_d = mean_{i in d} f_i,       P'_d = sum_{i in d} P_i,   L = sum_d f'_d P'_d
+      comm:    f''_d = D/(M T) #{t sent to d},                            L = sum_d f''_d P'_d
+    Padding tokens (attention_mask 0) count nowhere.
+    """
+    n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    d, m = config.device_groups, config.device_topk
+    alpha1, alpha2, alpha3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
+    total = router_logits[0].new_zeros((), dtype=torch.float32)
+    loads = []
+    for logits in router_logits:
+        scores = logits.float().softmax(dim=-1).view(batch_size, -1, n_experts)  # (B, T, E)
+        _, idx = select_experts(scores.view(-1, n_experts), config)
+        chosen = F.one_hot(idx, n_experts).sum(dim=1).view_as(scores).to(scores.dtype)  # (B, T, E) in {0, 1}
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == scores.shape[:2]:
+            real = attention_mask.bool().unsqueeze(-1)
+            scores = torch.where(real, scores, torch.zeros_like(scores))
+            chosen = torch.where(real, chosen, torch.zeros_like(chosen))
+            n_tok = real.sum(dim=1).clamp(min=1).to(scores.dtype)  # (B, 1)
+        else:
+            n_tok = scores.new_full((batch_size, 1), scores.shape[1])
+        loads.append(chosen.sum(dim=(0, 1)).detach())
+        f = chosen.sum(dim=1) * n_experts / (top_k * n_tok)  # (B, E)
+        p = scores.sum(dim=1) / n_tok  # (B, E)
+        if alpha1:
+            total = total + alpha1 * (f * p).sum(-1).mean()
+        if d > 1 and (alpha2 or alpha3):
+            p_dev = p.view(batch_size, d, -1).sum(-1)  # (B, D)
+            if alpha2:
+                total = total + alpha2 * (f.view(batch_size, d, -1).mean(-1) * p_dev).sum(-1).mean()
+            if alpha3:
+                sent = chosen.view(*chosen.shape[:2], d, -1).amax(-1)  # (B, T, D): token reaches device d
+                f_comm = sent.sum(dim=1) * d / (m * n_tok)
+                total = total + alpha3 * (f_comm * p_dev).sum(-1).mean()
+    return BalanceStats(loss=total, expert_load=torch.stack(loads))
+
+
+class DeepseekRouter(hf.DeepseekV2TopkRouter):
+    """Softmax gate over the routed experts, in fp32. Returns (logits, gate weights, expert indices)."""
+
+    def __init__(self, config: LatentAlignConfig):
+        super().__init__(config)
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), self.weight.float())  # (N, E)
+        weights, indices = select_experts(router_logits.softmax(dim=-1), self.config)
+        if self.training and self.config.moe_capacity_factor is not None:
+            weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor)
+        return router_logits, weights * self.routed_scaling_factor, indices
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouped experts
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e] for rows sorted by group; `offs` are the cumulative ends.
+
+    torch's `grouped_mm` has kernels for all three products but no CPU autograd for this layout, so the
+    backward is spelled out: dx = dy @ w[e]^T per group, dw[e] = x_e^T @ dy_e.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return F.grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = F.grouped_mm(dy, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = F.grouped_mm(x.t(), dy, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (M, in) rows sorted by expert, w (E, in, out), offs (E,) int32 cumulative row counts -> (M, out)."""
+    if x.dtype != w.dtype:
+        x = x.to(w.dtype)
+    if x.is_cuda:  # CUDA grouped_mm has its own autograd
+        return F.grouped_mm(x, w, offs=offs)
+    return _GroupedMatmul.apply(x, w, offs)
+
+
+class GroupedExperts(hf.DeepseekV2Experts):
+    """The routed experts as two fused 3-D weights, computed as grouped GEMMs over expert-sorted tokens."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        n, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        token = order // k  # the token of each sorted assignment
+        offs = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
+        x = hidden_states[token]  # (N*K, d)
+        gate, up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        y = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N*K, d)
+        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+class DeepseekMoE(hf.DeepseekV2Moe):
+    """h' = sum_shared FFN_s(u) + sum_i g_i FFN_i(u) (the residual is added by the decoder layer)."""
+
+    def __init__(self, config: LatentAlignConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self.experts = GroupedExperts(config)
+        self.gate = DeepseekRouter(config)
+        self.shared_experts = hf.DeepseekV2MLP(
+            config=config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        _, weights, indices = self.gate(hidden_states)
+        routed = self.experts(hidden_states.view(-1, shape[-1]), indices, weights).view(shape)
+        return routed + self.shared_experts(hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-head Latent Attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor:
+    """Apply a transformers attention mask (None, bool keep-mask or additive float) to (B, H, S, T) scores."""
+    if mask is None:
+        s, t = scores.shape[-2:]
+        if s == 1:
+            return scores
+        keep = torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(diagonal=past)
+        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    mask = mask[..., -scores.shape[-1]:]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask.to(scores.dtype)
+
+
+class MultiHeadLatentAttention(hf.DeepseekV2Attention):
+    """MLA with the expanded path of transformers and a weight-absorbed path for decoding.
+
+    Cache per token per layer: the normalised KV latent c (kv_lora_rank) and the rotated shared RoPE key
+    (qk_rope_head_dim), stored by the cache as "keys" (B, 1, T, r) and "values" (B, 1, T, d_r).
+    """
+
+    def _use_absorbed(self, cache) -> bool:
+        mode = self.config.mla_attention
+        if mode == "auto":
+            return cache is not None and cache.get_seq_length(self.layer_idx) > 0
+        return mode == "absorbed"
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
+        if not self._use_absorbed(cache):
+            return super().forward(
+                hidden_states, attention_mask, cache=cache, position_embeddings=position_embeddings, **kwargs
+            )
+        return self._absorbed(hidden_states, attention_mask, cache, position_embeddings, **kwargs)
+
+    def _absorbed(self, hidden_states, attention_mask, cache, position_embeddings, **kwargs):
+        b, s, _ = hidden_states.shape
+        h, d_nope, d_rope, d_v, r = (
+            self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank,
+        )
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q_nope, q_pe = q.view(b, s, h, d_nope + d_rope).transpose(1, 2).split([d_nope, d_rope], dim=-1)
+
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([r, d_rope], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(b, 1, s, r)
+        k_pe = k_pe.view(b, 1, s, d_rope)
+        q_pe, k_pe = hf.apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx, kwargs=kwargs)
+        latent, k_pe = latent[:, 0], k_pe[:, 0]  # (B, T, r), (B, T, d_r)
+
+        # kv_b_proj rows, per head: W^UK (d_nope rows) then W^UV (d_v rows), each over the r latent columns.
+        w_kv = self.kv_b_proj.weight.view(h, d_nope + d_v, r)
+        w_uk, w_uv = w_kv[:, :d_nope], w_kv[:, d_nope:]
+        q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk)  # queries in the latent space
+        # Heads fold into rows so each score is one (B, H*S, r) x (B, r, T) product, as in MQA.
+        scores = torch.matmul(q_lat.reshape(b, h * s, r), latent.transpose(1, 2))
+        scores = scores + torch.matmul(q_pe.reshape(b, h * s, d_rope), k_pe.transpose(1, 2))
+        scores = _mask_scores(scores.view(b, h, s, -1) * self.scaling, attention_mask, past)
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        context = torch.matmul(probs.view(b, h * s, -1), latent).view(b, h, s, r)  # attention over latents
+        out = torch.einsum("bhsr,hvr->bshv", context, w_uv).reshape(b, s, h * d_v)
+        return self.o_proj(out), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder and models
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DecoderLayer(hf.DeepseekV2DecoderLayer):
+    def __init__(self, config: LatentAlignConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = MultiHeadLatentAttention(config=config, layer_idx=layer_idx)
+        is_moe = layer_idx >= config.first_k_dense_replace
+        self.mlp = DeepseekMoE(config) if is_moe else hf.DeepseekV2MLP(config)
+        self.input_layernorm = hf.DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = hf.DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class LatentAlignPreTrainedModel(hf.DeepseekV2PreTrainedModel):
+    config_class = LatentAlignConfig
+    config: LatentAlignConfig
+
+
+@dataclass
+class LatentAlignModelOutput(MoeModelOutputWithPast):
+    aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+
+
+@dataclass
+class LatentAlignCausalLMOutput(MoeCausalLMOutputWithPast):
+    expert_load: torch.Tensor | None = None
+
+
+def _positions_from_mask(attention_mask, seq_len: int) -> torch.Tensor | None:
+    """Position of each of the last `seq_len` tokens among the real tokens of its row (left padding aware)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq_len:]
+
+
+class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
+    def __init__(self, config: LatentAlignConfig):
+        LatentAlignPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = hf.DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = hf.DeepseekV2RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_router_logits=None, **kwargs) -> LatentAlignModelOutput:
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        if position_ids is None:
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = _positions_from_mask(attention_mask, seq_len)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        out = hf.DeepseekV2Model.forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits, **kwargs,
+        )
+        result = LatentAlignModelOutput(**out)
+        if output_router_logits and out.router_logits:
+            batch = out.last_hidden_state.shape[0]
+            stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch)
+            result.aux_loss, result.expert_load = stats.loss, stats.expert_load
+        return result
+
+
+class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalLM):
+    def __init__(self, config: LatentAlignConfig):
+        LatentAlignPreTrainedModel.__init__(self, config)
+        self.model = LatentAlignModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, output_router_logits=None,
+                **kwargs) -> LatentAlignCausalLMOutput:
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits, **kwargs,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if out.aux_loss is not None and self.config.router_aux_loss_coef:
+                loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
+        return LatentAlignCausalLMOutput(
+            loss=loss, aux_loss=out.aux_loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+            attentions=out.attentions, router_logits=out.router_logits, expert_load=out.expert_load,
+        )
+
+
+class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
+    """Reward model: one score per sequence, read at its last real token (`attention_mask`), else at the last
+    token that is not padding, else at the last position."""
+
+    def __init__(self, config: LatentAlignConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LatentAlignModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        batch, length = logits.shape[:2]
+        positions = torch.arange(length, device=logits.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            last = (positions * attention_mask.to(logits.device).bool()).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            last = (positions * (input_ids != self.config.pad_token_id).to(logits.device)).argmax(-1)
+        else:
+            last = torch.full((batch,), length - 1, device=logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, past_key_values=out.cache, hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )

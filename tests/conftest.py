@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def small_config(**overrides):
+    """A DeepSeek-V2 config small enough for unit tests, with every architectural feature switched on."""
+    import latentalign
+
+    values = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    values.update(overrides)
+    return latentalign.model_config("tiny", **values)
+
+
+@pytest.fixture
+def make_config():
+    return small_config
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("-m") or os.environ.get("LATENTALIGN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with `make test-slow` or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,189 @@
+"""Loading the three checkpoint formats, exporting the native one, and clear errors for bad checkpoints."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM
+
+import latentalign
+from latentalign.model import CheckpointError, LatentAlignForCausalLM
+
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+IDS = torch.tensor([[5, 17, 33, 8, 60, 21, 9, 44, 13, 3]])
+
+
+def native_model(**overrides):
+    torch.manual_seed(0)
+    values = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                  q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                  max_position_embeddings=256, rope_scaling=YARN, rope_theta=10000.0)
+    values.update(overrides)
+    return DeepseekV2ForCausalLM(DeepseekV2Config(**values)).eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_transformers_native_round_trip_through_export(tmp_path):
+    reference = native_model()
+    reference.save_pretrained(tmp_path / "native")
+    ours = latentalign.load_model(tmp_path / "native")
+    assert isinstance(ours, LatentAlignForCausalLM)
+    assert torch.equal(logits(ours), logits(reference))
+
+    out = latentalign.export_native(ours, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v2" and config["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert config["rope_theta"] == 10000.0 and config["rope_scaling"]["type"] == "yarn"
+    assert "auto_map" not in config and "mla_attention" not in config
+
+    # A fresh interpreter that never imports latentalign, without trust_remote_code.
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+        assert type(model).__name__ == "DeepseekV2ForCausalLM", type(model)
+        assert not any(name.startswith("latentalign") for name in sys.modules)
+        with torch.no_grad():
+            torch.save(model(torch.tensor({IDS.tolist()})).logits, {str(tmp_path / "logits.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits(ours))
+
+
+def test_saved_checkpoint_reloads_with_auto_class(tmp_path):
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2)).eval()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again, LatentAlignForCausalLM)
+    assert torch.equal(logits(again, IDS % 97), logits(model, IDS % 97))
+
+
+def write_original_format(model, path):
+    """The hub layout: per-expert weight names, `auto_map`, `rope_scaling` and `rope_theta`."""
+    cfg = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for e, block in enumerate(tensor):
+                gate, up = block.chunk(2, dim=0)
+                state[f"{prefix}{e}.gate_proj.weight"] = gate.clone()
+                state[f"{prefix}{e}.up_proj.weight"] = up.clone()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e, block in enumerate(tensor):
+                state[f"{prefix}{e}.down_proj.weight"] = block.clone()
+        else:
+            state[name] = tensor.clone()
+    path.mkdir()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    hub = {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"},
+        "aux_loss_alpha": 0.001, "seq_aux": True, "scoring_func": "softmax", "ep_size": 1, "moe_layer_freq": 1,
+        "norm_topk_prob": False, "torch_dtype": "float32", "rope_scaling": YARN, "rope_theta": 10000.0,
+    }
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+                "first_k_dense_replace", "n_group", "topk_group", "topk_method", "routed_scaling_factor",
+                "max_position_embeddings", "rms_norm_eps"):
+        hub[key] = getattr(cfg, key)
+    (path / "config.json").write_text(json.dumps(hub))
+    return state
+
+
+def test_original_hub_format_loads(tmp_path):
+    reference = native_model(q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                             routed_scaling_factor=2.0)
+    state = write_original_format(reference, tmp_path / "hub")
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in state
+    ours = latentalign.load_model(tmp_path / "hub")
+    assert ours.config.rope_parameters["rope_type"] == "yarn"
+    assert ours.config.aux_loss_alpha == 0.001
+    assert torch.equal(logits(ours), logits(reference))
+
+
+def test_export_writes_original_expert_names(tmp_path):
+    ours = latentalign.load_model(_saved(tmp_path))
+    out = latentalign.export_native(ours, tmp_path / "export")
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in keys
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)
+
+
+def _saved(tmp_path):
+    native_model().save_pretrained(tmp_path / "native")
+    return tmp_path / "native"
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown model preset 'huge'.*deepseek-v2-lite"):
+        latentalign.model_config("huge")
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match="Unknown config keys.*hiden_size"):
+        latentalign.model_config("tiny", hiden_size=8)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        latentalign.load_model(tmp_path / "nope")
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        latentalign.load_model(tmp_path)
+
+
+def test_missing_weights(tmp_path):
+    path = _saved(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        latentalign.load_model(path)
+
+
+def test_other_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2 architecture"):
+        latentalign.load_model(tmp_path)
+
+
+def test_shapes_that_do_not_match_the_config(tmp_path):
+    path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["kv_lora_rank"] = 48
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shapes do not match config.json.*kv_"):
+        latentalign.load_model(path)
+
+
+def test_missing_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    path = _saved(tmp_path)
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="weights missing.*layers.2.self_attn.kv_b_proj"):
+        latentalign.load_model(path)

@@ -1,0 +1,163 @@
+"""DeepSeekMoE: routing, grouped experts, balance losses (hand-computed), token dropping, parameter counts."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+import latentalign
+from latentalign.model import LatentAlignForCausalLM, balance_loss, select_experts
+from latentalign.model.modeling import GroupedExperts, drop_over_capacity
+
+# Four tokens, four experts, top-2. Logits are log-probabilities, so the softmax gives these rows exactly.
+PROBS = torch.tensor([
+    [0.40, 0.30, 0.20, 0.10],  # experts 0, 1
+    [0.10, 0.20, 0.30, 0.40],  # experts 3, 2
+    [0.50, 0.10, 0.30, 0.10],  # experts 0, 2
+    [0.60, 0.20, 0.15, 0.05],  # experts 0, 1
+])
+# By hand, T = 4, E = 4, K = 2, devices {0, 1} and {2, 3}, M = 2:
+#   counts (3, 2, 2, 1) -> f = E/(K T) * counts = (1.5, 1, 1, 0.5); P = column means = (0.4, 0.2, 0.2375, 0.1625)
+#   expert:  sum f P = 0.6 + 0.2 + 0.2375 + 0.08125               = 1.11875
+#   device:  f' = (1.25, 0.75), P' = (0.6, 0.4): 0.75 + 0.3        = 1.05
+#   comm:    tokens per device (3, 2), f'' = D/(M T) * (3, 2) = (0.75, 0.5): 0.45 + 0.2 = 0.65
+EXPERT, DEVICE, COMM = 1.11875, 1.05, 0.65
+
+
+def hand_config(make_config, **overrides):
+    values = dict(n_routed_experts=4, num_experts_per_tok=2, num_device_groups=2, aux_loss_alpha=0.1,
+                  device_aux_loss_alpha=0.2, comm_aux_loss_alpha=0.3)
+    values.update(overrides)
+    return make_config(**values)
+
+
+def test_balance_losses_equal_the_hand_computed_example(make_config):
+    config = hand_config(make_config)
+    stats = balance_loss((PROBS.log(),), config)
+    assert stats.loss.item() == pytest.approx(0.1 * EXPERT + 0.2 * DEVICE + 0.3 * COMM, abs=1e-6)
+    assert stats.expert_load.tolist() == [[3, 2, 2, 1]]
+    # Two MoE layers sum; each term alone follows its own coefficient.
+    assert balance_loss((PROBS.log(), PROBS.log()), config).loss.item() == pytest.approx(2 * stats.loss.item())
+    only_comm = hand_config(make_config, aux_loss_alpha=0.0, device_aux_loss_alpha=0.0)
+    assert balance_loss((PROBS.log(),), only_comm).loss.item() == pytest.approx(0.3 * COMM, abs=1e-6)
+
+
+def test_balance_loss_is_per_sequence_and_skips_padding(make_config):
+    config = hand_config(make_config)
+    # Sequence 2 is sequence 1 followed by three padding tokens with arbitrary router logits.
+    padded = torch.cat([PROBS.log(), torch.randn(3, 4)])
+    logits = torch.cat([PROBS.log(), torch.full((3, 4), -9.0), padded])  # (B*T, E) with B = 2, T = 7
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0]])
+    stats = balance_loss((logits,), config, attention_mask=mask, batch_size=2)
+    assert stats.loss.item() == pytest.approx(0.1 * EXPERT + 0.2 * DEVICE + 0.3 * COMM, abs=1e-6)
+    assert stats.expert_load.tolist() == [[6, 4, 4, 2]]
+
+
+def test_balance_loss_reaches_the_gate_and_zero_coefficients_give_zero(make_config):
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02,
+                                               num_device_groups=2))
+    ids = torch.randint(3, 97, (2, 12))
+    out = model(ids, output_router_logits=True)
+    assert out.aux_loss.item() > 0
+    assert out.expert_load.shape == (2, 8) and out.expert_load.sum().item() == 2 * 12 * 2 * 2
+    out.aux_loss.backward()
+    for layer in model.model.layers[1:]:
+        assert layer.mlp.gate.weight.grad.abs().sum() > 0
+
+    off = LatentAlignForCausalLM(make_config(aux_loss_alpha=0.0))
+    assert off(ids, output_router_logits=True).aux_loss.item() == 0.0
+    assert model(ids).aux_loss is None  # only computed when asked for
+
+
+def test_loss_adds_the_weighted_balance_loss(make_config):
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(router_aux_loss_coef=0.5))
+    ids = torch.randint(3, 97, (2, 12))
+    plain = model(ids, labels=ids).loss
+    with_aux = model(ids, labels=ids, output_router_logits=True)
+    assert with_aux.loss.item() == pytest.approx(plain.item() + 0.5 * with_aux.aux_loss.item(), rel=1e-6)
+
+
+def test_group_limited_routing_stays_inside_the_best_groups(make_config):
+    config = make_config(n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy",
+                         n_group=4, topk_group=2)
+    torch.manual_seed(0)
+    scores = torch.randn(64, 8).softmax(-1)
+    _, idx = select_experts(scores, config)
+    best_groups = scores.view(64, 4, 2).amax(-1).topk(2, dim=-1).indices
+    for row in range(64):
+        assert set((idx[row] // 2).tolist()) <= set(best_groups[row].tolist())
+
+
+def test_grouped_experts_match_the_per_expert_loop(make_config):
+    config = make_config(n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    ours, loop = GroupedExperts(config), DeepseekV2Experts(config)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    loop.load_state_dict(ours.state_dict())
+    x = torch.randn(50, config.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(50)])
+    idx[:10] = torch.tensor([0, 1, 2])  # an uneven load, and expert 7 may see few tokens
+    w = torch.rand(50, 3)
+    a, b = ours(x, idx, w), loop(x, idx, w)
+    assert (a - b).abs().max().item() < 1e-5
+    ga = torch.autograd.grad(a.square().sum(), [x, ours.gate_up_proj, ours.down_proj])
+    gb = torch.autograd.grad(b.square().sum(), [x, loop.gate_up_proj, loop.down_proj])
+    for u, v in zip(ga, gb):
+        assert (u - v).abs().max().item() < 1e-4
+
+
+def test_token_dropping_keeps_each_device_within_budget(make_config):
+    config = make_config(n_routed_experts=8, num_experts_per_tok=2, num_device_groups=4)
+    torch.manual_seed(0)
+    scores = torch.randn(40, 8).softmax(-1)
+    scores[:, 0] += 2.0  # everyone wants expert 0 (device 0)
+    weights, idx = select_experts(scores, config)
+    kept = drop_over_capacity(weights, idx, config, capacity_factor=1.0)
+    budget = int(40 * 2 / 4)
+    device = idx // 2
+    for d in range(4):
+        assert ((kept > 0) & (device == d)).sum().item() <= budget
+    # The dropped assignments on device 0 are its lowest-affinity ones.
+    on_dev0 = device == 0
+    assert kept[on_dev0 & (kept > 0)].min() >= weights[on_dev0 & (kept == 0)].max()
+
+
+def test_token_dropping_only_while_training(make_config):
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(moe_capacity_factor=0.25))
+    ids = torch.randint(3, 97, (2, 16))
+    model.eval()
+    evaluated = model(ids).logits
+    model.config.moe_capacity_factor = None
+    assert torch.equal(model(ids).logits, evaluated)
+    model.config.moe_capacity_factor = 0.25
+    model.train()
+    assert not torch.allclose(model(ids).logits, evaluated)
+
+
+@pytest.mark.parametrize("preset, total, active", [("deepseek-v2", 235.74e9, 20.85e9),
+                                                   ("deepseek-v2-lite", 15.706e9, 2.45e9)])
+def test_preset_parameter_counts_on_meta(preset, total, active):
+    config = latentalign.model_config(preset)
+    with torch.device("meta"):
+        model = LatentAlignForCausalLM(config)
+    n_total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    # Active per token: everything but the input embedding and the routed experts not chosen (K of E run).
+    n_active = n_total - model.model.embed_tokens.weight.numel() - routed * (
+        1 - config.num_experts_per_tok / config.n_routed_experts)
+    assert n_total == pytest.approx(total, rel=2e-3)
+    assert n_active == pytest.approx(active, rel=5e-3)
+
+
+def test_yarn_softmax_scale_of_the_presets():
+    config = latentalign.model_config("deepseek-v2")
+    with torch.device("meta"):
+        model = LatentAlignForCausalLM(config)
+    mscale = 0.1 * 0.707 * math.log(40) + 1
+    assert model.model.layers[0].self_attn.scaling == pytest.approx(192 ** -0.5 * mscale ** 2)
+    assert model.model.layers[0].self_attn.scaling == pytest.approx(0.114721, abs=1e-6)

@@ -1,0 +1,49 @@
+"""The reward head scores each row of a padded batch as it scores that row alone, on either padding side."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import latentalign
+from latentalign.model import LatentAlignForSequenceClassification
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_scores_each_row_as_alone(make_config, side):
+    torch.manual_seed(0)
+    model = LatentAlignForSequenceClassification(make_config(num_labels=1)).eval()
+    rows = [torch.randint(3, 97, (n,)) for n in (11, 4, 7)]
+    rows[1][-1] = 2  # a row ending in EOS: still scored at its last real token
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span], mask[i, span] = r, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        alone = torch.cat([model(r[None]).logits for r in rows])
+    assert batched.shape == (3, 1)
+    assert (batched - alone).abs().max().item() < 1e-5
+
+
+def test_reward_model_loads_from_a_causal_lm_checkpoint(tmp_path, make_config):
+    torch.manual_seed(0)
+    lm = latentalign.LatentAlignForCausalLM(make_config())
+    lm.save_pretrained(tmp_path)
+    rm = latentalign.load_reward_model(tmp_path)
+    assert isinstance(rm, LatentAlignForSequenceClassification)
+    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    rm.save_pretrained(tmp_path / "rm")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    ids = torch.randint(3, 97, (2, 9))
+    assert torch.equal(again(ids).logits, rm(ids).logits)
+
+
+def test_config_errors_name_the_problem(make_config):
+    with pytest.raises(Exception, match="mla_attention must be one of"):
+        make_config(mla_attention="fast")
+    with pytest.raises(Exception, match="group_limited_greedy routing needs n_group"):
+        make_config(topk_method="group_limited_greedy", n_group=3)
+    with pytest.raises(Exception, match="num_experts_per_tok must be in 1..n_routed_experts"):
+        make_config(num_experts_per_tok=9)
