@@ -1,6 +1,15 @@
-"""The `latentalign` command line. Heavy libraries are imported inside commands, so `--help` is instant."""
+"""The `latentalign` command line. Heavy libraries are imported inside commands, so `--help` is instant.
+
+Every command that takes a config accepts `--config FILE.yaml` and `key=value` overrides with the same keys as
+the file. Bad input (config, data, checkpoint) prints one `error:` line and exits with code 2, before
+anything is written.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import typer
 
@@ -11,10 +20,159 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+CONFIG = typer.Option(None, "--config", "-c", help="Stage config (YAML). Keys: ours and the TRL config's.")
+OVERRIDES = typer.Argument(None, help="key=value overrides, same keys as the config file.", show_default=False)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors():
+    """The exception types that mean bad input rather than a bug."""
+    from latentalign.data.loading import DataError
+    from latentalign.model.checkpoint import CheckpointError
+    from latentalign.stage import ConfigError
+
+    return ConfigError, DataError, CheckpointError
+
 
 @app.callback()
 def _root() -> None:
     """Post-training for DeepSeek-V2-style models (MLA + DeepSeekMoE)."""
+
+
+def _run_stage(module, config, overrides) -> dict:
+    try:
+        return module.run(module.load_config(config, overrides or []))
+    except _user_errors() as err:
+        _fail(str(err))
+
+
+def _summary(metrics: dict, metric: str, unit: str) -> str:
+    line = f"{metrics['stage']}: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}"
+    if "eval_accuracy" in metrics:
+        line += f", held-out {metric} {metrics['eval_accuracy']:.1%} ({metrics['eval']['n']} {unit})"
+    return f"{line}\nmodel: {metrics['model_dir']}"
+
+
+@app.command()
+def sft(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
+    """Supervised fine-tuning (TRL SFTTrainer): full or LoRA, assistant-only loss, MoE balance loss."""
+    from latentalign.sft import stage
+
+    typer.echo(_summary(_run_stage(stage, config, overrides), "exact match", "prompts"))
+
+
+@app.command()
+def reward(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
+    """Reward-model training (TRL RewardTrainer, Bradley-Terry), from an SFT model or any checkpoint."""
+    from latentalign.reward import stage
+
+    typer.echo(_summary(_run_stage(stage, config, overrides), "pairwise accuracy", "pairs"))
+
+
+def _load_chat_model(model_dir: Path):
+    from latentalign.model import load_model
+    from latentalign.starting_point import load_tokenizer
+
+    try:
+        model = load_model(model_dir)
+        tokenizer = load_tokenizer(str(model_dir))
+    except _user_errors() as err:
+        _fail(str(err))
+    return model.eval(), tokenizer
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help="A model directory (a stage's model/ or an export)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: str = typer.Option(None, "--system", help="A system prompt for the conversation."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
+):
+    """Chat with a model through its chat template (interactive, or one answer with --prompt)."""
+    from latentalign.eval.accuracy import generate_completions
+
+    model, tokenizer = _load_chat_model(model_dir)
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def answer(text: str) -> str:
+        messages.append({"role": "user", "content": text})
+        reply = generate_completions(model, tokenizer, [messages], max_new_tokens=max_new_tokens,
+                                     do_sample=temperature > 0, temperature=temperature or 1.0,
+                                     progress=False)[0].strip()
+        messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    if prompt is not None:
+        typer.echo(answer(prompt))
+        return
+    typer.echo("Type a message; /reset clears the conversation, /exit (or Ctrl-D) leaves.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if text == "/exit":
+            break
+        if text == "/reset":
+            del messages[int(bool(system)):]
+            continue
+        if text:
+            typer.echo(f"assistant> {answer(text)}")
+
+
+def _read_prompts(path: Path) -> list:
+    from latentalign.data.loading import DataError
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such prompts file.")
+    if path.suffix != ".jsonl":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg}).") from None
+        prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
+        if not isinstance(prompt, (str, list)):
+            raise DataError(f"{path}: line {line_no}: expected a 'prompt' (text or messages) or 'messages'.")
+        prompts.append(prompt)
+    return prompts
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="A model directory."),
+    prompts: Path = typer.Option(..., "--prompts", help="A .txt file (one prompt a line) or .jsonl with 'prompt'."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write JSON Lines here instead of stdout."),
+    max_new_tokens: int = typer.Option(256, help="Longest completion, in tokens."),
+    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
+    batch_size: int = typer.Option(32, help="Prompts per generate() call."),
+):
+    """Complete every prompt of a file with the chat template; one JSON line per prompt."""
+    from latentalign.eval.accuracy import generate_completions
+
+    try:
+        items = _read_prompts(prompts)
+    except _user_errors() as err:
+        _fail(str(err))
+    model, tokenizer = _load_chat_model(model_dir)
+    completions = generate_completions(model, tokenizer, items, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, do_sample=temperature > 0,
+                                       temperature=temperature or 1.0)
+    lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(items, completions)]
+    if output:
+        output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {len(lines)} completions to {output}", err=True)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
 
 
 @app.command()

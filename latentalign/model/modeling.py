@@ -175,7 +175,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
 
 
 class GroupedExperts(hf.DeepseekV2Experts):
-    """The routed experts as two fused 3-D weights, computed as grouped GEMMs over expert-sorted tokens."""
+    """The routed experts as two fused 3-D weights, computed as grouped GEMMs over expert-sorted tokens.
+
+    `load_state_dict` also reads the original per-expert layout (`E.gate_proj.weight`, ...), the one
+    `save_pretrained` writes: the Trainer resumes checkpoints with a plain `load_state_dict(strict=False)`,
+    which would otherwise skip the experts silently.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_load_state_dict_pre_hook(_merge_per_expert_weights)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         n, k = top_k_index.shape
@@ -188,6 +197,18 @@ class GroupedExperts(hf.DeepseekV2Experts):
         y = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N*K, d)
         y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+def _merge_per_expert_weights(module, state_dict, prefix, *_):
+    """`{prefix}{e}.{gate,up,down}_proj.weight` for every expert e -> the fused `gate_up_proj`, `down_proj`."""
+    if f"{prefix}0.gate_proj.weight" not in state_dict or f"{prefix}gate_up_proj" in state_dict:
+        return
+    n = module.num_experts
+    gate = [state_dict.pop(f"{prefix}{e}.gate_proj.weight") for e in range(n)]
+    up = [state_dict.pop(f"{prefix}{e}.up_proj.weight") for e in range(n)]
+    down = [state_dict.pop(f"{prefix}{e}.down_proj.weight") for e in range(n)]
+    state_dict[f"{prefix}gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+    state_dict[f"{prefix}down_proj"] = torch.stack(down)
 
 
 class DeepseekMoE(hf.DeepseekV2Moe):

@@ -187,3 +187,20 @@ def test_missing_tensors(tmp_path):
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="weights missing.*layers.2.self_attn.kv_b_proj"):
         latentalign.load_model(path)
+
+
+def test_load_state_dict_reads_the_per_expert_layout_save_pretrained_writes(tmp_path):
+    """The Trainer resumes with `load_state_dict(strict=False)` on what `save_pretrained` wrote."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    trained = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2))
+    trained.save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" in on_disk
+    torch.manual_seed(1)
+    fresh = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2))
+    result = fresh.load_state_dict(on_disk, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name

@@ -1,0 +1,164 @@
+"""The embedded default data: arithmetic chat with exact answers, generated here, deterministic by seed.
+
+Four kinds of question (addition, subtraction, multiplication, short word problems), some of them followed by
+a second turn that builds on the first answer. From one generator come:
+- SFT conversations (`messages`),
+- preference pairs for reward models (`prompt`, `chosen`, `rejected`: a correct and a near-miss answer),
+- RL prompts with reference answers (`prompt`, `answer`),
+- held-out splits: a question belongs to the held-out set or to training by a hash of its text, so the splits
+  never overlap, whatever the seed or size.
+
+`Difficulty` sets the operand sizes; the default leaves a tiny model room to improve after SFT (see
+bench/README.md for the accuracies it reaches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = "You are a careful calculator."
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    add_max: int = 20  # operands of + and - are drawn from 0..add_max
+    mul_max: int = 9  # factors of * are drawn from 2..mul_max
+    word_problems: bool = True
+    multi_turn: float = 0.15  # share of conversations with a second, dependent turn
+    system_prompt: float = 0.2  # share of conversations that start with the system prompt
+    show_work: bool = False  # the reply restates the problem as an equation ("12 + 7 = 19") before the result
+
+    def __post_init__(self):
+        if not 9 <= self.add_max <= 10**6 or not 2 <= self.mul_max <= 10**4:
+            raise ValueError(f"Difficulty out of range: {self}.")
+
+
+NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana"]
+THINGS = ["apples", "books", "coins", "marbles", "shells", "stamps", "cards", "pens"]
+
+
+
+
+def _question(rng: random.Random, d: Difficulty) -> tuple[str, int, str]:
+    """(question text, answer, problem): the problem ("12+7") names the arithmetic, whatever the wording."""
+    kinds = ["add", "sub", "mul"] + (["word"] if d.word_problems else [])
+    kind = rng.choice(kinds)
+    if kind == "add":
+        a, b = rng.randint(0, d.add_max), rng.randint(0, d.add_max)
+        return rng.choice([f"What is {a} + {b}?", f"Compute {a} + {b}.", f"Add {a} and {b}."]), a + b, f"{a}+{b}"
+    if kind == "sub":
+        a, b = rng.randint(0, d.add_max), rng.randint(0, d.add_max)
+        text = rng.choice([f"What is {a} - {b}?", f"Compute {a} - {b}.", f"Subtract {b} from {a}."])
+        return text, a - b, f"{a}-{b}"
+    if kind == "mul":
+        a, b = rng.randint(2, d.mul_max), rng.randint(2, d.mul_max)
+        return rng.choice([f"What is {a} * {b}?", f"Compute {a} * {b}.", f"Multiply {a} by {b}."]), a * b, f"{a}*{b}"
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(1, d.add_max), rng.randint(1, d.add_max)
+    if rng.random() < 0.5:
+        return (f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b,
+                f"{a}+{b}")
+    a, b = max(a, b), min(a, b)
+    return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b, f"{a}-{b}"
+
+
+def _follow_up(rng: random.Random, previous: int) -> tuple[str, int, str]:
+    n = rng.randint(1, 9)
+    if rng.random() < 0.5:
+        return f"Now add {n} to that.", previous + n, f"{previous}+{n}"
+    return f"Now subtract {n} from that.", previous - n, f"{previous}-{n}"
+
+
+def _reply(problem: str, answer: int, d: Difficulty) -> str:
+    """The assistant's turn: the answer alone, or with `show_work` the equation ("12 + 7 = 19")."""
+    if not d.show_work:
+        return str(answer)
+    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
+    return f"{a} {op} {b} = {answer}"
+
+
+def is_held_out(problem: str, fraction: float = 0.1) -> bool:
+    """Held-out membership is a property of the problem ("12+7"), not of its wording or of the seed, so no
+    problem is ever in both splits."""
+    digest = hashlib.sha256(problem.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def _conversations(n: int, seed: int, d: Difficulty, held_out: bool):
+    """Yield (messages, answer) pairs whose problem falls in the requested split.
+
+    Held-out rows are distinct questions (each is scored once); training rows are drawn with replacement, so
+    the mix of question kinds stays as drawn however small the problem space.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    made = attempts = 0
+    while made < n:
+        attempts += 1
+        if attempts > 200 * n + 10_000:
+            raise ValueError(f"Could not draw {n} distinct held-out questions at {d}; ask for fewer rows "
+                             f"or raise add_max / mul_max.")
+        question, answer, problem = _question(rng, d)
+        if is_held_out(problem) != held_out or (held_out and question in seen):
+            continue
+        seen.add(question)
+        made += 1
+        messages = []
+        if rng.random() < d.system_prompt:
+            messages.append({"role": "system", "content": SYSTEM_PROMPT})
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": _reply(problem, answer, d)}]
+        if rng.random() < d.multi_turn:
+            follow, answer, step = _follow_up(rng, answer)
+            messages += [{"role": "user", "content": follow}, {"role": "assistant", "content": _reply(step, answer, d)}]
+        yield messages, answer
+
+
+def sft_rows(n: int = 20_000, seed: int = 0, difficulty: Difficulty = Difficulty(), held_out: bool = False) -> list[dict]:
+    """Conversations in TRL's `messages` format."""
+    return [{"messages": m} for m, _ in _conversations(n, seed, difficulty, held_out)]
+
+
+def rl_rows(n: int = 2_000, seed: int = 1, difficulty: Difficulty = Difficulty(), held_out: bool = False) -> list[dict]:
+    """Prompts (conversations ending in a user turn) with their reference answers, for RL and evaluation."""
+    rows = []
+    for messages, answer in _conversations(n, seed, difficulty, held_out):
+        rows.append({"prompt": messages[:-1], "answer": str(answer)})
+    return rows
+
+
+def _near_miss(rng: random.Random, answer: int) -> int:
+    """A plausible wrong answer: off by one or ten, a swapped digit, or a sign slip."""
+    options = [answer + 1, answer - 1, answer + 10, answer - 10, -answer if answer else 1]
+    digits = str(abs(answer))
+    if len(digits) >= 2:
+        swapped = int(digits[:-2] + digits[-1] + digits[-2])
+        options.append(swapped if answer >= 0 else -swapped)
+    return rng.choice([o for o in options if o != answer])
+
+
+def preference_rows(n: int = 4_000, seed: int = 2, difficulty: Difficulty = Difficulty(),
+                    held_out: bool = False) -> list[dict]:
+    """Pairs in TRL's conversational preference format: the correct answer is chosen, a near miss rejected."""
+    rng = random.Random(seed + 7919)
+    rows = []
+    for messages, answer in _conversations(n, seed, difficulty, held_out):
+        chosen = messages[-1]["content"]
+        wrong = re.sub(r"-?\d+$", str(_near_miss(rng, answer)), chosen)
+        rows.append({
+            "prompt": messages[:-1],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        })
+    return rows
+
+
+def corpus(seed: int = 0, n: int = 4_000) -> list[str]:
+    """Text the embedded tokenizer is trained on: questions and answers of both splits' templates."""
+    texts = [SYSTEM_PROMPT, "User:", "Assistant:"]
+    for messages, _ in _conversations(n, seed, Difficulty(add_max=999, mul_max=99), held_out=False):
+        texts += [m["content"] for m in messages]
+    return texts

@@ -1,0 +1,114 @@
+"""The DeepSeek-V2 chat template, and the tokenizer of the embedded default.
+
+The embedded tokenizer is a byte-level BPE trained with `tokenizers` on the built-in arithmetic corpus, with
+digits split one by one as DeepSeek's tokenizer does. It is deterministic, cached on disk, and wrapped as a
+`PreTrainedTokenizerFast` carrying the chat template. Real models keep their own tokenizer; our template is
+set only where a tokenizer has none.
+
+The template renders `<bos>{system}\n\nUser: {u1}\n\nAssistant: {a1}<eos>User: {u2}\n\nAssistant:` (§9 of the
+design facts). The generation prompt has no trailing space, so a completion starts with one. The training
+variant wraps `" " + answer + <eos>` of each assistant turn in `{% generation %}` markers, which TRL's
+`assistant_only_loss` reads; it renders the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+BOS_TOKEN = "<｜begin▁of▁sentence｜>"
+EOS_TOKEN = "<｜end▁of▁sentence｜>"
+PAD_TOKEN = "<｜pad▁token｜>"
+GENERATION_PROMPT = "Assistant:"
+
+
+def _template(training: bool) -> str:
+    if training:
+        assistant = ("{{ 'Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}"
+                     "{% endgeneration %}")
+    else:
+        assistant = "{{ 'Assistant: ' + message['content'] + eos_token }}"
+    return (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+        f"{{% elif message['role'] == 'assistant' %}}{assistant}"
+        "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+        "{% else %}{{ raise_exception('Unknown role: ' + message['role']) }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = _template(training=False)
+TRAINING_CHAT_TEMPLATE = _template(training=True)
+
+TOKENIZER_VERSION = 1  # bump when the trainer settings change (the corpus is part of the cache key)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LATENTALIGN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "latentalign"
+    return Path(root)
+
+
+def _train(vocab_size: int, texts: list[str] | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .arithmetic import corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts if texts is not None else corpus(), trainer)
+    return tok
+
+
+def default_tokenizer(vocab_size: int = 512):
+    """The embedded default's tokenizer (ids: pad 0, bos 1, eos 2), built once and cached."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .arithmetic import corpus
+
+    texts = corpus()
+    key = hashlib.sha256("\n".join([str(TOKENIZER_VERSION), str(vocab_size), CHAT_TEMPLATE, *texts]).encode())
+    key = key.hexdigest()[:12]
+    path = cache_dir() / f"tokenizer-{key}.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = _train(vocab_size, texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tok.save(str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent builders never read a half-written file
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE, model_max_length=512, clean_up_tokenization_spaces=False,
+    )
+    return tokenizer
+
+
+def ensure_chat_template(tokenizer):
+    """Give a tokenizer without a chat template the DeepSeek-V2 one; keep any template it already has."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def training_template_for(tokenizer) -> str | None:
+    """The `{% generation %}`-marked variant when the tokenizer uses our template, else None (leave it to TRL)."""
+    return TRAINING_CHAT_TEMPLATE if tokenizer.chat_template == CHAT_TEMPLATE else None

@@ -1,0 +1,62 @@
+"""Greedy (or sampled) answers to chat prompts, and held-out exact-match accuracy against reference answers.
+
+Prompts are rendered with the tokenizer's chat template and generation prompt, left-padded into batches, and
+decoded with `model.generate` (absorbed-MLA decoding for our model).
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_final_number(text: str) -> str | None:
+    """The last number in `text` ("The answer is 42." -> "42"), or None."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    return found[-1] if found else None
+
+
+def render_prompts(tokenizer, prompts) -> list[str]:
+    texts = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16, batch_size: int = 64,
+                         do_sample: bool = False, temperature: float = 1.0, progress: bool = True,
+                         desc: str = "generate") -> list[str]:
+    """Completions (special tokens stripped) for chat prompts: strings or lists of messages."""
+    import torch
+    from tqdm.auto import tqdm
+
+    texts = render_prompts(tokenizer, prompts)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,
+                extract=extract_final_number) -> dict:
+    """Greedy pass@1: the share of rows whose extracted answer equals `row["answer"]`."""
+    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, progress=progress, desc="eval")
+    correct = [extract(c) == str(r["answer"]).strip() for c, r in zip(completions, rows)]
+    return {"accuracy": sum(correct) / max(len(rows), 1), "correct": sum(correct), "n": len(rows),
+            "examples": [{"completion": c, "answer": r["answer"]} for c, r in list(zip(completions, rows))[:5]]}

@@ -1,0 +1,178 @@
+"""Reward functions by name, learned reward models as reward functions, weights, and failure handling.
+
+One signature everywhere, TRL's: `fn(prompts, completions, **dataset_columns) -> list[float | None]`, where
+`None` means "could not score" and keeps that sample out of its group's baseline.
+
+    >>> from latentalign.reward import get_reward
+    >>> math = get_reward("math")
+    >>> math(["What is 2 + 3?"], [" 5"], answer=["5"])
+    [1.0]
+
+Names: `math` (final-answer accuracy against an `answer` column), `format`, `length`, `code` (tests run in the
+sandbox); a reward-model directory as `model:PATH`; a user's function as `module.path:function`.
+`guarded` turns exceptions and timeouts into `None` and counts them; a function that returns the wrong
+number of values is an error that names it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from collections import Counter
+
+from . import code, rules
+
+REGISTRY = {
+    "math": rules.math_accuracy,
+    "format": rules.format_reward,
+    "length": rules.length_reward,
+    "code": code.code_reward,
+}
+
+
+class RewardError(ValueError):
+    """A reward that cannot be built or that broke its contract; the message names it."""
+
+
+def _named(fn, name: str):
+    fn.__name__ = name  # TRL logs each reward under its function's __name__
+    return fn
+
+
+def get_reward(name: str, **options):
+    """A reward function by registry name, `model:PATH` (a trained reward model), or `module:function`."""
+    if name in REGISTRY:
+        base = REGISTRY[name]
+        if not options:
+            return base
+        return _named(functools.partial(base, **_sandbox_options(name, options)), name)
+    if name.startswith("model:"):
+        return RewardModelFunction(name.removeprefix("model:"), **options)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise RewardError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err}).") from None
+        return _named(functools.partial(fn, **options), attr) if options else fn
+    raise RewardError(f"unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or 'module:function'.")
+
+
+def _sandbox_options(name: str, options: dict) -> dict:
+    if name == "code" and options:
+        from .sandbox import SandboxLimits
+
+        limit_keys = set(SandboxLimits.__dataclass_fields__)
+        limits = {k: options.pop(k) for k in list(options) if k in limit_keys}
+        if limits:
+            options["limits"] = SandboxLimits(**limits)
+    return options
+
+
+class RewardModelFunction:
+    """A trained reward model as a reward function: scores prompt + completion through its own tokenizer and
+    chat template, in batches."""
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None):
+        from ..model import load_reward_model
+        from ..starting_point import load_tokenizer
+
+        self.path = path
+        self.model = load_reward_model(path).eval()
+        if device:
+            self.model.to(device)
+        self.tokenizer = load_tokenizer(path)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.__name__ = f"rm_{str(path).rstrip('/').rsplit('/', 1)[-1]}"
+
+    def texts(self, prompts, completions) -> list[str]:
+        out = []
+        for prompt, completion in zip(prompts, completions):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            reply = rules.completion_text(completion).strip()
+            out.append(self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}],
+                                                          tokenize=False))
+        return out
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        import torch
+
+        texts = self.texts(prompts, completions)
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
+            with torch.no_grad():
+                logits = self.model(**batch.to(self.model.device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+
+class guarded:  # noqa: N801 -- used like a function: guarded(fn)
+    """Wrap a reward so that an exception or a timeout scores the whole call `None` instead of stopping training.
+
+    Failures are counted in `.failures` (samples) and `.calls`. A wrong number of returned values raises a
+    `RewardError` naming the function: that is a bug, not a flaky reward. With `timeout_s`, the call runs in a
+    worker thread; past the timeout its result is discarded (Python cannot stop a running thread: keep CPU-bound
+    work in subprocesses, as the code reward does).
+    """
+
+    def __init__(self, fn, timeout_s: float | None = None):
+        self.fn, self.timeout_s = fn, timeout_s
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.failures = Counter()
+        self.calls = 0
+
+    def _call(self, prompts, completions, **kwargs):
+        if self.timeout_s is None:
+            return self.fn(prompts, completions, **kwargs)
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = self.fn(prompts, completions, **kwargs)
+            except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
+                box["error"] = err
+
+        worker = threading.Thread(target=target, daemon=True, name=f"reward-{self.__name__}")
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise TimeoutError(f"reward {self.__name__} took longer than {self.timeout_s}s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        self.calls += 1
+        n = len(completions)
+        try:
+            values = self._call(prompts, completions, **kwargs)
+        except (TimeoutError, Exception) as err:  # noqa: BLE001 -- any failure of a reward scores None
+            self.failures[type(err).__name__] += n
+            return [None] * n
+        values = list(values) if values is not None else None
+        if values is None or len(values) != n:
+            got = "None" if values is None else f"{len(values)} values"
+            raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions.")
+        self.failures["none"] += sum(v is None for v in values)
+        return [None if v is None else float(v) for v in values]
+
+
+def weighted_sum(weights: dict, name: str = "weighted"):
+    """One reward from several: sum_i w_i * r_i (DeepSeek-V2 stage 2: c1*helpful + c2*safety + c3*rule).
+
+    `weights` maps reward functions (or names for `get_reward`) to weights. A sample that any component
+    could not score is `None`.
+    """
+    parts = [(get_reward(f) if isinstance(f, str) else f, float(w)) for f, w in weights.items()]
+
+    def combined(prompts, completions, **kwargs):
+        columns = [fn(prompts, completions, **kwargs) for fn, _ in parts]
+        out = []
+        for values in zip(*columns):
+            out.append(None if any(v is None for v in values) else sum(w * v for (_, w), v in zip(parts, values)))
+        return out
+
+    return _named(combined, name)

@@ -1,0 +1,116 @@
+"""Rule-based rewards: the final answer of a math completion, and format/length checks.
+
+Every reward here has TRL's signature, `fn(prompts, completions, **columns) -> list[float | None]`, where a
+completion is a string or a conversation (a list with one assistant message).
+
+Math answers are compared with the `math-verify` package (LaTeX and plain forms, fractions, percentages,
+sets), falling back to exact numeric comparison when it is missing or cannot parse either side.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE)
+_NUMBER = re.compile(r"-?\\[dt]?frac\s*\{\s*-?\d+\s*\}\s*\{\s*\d+\s*\}|-?\\[dt]?frac\d\d|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion given as a string or as TRL's conversational list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def _boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, braces balanced."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, start = 1, starts[-1]
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion: the last \\boxed{}, else what follows "the answer is", else the last
+    number."""
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    found = _ANSWER_IS.findall(text)
+    if found:
+        return found[-1].strip().rstrip(".")
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return numbers[-1].replace(" ", "") if numbers else None
+
+
+def _as_number(text: str) -> Fraction | None:
+    text = text.strip().strip("$").replace(",", "").replace(" ", "")
+    frac = re.fullmatch(r"(-?)\\[dt]?frac(?:\{(-?\d+)\}\{(\d+)\}|(\d)(\d))", text)
+    if frac:
+        sign, num, den = frac.group(1), frac.group(2) or frac.group(4), frac.group(3) or frac.group(5)
+        text = f"{sign}{num}/{den}"
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(answer: str, reference: str) -> bool:
+    """Equivalent final answers: math-verify first, exact numeric comparison as the fallback."""
+    try:
+        from math_verify import parse, verify
+
+        gold = parse(f"${reference}$")
+        guess = parse(f"${answer}$")
+        if gold and guess and verify(gold, guess):
+            return True
+    except Exception:  # noqa: BLE001 -- math-verify missing or failing on odd input: fall back below
+        pass
+    a, b = _as_number(answer), _as_number(reference)
+    return a is not None and a == b
+
+
+def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 when the completion's final answer equals the reference `answer` column, else 0.0; None where a row
+    has no reference."""
+    if answer is None:
+        raise ValueError("math_accuracy needs the dataset's reference answers in an 'answer' column.")
+    rewards = []
+    for completion, reference in zip(completions, answer):
+        if reference is None:
+            rewards.append(None)
+            continue
+        guess = extract_answer(completion_text(completion))
+        rewards.append(float(guess is not None and answers_match(guess, str(reference))))
+    return rewards
+
+
+def format_reward(prompts, completions, **_) -> list[float]:
+    """1.0 for a completion that ends its turn with a final answer and no chat-template text leaking into it
+    ("User:", "Assistant:"): the template respected; 0.0 otherwise."""
+    rewards = []
+    for completion in completions:
+        text = completion_text(completion).strip()
+        leaked = re.search(r"(^|\n)(User|Assistant):", text) is not None
+        rewards.append(float(bool(text) and extract_answer(text) is not None and not leaked))
+    return rewards
+
+
+def length_reward(prompts, completions, completion_ids=None, max_tokens: int = 256, **_) -> list[float]:
+    """1.0 for a completion that was not truncated (shorter than `max_tokens`), falling off linearly to 0.0 as it
+    nears the limit over its last quarter: DAPO's soft overlong penalty, as a reward."""
+    rewards = []
+    for i, completion in enumerate(completions):
+        length = len(completion_ids[i]) if completion_ids is not None else len(completion_text(completion).split())
+        soft = 0.75 * max_tokens
+        rewards.append(1.0 if length <= soft else max(0.0, (max_tokens - length) / (max_tokens - soft)))
+    return rewards

@@ -1,0 +1,109 @@
+"""Reward-model training: Bradley-Terry on our sequence-classification head with TRL's RewardTrainer.
+
+The model starts from an SFT checkpoint (DeepSeek-V2 initialised its reward models from the SFT chat model,
+§10 of the design facts) or any source `latentalign.load_reward_model` reads; a preset builds one from scratch.
+Options beside TRL's `RewardConfig` ones: a constant `margin` (TRL reads a per-pair `margin` column; a
+dataset's own column wins), LoRA, and held-out pairwise accuracy measured after training. TRL's
+`center_rewards_coefficient` passes through. The MoE balance loss is not added here: RewardTrainer computes
+the Bradley-Terry loss alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from ..stage import TrainingStageConfig
+
+
+@dataclass
+class RewardStageConfig(TrainingStageConfig):
+    """Our reward-model options; every `trl.RewardConfig` option is accepted beside them."""
+
+    stage_name: ClassVar[str] = "reward"
+
+    model: str = "tiny"  # an SFT model directory (the usual start), any checkpoint, or a preset
+    dataset: str = "arithmetic-preference"  # chosen/rejected pairs, optionally with a prompt
+    eval_dataset: str | None = "arithmetic-preference"
+    margin: float | None = None  # a constant Bradley-Terry margin for every pair (rows' own margins win)
+    output_dir: str = "runs/reward"
+
+
+TRL_DEFAULTS = dict(
+    learning_rate=1e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=20,
+    weight_decay=0.0,
+    per_device_train_batch_size=32,
+    num_train_epochs=1,
+    max_steps=300,
+    max_length=128,
+    gradient_checkpointing=False,
+    logging_steps=10,
+    save_steps=100,
+    save_total_limit=2,
+    report_to="none",
+    optim="adamw_torch",
+    dataloader_num_workers=0,
+)
+
+
+def load_config(path=None, overrides=()) -> RewardStageConfig:
+    from trl import RewardConfig
+
+    from ..stage import from_file
+
+    return from_file(RewardStageConfig, RewardConfig, path, overrides)
+
+
+def pairwise_accuracy(scorer, rows) -> dict:
+    """Share of pairs whose chosen completion scores above the rejected one."""
+    prompts = [r.get("prompt", "") for r in rows]
+    chosen = scorer(prompts, [r["chosen"] for r in rows])
+    rejected = scorer(prompts, [r["rejected"] for r in rows])
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(wins) / max(len(rows), 1), "n": len(rows),
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / max(len(rows), 1)}
+
+
+def run(cfg: RewardStageConfig, callbacks=None) -> dict:
+    from trl import RewardConfig, RewardTrainer
+
+    from ..data import load_rows, to_dataset
+    from ..sft.stage import make_peft_config, newest_checkpoint
+    from ..stage import trl_config
+    from ..starting_point import load_starting_point, save_model_dir
+    from .functions import RewardModelFunction
+
+    args = trl_config(RewardConfig, {**TRL_DEFAULTS, "output_dir": cfg.output_dir, "seed": cfg.seed}, cfg)
+    rows, _ = load_rows(cfg.dataset, split=cfg.dataset_split, formats=("preference",), size=cfg.dataset_size,
+                        seed=cfg.seed, difficulty=cfg.difficulty)
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=("preference",),
+                                 size=cfg.eval_size, seed=cfg.seed, difficulty=cfg.difficulty)
+    if cfg.margin is not None:
+        rows = [{"margin": cfg.margin, **r} for r in rows]
+
+    model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
+                                           seed=cfg.seed, reward=True)
+    peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
+                            peft_config=peft_config, callbacks=callbacks)
+    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+
+    model_dir = save_model_dir(trainer.model, tokenizer, Path(cfg.output_dir) / "model")
+    metrics = {"stage": "reward", "train_loss": result.training_loss, "global_step": result.global_step,
+               "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
+               "log_history": trainer.state.log_history}
+    if eval_rows:
+        metrics["eval"] = pairwise_accuracy(RewardModelFunction(str(model_dir)), eval_rows)
+        metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
+    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics

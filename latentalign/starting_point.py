@@ -1,0 +1,77 @@
+"""Where a stage starts: a preset built from scratch with the embedded tokenizer, or a saved checkpoint.
+
+Also the one way stages save a model directory (weights, tokenizer with the plain chat template, generation
+config), so that every later stage, `latentalign chat` and the export read the same layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model.checkpoint import CheckpointError
+
+
+def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
+    """The tokenizer named by `tokenizer_spec` ("builtin" or a path/hub id), else the checkpoint's own, else
+    the embedded one for presets."""
+    from .data.tokenizer import default_tokenizer, ensure_chat_template
+    from .model.config import PRESETS
+
+    spec = tokenizer_spec or ("builtin" if model_spec in PRESETS else model_spec)
+    if spec == "builtin":
+        return default_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(spec))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{spec}: no tokenizer could be loaded ({err}); set `tokenizer:` to a tokenizer "
+                              f"directory or 'builtin'.") from None
+    return ensure_chat_template(tokenizer)
+
+
+def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, overrides: dict | None = None,
+                        seed: int = 0, reward: bool = False):
+    """(model, tokenizer) for a stage. Presets are built at random init with the tokenizer's vocabulary and
+    special ids; checkpoints load through `latentalign.load_model` / `load_reward_model`."""
+    import torch
+
+    from .model import LatentAlignForCausalLM, LatentAlignForSequenceClassification, load_model, load_reward_model
+    from .model.config import PRESETS, model_config
+
+    tokenizer = load_tokenizer(model_spec, tokenizer_spec)
+    overrides = dict(overrides or {})
+    if model_spec in PRESETS:
+        config = model_config(
+            model_spec, **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                           **({"num_labels": 1} if reward else {}), **overrides})
+        torch.manual_seed(seed)
+        cls = LatentAlignForSequenceClassification if reward else LatentAlignForCausalLM
+        return cls(config), tokenizer
+    loader = load_reward_model if reward else load_model
+    model = loader(model_spec, **overrides)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_model_dir(model, tokenizer, out_dir) -> Path:
+    """Weights + tokenizer (plain chat template) + generation config; PEFT adapters merged first."""
+    from peft import PeftModel
+
+    from .data.tokenizer import CHAT_TEMPLATE, TRAINING_CHAT_TEMPLATE
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer.chat_template == TRAINING_CHAT_TEMPLATE:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

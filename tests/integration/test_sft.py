@@ -1,0 +1,206 @@
+"""The SFT stage on the real TRL trainer: assistant-only labels, LoRA, resume, CLI, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from latentalign.data import TRAINING_CHAT_TEMPLATE, default_tokenizer
+from latentalign.data.arithmetic import sft_rows
+from latentalign.sft import load_config, run
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, [f"output_dir={tmp_path / 'sft'}", f"model_overrides={json.dumps(SMALL)}",
+                              "dataset_size=256", "eval_size=16", "per_device_train_batch_size=16",
+                              "logging_steps=1", "max_steps=6", "save_steps=3", "learning_rate=1e-3",
+                              "warmup_steps=0", "disable_tqdm=true", *extra])
+
+
+def expected_trained_mask(tokenizer, messages, input_ids):
+    """Independently of TRL: a token is trained iff it lies inside " <answer><eos>" of an assistant turn."""
+    text, spans = tokenizer.bos_token, []
+    for m in messages:
+        if m["role"] == "system":
+            text += m["content"] + "\n\n"
+        elif m["role"] == "user":
+            text += "User: " + m["content"] + "\n\n"
+        else:
+            text += "Assistant:"
+            start = len(text)
+            text += " " + m["content"] + tokenizer.eos_token
+            spans.append((start, len(text)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == input_ids, "TRL tokenized the conversation differently from the template"
+    return [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+
+
+def test_labels_mask_every_prompt_and_system_token_and_nothing_else(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from latentalign.starting_point import load_starting_point
+
+    rows = [r for r in sft_rows(400, seed=1) if len(r["messages"]) >= 4][:6]
+    rows += [r for r in sft_rows(400, seed=2) if r["messages"][0]["role"] == "system"][:6]
+    assert any(r["messages"][0]["role"] == "system" and len(r["messages"]) >= 5 for r in rows) or len(rows) == 12
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    tokenizer.chat_template = TRAINING_CHAT_TEMPLATE
+    from datasets import Dataset
+
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=256, report_to="none",
+                     use_cpu=True, bf16=False, gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    features = [trainer.train_dataset[i] for i in range(len(rows))]
+    batch = trainer.data_collator(features)
+    for i, row in enumerate(rows):
+        ids = features[i]["input_ids"]
+        labels = batch["labels"][i, : len(ids)].tolist()
+        trained = expected_trained_mask(tokenizer, row["messages"], ids)
+        assert [label != -100 for label in labels] == trained
+        assert all(label == tok for label, tok, t in zip(labels, ids, trained) if t)
+        assert sum(trained) >= 2 * (len(row["messages"]) >= 4)
+
+
+def test_full_sft_trains_saves_and_evaluates(tmp_path):
+    metrics = run(small_cfg(tmp_path))
+    assert metrics["global_step"] == 6
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    logged = [h for h in metrics["log_history"] if "aux_loss" in h]
+    assert logged and all(h["aux_loss"] > 0 and 0 < h["moe/load_entropy"] <= 1 for h in logged)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval"]["n"] == 16
+    from latentalign import load_model
+
+    reloaded = load_model(metrics["model_dir"])
+    assert reloaded.config.vocab_size == len(default_tokenizer())
+    from latentalign.data import CHAT_TEMPLATE
+    from latentalign.starting_point import load_tokenizer
+
+    assert load_tokenizer(metrics["model_dir"]).chat_template == CHAT_TEMPLATE  # the plain one, not the training one
+
+
+def test_balance_loss_is_deepseeks_not_mixtrals(tmp_path):
+    """TRL's fused head would return Mixtral's loss; ours must equal the model's own aux_loss."""
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from latentalign.sft import use_deepseek_balance_loss
+    from latentalign.starting_point import load_starting_point
+
+    model, tokenizer = load_starting_point("tiny", overrides={**SMALL, "device_aux_loss_alpha": 0.1,
+                                                              "num_device_groups": 2})
+    ids = torch.randint(3, 100, (2, 12))
+    expected = model(ids, output_router_logits=True).aux_loss
+    add_fused_lm_head(model)
+    use_deepseek_balance_loss(model)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True, output_router_logits=True)
+    assert torch.allclose(out.aux_loss, expected)
+    del SFTConfig, SFTTrainer, tokenizer
+
+
+def test_lora_changes_only_adapters_and_merges_exactly(tmp_path):
+    from peft import PeftModel
+    from trl import SFTTrainer
+
+    cfg = small_cfg(tmp_path, "use_lora=true", "lora_r=4", "max_steps=4", "eval_dataset=null",
+                    "lora_target_parameters=[mlp.experts.gate_up_proj]")
+    ids = torch.randint(3, 100, (2, 10))
+    seen = {}
+    original_train = SFTTrainer.train
+
+    def train(self, *args, **kwargs):  # look at the adapter model before the stage merges and saves it
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        result = original_train(self, *args, **kwargs)
+        seen["is_peft"] = isinstance(self.model, PeftModel)
+        seen["changed"] = {n for n, p in self.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        self.model.eval()
+        with torch.no_grad():
+            seen["logits"] = self.model(input_ids=ids).logits
+        return result
+
+    SFTTrainer.train = train
+    try:
+        metrics = run(cfg)
+    finally:
+        SFTTrainer.train = original_train
+    changed = seen["changed"]
+    assert seen["is_peft"] and changed and all("lora_" in n for n in changed)
+    assert any("experts.lora" in n for n in changed), "the routed experts are reached through target_parameters"
+    assert any("kv_b_proj" in n for n in changed) and any("shared_experts" in n for n in changed)
+
+    from latentalign import load_model
+
+    merged = load_model(metrics["model_dir"]).eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - seen["logits"]).abs().max().item() < 1e-4
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):  # an interruption right after the step-3 checkpoint
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    full = run(small_cfg(tmp_path / "a", "eval_dataset=null"))
+    stopped = run(small_cfg(tmp_path / "b", "eval_dataset=null"), callbacks=[StopAfter()])
+    assert stopped["global_step"] == 3
+    resumed = run(small_cfg(tmp_path / "b", "eval_dataset=null"))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+
+    def curve(metrics):
+        return {h["step"]: h["loss"] for h in metrics["log_history"] if "loss" in h}
+
+    a, b = curve(full), curve(resumed)
+    assert {1, 2, 3} <= set(b) and {4, 5, 6} <= set(b)  # the history of the first part is kept
+    for step in range(1, 7):  # same data order and optimizer state: the same curve (fp32, 2 threads)
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "latentalign.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_sft_then_chat_answers_correctly(tmp_path):
+    # Eight problems drilled until memorised: the CLI trains, then `chat --prompt` must answer one of them.
+    problems = [(12, 7), (23, 45), (31, 8), (50, 26), (17, 17), (64, 3), (9, 40), (28, 11)]
+    data = tmp_path / "drill.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {a} + {b}?"},
+        {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}) + "\n" for a, b in problems) * 8)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"dataset: {data}\neval_dataset: null\noutput_dir: {tmp_path / 'out'}\n"
+                      f"model_overrides: {json.dumps(SMALL)}\nper_device_train_batch_size: 16\n"
+                      "max_steps: 120\nlearning_rate: 0.01\nwarmup_steps: 5\nsave_steps: 1000\n")
+    result = run_cli("sft", "--config", str(config), "disable_tqdm=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model:" in result.stdout
+    answer = run_cli("chat", str(tmp_path / "out" / "model"), "--prompt", "What is 23 + 45?", "--max-new-tokens", "16")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert answer.stdout.strip().endswith("= 68"), answer.stdout
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    ('{"messages": [{"role": "user", "content": "q"}]}', [], "row 0: 'messages': the last message is from 'user'"),
+    ('{"question": "q"}', [], "missing columns: expected messages"),
+    (None, ["learning_rte=0.1"], "unknown key 'learning_rte' for a sft stage; did you mean 'learning_rate'"),
+    (None, ["max_steps=lots"], "max_steps: 'lots' is not a valid int"),
+    (None, ["lora_r=[1]"], "lora_r: \\[1\\] is not a valid int"),
+])
+def test_bad_input_one_message_nonzero_exit_nothing_written(tmp_path, content, extra, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text((content or json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": "a"}]})) + "\n")
+    out = tmp_path / "out"
+    result = run_cli("sft", f"dataset={data}", f"output_dir={out}", *extra)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.stderr[-2000:]
+    assert not out.exists()

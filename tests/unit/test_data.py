@@ -1,0 +1,124 @@
+"""The embedded data, the tokenizer and chat template, and data loading with clear errors."""
+
+import json
+
+import pytest
+
+from latentalign.data import CHAT_TEMPLATE, DataError, default_tokenizer, load_rows
+from latentalign.data import arithmetic
+
+
+def test_generation_is_deterministic_and_answers_are_exact():
+    a, b = arithmetic.sft_rows(300, seed=3), arithmetic.sft_rows(300, seed=3)
+    assert a == b and a != arithmetic.sft_rows(300, seed=4)
+    for row in arithmetic.rl_rows(300):
+        question = row["prompt"][-1]["content"]
+        if question.startswith("What is "):
+            assert str(eval(question.removeprefix("What is ").rstrip("?"))) == row["answer"]
+    assert any(len(r["messages"]) >= 4 for r in a), "some conversations are multi-turn"
+
+
+@pytest.mark.parametrize("difficulty", [arithmetic.Difficulty(), arithmetic.Difficulty(add_max=99, mul_max=12)])
+def test_held_out_problems_never_appear_in_training(difficulty):
+    train = arithmetic.sft_rows(5000, seed=0, difficulty=difficulty)
+    held_out = arithmetic.rl_rows(150, seed=9, held_out=True, difficulty=difficulty)
+    test = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["answer"]}]} for r in held_out]
+    train_keys = {arithmetic_key(r) for r in train}
+    test_keys = {arithmetic_key(r) for r in test}
+    assert len(train_keys) > 500 and len(test_keys) > 50
+    assert not train_keys & test_keys
+    first_questions = [next(m["content"] for m in r["prompt"] if m["role"] == "user") for r in held_out]
+    assert len(set(first_questions)) == len(held_out), "each held-out question is scored once"
+
+
+def arithmetic_key(row):
+    """Recompute a conversation's problem key from its first question, independently of the generator."""
+    import re
+
+    text = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    a, b = map(int, re.findall(r"\d+", text)[:2])
+    if "+" in text or "gets" in text or text.startswith("Add"):
+        return f"{a}+{b}"
+    if text.startswith("Subtract"):
+        return f"{b}-{a}"
+    if "-" in text or "gives away" in text:
+        return f"{a}-{b}"
+    return f"{a}*{b}"
+
+
+def test_preference_pairs_reject_a_near_miss():
+    for row in arithmetic.preference_rows(200):
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected and rejected.lstrip("-").isdigit()
+
+
+def test_tokenizer_is_deterministic_and_splits_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATENTALIGN_CACHE", str(tmp_path))
+    first = default_tokenizer()
+    assert any(tmp_path.iterdir()), "built once and cached"
+    again = default_tokenizer()
+    assert first.get_vocab() == again.get_vocab()
+    from latentalign.data.tokenizer import _train
+
+    assert _train(512).get_vocab() == first.backend_tokenizer.get_vocab()  # rebuilt from scratch: the same
+    tokens = first.tokenize("What is 1234 + 56?")
+    assert [t for t in tokens if t.isdigit()] == ["1", "2", "3", "4", "5", "6"]
+    assert (first.pad_token_id, first.bos_token_id, first.eos_token_id) == (0, 1, 2)
+
+
+def test_chat_template_renders_the_deepseek_v2_format():
+    tok = default_tokenizer()
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos, eos = tok.bos_token, tok.eos_token
+    assert text == f"{bos}S\n\nUser: u1\n\nAssistant: a1{eos}User: u2\n\nAssistant:"
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def test_local_formats_load(tmp_path):
+    import pandas as pd
+
+    rows, fmt = load_rows(write_jsonl(tmp_path / "a.jsonl", [GOOD, GOOD]))
+    assert fmt == "messages" and len(rows) == 2
+    (tmp_path / "b.json").write_text(json.dumps([{"prompt": "p", "completion": "c"}]))
+    assert load_rows(tmp_path / "b.json")[1] == "completion"
+    pd.DataFrame({"prompt": ["1+1?"], "answer": [2]}).to_parquet(tmp_path / "c.parquet")
+    rows, fmt = load_rows(tmp_path / "c.parquet", formats=("rl",))
+    assert fmt == "rl" and rows[0]["answer"] == "2"
+    pd.DataFrame({"chosen": ["a"], "rejected": ["b"]}).to_csv(tmp_path / "d.csv", index=False)
+    assert load_rows(tmp_path / "d.csv", formats=("preference",))[1] == "preference"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}',
+     "row 1: 'messages': message 1 \\(assistant\\) has content of type int"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "row 1: 'messages': message 0 has role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "row 1: 'messages': the last message is from 'user'"),
+    ('{"messages": "oops"}', "row 1: 'messages': expected a non-empty list"),
+    ('{"messages": [}', "row 1 \\(line 2\\): not valid JSON"),
+    ('{"text2": "x"}', "row 1: missing column"),
+])
+def test_malformed_rows_name_file_row_and_problem(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, bad])
+    with pytest.raises(DataError, match=f"{tmp_path}/data.jsonl: {message}"):
+        load_rows(path)
+
+
+def test_missing_columns_and_missing_files(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q"}])
+    with pytest.raises(DataError, match="missing columns: expected messages or prompt\\+completion.*'question'"):
+        load_rows(path, formats=("messages", "completion"))
+    with pytest.raises(DataError, match="no such data file"):
+        load_rows(tmp_path / "absent.jsonl")

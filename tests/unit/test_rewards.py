@@ -1,0 +1,83 @@
+"""Rule rewards, the reward registry, weights, and failure handling."""
+
+import time
+
+import pytest
+
+from latentalign.reward import RewardError, get_reward, guarded, weighted_sum
+from latentalign.reward.rules import extract_answer, format_reward, length_reward, math_accuracy
+
+
+@pytest.mark.parametrize("completion", [
+    "0.5", "1/2", "\\frac{1}{2}", "The answer is 0.5.", "so the result is \\boxed{\\frac{1}{2}}",
+    "Half: 2/4", "The answer is $\\frac12$.", "answer: 0.50",
+])
+def test_equivalent_forms_of_one_half_are_correct(completion):
+    assert math_accuracy(["q"], [completion], answer=["0.5"]) == [1.0]
+    assert math_accuracy(["q"], [completion], answer=["\\frac{1}{2}"]) == [1.0]
+
+
+@pytest.mark.parametrize("completion", [
+    "0.51", "1/3", "\\frac{1}{3}", "The answer is 5.", "\\boxed{-0.5}", "no number at all", "0.5 then 0.6",
+])
+def test_near_misses_are_wrong(completion):
+    assert math_accuracy(["q"], [completion], answer=["0.5"]) == [0.0]
+
+
+def test_integers_and_conversational_completions():
+    completions = [" 42", [{"role": "assistant", "content": "It is 42."}], " -7", "1,234"]
+    assert math_accuracy([""] * 4, completions, answer=["42", "42", "-7", "1234"]) == [1.0, 1.0, 1.0, 1.0]
+    assert math_accuracy(["", ""], ["41", "42"], answer=[None, "41"]) == [None, 0.0]
+
+
+def test_extraction_order():
+    assert extract_answer("first 3, the answer is 7") == "7"
+    assert extract_answer("\\boxed{12} and then 13") == "12"
+    assert extract_answer("x = 3, y = 4") == "4"
+
+
+def test_format_and_length():
+    assert format_reward([""] * 3, [" 12", "User: 5", "no digits"]) == [1.0, 0.0, 0.0]
+    assert length_reward([""] * 3, ["a", "b", "c"], completion_ids=[[0] * 10, [0] * 90, [0] * 100],
+                         max_tokens=100) == [1.0, 0.4, 0.0]
+
+
+def test_registry_dotted_paths_and_unknown_names():
+    assert get_reward("math") is math_accuracy
+    fn = get_reward("latentalign.reward.rules:format_reward")
+    assert fn([""], ["7"]) == [1.0]
+    with pytest.raises(RewardError, match="unknown reward 'maths'"):
+        get_reward("maths")
+    with pytest.raises(RewardError, match="cannot import 'nope'"):
+        get_reward("latentalign.reward.rules:nope")
+
+
+def test_weighted_sum_of_rewards():
+    combined = weighted_sum({"math": 2.0, "format": 0.5})
+    assert combined(["", ""], [" 5", " 6"], answer=["5", "5"]) == [2.5, 0.5]
+    assert combined.__name__ == "weighted"
+
+
+def test_guarded_reward_turns_failures_into_none_and_counts_them():
+    def flaky(prompts, completions, **_):
+        raise RuntimeError("service down")
+
+    def slow(prompts, completions, **_):
+        time.sleep(2)
+        return [1.0] * len(completions)
+
+    g = guarded(flaky)
+    assert g(["", ""], ["a", "b"]) == [None, None]
+    assert g.failures["RuntimeError"] == 2 and g.__name__ == "flaky"
+    t = guarded(slow, timeout_s=0.2)
+    start = time.perf_counter()
+    assert t([""], ["a"]) == [None]
+    assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 1
+
+
+def test_wrong_number_of_values_names_the_function():
+    def short(prompts, completions, **_):
+        return [1.0]
+
+    with pytest.raises(RewardError, match="reward function 'short' returned 1 values for 3 completions"):
+        guarded(short)(["", "", ""], ["a", "b", "c"])
