@@ -73,6 +73,17 @@ def reward(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     typer.echo(_summary(_run_stage(stage, config, overrides), "pairwise accuracy", "pairs"))
 
 
+@app.command()
+def rl(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
+    """GRPO (TRL GRPOTrainer) from an SFT model, with named weighted rewards (math, code, format, model:PATH)."""
+    from latentalign.rl import stage
+
+    metrics = _run_stage(stage, config, overrides)
+    typer.echo(_summary(metrics, "exact match", "prompts"))
+    if metrics.get("eval_accuracy_before") is not None:
+        typer.echo(f"held-out exact match before RL: {metrics['eval_accuracy_before']:.1%}")
+
+
 def _load_chat_model(model_dir: Path):
     from latentalign.model import load_model
     from latentalign.starting_point import load_tokenizer

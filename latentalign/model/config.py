@@ -11,6 +11,8 @@ default that trains on two CPU cores.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from huggingface_hub.dataclasses import strict
 from transformers import DeepseekV2Config
 
@@ -54,6 +56,7 @@ class LatentAlignConfig(DeepseekV2Config):
     """
 
     model_type = MODEL_TYPE
+    auto_map = MappingProxyType({})  # no remote code; tools that read it (TRL, the Auto classes) find it empty
 
     num_experts_per_tok: int | None = 6  # transformers leaves it unset; every DeepSeek-V2 model routes to 6
     aux_loss_alpha: float = 0.001

@@ -110,9 +110,10 @@ class RewardModelFunction:
 
 
 class guarded:  # noqa: N801 -- used like a function: guarded(fn)
-    """Wrap a reward so that an exception or a timeout scores the whole call `None` instead of stopping training.
+    """Wrap a reward so that an exception or a timeout scores `None` instead of stopping training.
 
-    Failures are counted in `.failures` (samples) and `.calls`. A wrong number of returned values raises a
+    When a batch call fails, the samples are scored one by one and only those that fail again score `None`.
+    Samples scored `None` are counted in `.failures` by cause ("none" when the function itself said None). A wrong number of returned values raises a
     `RewardError` naming the function: that is a bug, not a flaky reward. With `timeout_s`, the call runs in a
     worker thread; past the timeout its result is discarded (Python cannot stop a running thread: keep CPU-bound
     work in subprocesses, as the code reward does).
@@ -148,16 +149,32 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         self.calls += 1
         n = len(completions)
         try:
-            values = self._call(prompts, completions, **kwargs)
-        except (TimeoutError, Exception) as err:  # noqa: BLE001 -- any failure of a reward scores None
-            self.failures[type(err).__name__] += n
-            return [None] * n
+            values = self._checked(self._call(prompts, completions, **kwargs), n)
+        except RewardError:
+            raise
+        except Exception:  # noqa: BLE001 -- the batch failed: score sample by sample, None where that fails
+            return [self._one(i, prompts, completions, kwargs) for i in range(n)]
+        self.failures["none"] += sum(v is None for v in values)
+        return values
+
+    def _checked(self, values, n: int) -> list[float | None]:
         values = list(values) if values is not None else None
         if values is None or len(values) != n:
             got = "None" if values is None else f"{len(values)} values"
             raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions.")
-        self.failures["none"] += sum(v is None for v in values)
         return [None if v is None else float(v) for v in values]
+
+    def _one(self, i: int, prompts, completions, columns: dict) -> float | None:
+        one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in columns.items()}
+        try:
+            value = self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1)[0]
+            self.failures["none"] += value is None
+            return value
+        except RewardError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- this sample could not be scored
+            self.failures[type(err).__name__] += 1
+            return None
 
 
 def weighted_sum(weights: dict, name: str = "weighted"):

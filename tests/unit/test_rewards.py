@@ -69,6 +69,15 @@ def test_guarded_reward_turns_failures_into_none_and_counts_them():
     g = guarded(flaky)
     assert g(["", ""], ["a", "b"]) == [None, None]
     assert g.failures["RuntimeError"] == 2 and g.__name__ == "flaky"
+
+    def picky(prompts, completions, answer, **_):  # fails on some samples only
+        if any(c.startswith("x") for c in completions):
+            raise ValueError("cannot parse")
+        return [float(c == a) for c, a in zip(completions, answer)]
+
+    p = guarded(picky)
+    assert p(["", "", ""], ["1", "x2", "3"], answer=["1", "2", "4"]) == [1.0, None, 0.0]
+    assert p.failures["ValueError"] == 1
     t = guarded(slow, timeout_s=0.2)
     start = time.perf_counter()
     assert t([""], ["a"]) == [None]

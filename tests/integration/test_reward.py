@@ -1,0 +1,59 @@
+"""Reward-model training on TRL's RewardTrainer, and a trained reward model used as a reward function."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from latentalign.reward import RewardModelFunction, get_reward
+from latentalign.reward.stage import load_config, run
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, [f"output_dir={tmp_path / 'rm'}", f"model_overrides={json.dumps(SMALL)}",
+                              "dataset_size=256", "eval_size=32", "per_device_train_batch_size=16",
+                              "logging_steps=1", "max_steps=6", "save_steps=3", "learning_rate=3e-3",
+                              "warmup_steps=0", "disable_tqdm=true", *extra])
+
+
+def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tmp_path):
+    metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01"))
+    assert metrics["global_step"] == 6
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval"]["n"] == 32
+
+    rm = get_reward(f"model:{metrics['model_dir']}", batch_size=3)
+    assert isinstance(rm, RewardModelFunction) and rm.__name__ == "rm_model"
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]] * 2 + ["What is 4 + 4?"] * 3
+    completions = [" 5", [{"role": "assistant", "content": "6"}], " 8", " 9", " 10"]
+    batched = rm(prompts, completions)
+    alone = [rm([p], [c])[0] for p, c in zip(prompts, completions)]
+    assert len(batched) == 5 and max(abs(a - b) for a, b in zip(batched, alone)) < 1e-4
+    text = rm.texts(prompts[:1], completions[:1])[0]
+    assert text.endswith("User: What is 2 + 3?\n\nAssistant: 5" + rm.tokenizer.eos_token)
+
+
+def test_lora_reward_model_from_an_sft_style_checkpoint(tmp_path):
+    from latentalign.starting_point import load_starting_point, save_model_dir
+
+    lm, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    save_model_dir(lm, tokenizer, tmp_path / "sft")
+    metrics = run(small_cfg(tmp_path, f"model={tmp_path / 'sft'}", "use_lora=true", "lora_r=4", "max_steps=3",
+                            "eval_dataset=null"))
+    from latentalign import load_reward_model
+
+    rm = load_reward_model(metrics["model_dir"])
+    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)  # LoRA left it alone
+
+
+def test_cli_reward_rejects_bad_config_before_writing(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "latentalign.cli", "reward", f"output_dir={out}", "margn=1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown key 'margn' for a reward stage; did you mean 'margin'" in result.stderr
+    assert not out.exists()
