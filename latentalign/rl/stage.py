@@ -26,7 +26,7 @@ from ..stage import ConfigError, TrainingStageConfig
 
 # DeepSeekMath-RL [M §4.2] in TRL's names; epsilon is PPO's convention (the paper states none).
 DEEPSEEKMATH = dict(loss_type="grpo", beta=0.04, scale_rewards="group", learning_rate=1e-6, num_generations=64,
-                    max_completion_length=1024, num_iterations=1, epsilon=0.2)
+                    max_completion_length=1024, num_iterations=1, epsilon=0.2, use_bias_correction_kl=False)
 PRESETS = {"deepseekmath": DEEPSEEKMATH}
 
 
@@ -66,6 +66,7 @@ TRL_DEFAULTS = dict(
     warmup_steps=0,
     weight_decay=0.0,
     beta=0.04,
+    use_bias_correction_kl=False,  # the paper's k3 KL; TRL's default multiplies it by the importance ratio
     loss_type="grpo",
     scale_rewards="group",
     epsilon=0.2,

@@ -80,3 +80,55 @@ def test_deepseekmath_preset_and_bad_rewards(tmp_path, policy_dir):
     with pytest.raises(ConfigError, match="unknown preset 'r1'"):
         small_cfg(tmp_path, policy_dir, "preset=r1")
     assert not (tmp_path / "rl").exists()
+
+
+def test_grpo_loss_of_one_step_equals_the_hand_computed_value(tmp_path, policy_dir):
+    """loss = mean_i 1/|o_i| sum_t [ -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^(ref-logp) - (ref-logp) - 1) ]"""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from latentalign import load_model
+    from latentalign.data import load_rows, to_dataset
+    from latentalign.starting_point import load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(policy_dir), load_tokenizer(str(policy_dir))
+    from latentalign.rl.stage import TRL_DEFAULTS
+    from latentalign.stage import trl_config
+
+    cfg = small_cfg(tmp_path, policy_dir, "num_generations=2", "per_device_train_batch_size=2")
+    args = trl_config(GRPOConfig, {**TRL_DEFAULTS, "output_dir": str(tmp_path), "router_aux_loss_coef": 0.0}, cfg)
+    beta, eps = args.beta, args.epsilon  # the stage's defaults: 0.04 and 0.2, plain k3 KL
+    assert (beta, eps, args.loss_type, args.use_bias_correction_kl) == (0.04, 0.2, "grpo", False)
+    rows, _ = load_rows("arithmetic-rl", size=4, formats=("rl",))
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)],
+                          args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
+
+    prompt_ids = torch.tensor([[0, 0, 1, 50, 60], [1, 51, 61, 70, 80]])
+    prompt_mask = (prompt_ids != 0).long()
+    prompt_mask[1, 0] = 1
+    completion_ids = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    advantages = torch.tensor([0.7, -1.3])
+
+    model.eval()  # no dropout either way; the same forward the trainer makes
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        logits = model(ids, attention_mask=mask).logits[:, prompt_ids.shape[1] - 1:-1]
+        logp = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    old = logp + torch.tensor([[0.3, -0.3, 0.05, 0.0], [-0.25, 0.4, 0.1, 0.0]])  # some ratios fall outside the clip
+    ref = logp + torch.tensor([[0.1, -0.2, 0.3, 0.0], [0.2, 0.0, -0.1, 0.0]])
+
+    rho = torch.exp(logp - old)
+    a = advantages[:, None]
+    surrogate = -torch.minimum(rho * a, rho.clamp(1 - eps, 1 + eps) * a)
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = (surrogate + beta * kl) * completion_mask
+    expected = (per_token.sum(1) / completion_mask.sum(1)).mean()
+
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert ((rho < 1 - eps) | (rho > 1 + eps)).any(), "the clip is exercised"
