@@ -132,3 +132,32 @@ def test_grpo_loss_of_one_step_equals_the_hand_computed_value(tmp_path, policy_d
     loss = trainer.compute_loss(trainer.model, inputs)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert ((rho < 1 - eps) | (rho > 1 + eps)).any(), "the clip is exercised"
+
+
+def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir, monkeypatch):
+    from transformers import TrainerCallback
+
+    seen: list[list[str]] = []
+
+    def recording(prompts, completions, **_):  # remembers which prompts each step drew
+        seen.append([str(p) for p in prompts])
+        return [float(len(str(c)) % 2) for c in completions]
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    monkeypatch.setitem(functions.REGISTRY, "recording", recording)
+    extra = ['rewards={"recording": 1.0}', "eval_dataset=null", "max_steps=4"]
+    run(small_cfg(tmp_path / "full", policy_dir, *extra))
+    full = list(seen)
+    seen.clear()
+    first = run(small_cfg(tmp_path / "cut", policy_dir, *extra), callbacks=[StopAfter()])
+    assert first["global_step"] == 2
+    seen.clear()
+    resumed = run(small_cfg(tmp_path / "cut", policy_dir, *extra))
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    assert seen == full[2:], "steps 3 and 4 draw the same prompts as in the uninterrupted run"
+    steps = [h["step"] for h in resumed["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3, 4]

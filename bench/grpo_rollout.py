@@ -1,0 +1,94 @@
+"""GRPO rollout speed: the same GRPO run with our model and with transformers' DeepseekV2ForCausalLM.
+
+Same weights, same prompts, same sampling; completions forced to `--length` tokens (512 by default) so both
+models generate the same number of tokens. Each run makes `--steps` GRPO steps on TRL's GRPOTrainer; the time
+spent inside `model.generate` is measured, and rollout tokens/s reported as a ratio ours / transformers.
+
+    .venv/bin/python bench/grpo_rollout.py [--length 512] [--steps 1]
+
+Config: hidden 512, 16 heads, kv_lora_rank 128, qk_nope 64, rope 32, v 64, 4 layers, 16 routed experts top-2,
+1 shared (the mid-size config of the decode benchmark). Writes bench/results/grpo_rollout.json.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MID = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=128, q_lora_rank=None,
+           qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_hidden_layers=4, n_routed_experts=16,
+           num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=256, intermediate_size=1024,
+           first_k_dense_replace=1, max_position_embeddings=2048)
+
+
+def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from latentalign.data import to_dataset
+
+    spent = {"seconds": 0.0, "tokens": 0}
+    generate = model.generate
+
+    def timing_generate(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        spent["seconds"] += time.perf_counter() - start
+        prompt_len = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]
+        spent["tokens"] += out[:, prompt_len:].numel()
+        return out
+
+    model.generate = timing_generate
+    args = GRPOConfig(output_dir=out_dir, num_generations=4, per_device_train_batch_size=8, max_steps=steps,
+                      max_completion_length=length, generation_kwargs={"min_new_tokens": length}, beta=0.0,
+                      learning_rate=1e-6, report_to="none", use_cpu=not torch.cuda.is_available(),
+                      bf16=torch.cuda.is_available(), gradient_checkpointing=False, save_strategy="no",
+                      logging_steps=1, router_aux_loss_coef=0.0, disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)],
+                          args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    return {"rollout_tokens": spent["tokens"], "rollout_seconds": round(spent["seconds"], 2),
+            "rollout_tokens_per_s": round(spent["tokens"] / spent["seconds"], 1), "run_seconds": round(total, 1)}
+
+
+def main(length: int, steps: int) -> dict:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from latentalign.data import default_tokenizer, load_rows
+    from latentalign.model import LatentAlignForCausalLM, model_config
+    from latentalign.model.checkpoint import native_config_dict
+
+    tokenizer = default_tokenizer()
+    config = model_config("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MID)
+    torch.manual_seed(0)
+    ours = LatentAlignForCausalLM(config)
+    native = {k: v for k, v in native_config_dict(config).items()
+              if k not in ("model_type", "architectures", "rope_scaling", "rope_theta")}
+    theirs = DeepseekV2ForCausalLM(DeepseekV2Config(**native))
+    theirs.load_state_dict(ours.state_dict())
+    rows, _ = load_rows("arithmetic-rl", size=64, formats=("rl",))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in (("transformers", theirs), ("latentalign", ours)):
+            results[name] = timed_grpo(model, tokenizer, rows, length, steps, f"{tmp}/{name}")
+            print(name, results[name], flush=True)
+    results["speedup"] = round(results["latentalign"]["rollout_tokens_per_s"]
+                               / results["transformers"]["rollout_tokens_per_s"], 2)
+    results.update(completion_length=length, steps=steps, batch="8 completions (2 prompts x 4)",
+                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (2 cores)")
+    out = Path(__file__).parent / "results" / "grpo_rollout.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1)
+    main(**vars(parser.parse_args()))
