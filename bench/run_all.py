@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py"]
+SCRIPTS = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py", "grpo_rollout.py"]
 
 if __name__ == "__main__":
     here = Path(__file__).parent

@@ -134,11 +134,24 @@ def from_file(stage_cls, trl_cls, path=None, overrides: list[str] = ()):
     return build(stage_cls, trl_cls, values, str(path) if path else "command line")
 
 
+# TRL options every stage sets the same way: plain fp32 AdamW on a laptop-sized default, no logging services,
+# two checkpoints kept. Each stage adds its own defaults; the user's options override both.
+COMMON_TRL_DEFAULTS = dict(
+    report_to="none",
+    optim="adamw_torch",
+    weight_decay=0.0,
+    gradient_checkpointing=False,
+    save_total_limit=2,
+    dataloader_num_workers=0,
+)
+
+
 def trl_config(trl_cls, defaults: dict, stage):
-    """The TRL config: our defaults, then the user's TRL options; a bad combination names the key if it can."""
+    """The TRL config: common defaults, the stage's defaults, then the user's TRL options; a bad combination
+    names the key if it can."""
     import torch
 
-    values = {**defaults, **stage.trl}
+    values = {**COMMON_TRL_DEFAULTS, **defaults, **stage.trl}
     if not torch.cuda.is_available():
         values.setdefault("bf16", False)
         values["use_cpu"] = values.get("use_cpu", True)

@@ -36,18 +36,12 @@ TRL_DEFAULTS = dict(
     learning_rate=1e-3,
     lr_scheduler_type="cosine",
     warmup_steps=20,
-    weight_decay=0.0,
     per_device_train_batch_size=32,
     num_train_epochs=1,
     max_steps=300,
     max_length=128,
-    gradient_checkpointing=False,
     logging_steps=10,
     save_steps=100,
-    save_total_limit=2,
-    report_to="none",
-    optim="adamw_torch",
-    dataloader_num_workers=0,
 )
 
 

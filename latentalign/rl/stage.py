@@ -64,7 +64,6 @@ TRL_DEFAULTS = dict(
     learning_rate=5e-5,
     lr_scheduler_type="constant",
     warmup_steps=0,
-    weight_decay=0.0,
     beta=0.04,
     use_bias_correction_kl=False,  # the paper's k3 KL; TRL's default multiplies it by the importance ratio
     loss_type="grpo",
@@ -75,13 +74,8 @@ TRL_DEFAULTS = dict(
     max_completion_length=8,
     temperature=1.0,
     max_steps=100,
-    gradient_checkpointing=False,
     logging_steps=5,
     save_steps=50,
-    save_total_limit=2,
-    report_to="none",
-    optim="adamw_torch",
-    dataloader_num_workers=0,
     log_completions=False,
 )
 

@@ -47,19 +47,13 @@ TRL_DEFAULTS = dict(
     learning_rate=3e-3,
     lr_scheduler_type="cosine",
     warmup_steps=30,
-    weight_decay=0.0,
     per_device_train_batch_size=32,
     num_train_epochs=1,
     max_steps=800,
     max_length=128,
     assistant_only_loss=True,
-    gradient_checkpointing=False,
     logging_steps=10,
     save_steps=200,
-    save_total_limit=2,
-    report_to="none",
-    optim="adamw_torch",
-    dataloader_num_workers=0,
 )
 
 
