@@ -161,3 +161,39 @@ def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir
     assert seen == full[2:], "steps 3 and 4 draw the same prompts as in the uninterrupted run"
     steps = [h["step"] for h in resumed["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, monkeypatch, replay):
+    from latentalign.rl import replay as replay_module
+
+    used = {"rollout": [], "training": []}
+    cls = replay_module.replay_trainer_class()
+
+    class Spy(cls):  # the experts each training forward actually used, next to what the rollout chose
+        def _compute_loss(self, model, inputs):
+            for router in self.routing_replay.routers:
+                router.record = []
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                rollout = inputs["routing"]
+                for layer, router in enumerate(self.routing_replay.routers):
+                    chosen = router.record[0].view(rollout.shape[0], -1, rollout.shape[-1])
+                    used["training"].append(chosen.sort(-1).values)
+                    used["rollout"].append(rollout[:, layer].sort(-1).values)
+                    router.record = None
+
+    monkeypatch.setattr(replay_module, "replay_trainer_class", lambda: Spy)
+    # Two updates on each rollout batch: the second forward runs on moved weights, where routing drifts.
+    metrics = run(small_cfg(tmp_path, policy_dir, f"routing_replay={str(replay).lower()}", "num_iterations=2",
+                            "max_steps=4", "learning_rate=3e-2", 'rewards={"format": 1.0}', "eval_dataset=null"))
+    decided = [r[..., 0] >= 0 for r in used["rollout"]]
+    matches = [((t == r).all(-1) | ~d) for t, r, d in zip(used["training"], used["rollout"], decided)]
+    share = torch.cat([m[d] for m, d in zip(matches, decided)]).float().mean().item()
+    agreement = [h["moe/routing_agreement"] for h in metrics["log_history"] if "moe/routing_agreement" in h]
+    assert agreement and all(0 <= a <= 1 for a in agreement)
+    if replay:
+        assert share == 1.0  # every expert choice of the rollout is reproduced
+    else:
+        assert share < 1.0 and min(agreement) < 1.0  # without replay the drift shows, and is logged
