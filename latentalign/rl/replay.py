@@ -71,25 +71,84 @@ class RoutingReplay:
         return same / total if total else None
 
 
+class RolloutLogprobs:
+    """A logits processor that keeps the log-probability of each sampled token under the sampling distribution
+    (temperature applied), holding one (batch, vocab) row at a time."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:  # the token just sampled from the previous distribution
+            self.values.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(batch, generated) log-probs, given generate's output (prompt + completion)."""
+        if self.last is not None:
+            self.values.append(self.last.gather(-1, sequences[:, -1:]).squeeze(-1))
+        return torch.stack(self.values, dim=1) if self.values else sequences.new_zeros((sequences.shape[0], 0))
+
+
 def replay_trainer_class():
-    """GRPOTrainer with routing replay: records routing while generating, replays (or measures) in the loss."""
+    """GRPOTrainer with routing replay: records routing (and the sampled tokens' log-probs) while generating,
+    replays or measures routing in the loss, and logs the rollout/training log-prob gap."""
+    from transformers import LogitsProcessorList
     from trl import GRPOTrainer
 
     class ReplayGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, routing_replay: RoutingReplay, **kwargs):
             super().__init__(*args, **kwargs)
             self.routing_replay = routing_replay
+            self._rollout_logps: torch.Tensor | None = None
 
         def _generate_single_turn(self, *args, **kwargs):
-            with self.routing_replay.recording():
-                return super()._generate_single_turn(*args, **kwargs)
+            model = self.accelerator.unwrap_model(self.model)
+            recorder = RolloutLogprobs(self.temperature)
+            generate = model.generate
+
+            def recording_generate(*gen_args, **gen_kwargs):
+                processors = LogitsProcessorList(gen_kwargs.pop("logits_processor", None) or [])
+                out = generate(*gen_args, logits_processor=LogitsProcessorList([*processors, recorder]),
+                               **gen_kwargs)
+                self._rollout_logps = recorder.finish(out)
+                return out
+
+            model.generate = recording_generate
+            try:
+                with self.routing_replay.recording():
+                    return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                del model.generate  # back to the class's method
 
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
-            batch, width = output["prompt_ids"].shape[0], output["prompt_ids"].shape[1]
-            length = width + output["completion_ids"].shape[1]
-            output["routing"] = self.routing_replay.assemble(batch, length).to(output["prompt_ids"].device)
+            prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+            length = prompt_ids.shape[1] + completion_ids.shape[1]
+            output["routing"] = self.routing_replay.assemble(prompt_ids.shape[0], length).to(prompt_ids.device)
+            self._log_logprob_gap(output)
             return output
+
+        def _log_logprob_gap(self, output) -> None:
+            """Mean |log p_rollout - log p_train| over completion tokens, the training forward replaying or not
+            as configured (one extra no-grad forward per generation batch)."""
+            if self._rollout_logps is None:
+                return
+            completion_ids, mask = output["completion_ids"], output["completion_mask"]
+            ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+            attention = torch.cat([output["prompt_mask"], mask], dim=1)
+            with torch.no_grad(), self.routing_replay.replaying(output["routing"]):
+                train_logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
+                                                                            completion_ids.shape[1])
+            self.routing_replay.pop_agreement()  # this forward is not a training step: keep it out of the metric
+            width = min(train_logps.shape[1], self._rollout_logps.shape[1])
+            rollout = self._rollout_logps[:, :width].to(train_logps.device)
+            m = mask[:, :width].float()
+            gap = ((rollout - train_logps[:, :width]).abs() * m).sum() / m.sum().clamp(min=1)
+            self._metrics["train"]["rollout/logprob_gap"].append(gap.item())
 
         def _compute_loss(self, model, inputs):
             with self.routing_replay.replaying(inputs["routing"]):

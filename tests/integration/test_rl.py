@@ -193,6 +193,8 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
     share = torch.cat([m[d] for m, d in zip(matches, decided)]).float().mean().item()
     agreement = [h["moe/routing_agreement"] for h in metrics["log_history"] if "moe/routing_agreement" in h]
     assert agreement and all(0 <= a <= 1 for a in agreement)
+    gaps = [h["rollout/logprob_gap"] for h in metrics["log_history"] if "rollout/logprob_gap" in h]
+    assert gaps and all(0 <= g < 1e-3 for g in gaps[:1])  # first batch: same weights, the same distribution
     if replay:
         assert share == 1.0  # every expert choice of the rollout is reproduced
     else:
