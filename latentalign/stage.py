@@ -159,3 +159,47 @@ def trl_config(trl_cls, defaults: dict, stage):
         return trl_cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid {stage.stage_name} options: {err}") from None
+
+
+def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
+    """(training rows, their format, held-out rows or None), every row checked before anything is built."""
+    from .data import load_rows
+
+    rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
+                          seed=cfg.seed, difficulty=cfg.difficulty)
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
+                                 seed=cfg.seed, difficulty=cfg.difficulty)
+    return rows, fmt, eval_rows
+
+
+def newest_checkpoint(output_dir) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = Path(output_dir)
+    return get_last_checkpoint(str(path)) if path.is_dir() else None
+
+
+def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
+    """Train (resuming from the newest checkpoint when `cfg.resume`), save `output_dir/model`, and return the
+    stage's metrics so far."""
+    import time
+
+    from .starting_point import save_model_dir
+
+    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    model_dir = save_model_dir(trainer.model, tokenizer, Path(cfg.output_dir) / "model")
+    return {"stage": cfg.stage_name, "train_loss": result.training_loss, "global_step": result.global_step,
+            "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
+            "log_history": trainer.state.log_history}
+
+
+def write_metrics(cfg: TrainingStageConfig, metrics: dict) -> dict:
+    import json
+
+    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics

@@ -10,10 +10,7 @@ the Bradley-Terry loss alone.
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from ..stage import TrainingStageConfig
@@ -66,19 +63,14 @@ def pairwise_accuracy(scorer, rows) -> dict:
 def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     from trl import RewardConfig, RewardTrainer
 
-    from ..data import load_rows, to_dataset
-    from ..sft.stage import make_peft_config, newest_checkpoint
-    from ..stage import trl_config
-    from ..starting_point import load_starting_point, save_model_dir
+    from ..data import to_dataset
+    from ..sft.stage import make_peft_config
+    from ..stage import load_stage_data, train_and_save, trl_config, write_metrics
+    from ..starting_point import load_starting_point
     from .functions import RewardModelFunction
 
     args = trl_config(RewardConfig, {**TRL_DEFAULTS, "output_dir": cfg.output_dir, "seed": cfg.seed}, cfg)
-    rows, _ = load_rows(cfg.dataset, split=cfg.dataset_split, formats=("preference",), size=cfg.dataset_size,
-                        seed=cfg.seed, difficulty=cfg.difficulty)
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=("preference",),
-                                 size=cfg.eval_size, seed=cfg.seed, difficulty=cfg.difficulty)
+    rows, _, eval_rows = load_stage_data(cfg, ("preference",), ("preference",))
     if cfg.margin is not None:
         rows = [{"margin": cfg.margin, **r} for r in rows]
 
@@ -87,17 +79,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
-    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - start
-
-    model_dir = save_model_dir(trainer.model, tokenizer, Path(cfg.output_dir) / "model")
-    metrics = {"stage": "reward", "train_loss": result.training_loss, "global_step": result.global_step,
-               "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
-               "log_history": trainer.state.log_history}
+    metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
-        metrics["eval"] = pairwise_accuracy(RewardModelFunction(str(model_dir)), eval_rows)
+        metrics["eval"] = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), eval_rows)
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
-    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return metrics
+    return write_metrics(cfg, metrics)

@@ -17,11 +17,8 @@ The router (`mlp.gate`) is left out: it is a parameter of a custom module and st
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from ..stage import ConfigError, TrainingStageConfig
@@ -111,33 +108,21 @@ def make_peft_config(cfg: SFTStageConfig, model, task_type: str = "CAUSAL_LM"):
                       target_modules=targets, task_type=task_type, **extra)
 
 
-def newest_checkpoint(output_dir) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(output_dir)
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
-
-
 def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     """Train, save `output_dir/model`, evaluate, write `output_dir/metrics.json`; returns the metrics.
 
     `callbacks` are extra `transformers.TrainerCallback`s (progress reporting, early stops)."""
     from trl import SFTConfig, SFTTrainer
 
-    from ..data import load_rows, to_dataset
+    from ..data import to_dataset
     from ..data.tokenizer import training_template_for
     from ..eval import exact_match
-    from ..stage import trl_config
-    from ..starting_point import load_starting_point, save_model_dir
+    from ..stage import load_stage_data, train_and_save, trl_config, write_metrics
+    from ..starting_point import load_starting_point
 
     # Everything that can fail on bad input fails here, before a model is built or a file written.
     args = trl_config(SFTConfig, {**TRL_DEFAULTS, "output_dir": cfg.output_dir, "seed": cfg.seed}, cfg)
-    rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=("messages", "completion", "text"),
-                          size=cfg.dataset_size, seed=cfg.seed, difficulty=cfg.difficulty)
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=("rl",), size=cfg.eval_size,
-                                 seed=cfg.seed, difficulty=cfg.difficulty)
+    rows, fmt, eval_rows = load_stage_data(cfg, ("messages", "completion", "text"), ("rl",))
     if args.assistant_only_loss and fmt != "messages":
         args.assistant_only_loss = False  # prompt/completion data trains on completions only (TRL's default)
 
@@ -152,26 +137,11 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     use_deepseek_balance_loss(base, trainer._metrics["train"])
 
-    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - start
-
-    model_dir = save_model_dir(trainer.model, tokenizer, Path(cfg.output_dir) / "model")
-    metrics = {
-        "stage": "sft",
-        "train_loss": result.training_loss,
-        "global_step": result.global_step,
-        "train_seconds": round(train_seconds, 1),
-        "resumed_from": resume_from,
-        "model_dir": str(model_dir),
-        "log_history": trainer.state.log_history,
-    }
+    metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
         from ..model import load_model
 
-        merged = load_model(model_dir)
+        merged = load_model(metrics["model_dir"])
         metrics["eval"] = exact_match(merged, tokenizer, eval_rows, max_new_tokens=cfg.eval_max_new_tokens)
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
-    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return metrics
+    return write_metrics(cfg, metrics)

@@ -1,6 +1,5 @@
 """The code sandbox contains hostile programs: reward 0, host unaffected, no process left behind."""
 
-import os
 import time
 from pathlib import Path
 
