@@ -48,7 +48,7 @@ TRL_DEFAULTS = dict(
     num_train_epochs=1,
     max_steps=800,
     max_length=128,
-    assistant_only_loss=True,
+    assistant_only_loss=False,  # whole conversations: on the embedded default, 15% held-out vs 7% assistant-only
     logging_steps=10,
     save_steps=200,
 )

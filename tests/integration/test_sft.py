@@ -67,7 +67,7 @@ def test_labels_mask_every_prompt_and_system_token_and_nothing_else(tmp_path):
 
 
 def test_full_sft_trains_saves_and_evaluates(tmp_path):
-    metrics = run(small_cfg(tmp_path))
+    metrics = run(small_cfg(tmp_path, "assistant_only_loss=true"))  # the marked template, through the stage
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
