@@ -1,5 +1,5 @@
 """Evaluation: held-out exact-match accuracy of chat models (more tasks and reports build on it)."""
 
-from .accuracy import exact_match, extract_final_number, generate_completions
+from .accuracy import exact_match, generate_completions
 
-__all__ = ["exact_match", "extract_final_number", "generate_completions"]
+__all__ = ["exact_match", "generate_completions"]

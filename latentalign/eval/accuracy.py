@@ -6,15 +6,7 @@ decoded with `model.generate` (absorbed-MLA decoding for our model).
 
 from __future__ import annotations
 
-import re
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def extract_final_number(text: str) -> str | None:
-    """The last number in `text` ("The answer is 42." -> "42"), or None."""
-    found = _NUMBER.findall(text.replace(",", ""))
-    return found[-1] if found else None
+from ..reward.rules import extract_answer
 
 
 def render_prompts(tokenizer, prompts) -> list[str]:
@@ -53,8 +45,9 @@ def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16,
 
 
 def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,
-                extract=extract_final_number) -> dict:
-    """Greedy pass@1: the share of rows whose extracted answer equals `row["answer"]`."""
+                extract=extract_answer) -> dict:
+    """Greedy pass@1: the share of rows whose final answer, extracted as the math reward extracts it, equals
+    `row["answer"]`."""
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress, desc="eval")
     correct = [extract(c) == str(r["answer"]).strip() for c, r in zip(completions, rows)]
