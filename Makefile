@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/latentalign demo
+	$(VENV)/bin/latentalign run quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -186,16 +186,90 @@ def generate(
         sys.stdout.write("\n".join(lines) + "\n")
 
 
-@app.command()
-def demo(
-    steps: int = typer.Option(300, help="Training steps."),
-    seed: int = typer.Option(0, help="Random seed."),
-    prompt: str = typer.Option("Multi-head latent attention", help="Text to continue after training."),
-):
-    """Train the tiny preset from scratch on a built-in text, then generate from it."""
-    from latentalign.demo import run
+def _run_errors():
+    from latentalign.eval.tasks import EvalError
+    from latentalign.push import PushError
 
-    run(steps=steps, seed=seed, prompt=prompt)
+    return (*_user_errors(), EvalError, PushError)
+
+
+@app.command("run")
+def run_recipe(
+    recipe: str = typer.Argument(..., help="A shipped recipe (quickstart, deepseek-v2-lite, deepseek-v2) or a YAML file."),
+    overrides: list[str] = OVERRIDES,
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's, or runs/NAME)."),
+    validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and exit."),
+):
+    """Run a recipe: SFT -> reward model -> GRPO stages -> eval -> export/push; a rerun resumes where it stopped."""
+    from latentalign.recipes import load_recipe, run_recipe as run
+
+    try:
+        if validate_only:
+            recipe_obj = load_recipe(recipe, overrides or [])
+            typer.echo(f"{recipe_obj.source}: valid ({', '.join(f'{n}:{s.type}' for n, s in recipe_obj.stages.items())})")
+            return
+        manifest = run(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
+    except _run_errors() as err:
+        _fail(str(err))
+    if manifest.get("eval_table"):
+        typer.echo("\n" + manifest["eval_table"])
+    typer.echo(f"\nreport: {manifest.get('report')}")
+    if manifest.get("export_dir"):
+        typer.echo(f"exported chat model: {manifest['export_dir']}")
+
+
+@app.command("eval")
+def eval_model(
+    model_dir: Path = typer.Argument(..., help="A model directory (chat model or reward model)."),
+    tasks: str = typer.Option("accuracy", "--tasks", "-t",
+                              help="Comma-separated: accuracy, maj@K, pairwise, humaneval, kv_cache, decode_speed, lm_eval:TASK."),
+    dataset: str = typer.Option("arithmetic-rl", help="prompt + answer rows for accuracy and maj@K."),
+    size: int = typer.Option(300, help="Rows to score."),
+    humaneval_limit: int = typer.Option(None, help="Score only the first N HumanEval problems."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON here."),
+):
+    """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, KV bytes, speed."""
+    from latentalign.eval.tasks import EvalOptions, evaluate, format_table
+
+    try:
+        if not (model_dir / "config.json").is_file():
+            raise _user_errors()[2](f"{model_dir}: not a model directory (no config.json).")
+        metrics = evaluate(model_dir, tasks, EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit))
+    except _run_errors() as err:
+        _fail(str(err))
+    typer.echo(format_table({str(model_dir): metrics}))
+    if output:
+        output.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command()
+def push(
+    source: Path = typer.Argument(..., help="A run folder (its final chat model) or a model directory."),
+    repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Export and check, list what would be uploaded; no upload."),
+    out_dir: Path = typer.Option(None, "--out-dir", help="Where to write the export (default: beside the source)."),
+):
+    """Export (native transformers format, LoRA merged, model card), check in vanilla transformers, and upload."""
+    from latentalign.push import push as do_push
+
+    try:
+        result = do_push(source, repo_id, out_dir=out_dir, private=private, dry_run=dry_run)
+    except _run_errors() as err:
+        _fail(str(err))
+    check = result["check"]
+    typer.echo(f"export: {result['export_dir']} (vanilla transformers {check['class']}, logits max |diff| "
+               f"{check['max_abs_diff']:.2g})")
+    if result["uploaded"]:
+        typer.echo(f"pushed to {result['url']}")
+    else:
+        typer.echo(f"dry run: would upload to {repo_id}: " + ", ".join(result["files"]))
+
+
+@app.command()
+def demo(overrides: list[str] = OVERRIDES):
+    """The embedded default end to end: `latentalign run quickstart` (what `make demo` runs)."""
+    run_recipe("quickstart", overrides or [], output_dir=None, validate_only=False)
 
 
 def main() -> None:

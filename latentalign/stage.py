@@ -33,6 +33,7 @@ class TrainingStageConfig:
     dataset: str = "arithmetic"  # a built-in name, a local file or a hub id
     dataset_split: str = "train"
     dataset_size: int | None = None
+    dataset_columns: dict = field(default_factory=dict)  # rename columns to ours, e.g. {question: prompt}
     difficulty: dict = field(default_factory=dict)  # built-in data only: fields of data.arithmetic.Difficulty
     eval_dataset: str | None = None
     eval_split: str = "test"
@@ -166,11 +167,11 @@ def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[li
     from .data import load_rows
 
     rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
-                          seed=cfg.seed, difficulty=cfg.difficulty)
+                          seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
     eval_rows = None
     if cfg.eval_dataset:
         eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
-                                 seed=cfg.seed, difficulty=cfg.difficulty)
+                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
     return rows, fmt, eval_rows
 
 

@@ -11,6 +11,7 @@ is `test`. Formats, named as TRL names them:
 | `text`       | `text`                                    | SFT            |
 | `preference` | `chosen`, `rejected`, optionally `prompt` | reward models  |
 | `rl`         | `prompt`, `answer` (the reference answer) | GRPO, eval     |
+| `prompt`     | `prompt`                                  | GRPO with rewards that need no reference (reward models) |
 
 A malformed row raises one `DataError` naming the file, the row (0-based; for JSON Lines also the line) and
 what is wrong.
@@ -28,6 +29,7 @@ FORMATS = {
     "text": ("text",),
     "preference": ("chosen", "rejected"),
     "rl": ("prompt", "answer"),
+    "prompt": ("prompt",),
 }
 BUILTIN = {"arithmetic": "messages", "arithmetic-preference": "preference", "arithmetic-rl": "rl"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -70,6 +72,7 @@ def row_problem(row: dict, fmt: str) -> str | None:
         "completion": [("prompt", "user"), ("completion", None)],
         "preference": [("chosen", None), ("rejected", None)] + ([("prompt", "user")] if "prompt" in row else []),
         "rl": [("prompt", "user")],
+        "prompt": [("prompt", "user")],
     }[fmt]
     for column, final_role in checks:
         problem = _text_or_conversation(row[column], final_role)
@@ -148,11 +151,11 @@ def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty
 
 
 def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size: int | None = None,
-              seed: int = 0, difficulty: dict | None = None) -> tuple[list[dict], str]:
+              seed: int = 0, difficulty: dict | None = None, columns: dict | None = None) -> tuple[list[dict], str]:
     """Read and check every row of `source`; returns (rows, format). Nothing is returned on a bad row.
 
     `size` caps the number of rows (built-ins generate exactly that many); `seed` and `difficulty` apply to the
-    built-ins only.
+    built-ins only. `columns` renames the source's columns to ours first (GSM8K: `{question: prompt}`).
     """
     source = str(source)
     if source in BUILTIN:
@@ -173,6 +176,12 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
             rows = rows[:size]
     if not rows:
         raise DataError(f"{label}: no rows.")
+    if columns:
+        missing = [c for c in columns if c not in rows[0]]
+        if missing:
+            raise DataError(f"{label}: dataset_columns renames {missing}, which the data does not have "
+                            f"(columns: {sorted(rows[0])}).")
+        rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
     required = FORMATS[fmt]
     for i, row in enumerate(rows):
@@ -188,10 +197,12 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
 
 
 def _read_hub(source: str, split: str) -> list[dict]:
+    """A hub dataset, `org/name` or `org/name:config` (GSM8K is `openai/gsm8k:main`)."""
     import datasets
 
+    name, _, config = source.partition(":")
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        return datasets.load_dataset(name, config or None, split=split).to_list()
     except FileNotFoundError:
         raise DataError(f"{source}: not a data file, a built-in dataset ({', '.join(BUILTIN)}) or a reachable "
                         f"hub dataset.") from None

@@ -6,7 +6,7 @@ decoded with `model.generate` (absorbed-MLA decoding for our model).
 
 from __future__ import annotations
 
-from ..reward.rules import extract_answer
+from ..reward.rules import extract_answer, reference_answer
 
 
 def render_prompts(tokenizer, prompts) -> list[str]:
@@ -50,6 +50,6 @@ def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens:
     `row["answer"]`."""
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress, desc="eval")
-    correct = [extract(c) == str(r["answer"]).strip() for c, r in zip(completions, rows)]
+    correct = [extract(c) == reference_answer(str(r["answer"])) for c, r in zip(completions, rows)]
     return {"accuracy": sum(correct) / max(len(rows), 1), "correct": sum(correct), "n": len(rows),
             "examples": [{"completion": c, "answer": r["answer"]} for c, r in list(zip(completions, rows))[:5]]}

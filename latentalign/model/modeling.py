@@ -358,6 +358,7 @@ class DecoderLayer(hf.DeepseekV2DecoderLayer):
 class LatentAlignPreTrainedModel(hf.DeepseekV2PreTrainedModel):
     config_class = LatentAlignConfig
     config: LatentAlignConfig
+    _no_split_modules = ["DecoderLayer"]  # FSDP's wrapping unit and device_map's indivisible block
 
 
 @dataclass

@@ -1,4 +1,16 @@
-"""Recipes: YAML files that chain the stages (sft -> reward -> rl -> eval -> push), and their runner.
+"""Recipes: YAML files that chain the stages (SFT -> reward model -> GRPO -> eval -> push), and their runner.
 
-Until the runner lands, each stage runs on its own: `latentalign sft`, `latentalign reward`, `latentalign rl`.
+Shipped recipes live beside this file (`quickstart.yaml`, `deepseek-v2-lite.yaml`, `deepseek-v2.yaml`); run one
+with `latentalign run NAME [key=value ...]`. See schema.py for the format and runner.py for the run folder.
 """
+
+from .schema import Recipe, RecipeError, load_recipe, validate
+
+
+def run_recipe(spec, overrides=(), output_dir=None, log=print) -> dict:
+    from .runner import run_recipe as run
+
+    return run(spec, overrides, output_dir=output_dir, log=log)
+
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "validate"]

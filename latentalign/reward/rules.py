@@ -79,6 +79,13 @@ def answers_match(answer: str, reference: str) -> bool:
     return a is not None and a == b
 
 
+def reference_answer(reference: str) -> str:
+    """The final answer of a reference: GSM8K writes its solution then `#### 72`; other references are used as
+    they are."""
+    head, sep, tail = reference.rpartition("####")
+    return tail.strip().replace(",", "") if sep else reference.strip()
+
+
 def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
     """1.0 when the completion's final answer equals the reference `answer` column, else 0.0; None where a row
     has no reference."""
@@ -90,7 +97,7 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
             rewards.append(None)
             continue
         guess = extract_answer(completion_text(completion))
-        rewards.append(float(guess is not None and answers_match(guess, str(reference))))
+        rewards.append(float(guess is not None and answers_match(guess, reference_answer(str(reference)))))
     return rewards
 
 

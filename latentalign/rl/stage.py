@@ -170,7 +170,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     if cfg.ref_refresh_steps:
         defaults.update(sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=cfg.ref_refresh_steps)
     args = trl_config(GRPOConfig, defaults, cfg)
-    rows, _, eval_rows = load_stage_data(cfg, ("rl",), ("rl",))
+    rows, _, eval_rows = load_stage_data(cfg, ("rl", "prompt"), ("rl",))
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)

@@ -1,0 +1,264 @@
+"""Evaluation tasks by name, for `latentalign eval MODEL --tasks ...` and the recipes' eval stage.
+
+| task           | model      | measures                                                                    |
+|----------------|------------|-----------------------------------------------------------------------------|
+| `accuracy`     | causal LM  | greedy pass@1: exact match of the final answer on held-out prompt+answer rows  |
+| `maj@K`        | causal LM  | majority vote of K sampled answers (temperature `temperature`) vs the answer    |
+| `pairwise`     | reward     | share of held-out preference pairs scored chosen > rejected                    |
+| `humaneval`    | causal LM  | HumanEval pass@1 (greedy), every program run in the code sandbox               |
+| `kv_cache`     | any        | bytes the decode cache holds per token (all layers), measured on a real cache  |
+| `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
+| `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
+
+Each task returns a flat dict of metrics named `<task>/<metric>` (the headline one is `<task>`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+TASKS = ("accuracy", "maj@K", "pairwise", "humaneval", "kv_cache", "decode_speed", "lm_eval:TASK")
+
+
+class EvalError(ValueError):
+    """An eval request that cannot run: unknown task, or a task that does not fit the model."""
+
+
+@dataclass
+class EvalOptions:
+    dataset: str = "arithmetic-rl"  # prompt + answer rows (accuracy, maj@K)
+    preference_dataset: str = "arithmetic-preference"  # chosen/rejected pairs (pairwise)
+    split: str = "test"
+    preference_split: str | None = None  # default: `split`
+    size: int = 300
+    seed: int = 0
+    difficulty: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
+    max_new_tokens: int = 12
+    temperature: float = 0.7  # maj@K sampling
+    humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
+    humaneval_max_new_tokens: int = 256
+    batch_size: int = 64
+
+
+def parse_tasks(spec) -> list[str]:
+    """`"accuracy,maj@8"` or a list -> checked task names."""
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not names:
+        raise EvalError(f"no tasks given; choose from {', '.join(TASKS)}.")
+    for name in names:
+        if name.startswith("maj@"):
+            if not name[4:].isdigit() or int(name[4:]) < 1:
+                raise EvalError(f"task {name!r}: write maj@K with K a positive integer, e.g. maj@8.")
+        elif name.startswith("lm_eval:"):
+            if not name[8:]:
+                raise EvalError("task 'lm_eval:' needs a harness task name, e.g. lm_eval:gsm8k.")
+        elif name not in TASKS:
+            raise EvalError(f"unknown task {name!r}; choose from {', '.join(TASKS)}.")
+    return names
+
+
+def is_reward_model(model_dir) -> bool:
+    import json
+    from pathlib import Path
+
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any("SequenceClassification" in a for a in architectures)
+
+
+def _rows(opts: EvalOptions, source: str, formats):
+    from ..data import load_rows
+
+    columns = opts.columns if source == opts.dataset else {}
+    split = opts.split if formats != ("preference",) else (opts.preference_split or opts.split)
+    rows, _ = load_rows(source, split=split, formats=formats, size=opts.size, seed=opts.seed,
+                        difficulty=opts.difficulty, columns=columns)
+    return rows
+
+
+def accuracy(model, tokenizer, opts: EvalOptions) -> dict:
+    from .accuracy import exact_match
+
+    result = exact_match(model, tokenizer, _rows(opts, opts.dataset, ("rl",)), batch_size=opts.batch_size,
+                         max_new_tokens=opts.max_new_tokens, progress=False)
+    return {"accuracy": result["accuracy"], "accuracy/n": result["n"]}
+
+
+def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
+    """maj@k: the most common extracted answer of k samples per prompt (ties: the first seen) vs the answer."""
+    import torch
+
+    from ..reward.rules import extract_answer, reference_answer
+    from .accuracy import generate_completions
+
+    rows = _rows(opts, opts.dataset, ("rl",))
+    torch.manual_seed(opts.seed)
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
+                                       batch_size=opts.batch_size, do_sample=True, temperature=opts.temperature,
+                                       progress=False)
+    correct = 0
+    for i, row in enumerate(rows):
+        answers = [a for a in (extract_answer(c) for c in completions[i * k:(i + 1) * k]) if a is not None]
+        if answers and Counter(answers).most_common(1)[0][0] == reference_answer(str(row["answer"])):
+            correct += 1
+    return {f"maj@{k}": correct / max(len(rows), 1), f"maj@{k}/n": len(rows)}
+
+
+def pairwise(model_dir, opts: EvalOptions) -> dict:
+    from ..reward.functions import RewardModelFunction
+    from ..reward.stage import pairwise_accuracy
+
+    rows = _rows(opts, opts.preference_dataset, ("preference",))
+    result = pairwise_accuracy(RewardModelFunction(str(model_dir), batch_size=opts.batch_size), rows)
+    return {"pairwise": result["accuracy"], "pairwise/n": result["n"], "pairwise/mean_margin": result["mean_margin"]}
+
+
+def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
+    """Greedy pass@1: the model continues each HumanEval prompt as plain text (no chat template), and the
+    completed function runs against the problem's tests in the sandbox."""
+    import torch
+
+    from ..reward.code import code_reward, humaneval_rows
+
+    rows = humaneval_rows()[:opts.humaneval_limit]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    completions = []
+    model.eval()
+    try:
+        for start in range(0, len(rows), opts.batch_size):
+            batch = tokenizer([r["prompt"] for r in rows[start:start + opts.batch_size]], return_tensors="pt",
+                              padding=True).to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=opts.humaneval_max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            completions += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    scores = code_reward([r["prompt"] for r in rows], completions, test=[r["test"] for r in rows],
+                         entry_point=[r["entry_point"] for r in rows], code_prefix=[r["code_prefix"] for r in rows])
+    return {"humaneval": sum(s or 0.0 for s in scores) / max(len(rows), 1), "humaneval/n": len(rows)}
+
+
+def kv_cache_bytes(model) -> dict:
+    """Bytes per token of the cache `generate()` fills, measured: one forward over 8 tokens with use_cache,
+    every cached tensor's bytes summed, divided by 8."""
+    import torch
+
+    tokens = 8
+    ids = torch.ones(1, tokens, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return {"kv_cache": total / tokens}
+
+
+def decode_speed(model, *, batch: int = 4, context: int = 256, new_tokens: int = 64, seed: int = 0) -> dict:
+    """Greedy decode tokens/s after a random-token prefill (prefill timed apart), EOS disabled so every row
+    decodes `new_tokens` tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=g).to(model.device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.eval()
+    with torch.no_grad():
+        model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    decode = max(total - prefill, 1e-9)
+    return {"decode_speed": batch * (new_tokens - 1) / decode, "decode_speed/prefill_s": prefill}
+
+
+def lm_eval_task(model_dir, task: str) -> dict:
+    try:
+        import lm_eval
+    except ImportError:
+        raise EvalError(f"task 'lm_eval:{task}' needs lm-evaluation-harness: pip install 'latentalign[harness]'.") from None
+    import latentalign  # noqa: F401 -- registers our model type with the Auto classes the harness uses
+
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=[task])["results"]
+    metrics = {}
+    for name, values in results.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not key.endswith("_stderr,none"):
+                metrics[f"lm_eval:{name}/{key.removesuffix(',none')}"] = value
+    return metrics
+
+
+def evaluate(model_dir, tasks, opts: EvalOptions | None = None, *, progress: bool = True) -> dict:
+    """Run `tasks` on the model saved in `model_dir`; a flat dict of metrics, plus `seconds`."""
+    from tqdm.auto import tqdm
+
+    from ..model import load_model
+    from ..starting_point import load_tokenizer
+
+    opts = opts or EvalOptions()
+    tasks = parse_tasks(tasks)
+    reward = is_reward_model(model_dir)
+    lm_only = [t for t in tasks if t not in ("pairwise", "kv_cache")]
+    if reward and lm_only:
+        raise EvalError(f"{model_dir} is a reward model; tasks {lm_only} need a causal LM (use pairwise).")
+    if not reward and "pairwise" in tasks:
+        raise EvalError(f"{model_dir} is a causal LM; 'pairwise' needs a reward model.")
+    model = tokenizer = None
+    if not reward:
+        model, tokenizer = load_model(model_dir).eval(), load_tokenizer(str(model_dir))
+    metrics: dict = {}
+    start = time.perf_counter()
+    for task in tqdm(tasks, desc=f"eval {model_dir}", unit="task", disable=not progress):
+        if task == "accuracy":
+            metrics.update(accuracy(model, tokenizer, opts))
+        elif task.startswith("maj@"):
+            metrics.update(majority(model, tokenizer, opts, int(task[4:])))
+        elif task == "pairwise":
+            metrics.update(pairwise(model_dir, opts))
+        elif task == "humaneval":
+            metrics.update(humaneval(model, tokenizer, opts))
+        elif task == "kv_cache":
+            if model is None:
+                from ..model import load_reward_model
+
+                model = load_reward_model(model_dir).eval()
+            metrics.update(kv_cache_bytes(model))
+        elif task == "decode_speed":
+            metrics.update(decode_speed(model, seed=opts.seed))
+        else:
+            metrics.update(lm_eval_task(model_dir, task[8:]))
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    return metrics
+
+
+def format_table(rows: dict[str, dict], columns: list[str] | None = None) -> str:
+    """A markdown table: one row per model (or stage), one column per metric."""
+    columns = columns or sorted({k for m in rows.values() for k in m if "/" not in k and k != "seconds"})
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [_cell(c, metrics.get(c)) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column in ("accuracy", "pairwise", "humaneval") or column.startswith("maj@"):
+        return f"{value:.1%}"
+    if column == "kv_cache":
+        return f"{value:,.0f} B/token"
+    if column == "decode_speed":
+        return f"{value:,.0f} tok/s"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,169 @@
+"""Export a chat model in transformers' own format, check it, and push it to the Hugging Face Hub.
+
+`export_chat_model` writes what a user of vanilla transformers needs: the weights in the native `deepseek_v2`
+layout (LoRA merged, `latentalign.export_native`), the tokenizer with its chat template, the generation
+config, and a model card (README.md with hub metadata, the eval table, the recipe and the lineage of stages).
+`check_export` loads the folder in a fresh Python process that never imports this package, and compares its
+logits with ours. `push` uploads the folder with `huggingface_hub` (create_repo + upload_folder); the token
+comes from `HF_TOKEN` or the huggingface_hub login, and is never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+class PushError(ValueError):
+    """An export or upload problem; the message says what to do."""
+
+
+_VANILLA_LOGITS = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert "latentalign" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+assert "latentalign" not in sys.modules, "the export needed latentalign"
+torch.save({"logits": logits, "class": type(model).__name__}, sys.argv[3])
+"""
+
+
+def resolve_model_dir(source) -> tuple[Path, dict | None]:
+    """(model directory, run manifest or None): a run folder resolves to its final chat model."""
+    source = Path(source)
+    manifest_path = source / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        final = manifest.get("final_model")
+        if not final:
+            raise PushError(f"{source}: the run has no finished chat model yet; run it to the end first.")
+        return Path(final), manifest
+    if not (source / "config.json").is_file():
+        raise PushError(f"{source}: neither a run folder (manifest.json) nor a model directory (config.json).")
+    return source, None
+
+
+def check_export(export_dir, model, *, tolerance: float = 0.0, timeout_s: float = 600) -> dict:
+    """Load `export_dir` with vanilla transformers in a fresh process and compare its logits with `model`'s on
+    a fixed batch. Returns {"max_abs_diff", "class"}; raises PushError past `tolerance`."""
+    import torch
+
+    model = model.float().eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ids, f"{tmp}/ids.pt")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+        proc = subprocess.run([sys.executable, "-c", _VANILLA_LOGITS, str(export_dir), f"{tmp}/ids.pt",
+                               f"{tmp}/out.pt"], capture_output=True, text=True, timeout=timeout_s, env=env,
+                              cwd=tmp)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            raise PushError(f"{export_dir}: vanilla transformers could not load the export: {tail[0]}")
+        theirs = torch.load(f"{tmp}/out.pt")
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    diff = (ours - theirs["logits"]).abs().max().item()
+    if diff > tolerance:
+        raise PushError(f"{export_dir}: logits under vanilla transformers differ from ours by {diff:.3g} "
+                        f"(allowed {tolerance}).")
+    return {"max_abs_diff": diff, "class": theirs["class"]}
+
+
+def model_card(repo_id: str, manifest: dict | None, eval_table: str | None, base_model: str | None) -> str:
+    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+            "tags: [deepseek_v2, mla, moe, latentalign]"]
+    if base_model and "/" in base_model and not Path(base_model).exists():
+        meta.append(f"base_model: {base_model}")
+    meta.append("---")
+    lines = [*meta, "", f"# {repo_id.rsplit('/', 1)[-1]}", "",
+             "A DeepSeek-V2-style chat model (Multi-head Latent Attention, DeepSeekMoE) post-trained with "
+             "latentalign. It loads in plain transformers as `deepseek_v2`:", "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+             'ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}],',
+             '                                    add_generation_prompt=True, return_tensors="pt")',
+             "print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))", "```", ""]
+    if eval_table:
+        lines += ["## Evaluation", "", eval_table, ""]
+    if manifest:
+        lines += ["## Lineage", "", "| stage | type | starts from | steps | minutes | config hash |",
+                  "|---|---|---|---|---|---|"]
+        for name, stage in manifest.get("stages", {}).items():
+            steps = (stage.get("metrics") or {}).get("global_step", "-")
+            minutes = f"{stage['seconds'] / 60:.1f}" if stage.get("seconds") is not None else "-"
+            lines.append(f"| {name} | {stage.get('type')} | {stage.get('init') or stage.get('model') or '-'} | "
+                         f"{steps} | {minutes} | `{stage.get('hash', '')[:12]}` |")
+        lines += ["", "## Recipe", "", "```yaml", manifest.get("recipe_yaml", "").rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export_chat_model(model_dir, out_dir, *, repo_id: str = "latentalign/model", manifest: dict | None = None,
+                      eval_table: str | None = None, check: bool = True) -> dict:
+    """Write the native export of `model_dir` to `out_dir` and check it. Returns what was written and checked."""
+    from .model import export_native, load_model
+    from .starting_point import load_tokenizer
+
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    out = Path(out_dir)
+    export_native(model, out)
+    tokenizer.save_pretrained(out)
+    base = (manifest or {}).get("base_model")
+    (out / "README.md").write_text(model_card(repo_id, manifest, eval_table, base), encoding="utf-8")
+    result = {"export_dir": str(out), "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+    if check:
+        result["check"] = check_export(out, model)
+    return result
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def upload(export_dir, repo_id: str, *, private: bool = False) -> str:
+    """create_repo + upload_folder; returns the repo URL. Network and auth problems become PushError with the
+    token scrubbed from the message."""
+    from huggingface_hub import HfApi
+
+    token = _token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run).")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model",
+                          commit_message="Upload chat model exported by latentalign")
+    except Exception as err:  # noqa: BLE001 -- offline, auth, permissions: the user needs the reason
+        message = str(err).replace(token, "***")
+        raise PushError(f"upload to {repo_id} failed ({type(err).__name__}: {message.splitlines()[0]}); the "
+                        f"export is complete at {export_dir}.") from None
+    return str(url)
+
+
+def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: bool = False,
+         eval_table: str | None = None) -> dict:
+    """Export `source` (a run folder or a model directory), check it, and upload it unless `dry_run`."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise PushError(f"repo id {repo_id!r} must look like ORG/NAME.")
+    model_dir, manifest = resolve_model_dir(source)
+    if eval_table is None and manifest:
+        eval_table = manifest.get("eval_table")
+    out_dir = Path(out_dir) if out_dir else (Path(source) / "export" if manifest else Path(f"{model_dir}-export"))
+    result = export_chat_model(model_dir, out_dir, repo_id=repo_id, manifest=manifest, eval_table=eval_table)
+    result["repo_id"] = repo_id
+    if dry_run:
+        result["uploaded"] = False
+        return result
+    result["url"] = upload(out_dir, repo_id, private=private)
+    result["uploaded"] = True
+    return result

@@ -1,0 +1,103 @@
+"""`latentalign eval` tasks and `latentalign push` (export, vanilla-transformers check, upload paths)."""
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from latentalign.cli import app
+from latentalign.eval import tasks
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from latentalign.starting_point import load_starting_point, save_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    lm, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    rm, _ = load_starting_point("tiny", overrides=SMALL, reward=True)
+    return save_model_dir(lm, tokenizer, root / "lm"), save_model_dir(rm, tokenizer, root / "rm")
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def test_eval_cli_runs_every_lm_task_and_writes_json(model_dirs, tmp_path):
+    lm, _ = model_dirs
+    out = tmp_path / "metrics.json"
+    result = invoke("eval", lm, "--tasks", "accuracy,maj@3,kv_cache,decode_speed,humaneval", "--size", "6",
+                    "--humaneval-limit", "2", "-o", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["accuracy/n"] == 6 and metrics["maj@3/n"] == 6 and metrics["humaneval/n"] == 2
+    assert metrics["kv_cache"] == 2 * (32 + 8) * 4
+    assert metrics["decode_speed"] > 0
+    assert f"| {lm} | " in result.output and "B/token" in result.output
+
+
+def test_majority_vote_counts_the_most_common_extracted_answer(model_dirs, monkeypatch):
+    from latentalign.eval import accuracy
+
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "What is 2 + 2?", "answer": "4"}]
+    monkeypatch.setattr(tasks, "_rows", lambda *a, **k: rows)
+    samples = ["2", "3", "The answer is 2", "5", "4", "5"]  # row 0: 2 wins; row 1: 5 wins
+    monkeypatch.setattr(accuracy, "generate_completions", lambda *a, **k: samples)
+    assert tasks.majority(None, None, tasks.EvalOptions(), k=3)["maj@3"] == 0.5
+
+
+def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
+    lm, rm = model_dirs
+    metrics = tasks.evaluate(rm, ["pairwise", "kv_cache"], tasks.EvalOptions(size=8), progress=False)
+    assert 0 <= metrics["pairwise"] <= 1 and metrics["pairwise/n"] == 8
+    for model, task, message in [(rm, "accuracy", "is a reward model"), (lm, "pairwise", "needs a reward model"),
+                                 (lm, "bleu", "unknown task 'bleu'"), (lm, "maj@x", "maj@K")]:
+        result = invoke("eval", model, "--tasks", task)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-evaluation-harness is installed")
+def test_harness_task_names_the_extra_when_missing(model_dirs):
+    result = invoke("eval", model_dirs[0], "--tasks", "lm_eval:gsm8k")
+    assert result.exit_code == 2 and "pip install 'latentalign[harness]'" in result.output
+
+
+def test_push_dry_run_exports_checks_and_lists_files(model_dirs, tmp_path):
+    lm, _ = model_dirs
+    out = tmp_path / "export"
+    result = invoke("push", lm, "--repo-id", "org/tiny-chat", "--dry-run", "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    assert "vanilla transformers DeepseekV2ForCausalLM, logits max |diff| 0" in result.output
+    assert "dry run: would upload to org/tiny-chat" in result.output and "model.safetensors" in result.output
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation")
+    assert 'from_pretrained("org/tiny-chat")' in card
+    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= \
+        {p.name for p in out.iterdir()}
+
+
+def test_push_without_token_stops_before_upload_and_keeps_the_export(model_dirs, tmp_path):
+    lm, _ = model_dirs
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
+    result = invoke("push", lm, "--repo-id", "org/x", "--out-dir", tmp_path / "e", env=env)
+    assert result.exit_code == 2 and "no Hugging Face token" in result.output
+    assert (tmp_path / "e" / "model.safetensors").is_file()
+
+
+def test_push_offline_fails_clearly_without_printing_the_token(model_dirs, tmp_path):
+    lm, _ = model_dirs
+    secret = "hf_abcdefghijklmnopqrstuvwxyz0123"
+    env = {"HF_TOKEN": secret, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = invoke("push", lm, "--repo-id", "org/x", "--out-dir", tmp_path / "e", env=env)
+    assert result.exit_code == 2 and "upload to org/x failed" in result.output
+    assert "the export is complete at" in result.output and secret not in result.output
+
+
+def test_push_rejects_bad_sources_and_repo_ids(model_dirs, tmp_path):
+    assert "must look like ORG/NAME" in invoke("push", model_dirs[0], "--repo-id", "noslash").output
+    result = invoke("push", tmp_path, "--repo-id", "a/b")
+    assert result.exit_code == 2 and "neither a run folder" in result.output

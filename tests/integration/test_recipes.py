@@ -1,0 +1,176 @@
+"""Recipes: validation before anything trains, the whole chain end to end, and kill -9 then resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from latentalign.cli import app
+from latentalign.recipes import RecipeError, load_recipe
+from latentalign.recipes.schema import SHIPPED
+
+TINY = Path(__file__).parents[1] / "data" / "tiny_recipe.yaml"
+
+
+def cli(*args, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, "-m", "latentalign.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates_and_has_a_header(path):
+    recipe = load_recipe(path)
+    assert recipe.stages
+    header = path.read_text().split("\nname:")[0]
+    for field in ("What it does", "Command", "Hardware", "Expected"):
+        assert field in header, f"{path.name}: header lacks {field!r}"
+
+
+def test_shipped_recipes_are_found_by_name():
+    assert {p.stem for p in SHIPPED.glob("*.yaml")} >= {"quickstart", "deepseek-v2-lite", "deepseek-v2"}
+    assert load_recipe("quickstart").stages["rl_preference"].init == "rl_reasoning"
+
+
+def _bad_recipe(tmp_path, mutate):
+    raw = yaml.safe_load(TINY.read_text())
+    mutate(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.update(stagez={}), "unknown top-level key(s) ['stagez']"),
+    (lambda r: r["stages"]["sft"].update(max_stpes=3), "did you mean 'max_steps'"),
+    (lambda r: r["stages"]["sft"].update(max_steps="many"), "stages.sft: max_steps: 'many' is not a valid int"),
+    (lambda r: r["stages"]["sft"].update(dataset="missing.jsonl"), "dataset file 'missing.jsonl' does not exist"),
+    (lambda r: r["stages"]["reward"].update(init="sftt"), "init 'sftt' is not an earlier stage"),
+    (lambda r: r["stages"]["reward"].update(init="rl"), "(it comes later; stages run in order)"),
+    (lambda r: r["stages"]["rl"].update(init="reward"), "is a reward model; a rl stage needs a chat model"),
+    (lambda r: r["stages"]["rl_preference"].update(rewards={"model:sft": 1.0}), "names a sft stage, not a reward"),
+    (lambda r: r["stages"]["eval"].update(tasks=["accuracy", "bleu"]), "unknown task 'bleu'"),
+    (lambda r: r["stages"]["eval"].update(models=["nope"]), "models: 'nope' is not an earlier"),
+    (lambda r: r["stages"]["push"].update(repo_id="no-slash"), "repo_id must look like ORG/NAME"),
+    (lambda r: r["stages"].update(distill={"init": "sft"}), "no `type:`, and the name is not a stage type"),
+    (lambda r: r["stages"]["sft"].update(output_dir="x"), "output_dir is set by the runner"),
+])
+def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, message):
+    path = _bad_recipe(tmp_path, mutate)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+    result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_overrides_use_the_file_keys_and_are_checked(tmp_path):
+    recipe = load_recipe(TINY, ["stages.sft.max_steps=5", "seed=3"])
+    assert recipe.stages["sft"].values["max_steps"] == 5 and recipe.seed == 3
+    with pytest.raises(RecipeError, match="max_steps"):
+        load_recipe(TINY, ["stages.sft.max_steps=five"])
+
+
+def test_stage_hash_changes_downstream_only():
+    base = load_recipe(TINY)
+    changed = load_recipe(TINY, ["stages.rl.max_steps=9"])
+    same = ["sft", "reward"]
+    assert all(base.stages[n].hash == changed.stages[n].hash for n in same)
+    assert all(base.stages[n].hash != changed.stages[n].hash for n in ["rl", "rl_preference", "eval", "push"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    result = cli("run", str(TINY), "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupted):
+    out, result = uninterrupted
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["sft", "reward", "rl", "rl_preference", "eval", "push"]
+    for name, stage in manifest["stages"].items():
+        assert stage["status"] == "done" and stage["seconds"] > 0 and len(stage["hash"]) == 64
+        assert (out / name / "DONE").read_text().strip() == stage["hash"]
+    assert manifest["stages"]["rl_preference"]["inputs"]["rewards"] == {f"model:{out}/reward/model": 1.0}
+    assert manifest["stages"]["sft"]["metrics"]["global_step"] == 12
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results) == {"sft", "reward", "rl", "rl_preference"}
+    assert "pairwise" in results["reward"] and "accuracy" not in results["reward"]
+    assert results["sft"]["kv_cache"] == 2 * (32 + 8) * 4  # 2 layers x (kv_lora_rank + rope dim) x fp32
+    assert "| sft |" in result.stdout and f"exported chat model: {out}/push/export" in result.stdout
+    assert (out / "report.html").is_file() and (out / "plots" / "sft.png").stat().st_size > 1000
+    assert "plots/accuracy.png" in (out / "report.md").read_text()
+    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] == 0.0
+    export = out / "push" / "export"
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "## Lineage" in card and "| rl_preference |" in card
+    assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v2"
+
+
+def test_chat_talks_to_the_export(uninterrupted):
+    out, _ = uninterrupted
+    result = cli("chat", str(out / "push" / "export"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+
+
+def test_kill_9_in_rl_then_rerun_finishes_without_retraining(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "latentalign.cli", "run", str(TINY), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = out / "rl" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_file(), "the run ended before the RL stage saved a checkpoint"
+    assert not (out / "rl" / "DONE").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["rl"]["status"] == "running"
+    finished = {n: (out / n / "DONE").stat().st_mtime_ns for n in ("sft", "reward")}
+
+    result = cli("run", str(TINY), "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sft (sft): done earlier, skipped" in result.stdout and "rl (rl): resuming" in result.stdout
+    assert {n: (out / n / "DONE").stat().st_mtime_ns for n in ("sft", "reward")} == finished
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["rl"]["metrics"]["resumed_from"].endswith("checkpoint-4")
+    assert manifest["stages"]["sft"]["skipped_last_run"] and manifest["stages"]["reward"]["skipped_last_run"]
+
+    # Same result as the uninterrupted run: GRPO resumes with its optimizer, scheduler and RNG state.
+    from safetensors.torch import load_file
+
+    ours = load_file(out / "rl_preference" / "model" / "model.safetensors")
+    theirs = load_file(reference / "rl_preference" / "model" / "model.safetensors")
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    assert worst <= 1e-5, worst
+    assert json.loads((out / "eval" / "results.json").read_text())["rl"]["accuracy"] == \
+        json.loads((reference / "eval" / "results.json").read_text())["rl"]["accuracy"]
+
+
+def test_changed_settings_rerun_downstream_and_keep_the_old_folder(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    out = tmp_path / "c"
+    import shutil
+
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "manifest.json").read_text())  # paths inside point at the reference run; fine
+    assert manifest["stages"]["eval"]["status"] == "done"
+    result = cli("run", str(TINY), "-o", str(out), "stages.eval.size=8", "stages.push.check=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rl_preference (rl): done earlier, skipped" in result.stdout
+    assert (out / "eval").is_dir() and list(out.glob("eval.superseded-*"))
+    assert json.loads((out / "eval" / "results.json").read_text())["sft"]["accuracy/n"] == 8
