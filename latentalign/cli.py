@@ -8,6 +8,7 @@ anything is written.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -199,11 +200,23 @@ def run_recipe(
     overrides: list[str] = OVERRIDES,
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's, or runs/NAME)."),
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and exit."),
+    launcher: str = typer.Option("none", help="'accelerate': relaunch under `accelerate launch` (several processes)."),
+    accelerate_config: str = typer.Option(None, help="ddp, fsdp2, zero3, cpu (shipped) or an accelerate config file."),
+    num_processes: int = typer.Option(None, help="Processes for --launcher accelerate (default: the config's)."),
 ):
     """Run a recipe: SFT -> reward model -> GRPO stages -> eval -> export/push; a rerun resumes where it stopped."""
     from latentalign.recipes import load_recipe, run_recipe as run
 
     try:
+        if launcher not in ("none", "accelerate"):
+            raise _user_errors()[0](f"--launcher must be 'none' or 'accelerate', got {launcher!r}.")
+        if launcher == "accelerate":
+            load_recipe(recipe, overrides or [])  # fail here, not in every process
+            from latentalign.recipes.launch import accelerate_command
+
+            command = accelerate_command(recipe, overrides or [], accelerate_config, num_processes, output_dir)
+            typer.echo("launching: " + " ".join(command), err=True)
+            raise typer.Exit(code=subprocess.call(command))
         if validate_only:
             recipe_obj = load_recipe(recipe, overrides or [])
             typer.echo(f"{recipe_obj.source}: valid ({', '.join(f'{n}:{s.type}' for n, s in recipe_obj.stages.items())})")

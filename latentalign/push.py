@@ -50,7 +50,7 @@ def resolve_model_dir(source) -> tuple[Path, dict | None]:
     return source, None
 
 
-def check_export(export_dir, model, *, tolerance: float = 0.0, timeout_s: float = 600) -> dict:
+def check_export(export_dir, model, *, tolerance: float = 1e-5, timeout_s: float = 600) -> dict:
     """Load `export_dir` with vanilla transformers in a fresh process and compare its logits with `model`'s on
     a fixed batch. Returns {"max_abs_diff", "class"}; raises PushError past `tolerance`."""
     import torch

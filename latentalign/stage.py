@@ -184,7 +184,7 @@ def newest_checkpoint(output_dir) -> str | None:
 
 def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     """Train (resuming from the newest checkpoint when `cfg.resume`), save `output_dir/model`, and return the
-    stage's metrics so far."""
+    stage's metrics so far. Under several processes only the main one writes."""
     import time
 
     from .starting_point import save_model_dir
@@ -193,14 +193,55 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
-    model_dir = save_model_dir(trainer.model, tokenizer, Path(cfg.output_dir) / "model")
+    out = Path(cfg.output_dir) / "model"
+    if trainer.accelerator.num_processes > 1:
+        model_dir = _save_from_processes(trainer, tokenizer, cfg, out)
+    else:
+        model_dir = save_model_dir(trainer.model, tokenizer, out)
     return {"stage": cfg.stage_name, "train_loss": result.training_loss, "global_step": result.global_step,
             "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
             "log_history": trainer.state.log_history}
 
 
+def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path) -> Path:
+    """The whole model from sharded training: `trainer.save_model` gathers FSDP / ZeRO-3 shards (a collective
+    every process joins) and the main process writes them; it then merges a LoRA adapter into the starting
+    model and writes the stage's model directory like a single process would."""
+    import shutil
+
+    from .model import load_model, load_reward_model
+    from .starting_point import load_starting_point, save_model_dir
+
+    acc = trainer.accelerator
+    gathered = Path(cfg.output_dir) / "model-gathered"
+    trainer.save_model(str(gathered))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        reward = cfg.stage_name == "reward"
+        if (gathered / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
+                                          seed=cfg.seed, reward=reward)
+            model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
+        else:
+            model = (load_reward_model if reward else load_model)(gathered)
+        save_model_dir(model, tokenizer, out)
+        shutil.rmtree(gathered)
+    acc.wait_for_everyone()
+    return out
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_metrics(cfg: TrainingStageConfig, metrics: dict) -> dict:
     import json
 
+    if not is_main_process():
+        return metrics
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return metrics

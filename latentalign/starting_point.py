@@ -48,12 +48,30 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
                            **({"num_labels": 1} if reward else {}), **overrides})
         torch.manual_seed(seed)
         cls = LatentAlignForSequenceClassification if reward else LatentAlignForCausalLM
-        return cls(config), tokenizer
-    loader = load_reward_model if reward else load_model
-    model = loader(model_spec, **overrides)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model = cls(config)
+    else:
+        loader = load_reward_model if reward else load_model
+        model = loader(model_spec, **overrides)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    mark_moe_leaves_for_zero3(model)
     return model, tokenizer
+
+
+def mark_moe_leaves_for_zero3(model) -> bool:
+    """Under DeepSpeed ZeRO-3, make each DeepSeekMoE block a leaf: its experts are gathered together when the
+    block runs, instead of by per-parameter hooks that fire only for the experts a rank's tokens reach (which
+    leaves ranks waiting on each other). Call after the TRL/Trainer config exists (it switches ZeRO-3 on)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return False
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .model.modeling import DeepseekMoE
+
+    set_z3_leaf_modules(model, [DeepseekMoE])
+    return True
 
 
 def save_model_dir(model, tokenizer, out_dir) -> Path:

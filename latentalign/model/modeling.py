@@ -173,29 +173,31 @@ class DeepseekRouter(hf.DeepseekV2TopkRouter):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _GroupedMatmul(torch.autograd.Function):
-    """y[rows of group e] = x[rows of group e] @ w[e] for rows sorted by group; `offs` are the cumulative ends.
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e]^T for rows sorted by group; `offs` are the cumulative ends.
 
-    torch's `grouped_mm` has kernels for all three products but no CPU autograd for this layout, so the
-    backward is spelled out: dx = dy @ w[e]^T per group, dw[e] = x_e^T @ dy_e.
+    `w` keeps the (E, out, in) layout of the parameters, so the weight gradient is computed in that layout,
+    dw[e] = dy_e^T @ x_e, instead of as (E, in, out) and then transposed into the parameter's layout (a strided
+    copy of every expert weight, each step). torch's own `grouped_mm` autograd has no such choice.
     """
 
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
-        return F.grouped_mm(x, w, offs=offs)
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = F.grouped_mm(dy, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = F.grouped_mm(x.t(), dy, offs=offs) if ctx.needs_input_grad[1] else None
+        dx = F.grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = F.grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x (M, in) rows sorted by expert, w (E, in, out), offs (E,) int32 cumulative row counts -> (M, out)."""
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (M, in) rows sorted by expert, w (E, out, in) as nn.Linear stores it, offs (E,) int32 cumulative row
+    counts -> (M, out)."""
     if x.dtype != w.dtype:
         x = x.to(w.dtype)
     per_16_bytes = 16 // w.element_size()
@@ -203,10 +205,10 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
         # grouped_mm needs 16-byte aligned rows; odd widths (tiny test models) take a loop over experts.
         ends = offs.tolist()
         starts = [0] + ends[:-1]
-        return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
+        return torch.cat([F.linear(x[s:e], w[i]) for i, (s, e) in enumerate(zip(starts, ends))])
     if x.is_cuda:  # CUDA grouped_mm has its own autograd
-        return F.grouped_mm(x, w, offs=offs)
-    return _GroupedMatmul.apply(x, w, offs)
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return _GroupedLinear.apply(x, w, offs)
 
 
 class GroupedExperts(hf.DeepseekV2Experts):
@@ -228,9 +230,11 @@ class GroupedExperts(hf.DeepseekV2Experts):
         token = order // k  # the token of each sorted assignment
         offs = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
         x = hidden_states[token]  # (N*K, d)
-        gate, up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        y = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs)  # (N*K, d)
-        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+        gate, up = grouped_linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (N*K, I) each
+        # The gate weight scales the intermediate (I wide) rather than the output (d wide): the same by
+        # linearity of down_proj, with half the elementwise work forward and backward when I = d/2.
+        up = up * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
+        y = grouped_linear(self.act_fn(gate) * up, self.down_proj, offs)  # (N*K, d)
         return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
 
 
@@ -298,36 +302,59 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         return mode == "absorbed"
 
     def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
-        if not self._use_absorbed(cache):
-            return super().forward(
-                hidden_states, attention_mask, cache=cache, position_embeddings=position_embeddings, **kwargs
-            )
-        return self._absorbed(hidden_states, attention_mask, cache, position_embeddings, **kwargs)
+        attend = self._absorbed if self._use_absorbed(cache) else self._expanded  # decided before the cache grows
+        q_nope, q_pe, latent, k_pe = self._project(hidden_states, cache, position_embeddings, **kwargs)
+        return attend(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs), None
 
-    def _absorbed(self, hidden_states, attention_mask, cache, position_embeddings, **kwargs):
+    def _project(self, hidden_states, cache, position_embeddings, **kwargs):
+        """Queries (B, H, S, d_nope) and (B, H, S, d_r), and the cached plus new latents (B, 1, T, r) and
+        rotated RoPE keys (B, 1, T, d_r): what both attention paths start from."""
         b, s, _ = hidden_states.shape
-        h, d_nope, d_rope, d_v, r = (
-            self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank,
-        )
+        r, d_rope = self.kv_lora_rank, self.qk_rope_head_dim
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        q_nope, q_pe = q.view(b, s, h, d_nope + d_rope).transpose(1, 2).split([d_nope, d_rope], dim=-1)
+        q = q.view(b, s, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, d_rope], dim=-1)
 
         latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([r, d_rope], dim=-1)
         latent = self.kv_a_layernorm(latent).view(b, 1, s, r)
         k_pe = k_pe.view(b, 1, s, d_rope)
         q_pe, k_pe = hf.apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
-        past = 0
         if cache is not None:
-            past = cache.get_seq_length(self.layer_idx)
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx, kwargs=kwargs)
+        return q_nope, q_pe, latent, k_pe
+
+    def _expanded(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
+        """transformers' path: per-head keys and values up-projected from the latents, then the configured kernel.
+
+        For SDPA the values are zero-padded to the query width (v_head_dim 128 -> 192 in DeepSeek-V2): its flash
+        kernels need one head width for q, k and v, and without them the CPU falls back to materialising the
+        (B, H, S, T) scores, in the backward pass too. The padding columns are dropped from the output.
+        """
+        b, h, s, _ = q_nope.shape
+        key, value = self.expand_kv(latent, k_pe)  # (B, H, T, d_nope + d_r), (B, H, T, d_v)
+        query = torch.cat((q_nope, q_pe), dim=-1)
+        implementation = self.config._attn_implementation
+        pad = self.qk_head_dim - self.v_head_dim if implementation == "sdpa" else 0
+        if pad > 0:
+            value = F.pad(value, (0, pad))
+        attention = hf.ALL_ATTENTION_FUNCTIONS.get_interface(implementation, hf.eager_attention_forward)
+        out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                           dropout=self.attention_dropout if self.training else 0.0, **kwargs)  # (B, S, H, D)
+        return self.o_proj(out[..., : self.v_head_dim].reshape(b, s, h * self.v_head_dim))
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
+        """Attention over the latents themselves: W^UK folds into the query, W^UV applies after attention."""
+        b, h, s, _ = q_nope.shape
+        r, d_rope = self.kv_lora_rank, self.qk_rope_head_dim
         latent, k_pe = latent[:, 0], k_pe[:, 0]  # (B, T, r), (B, T, d_r)
+        past = latent.shape[1] - s
 
         # kv_b_proj rows, per head: W^UK (d_nope rows) then W^UV (d_v rows), each over the r latent columns.
-        w_kv = self.kv_b_proj.weight.view(h, d_nope + d_v, r)
-        w_uk, w_uv = w_kv[:, :d_nope], w_kv[:, d_nope:]
+        w_kv = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk)  # queries in the latent space
         # Heads fold into rows so each score is one (B, H*S, r) x (B, r, T) product, as in MQA.
         scores = torch.matmul(q_lat.reshape(b, h * s, r), latent.transpose(1, 2))
@@ -335,8 +362,8 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         scores = _mask_scores(scores.view(b, h, s, -1) * self.scaling, attention_mask, past)
         probs = scores.float().softmax(dim=-1).to(latent.dtype)
         context = torch.matmul(probs.view(b, h * s, -1), latent).view(b, h, s, r)  # attention over latents
-        out = torch.einsum("bhsr,hvr->bshv", context, w_uv).reshape(b, s, h * d_v)
-        return self.o_proj(out), None
+        out = torch.einsum("bhsr,hvr->bshv", context, w_uv).reshape(b, s, h * self.v_head_dim)
+        return self.o_proj(out)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,7 +34,18 @@ def _write_json(path: Path, data) -> None:
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from ..stage import is_main_process
+
+    return is_main_process()
+
+
+def _barrier() -> None:
+    """Under `accelerate launch`, every process waits here until the main one has written what follows."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()  # gloo on CPU, as the trainers
 
 
 class Runner:
@@ -91,6 +102,7 @@ class Runner:
         if _is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(stamp, {"hash": stage.hash, "type": stage.type, "init": stage.init, "values": stage.values})
+        _barrier()
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -99,6 +111,7 @@ class Runner:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(self.recipe_yaml)
         self._save_manifest()
+        _barrier()
         total = len(self.recipe.stages)
         for i, (name, stage) in enumerate(self.recipe.stages.items(), start=1):
             entry = self.manifest["stages"][name]
@@ -114,14 +127,20 @@ class Runner:
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"), skipped_last_run=False)
             self._save_manifest()
             start = time.perf_counter()
-            result = getattr(self, f"_run_{stage.type}")(name, stage)
+            if stage.type in TRAINING:
+                result = self._run_training(name, stage)  # every process trains
+            elif _is_main_process():
+                result = getattr(self, f"_run_{stage.type}")(name, stage)  # eval and push: the main process
+            else:
+                result = {}
             entry.update(result, status="done", seconds=round(time.perf_counter() - start, 1),
                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             if stage.type in ("sft", "rl"):
-                self.manifest["final_model"] = entry["outputs"]["model"]
+                self.manifest["final_model"] = self.model_dir(name)
             self._save_manifest()
             if _is_main_process():
                 (self.stage_dir(name) / MARKER).write_text(stage.hash + "\n")  # last: the stage is finished
+            _barrier()
         self._finish()
         return self.manifest
 
@@ -158,8 +177,6 @@ class Runner:
             inputs["rewards"] = cfg.rewards
         return {"inputs": inputs, "outputs": {"model": metrics["model_dir"], "metrics": f"{cfg.output_dir}/metrics.json"},
                 "metrics": summary}
-
-    _run_sft = _run_reward = _run_rl = _run_training
 
     def _run_eval(self, name: str, stage) -> dict:
         import dataclasses

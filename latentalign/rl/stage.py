@@ -190,6 +190,10 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows),
                           processing_class=tokenizer, peft_config=peft_config,
                           callbacks=[_log_callback(rewards, meter, replay), *(callbacks or [])], **extra)
+    if args.use_vllm:
+        from .vllm import use_native_names_for_vllm
+
+        use_native_names_for_vllm(trainer)  # fused experts -> vLLM's per-expert names at every weight sync
     if cfg.balance_loss:
         base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
         use_deepseek_balance_loss(base, trainer._metrics["train"])

@@ -1,0 +1,102 @@
+"""Decoding speed: `generate()` of ours against transformers' DeepseekV2ForCausalLM, same weights, same prompts.
+
+    .venv/bin/python bench/decode.py [--contexts 512 1024 2048 4096] [--new-tokens 64] [--repeats 3]
+
+The mid-size model (hidden 512, 16 heads, kv_lora_rank 128, qk_nope 64, rope 32, v 64, 4 layers, 16 routed
+experts top-2, 1 shared), fp32 on 2 CPU threads, batch 4, greedy. Each context runs ours and theirs in turn,
+`--repeats` times. The prefill (the first forward, which also yields the first new token) and the decode (the
+other new_tokens - 1 forwards) are timed separately inside the same `generate` call; decode tokens/s =
+batch * (new_tokens - 1) / decode seconds. Targets (issue 7): ours >= 8x transformers' decode tokens/s at 2048,
+and ours at 4096 >= 50% of ours at 512. Takes about 5 minutes. Writes bench/results/decode.json.
+
+transformers' prefill at 4096 materialises (4, 16, 4096, 4096) fp32 scores, about 13 GB at its peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import median, mid_config, setup_threads, twin_models, write_result
+
+BATCH = 4
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy `generate`, returning (sequences, prefill seconds, decode seconds).
+
+    A forward hook marks the end of the first forward (the prefill); the rest of the call is decoding.
+    """
+    marks = []
+    hook = model.register_forward_hook(lambda *_: marks.append(time.perf_counter()))
+    start = time.perf_counter()
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+    finally:
+        hook.remove()
+    end = time.perf_counter()
+    assert len(marks) == new_tokens, f"expected one forward per new token, saw {len(marks)}"
+    return out, marks[0] - start, end - marks[0]
+
+
+def measure_context(models: dict, context: int, new_tokens: int, repeats: int, vocab: int) -> dict:
+    """Interleaved generate runs of every model at one context length; medians and the raw times."""
+    torch.manual_seed(context)
+    ids = torch.randint(3, vocab, (BATCH, context))
+    runs = {name: {"prefill_s": [], "decode_s": []} for name in models}
+    outputs = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            outputs[name], prefill, decode = timed_generate(model, ids, new_tokens)
+            runs[name]["prefill_s"].append(round(prefill, 3))
+            runs[name]["decode_s"].append(round(decode, 3))
+            print(f"context {context} {name}: prefill {prefill:.2f} s, decode {decode:.2f} s", flush=True)
+    result = {}
+    for name, times in runs.items():
+        prefill, decode = median(times["prefill_s"]), median(times["decode_s"])
+        result[name] = {**times, "prefill_tokens_per_s": round(BATCH * context / prefill, 1),
+                        "decode_tokens_per_s": round(BATCH * (new_tokens - 1) / decode, 1),
+                        "decode_ms_per_step": round(1000 * decode / (new_tokens - 1), 2)}
+    ours, theirs = outputs["latentalign"][:, context:], outputs["transformers"][:, context:]
+    result["decode_speedup"] = round(result["latentalign"]["decode_tokens_per_s"]
+                                     / result["transformers"]["decode_tokens_per_s"], 2)
+    result["prefill_speedup"] = round(result["latentalign"]["prefill_tokens_per_s"]
+                                      / result["transformers"]["prefill_tokens_per_s"], 2)
+    result["same_greedy_tokens"] = round((ours == theirs).float().mean().item(), 3)
+    return result
+
+
+def main(contexts: list[int], new_tokens: int, repeats: int) -> dict:
+    threads = setup_threads()
+    config = mid_config(max_position_embeddings=max(contexts) + new_tokens)
+    ours, theirs = twin_models(config)
+    models = {"latentalign": ours.eval(), "transformers": theirs.eval()}
+    for model in models.values():  # warm-up: allocator, thread pool, generation config
+        timed_generate(model, torch.randint(3, config.vocab_size, (BATCH, 64)), 8)
+    result = {"batch": BATCH, "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "greedy": True,
+              "config": {k: getattr(config, k) for k in MID_KEYS}, "contexts": {}}
+    for context in contexts:
+        result["contexts"][str(context)] = measure_context(models, context, new_tokens, repeats, config.vocab_size)
+    by_context = result["contexts"]
+    if "2048" in by_context:
+        result["decode_speedup_at_2048"] = by_context["2048"]["decode_speedup"]
+    if "512" in by_context and "4096" in by_context:
+        result["ours_4096_over_512"] = round(by_context["4096"]["latentalign"]["decode_tokens_per_s"]
+                                             / by_context["512"]["latentalign"]["decode_tokens_per_s"], 3)
+    write_result("decode", result)
+    return result
+
+
+MID_KEYS = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+            "intermediate_size", "vocab_size")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    main(**vars(parser.parse_args()))

@@ -1,0 +1,51 @@
+"""vLLM rollouts through TRL (`use_vllm: true`, `vllm_mode: colocate | server`), and the weight names they need.
+
+vLLM loads DeepSeek-V2 from the hub's checkpoint layout, which is what `latentalign.export_native` writes, so a
+vLLM server can start from any exported model. During GRPO, TRL pushes the policy's weights to vLLM after
+each optimizer step under the names of `model.named_parameters()`. Two kinds of our names differ from the
+layout vLLM's loader reads:
+
+- routed experts are fused 3-D parameters here (`mlp.experts.gate_up_proj` of shape (E, 2I, H) and
+  `mlp.experts.down_proj` of shape (E, H, I)); vLLM expects one `mlp.experts.{e}.{gate,up,down}_proj.weight`
+  per expert, 2-D;
+- everything else, MLA projections included (`q_proj` or `q_a_proj`/`q_b_proj`, `kv_a_proj_with_mqa`,
+  `kv_a_layernorm`, `kv_b_proj`, `o_proj`), the router `mlp.gate.weight` and the shared experts, already has
+  the hub's names and shapes.
+
+`native_named_weights` maps a stream of (name, tensor) to the hub layout; `use_native_names_for_vllm` makes a
+GRPOTrainer's weight sync go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+
+
+def native_named_weights(named: Iterable) -> Iterator[tuple[str, object]]:
+    """(name, tensor) pairs in our layout -> the same weights under the hub's per-expert names (views, no copy)."""
+    for name, tensor in named:
+        if name.endswith(GATE_UP):
+            prefix = name[: -len("gate_up_proj")]
+            gate, up = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", gate[e]
+                yield f"{prefix}{e}.up_proj.weight", up[e]
+        elif name.endswith(DOWN):
+            prefix = name[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", tensor[e]
+        else:
+            yield name, tensor
+
+
+def use_native_names_for_vllm(trainer) -> bool:
+    """Route TRL's vLLM weight sync through `native_named_weights`. Returns False when the trainer has no
+    vLLM generation (use_vllm off)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None or not hasattr(generation, "_iter_named_params"):
+        return False
+    original = generation._iter_named_params
+    generation._iter_named_params = lambda: native_named_weights(original())
+    return True
