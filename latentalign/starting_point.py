@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .model.checkpoint import CheckpointError
+from .stage import ConfigError
 
 
 def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
@@ -42,10 +43,13 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
     tokenizer = load_tokenizer(model_spec, tokenizer_spec)
     overrides = dict(overrides or {})
     if model_spec in PRESETS:
-        config = model_config(
-            model_spec, **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                           **({"num_labels": 1} if reward else {}), **overrides})
+        try:
+            config = model_config(
+                model_spec, **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                               **({"num_labels": 1} if reward else {}), **overrides})
+        except ValueError as err:
+            raise ConfigError(f"model_overrides: {err}") from None
         torch.manual_seed(seed)
         cls = LatentAlignForSequenceClassification if reward else LatentAlignForCausalLM
         model = cls(config)

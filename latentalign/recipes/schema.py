@@ -174,6 +174,7 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
                 raise RecipeError(str(err)) from None
             for key in ("dataset", "eval_dataset"):
                 _check_dataset(values.get(key), f"{where}: {key}", base_dir)
+            _check_preset_overrides(checked, where)
         elif kind == "eval":
             option_fields = {f.name for f in dataclasses.fields(EvalOptions)}
             bad = set(values) - option_fields - {"tasks", "models"}
@@ -212,6 +213,16 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
                     description=str(raw.get("description", "")), base_model=raw.get("base_model"), raw=raw)
     _hash_stages(recipe)
     return recipe
+
+
+def _check_preset_overrides(values: dict, where: str):
+    from ..model.config import PRESETS, model_config
+
+    if values.get("model", "tiny") in PRESETS and values.get("model_overrides"):
+        try:
+            model_config(values.get("model", "tiny"), **values["model_overrides"])
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{where}: model_overrides: {err}") from None
 
 
 def _check_reward_refs(values: dict, stages: dict, where: str):

@@ -61,6 +61,7 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"]["push"].update(repo_id="no-slash"), "repo_id must look like ORG/NAME"),
     (lambda r: r["stages"].update(distill={"init": "sft"}), "no `type:`, and the name is not a stage type"),
     (lambda r: r["stages"]["sft"].update(output_dir="x"), "output_dir is set by the runner"),
+    (lambda r: r["stages"]["sft"]["model_overrides"].update(hidden_sise=8), "model_overrides: Unknown config keys"),
 ])
 def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, message):
     path = _bad_recipe(tmp_path, mutate)
