@@ -286,6 +286,11 @@ def demo(overrides: list[str] = OVERRIDES):
 
 
 def main() -> None:
+    import warnings
+
+    # Deprecation notices from the libraries below us are for their developers, not for a user's run log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     app()
 
 

@@ -60,7 +60,7 @@ def test_recipe_under_accelerate_with_two_processes(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     assert manifest["stages"]["rl"]["metrics"]["global_step"] == 8
-    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] <= 1e-5
+    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] <= 1e-4
     for stage in ("sft", "reward", "rl", "rl_preference"):
         assert (out / stage / "model" / "config.json").is_file()
         assert not (out / stage / "model-gathered").exists()

@@ -73,7 +73,7 @@ def test_push_dry_run_exports_checks_and_lists_files(model_dirs, tmp_path):
     result = invoke("push", lm, "--repo-id", "org/tiny-chat", "--dry-run", "--out-dir", out)
     assert result.exit_code == 0, result.output
     diff = re.search(r"vanilla transformers DeepseekV2ForCausalLM, logits max \|diff\| (\S+)\)", result.output)
-    assert diff and float(diff.group(1)) <= 1e-5, result.output
+    assert diff and float(diff.group(1)) <= 1e-4, result.output
     assert "dry run: would upload to org/tiny-chat" in result.output and "model.safetensors" in result.output
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation")

@@ -112,7 +112,7 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert "| sft |" in result.stdout and f"exported chat model: {out}/push/export" in result.stdout
     assert (out / "report.html").is_file() and (out / "plots" / "sft.png").stat().st_size > 1000
     assert "plots/accuracy.png" in (out / "report.md").read_text()
-    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] <= 1e-5
+    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] <= 1e-4
     export = out / "push" / "export"
     card = (export / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "## Lineage" in card and "| rl_preference |" in card
