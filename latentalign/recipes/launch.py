@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .schema import RecipeError
+from .schema import RecipeError, find_shipped
 
 CONFIGS = Path(__file__).parent / "accelerate"
 
@@ -18,14 +18,7 @@ def accelerate_config_path(spec: str | None) -> Path:
     """A shipped config by name (ddp, fsdp2, zero3, cpu) or a file."""
     if spec is None:
         raise RecipeError("--launcher accelerate needs --accelerate-config (ddp, fsdp2, zero3, cpu or a file).")
-    path = Path(spec)
-    if path.is_file():
-        return path
-    shipped = CONFIGS / f"{spec}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-    raise RecipeError(f"--accelerate-config {spec!r}: no such file or shipped config ({names}).")
+    return find_shipped(spec, CONFIGS, "accelerate config")
 
 
 def accelerate_command(recipe: str, overrides, config: str | None, num_processes: int | None = None,

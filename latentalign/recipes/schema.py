@@ -82,18 +82,22 @@ def _stage_config_class(kind: str):
     return getattr(_stage_module(kind), name)
 
 
-def find_recipe(spec) -> Path:
-    """A shipped recipe by name, or a YAML file."""
+def find_shipped(spec, folder: Path, what: str) -> Path:
+    """A YAML file by path, or one shipped in `folder` by name; the error lists the shipped names."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise RecipeError(f"{spec}: no such recipe file.")
+            raise RecipeError(f"{spec}: no such {what} file.")
         return path
-    shipped = SHIPPED / f"{spec}.yaml"
+    shipped = folder / f"{spec}.yaml"
     if shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
-    raise RecipeError(f"{spec}: not a recipe file or a shipped recipe ({names}).")
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise RecipeError(f"{spec}: neither a {what} file nor a shipped {what} ({names}).")
+
+
+def find_recipe(spec) -> Path:
+    return find_shipped(spec, SHIPPED, "recipe")
 
 
 def load_recipe(spec, overrides=()) -> Recipe:

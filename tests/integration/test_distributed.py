@@ -88,5 +88,5 @@ def test_launcher_command_and_errors(tmp_path):
     assert command[command.index("--config_file") + 1] == str(CONFIGS / "ddp.yaml")
     assert command[command.index("--num_processes") + 1] == "4"
     assert command[-5:] == ["run", "quickstart", "seed=1", "--output-dir", str(tmp_path)]
-    with pytest.raises(RecipeError, match="no such file or shipped config"):
+    with pytest.raises(RecipeError, match="neither an? accelerate config file nor a shipped accelerate config"):
         accelerate_config_path("fsdp9")
