@@ -107,8 +107,10 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": "none" if not torch.cuda.is_available()
-            else torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": "none" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # other jobs on the shared machine
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def write_result(name: str, result: dict) -> Path:

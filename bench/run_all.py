@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py", "grpo_rollout.py"]
+ACCURACY = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py"]
+# Speed and memory against transformers' DeepseekV2ForCausalLM (issue 7), about 15 minutes together.
+SPEED = ["decode.py", "train_speed.py", "kv_cache.py", "memory.py", "grpo_rollout.py"]
+SCRIPTS = ACCURACY + SPEED
 
 if __name__ == "__main__":
     here = Path(__file__).parent

@@ -6,7 +6,7 @@ The mid-size model with 64 routed experts, top-6, 2 shared (DeepSeek-V2-Lite's r
 fp32 on 2 CPU threads. Three models train on the same batch, one step each in turn: ours, transformers with
 `experts_implementation="grouped_mm"` (its default and its fastest on this CPU) and with `"eager"` (a Python
 loop over experts). Reported: tokens/s of each (median step), ours / each of theirs, and the share of this
-machine's fp32 matmul FLOP/s each model achieves. Takes about 3 minutes. Writes bench/results/train_speed.json.
+machine's fp32 matmul FLOP/s each model achieves. Takes about 2 minutes. Writes bench/results/train_speed.json.
 
 Model FLOPs per step = 6 * N_active * tokens + 3 * L * n_h * (d_qk + d_v) * T * tokens, where N_active counts
 the parameters one token goes through (all but the embedding and the unchosen routed experts) and the second
@@ -19,10 +19,10 @@ import argparse
 
 import torch
 
-from common import interleaved, matmul_flops, median, mid_config, setup_threads, twin_models, write_result
+from common import (interleaved, matmul_flops, median, mid_config, setup_threads, transformers_twin, twin_models,
+                    write_result)
 
 EXPERTS = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
-THEIRS = ("grouped_mm", "eager")
 
 
 def active_parameters(model) -> int:
@@ -58,16 +58,12 @@ def training_step(model, optimizer, ids):
     return step
 
 
-def main(batch: int, seq_len: int, repeats: int, **overrides) -> dict:
+def main(batch: int, seq_len: int, repeats: int) -> dict:
     threads = setup_threads()
-    config = mid_config(**EXPERTS, max_position_embeddings=max(seq_len, 2048), **overrides)
+    config = mid_config(**EXPERTS, max_position_embeddings=max(seq_len, 2048))
     ours, grouped = twin_models(config, experts_implementation="grouped_mm")
-    ours.train()
-    models = {"latentalign": ours, "transformers_grouped_mm": grouped}
-    if "eager" in THEIRS:
-        from common import transformers_twin
-
-        models["transformers_eager"] = transformers_twin(ours, "eager").train()
+    models = {"latentalign": ours.train(), "transformers_grouped_mm": grouped,
+              "transformers_eager": transformers_twin(ours, "eager")}
     torch.manual_seed(1)
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))
     # adamw_torch_fused: the Trainer's default optimizer with this torch

@@ -6,8 +6,13 @@ paths, the decoder, and the causal-LM and reward heads. Every module subclasses 
 
 Where this departs from transformers 5.24 (the reasons are in the design facts, §2 and §5):
 - MLA decodes with weight absorption over the cached latents instead of re-expanding keys and values
-  through `kv_b_proj` at every step; training and prefill keep the expanded path.
-- Routed experts run as grouped matrix multiplies over expert-sorted tokens, with no Python loop over experts.
+  through `kv_b_proj` at every step, and the cache appends new latents in place instead of concatenating.
+  Training and prefill keep the expanded path, with the values zero-padded to the query width so that SDPA
+  can use its flash kernels rather than materialise the (B, H, T, T) scores.
+- Routed experts run as grouped matrix multiplies over expert-sorted tokens, with no Python loop over experts,
+  and a backward that computes the weight gradients in the parameters' own layout.
+- These paths round differently from transformers' (logits agree to about 1e-7, not bit for bit); the speed
+  they buy is measured in bench/README.md.
 - `output_router_logits=True` returns `aux_loss`, the paper's expert-, device- and communication-level
   balance losses (transformers computes none), and `expert_load`, tokens per expert per MoE layer.
 - Training can drop tokens beyond a device capacity (off by default).
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
 
@@ -229,10 +235,10 @@ class GroupedExperts(hf.DeepseekV2Experts):
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token = order // k  # the token of each sorted assignment
         offs = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0).to(torch.int32)
-        x = hidden_states[token]  # (N*K, d)
+        x = hidden_states.index_select(0, token)  # (N*K, d); its backward, index_add_, beats indexing's index_put_
         gate, up = grouped_linear(x, self.gate_up_proj, offs).chunk(2, dim=-1)  # (N*K, I) each
-        # The gate weight scales the intermediate (I wide) rather than the output (d wide): the same by
-        # linearity of down_proj, with half the elementwise work forward and backward when I = d/2.
+        # The gate weight scales the intermediate (I wide) rather than the output (d wide; I < d in every
+        # DeepSeek-V2 config): the same by linearity of down_proj, with less elementwise work both ways.
         up = up * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
         y = grouped_linear(self.act_fn(gate) * up, self.down_proj, offs)  # (N*K, d)
         return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
@@ -288,6 +294,58 @@ def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> 
     return scores + mask.to(scores.dtype)
 
 
+class LatentCacheLayer(DynamicLayer):
+    """A DynamicLayer that appends in place instead of concatenating.
+
+    transformers' DynamicLayer allocates and copies the whole cache for every new token, a cost that grows with
+    the context and that, with MLA's small per-token work, dominates long-context decoding. Here the latents live
+    in buffers with spare room (a quarter as much again as held, so appends cost O(1) amortised), and `keys` and
+    `values` are views of their filled part. Whatever replaces those views (crop, beam reordering, batch
+    selection) is picked up by the next update, which moves it into fresh buffers.
+    """
+
+    _buffers_: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) with room to spare
+    _views: tuple[torch.Tensor, torch.Tensor] | None = None  # the views handed out by the last update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return super().update(key_states, value_states, *args, **kwargs)  # writes in place would break autograd
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.get_seq_length()
+        end = held + key_states.shape[-2]
+        if not self._holds_views() or self._buffers_[0].shape[-2] < end:
+            self._buffers_ = (self._grown(self.keys, key_states, held, end),
+                              self._grown(self.values, value_states, held, end))
+        keys, values = self._buffers_
+        keys[..., held:end, :].copy_(key_states)
+        values[..., held:end, :].copy_(value_states)
+        self.keys, self.values = self._views = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+    def _holds_views(self) -> bool:
+        return self._views is not None and self.keys is self._views[0] and self.values is self._views[1]
+
+    @staticmethod
+    def _grown(old: torch.Tensor, new: torch.Tensor, held: int, needed: int) -> torch.Tensor:
+        """A buffer shaped like `new` with room for `needed` tokens and a quarter as many again, `old` copied in."""
+        buffer = new.new_empty(*new.shape[:-2], needed + max(needed // 4, 64), new.shape[-1])
+        if held:
+            buffer[..., :held, :].copy_(old)
+        return buffer
+
+
+def append_in_place(cache) -> None:
+    """Give a DynamicCache LatentCacheLayers wherever it holds, or would create, plain empty DynamicLayers."""
+    if not isinstance(cache, DynamicCache):
+        return
+    if cache.layer_class_to_replicate is DynamicLayer:
+        cache.layer_class_to_replicate = LatentCacheLayer
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and not layer.is_initialized:
+            cache.layers[i] = LatentCacheLayer()
+
+
 class MultiHeadLatentAttention(hf.DeepseekV2Attention):
     """MLA with the expanded path of transformers and a weight-absorbed path for decoding.
 
@@ -304,7 +362,7 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
     def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
         attend = self._absorbed if self._use_absorbed(cache) else self._expanded  # decided before the cache grows
         q_nope, q_pe, latent, k_pe = self._project(hidden_states, cache, position_embeddings, **kwargs)
-        return attend(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs), None
+        return attend(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)  # (output, attention weights or None)
 
     def _project(self, hidden_states, cache, position_embeddings, **kwargs):
         """Queries (B, H, S, d_nope) and (B, H, S, d_r), and the cached plus new latents (B, 1, T, r) and
@@ -341,9 +399,9 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         if pad > 0:
             value = F.pad(value, (0, pad))
         attention = hf.ALL_ATTENTION_FUNCTIONS.get_interface(implementation, hf.eager_attention_forward)
-        out, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling,
-                           dropout=self.attention_dropout if self.training else 0.0, **kwargs)  # (B, S, H, D)
-        return self.o_proj(out[..., : self.v_head_dim].reshape(b, s, h * self.v_head_dim))
+        out, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
+                                 dropout=self.attention_dropout if self.training else 0.0, **kwargs)  # (B, S, H, D)
+        return self.o_proj(out[..., : self.v_head_dim].reshape(b, s, h * self.v_head_dim)), weights
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
         """Attention over the latents themselves: W^UK folds into the query, W^UV applies after attention."""
@@ -355,15 +413,18 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         # kv_b_proj rows, per head: W^UK (d_nope rows) then W^UV (d_v rows), each over the r latent columns.
         w_kv = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
-        q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk)  # queries in the latent space
-        # Heads fold into rows so each score is one (B, H*S, r) x (B, r, T) product, as in MQA.
-        scores = torch.matmul(q_lat.reshape(b, h * s, r), latent.transpose(1, 2))
-        scores = scores + torch.matmul(q_pe.reshape(b, h * s, d_rope), k_pe.transpose(1, 2))
-        scores = _mask_scores(scores.view(b, h, s, -1) * self.scaling, attention_mask, past)
+        # Queries in the latent space, scaled here rather than the (B, H, S, T) scores: fewer elements to touch.
+        q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk) * self.scaling
+        q_pe = q_pe * self.scaling
+        # Heads fold into rows so each score is one (B, H*S, r) x (B, r, T) product, as in MQA; the RoPE part
+        # is added by the same call.
+        scores = torch.matmul(q_pe.reshape(b, h * s, d_rope), k_pe.transpose(1, 2))
+        scores = torch.baddbmm(scores, q_lat.reshape(b, h * s, r), latent.transpose(1, 2))
+        scores = _mask_scores(scores.view(b, h, s, -1), attention_mask, past)
         probs = scores.float().softmax(dim=-1).to(latent.dtype)
         context = torch.matmul(probs.view(b, h * s, -1), latent).view(b, h, s, r)  # attention over latents
         out = torch.einsum("bhsr,hvr->bshv", context, w_uv).reshape(b, s, h * self.v_head_dim)
-        return self.o_proj(out)
+        return self.o_proj(out), None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,6 +484,7 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
                 use_cache=None, output_router_logits=None, **kwargs) -> LatentAlignModelOutput:
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
+        append_in_place(cache)
         if position_ids is None:
             seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = _positions_from_mask(attention_mask, seq_len)

@@ -39,7 +39,7 @@ def test_transformers_native_round_trip_through_export(tmp_path):
     reference.save_pretrained(tmp_path / "native")
     ours = latentalign.load_model(tmp_path / "native")
     assert isinstance(ours, LatentAlignForCausalLM)
-    assert torch.equal(logits(ours), logits(reference))
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)  # two implementations
 
     out = latentalign.export_native(ours, tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
@@ -58,7 +58,7 @@ def test_transformers_native_round_trip_through_export(tmp_path):
             torch.save(model(torch.tensor({IDS.tolist()})).logits, {str(tmp_path / "logits.pt")!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits(ours))
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(ours), atol=1e-5, rtol=0)
 
 
 def test_saved_checkpoint_reloads_with_auto_class(tmp_path):
@@ -114,7 +114,7 @@ def test_original_hub_format_loads(tmp_path):
     ours = latentalign.load_model(tmp_path / "hub")
     assert ours.config.rope_parameters["rope_type"] == "yarn"
     assert ours.config.aux_loss_alpha == 0.001
-    assert torch.equal(logits(ours), logits(reference))
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)  # two implementations
 
 
 def test_export_writes_original_expert_names(tmp_path):

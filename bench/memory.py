@@ -1,0 +1,67 @@
+"""Peak memory of a training step: ours against transformers' DeepseekV2ForCausalLM, same weights, same batch.
+
+    .venv/bin/python bench/memory.py [--batch 4] [--seq-len 512]
+
+The model, batch and step of bench/train_speed.py (64 routed experts top-6, batch 4 x 512, forward + backward +
+fused AdamW, fp32 on the CPU). After one warm-up step (which creates the optimizer state), one more step runs
+under torch.profiler with `profile_memory=True`; its peak is the highest count of bytes allocated since the
+step began: activations, gradients and temporaries, on top of the weights and AdamW moments already held (the
+same for every model, reported as `resident_mib`). Takes about a minute. Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+import torch
+
+from common import mid_config, setup_threads, transformers_twin, twin_models, write_result
+from train_speed import EXPERTS, training_step
+
+MIB = 2**20
+
+
+def step_peak_bytes(step) -> int:
+    """Peak bytes allocated by tensors during one call of `step`, from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def main(batch: int, seq_len: int) -> dict:
+    threads = setup_threads()
+    config = mid_config(**EXPERTS, max_position_embeddings=max(seq_len, 2048))
+    ours, grouped = twin_models(config, experts_implementation="grouped_mm")
+    models = {"latentalign": ours.train(), "transformers_grouped_mm": grouped,
+              "transformers_eager": transformers_twin(ours, "eager")}
+    torch.manual_seed(1)
+    ids = torch.randint(3, config.vocab_size, (batch, seq_len))
+    result = {"batch": batch, "seq_len": seq_len, "threads": threads, "models": {}}
+    for name, model in models.items():
+        step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True), ids)
+        step()  # warm-up: the AdamW state now exists
+        peak = step_peak_bytes(step)
+        # Held before the step: weights and AdamW's two moments (the gradients are allocated by the step itself).
+        resident = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        result["models"][name] = {"step_peak_mib": round(peak / MIB, 1), "resident_mib": round(resident / MIB, 1),
+                                  "total_peak_mib": round((peak + resident) / MIB, 1)}
+        print(name, result["models"][name], flush=True)
+    ours_peak = result["models"]["latentalign"]["step_peak_mib"]
+    result["theirs_over_ours_step_peak"] = {name.removeprefix("transformers_"): round(r["step_peak_mib"] / ours_peak, 2)
+                                            for name, r in result["models"].items() if name != "latentalign"}
+    write_result("memory", result)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    main(**vars(parser.parse_args()))
