@@ -7,7 +7,9 @@ from pathlib import Path
 ACCURACY = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py"]
 # Speed and memory against transformers' DeepseekV2ForCausalLM (issue 7), about 15 minutes together.
 SPEED = ["decode.py", "train_speed.py", "kv_cache.py", "memory.py", "grpo_rollout.py"]
-SCRIPTS = ACCURACY + SPEED
+# The quickstart uninterrupted, then killed with SIGKILL in GRPO and rerun (about 9 minutes).
+END_TO_END = ["quickstart.py"]
+SCRIPTS = ACCURACY + SPEED + END_TO_END
 
 if __name__ == "__main__":
     here = Path(__file__).parent
