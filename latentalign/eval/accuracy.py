@@ -19,12 +19,13 @@ def render_prompts(tokenizer, prompts) -> list[str]:
 
 def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16, batch_size: int = 64,
                          do_sample: bool = False, temperature: float = 1.0, progress: bool = True,
-                         desc: str = "generate") -> list[str]:
-    """Completions (special tokens stripped) for chat prompts: strings or lists of messages."""
+                         desc: str = "generate", chat: bool = True) -> list[str]:
+    """Completions (special tokens stripped) for chat prompts: strings or lists of messages. With
+    `chat=False` the prompts are plain text to continue (the tokenizer adds its special tokens)."""
     import torch
     from tqdm.auto import tqdm
 
-    texts = render_prompts(tokenizer, prompts)
+    texts = render_prompts(tokenizer, prompts) if chat else list(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -32,7 +33,7 @@ def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16,
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+                              add_special_tokens=not chat).to(model.device)
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature if do_sample else None, top_p=None, top_k=None,

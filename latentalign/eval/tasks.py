@@ -122,24 +122,13 @@ def pairwise(model_dir, opts: EvalOptions) -> dict:
 def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
     """Greedy pass@1: the model continues each HumanEval prompt as plain text (no chat template), and the
     completed function runs against the problem's tests in the sandbox."""
-    import torch
-
     from ..reward.code import code_reward, humaneval_rows
+    from .accuracy import generate_completions
 
     rows = humaneval_rows()[:opts.humaneval_limit]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    completions = []
-    model.eval()
-    try:
-        for start in range(0, len(rows), opts.batch_size):
-            batch = tokenizer([r["prompt"] for r in rows[start:start + opts.batch_size]], return_tensors="pt",
-                              padding=True).to(model.device)
-            with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=opts.humaneval_max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            completions += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], chat=False,
+                                       max_new_tokens=opts.humaneval_max_new_tokens, batch_size=opts.batch_size,
+                                       progress=False)
     scores = code_reward([r["prompt"] for r in rows], completions, test=[r["test"] for r in rows],
                          entry_point=[r["entry_point"] for r in rows], code_prefix=[r["code_prefix"] for r in rows])
     return {"humaneval": sum(s or 0.0 for s in scores) / max(len(rows), 1), "humaneval/n": len(rows)}

@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from ..stage import is_main_process
 from .schema import TRAINING, Recipe, RecipeError
 
 MARKER = "DONE"
@@ -31,12 +32,6 @@ def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def _is_main_process() -> bool:
-    from ..stage import is_main_process
-
-    return is_main_process()
 
 
 def _barrier() -> None:
@@ -54,7 +49,7 @@ class Runner:
 
         self.recipe = recipe
         self.run_dir = Path(output_dir or recipe.output_dir or f"runs/{recipe.name}")
-        self.log = log if _is_main_process() else (lambda *_: None)
+        self.log = log if is_main_process() else (lambda *_: None)
         self.manifest_path = self.run_dir / "manifest.json"
         manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
         self.recipe_yaml = yaml.safe_dump(recipe.raw, sort_keys=False)
@@ -72,7 +67,7 @@ class Runner:
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
     def _save_manifest(self):
-        if _is_main_process():
+        if is_main_process():
             _write_json(self.manifest_path, self.manifest)
 
     def stage_dir(self, name: str) -> Path:
@@ -96,10 +91,10 @@ class Runner:
             n = 1
             while aside.exists():
                 aside, n = folder.with_name(f"{name}.superseded-{old}-{n}"), n + 1
-            if _is_main_process():
+            if is_main_process():
                 folder.rename(aside)
                 self.log(f"  settings changed since the last run: previous {name}/ kept as {aside.name}/")
-        if _is_main_process():
+        if is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
             _write_json(stamp, {"hash": stage.hash, "type": stage.type, "init": stage.init, "values": stage.values})
         _barrier()
@@ -107,7 +102,7 @@ class Runner:
     # -- running ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        if _is_main_process():
+        if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(self.recipe_yaml)
         self._save_manifest()
@@ -129,7 +124,7 @@ class Runner:
             start = time.perf_counter()
             if stage.type in TRAINING:
                 result = self._run_training(name, stage)  # every process trains
-            elif _is_main_process():
+            elif is_main_process():
                 result = getattr(self, f"_run_{stage.type}")(name, stage)  # eval and push: the main process
             else:
                 result = {}
@@ -138,7 +133,7 @@ class Runner:
             if stage.type in ("sft", "rl"):
                 self.manifest["final_model"] = self.model_dir(name)
             self._save_manifest()
-            if _is_main_process():
+            if is_main_process():
                 (self.stage_dir(name) / MARKER).write_text(stage.hash + "\n")  # last: the stage is finished
             _barrier()
         self._finish()
@@ -199,7 +194,7 @@ class Runner:
                                                        if "/" not in k and isinstance(v, (int, float))))
         table = format_table(results)
         folder = self.stage_dir(name)
-        if _is_main_process():
+        if is_main_process():
             _write_json(folder / "results.json", results)
             (folder / "table.md").write_text(table + "\n")
         self.manifest["eval_table"] = table
@@ -233,7 +228,7 @@ class Runner:
     def _finish(self):
         from .report import write_report
 
-        if _is_main_process():
+        if is_main_process():
             self.manifest["report"] = str(write_report(self.run_dir, self.manifest))
             self._save_manifest()
 
