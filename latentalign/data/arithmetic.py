@@ -24,22 +24,20 @@ SYSTEM_PROMPT = "You are a careful calculator."
 
 @dataclass(frozen=True)
 class Difficulty:
-    add_max: int = 20  # operands of + and - are drawn from 0..add_max
-    mul_max: int = 9  # factors of * are drawn from 2..mul_max
+    add_max: int = 99  # operands of + and - are drawn from 0..add_max
+    mul_max: int = 99  # a product is a one-digit factor (2..9) times a factor drawn from 2..mul_max
     word_problems: bool = True
     multi_turn: float = 0.15  # share of conversations with a second, dependent turn
     system_prompt: float = 0.2  # share of conversations that start with the system prompt
-    show_work: bool = False  # the reply restates the problem as an equation ("12 + 7 = 19") before the result
+    show_work: bool = True  # the reply works column by column before "The answer is N."; False: the number alone
 
     def __post_init__(self):
-        if not 9 <= self.add_max <= 10**6 or not 2 <= self.mul_max <= 10**4:
+        if not 9 <= self.add_max <= 10**6 or not 2 <= self.mul_max <= 10**6:
             raise ValueError(f"Difficulty out of range: {self}.")
 
 
 NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana"]
 THINGS = ["apples", "books", "coins", "marbles", "shells", "stamps", "cards", "pens"]
-
-
 
 
 def _question(rng: random.Random, d: Difficulty) -> tuple[str, int, str]:
@@ -54,7 +52,7 @@ def _question(rng: random.Random, d: Difficulty) -> tuple[str, int, str]:
         text = rng.choice([f"What is {a} - {b}?", f"Compute {a} - {b}.", f"Subtract {b} from {a}."])
         return text, a - b, f"{a}-{b}"
     if kind == "mul":
-        a, b = rng.randint(2, d.mul_max), rng.randint(2, d.mul_max)
+        a, b = rng.randint(2, 9), rng.randint(2, d.mul_max)
         return rng.choice([f"What is {a} * {b}?", f"Compute {a} * {b}.", f"Multiply {a} by {b}."]), a * b, f"{a}*{b}"
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     a, b = rng.randint(1, d.add_max), rng.randint(1, d.add_max)
@@ -72,12 +70,60 @@ def _follow_up(rng: random.Random, previous: int) -> tuple[str, int, str]:
     return f"Now subtract {n} from that.", previous - n, f"{previous}-{n}"
 
 
+def _columns(a: int, op: str, b: int) -> str:
+    """Schoolbook working, units column first, for a, b >= 0 (and a >= b for "-", a one-digit a for "*"):
+    `47 + 38` -> "7 + 8 = 15, 4 + 3 + 1 = 8"; `52 - 38` -> "12 - 8 = 4, 5 - 1 - 3 = 1";
+    `4 * 37` -> "4 * 7 = 28, 4 * 3 = 12, 12 + 2 = 14". Each step is a one-digit fact with the carry or borrow,
+    so a problem never seen in training is made of steps that were."""
+    steps, carry = [], 0
+    if op == "*":  # the product and the carry in separate steps: each one a fact that recurs across problems
+        for digit in reversed(str(b)):
+            value = a * int(digit)
+            steps.append(f"{a} * {digit} = {value}")
+            if carry:
+                steps.append(f"{value} + {carry} = {value + carry}")
+                value += carry
+            carry = value // 10
+        return ", ".join(steps)
+    top, bottom = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+    for x, y in zip(map(int, top), map(int, bottom)):
+        if op == "+":
+            value = x + y + carry
+            steps.append(f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {value}")
+            carry = value // 10
+        else:
+            borrow = int(x - carry < y)
+            steps.append(f"{x + 10 * borrow}" + (f" - {carry}" if carry else "") + f" - {y} = {x + 10 * borrow - carry - y}")
+            carry = borrow
+    return ", ".join(steps)
+
+
+def worked(problem: str) -> str:
+    """The working of a problem ("47+38", "29-81", "-5+3", "4*37") down to its column steps, e.g.
+    "29 - 81 = -(81 - 29): 11 - 9 = 2, 8 - 1 - 2 = 5"."""
+    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
+    a, b = int(a), int(b)
+    head = f"{a} {op} {b}"
+    if op == "*":
+        return f"{head}: {_columns(a, op, b)}"
+    if a < 0:  # only follow-up turns start below zero: -a + b = b - |a|, -a - b = -(|a| + b)
+        if op == "-":
+            return f"{head} = -({-a} + {b}): {_columns(-a, '+', b)}"
+        if b >= -a:
+            return f"{head} = {b} - {-a}: {_columns(b, '-', -a)}"
+        return f"{head} = -({-a} - {b}): {_columns(-a, '-', b)}"
+    if op == "-" and a < b:
+        return f"{head} = -({b} - {a}): {_columns(b, '-', a)}"
+    if op == "+" and a < b:
+        return f"{head}: {_columns(b, '+', a)}"  # the longer number on top
+    return f"{head}: {_columns(a, op, b)}"
+
+
 def _reply(problem: str, answer: int, d: Difficulty) -> str:
-    """The assistant's turn: the answer alone, or with `show_work` the equation ("12 + 7 = 19")."""
+    """The assistant's turn: with `show_work` the column working and "The answer is N.", else N alone."""
     if not d.show_work:
         return str(answer)
-    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
-    return f"{a} {op} {b} = {answer}"
+    return f"{worked(problem)}. The answer is {answer}."
 
 
 def is_held_out(problem: str, fraction: float = 0.1) -> bool:
@@ -88,7 +134,8 @@ def is_held_out(problem: str, fraction: float = 0.1) -> bool:
 
 
 def _conversations(n: int, seed: int, d: Difficulty, held_out: bool):
-    """Yield (messages, answer) pairs whose problem falls in the requested split.
+    """Yield (messages, answer, problem) of the last turn, for conversations whose first problem falls in the
+    requested split.
 
     Held-out rows are distinct questions (each is scored once); training rows are drawn with replacement, so
     the mix of question kinds stays as drawn however small the problem space.
@@ -112,20 +159,21 @@ def _conversations(n: int, seed: int, d: Difficulty, held_out: bool):
         messages += [{"role": "user", "content": question},
                      {"role": "assistant", "content": _reply(problem, answer, d)}]
         if rng.random() < d.multi_turn:
-            follow, answer, step = _follow_up(rng, answer)
-            messages += [{"role": "user", "content": follow}, {"role": "assistant", "content": _reply(step, answer, d)}]
-        yield messages, answer
+            follow, answer, problem = _follow_up(rng, answer)
+            messages += [{"role": "user", "content": follow},
+                         {"role": "assistant", "content": _reply(problem, answer, d)}]
+        yield messages, answer, problem
 
 
 def sft_rows(n: int = 20_000, seed: int = 0, difficulty: Difficulty = Difficulty(), held_out: bool = False) -> list[dict]:
     """Conversations in TRL's `messages` format."""
-    return [{"messages": m} for m, _ in _conversations(n, seed, difficulty, held_out)]
+    return [{"messages": m} for m, _, _ in _conversations(n, seed, difficulty, held_out)]
 
 
 def rl_rows(n: int = 2_000, seed: int = 1, difficulty: Difficulty = Difficulty(), held_out: bool = False) -> list[dict]:
     """Prompts (conversations ending in a user turn) with their reference answers, for RL and evaluation."""
     rows = []
-    for messages, answer in _conversations(n, seed, difficulty, held_out):
+    for messages, answer, _ in _conversations(n, seed, difficulty, held_out):
         rows.append({"prompt": messages[:-1], "answer": str(answer)})
     return rows
 
@@ -140,18 +188,32 @@ def _near_miss(rng: random.Random, answer: int) -> int:
     return rng.choice([o for o in options if o != answer])
 
 
+def _wrong_reply(rng: random.Random, problem: str, answer: int, d: Difficulty) -> str:
+    """A near-miss reply. With working shown, half the time the working is right and the final answer wrong,
+    half the time an operand is miscopied (one off, or ten off) and the working follows it to a wrong answer."""
+    if not d.show_work:
+        return str(_near_miss(rng, answer))
+    if rng.random() < 0.5:
+        return f"{worked(problem)}. The answer is {_near_miss(rng, answer)}."
+    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
+    a, b = int(a), int(b)
+    if op == "*" or rng.random() < 0.5:
+        b = rng.choice([x for x in (b - 10, b - 1, b + 1, b + 10) if x >= (2 if op == "*" else 0)])
+    else:
+        a = rng.choice([a - 10, a - 1, a + 1, a + 10])
+    return _reply(f"{a}{op}{b}", {"+": a + b, "-": a - b, "*": a * b}[op], d)
+
+
 def preference_rows(n: int = 4_000, seed: int = 2, difficulty: Difficulty = Difficulty(),
                     held_out: bool = False) -> list[dict]:
-    """Pairs in TRL's conversational preference format: the correct answer is chosen, a near miss rejected."""
+    """Pairs in TRL's conversational preference format: the correct reply is chosen, a near miss rejected."""
     rng = random.Random(seed + 7919)
     rows = []
-    for messages, answer in _conversations(n, seed, difficulty, held_out):
-        chosen = messages[-1]["content"]
-        wrong = re.sub(r"-?\d+$", str(_near_miss(rng, answer)), chosen)
+    for messages, answer, problem in _conversations(n, seed, difficulty, held_out):
         rows.append({
             "prompt": messages[:-1],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": wrong}],
+            "chosen": [messages[-1]],
+            "rejected": [{"role": "assistant", "content": _wrong_reply(rng, problem, answer, difficulty)}],
         })
     return rows
 
@@ -159,6 +221,6 @@ def preference_rows(n: int = 4_000, seed: int = 2, difficulty: Difficulty = Diff
 def corpus(seed: int = 0, n: int = 4_000) -> list[str]:
     """Text the embedded tokenizer is trained on: questions and answers of both splits' templates."""
     texts = [SYSTEM_PROMPT, "User:", "Assistant:"]
-    for messages, _ in _conversations(n, seed, Difficulty(add_max=999, mul_max=99), held_out=False):
+    for messages, _, _ in _conversations(n, seed, Difficulty(add_max=999, mul_max=999), held_out=False):
         texts += [m["content"] for m in messages]
     return texts

@@ -36,7 +36,7 @@ class EvalOptions:
     seed: int = 0
     difficulty: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
-    max_new_tokens: int = 12
+    max_new_tokens: int = 64
     temperature: float = 0.7  # maj@K sampling
     humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
     humaneval_max_new_tokens: int = 256

@@ -36,7 +36,7 @@ TRL_DEFAULTS = dict(
     per_device_train_batch_size=32,
     num_train_epochs=1,
     max_steps=300,
-    max_length=128,
+    max_length=160,
     logging_steps=10,
     save_steps=100,
 )

@@ -37,7 +37,7 @@ class RLStageConfig(TrainingStageConfig):
     model: str = "runs/sft/model"  # the policy's start, usually an SFT model directory; also the reference
     dataset: str = "arithmetic-rl"  # prompt rows; other columns (answer, test, ...) reach the rewards
     eval_dataset: str | None = "arithmetic-rl"  # prompt + answer rows for held-out exact match
-    eval_max_new_tokens: int = 12
+    eval_max_new_tokens: int = 64
     rewards: dict = field(default_factory=lambda: {"math": 1.0})  # reward name -> weight (TRL reward_weights)
     reward_options: dict = field(default_factory=dict)  # reward name -> keyword options for get_reward
     reward_timeout_s: float | None = 120.0  # per call of each reward; past it the call scores None
@@ -59,7 +59,7 @@ class RLStageConfig(TrainingStageConfig):
             raise ValueError(f"ref_refresh_steps must be >= 1, got {self.ref_refresh_steps}.")
 
 
-# For the embedded default on CPU: short answers, groups of 8, a learning rate a 3M-parameter model moves with.
+# For the embedded default on CPU: worked answers up to 64 tokens, groups of 8, a learning rate a 3M-parameter model moves with.
 TRL_DEFAULTS = dict(
     learning_rate=5e-5,
     lr_scheduler_type="constant",
@@ -71,7 +71,7 @@ TRL_DEFAULTS = dict(
     epsilon=0.2,
     num_generations=8,
     per_device_train_batch_size=64,
-    max_completion_length=8,
+    max_completion_length=64,  # a worked answer of the built-in data is 20-50 tokens
     temperature=1.0,
     max_steps=100,
     logging_steps=5,

@@ -47,9 +47,49 @@ def arithmetic_key(row):
 
 
 def test_preference_pairs_reject_a_near_miss():
+    from latentalign.reward.rules import extract_answer
+
     for row in arithmetic.preference_rows(200):
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert chosen != rejected and rejected.lstrip("-").isdigit()
+        assert chosen != rejected and extract_answer(chosen) != extract_answer(rejected)
+        assert rejected.endswith(".") and "The answer is " in rejected
+    plain = arithmetic.Difficulty(show_work=False)
+    for row in arithmetic.preference_rows(50, difficulty=plain):
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected and rejected.lstrip("-").isdigit() and chosen.lstrip("-").isdigit()
+
+
+def _steps(reply):
+    """(left side, value) of every column step of a worked reply."""
+    work = reply.split(": ", 1)[1].split(". The answer is ")[0]
+    return [tuple(step.split(" = ")) for step in work.split(", ")]
+
+
+def test_worked_replies_are_true_step_by_step_and_end_in_the_answer():
+    import re
+
+    rows = arithmetic.sft_rows(2000, seed=11)
+    assert any("= -(" in r["messages"][-1]["content"] for r in rows), "negative results are covered"
+    for row in rows:
+        for message in row["messages"]:
+            if message["role"] != "assistant":
+                continue
+            reply = message["content"]
+            for left, value in _steps(reply):
+                assert eval(left) == int(value), reply
+            head = reply.split(":", 1)[0].split(" = ")[0]
+            assert re.fullmatch(r"-?\d+ [-+*] \d+", head), reply
+            assert reply.endswith(f"The answer is {eval(head)}."), reply
+
+
+def test_held_out_problems_are_made_of_steps_seen_in_training():
+    """What lets a small model answer problems it never saw: the column steps of a held-out answer occur in the
+    training conversations, all but a few carries added to a product ("27 + 4", 1-2%)."""
+    train_steps = {step for r in arithmetic.sft_rows(20_000) for m in r["messages"] if m["role"] == "assistant"
+                   for step in _steps(m["content"])}
+    held = arithmetic.preference_rows(300, seed=5, held_out=True)
+    held_steps = [step for r in held for step in _steps(r["chosen"][0]["content"])]
+    assert len(held_steps) > 500 and sum(step in train_steps for step in held_steps) / len(held_steps) > 0.98
 
 
 def test_tokenizer_is_deterministic_and_splits_digits(tmp_path, monkeypatch):
