@@ -113,6 +113,14 @@ def machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def vs_transformers(models: dict, key: str, ours_on_top: bool) -> dict:
+    """`models[name][key]` of ours against each transformers variant, by the variant's short name
+    ("grouped_mm", "eager"): ours / theirs, or theirs / ours with `ours_on_top=False`."""
+    ours = models["latentalign"][key]
+    return {name.removeprefix("transformers_"): round(ours / r[key] if ours_on_top else r[key] / ours, 2)
+            for name, r in models.items() if name != "latentalign"}
+
+
 def write_result(name: str, result: dict) -> Path:
     result = {**result, "machine": machine()}
     path = RESULTS / f"{name}.json"

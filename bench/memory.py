@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from common import mid_config, setup_threads, transformers_twin, twin_models, write_result
+from common import mid_config, setup_threads, transformers_twin, twin_models, vs_transformers, write_result
 from train_speed import EXPERTS, training_step
 
 MIB = 2**20
@@ -53,9 +53,7 @@ def main(batch: int, seq_len: int) -> dict:
         result["models"][name] = {"step_peak_mib": round(peak / MIB, 1), "resident_mib": round(resident / MIB, 1),
                                   "total_peak_mib": round((peak + resident) / MIB, 1)}
         print(name, result["models"][name], flush=True)
-    ours_peak = result["models"]["latentalign"]["step_peak_mib"]
-    result["theirs_over_ours_step_peak"] = {name.removeprefix("transformers_"): round(r["step_peak_mib"] / ours_peak, 2)
-                                            for name, r in result["models"].items() if name != "latentalign"}
+    result["theirs_over_ours_step_peak"] = vs_transformers(result["models"], "step_peak_mib", ours_on_top=False)
     write_result("memory", result)
     return result
 

@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from common import (interleaved, matmul_flops, median, mid_config, setup_threads, transformers_twin, twin_models,
-                    write_result)
+                    vs_transformers, write_result)
 
 EXPERTS = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
 
@@ -85,9 +85,8 @@ def main(batch: int, seq_len: int, repeats: int) -> dict:
         result["models"][name] = {"step_seconds": [round(t, 3) for t in times], "median_step_seconds": round(step, 3),
                                   "tokens_per_s": round(batch * seq_len / step, 1),
                                   "matmul_peak_fraction": round(flops / step / peak, 3)}
-    ours_tps = result["models"]["latentalign"]["tokens_per_s"]
-    result["speedup"] = {f"vs_{name.removeprefix('transformers_')}": round(ours_tps / r["tokens_per_s"], 2)
-                         for name, r in result["models"].items() if name != "latentalign"}
+    speedup = vs_transformers(result["models"], "tokens_per_s", ours_on_top=True)
+    result["speedup"] = {f"vs_{name}": ratio for name, ratio in speedup.items()}
     write_result("train_speed", result)
     return result
 

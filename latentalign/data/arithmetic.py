@@ -103,11 +103,16 @@ def _columns(a: int, op: str, b: int) -> str:
     return ", ".join(steps)
 
 
+def _parse(problem: str) -> tuple[int, str, int]:
+    """("47+38") -> (47, "+", 38); the first operand may be negative (follow-up turns)."""
+    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
+    return int(a), op, int(b)
+
+
 def worked(problem: str) -> str:
     """The working of a problem ("47+38", "29-81", "-5+3", "4*37") down to its column steps, e.g.
     "29 - 81 = -(81 - 29): 11 - 9 = 2, 8 - 1 - 2 = 5"."""
-    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
-    a, b = int(a), int(b)
+    a, op, b = _parse(problem)
     head = f"{a} {op} {b}"
     if op == "*":
         return f"{head}: {_columns(a, op, b)}"
@@ -196,12 +201,9 @@ def _near_miss(rng: random.Random, answer: int) -> int:
 def _wrong_reply(rng: random.Random, problem: str, answer: int, d: Difficulty) -> str:
     """A near-miss reply. With working shown, half the time the working is right and the final answer wrong,
     half the time an operand is miscopied (one off, or ten off) and the working follows it to a wrong answer."""
-    if not d.show_work:
-        return str(_near_miss(rng, answer))
-    if rng.random() < 0.5:
-        return f"{worked(problem)}. The answer is {_near_miss(rng, answer)}."
-    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", problem).groups()
-    a, b = int(a), int(b)
+    if not d.show_work or rng.random() < 0.5:
+        return _reply(problem, _near_miss(rng, answer), d)
+    a, op, b = _parse(problem)
     if op == "*" or rng.random() < 0.5:
         b = rng.choice([x for x in (b - 10, b - 1, b + 1, b + 10) if x >= (2 if op == "*" else 0)])
     else:

@@ -9,6 +9,7 @@ range: a short batch holds every kind of single-turn question, only the long con
 
 from __future__ import annotations
 
+import bisect
 import random
 
 import torch
@@ -64,7 +65,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         ranges: list[list[int]] = [[] for _ in self.bounds]
         for index, n in enumerate(self.lengths):
-            ranges[next(b for b, bound in enumerate(self.bounds) if n <= bound)].append(index)
+            ranges[bisect.bisect_left(self.bounds, n)].append(index)
         batches = []
         for rows in ranges:
             rng.shuffle(rows)
@@ -90,7 +91,7 @@ def bucketed_trainer(trainer_cls, buckets: int):
             # batches, so a global batch stays in one range whatever the number of processes.
             args = self.args
             batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-            return LengthBucketSampler(lengths, batch, buckets, seed=self.args.seed)
+            return LengthBucketSampler(lengths, batch, buckets, seed=args.seed)
 
     Bucketed.__name__ = Bucketed.__qualname__ = f"LengthBucketed{trainer_cls.__name__}"
     return Bucketed
