@@ -153,6 +153,8 @@ def trl_config(trl_cls, defaults: dict, stage):
     import torch
 
     values = {**COMMON_TRL_DEFAULTS, **defaults, **stage.trl}
+    if "lr_scheduler_type" in stage.trl and "lr_scheduler_kwargs" not in stage.trl:
+        values.pop("lr_scheduler_kwargs", None)  # the defaults' scheduler options belong to the defaults' scheduler
     if not torch.cuda.is_available():
         values.setdefault("bf16", False)
         values["use_cpu"] = values.get("use_cpu", True)

@@ -7,7 +7,7 @@ than the one that sampled. Replay removes that mismatch; measuring without repla
 
 `RoutingReplay` records each router's choices during `generate` (prefill, then one row per decoded token),
 assembles them into (batch, layers, tokens, top_k) aligned with the training sequence prompt + completion (-1
-where the rollout made no choice: the last token, which generation never feeds back), and, around a training
+where the rollout made no choice: the last token, which generation never feeds back, and padding), and, around a training
 forward, either enforces those choices or only compares with them (`moe/routing_agreement`).
 """
 
@@ -128,7 +128,11 @@ def replay_trainer_class():
             output = super()._generate_and_score_completions(inputs)
             prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
             length = prompt_ids.shape[1] + completion_ids.shape[1]
-            output["routing"] = self.routing_replay.assemble(prompt_ids.shape[0], length).to(prompt_ids.device)
+            routing = self.routing_replay.assemble(prompt_ids.shape[0], length).to(prompt_ids.device)
+            # Padding (left of the prompt, after the end of a completion) is neither replayed nor counted in the
+            # agreement: no loss reads it, and its routing differs between batched prefill and training at will.
+            real = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
+            output["routing"] = routing.masked_fill(~real[:, None, :, None], -1)
             self._log_logprob_gap(output)
             return output
 

@@ -36,20 +36,24 @@ class SFTStageConfig(TrainingStageConfig):
     dataset: str = "arithmetic"  # messages / prompt+completion / text rows
     eval_dataset: str | None = "arithmetic-rl"  # prompt + answer rows for held-out exact match; None skips it
     eval_max_new_tokens: int = 64
-    # Batches drawn from this many length ranges (sft/buckets.py): less padding, examples still mixed.
-    # 0 or 1: TRL's sampler (also when packing or another train_sampling_strategy is set).
-    length_buckets: int = 2
+    # Each optimizer step a random draw of rows, sorted by length before it is cut into its gradient-accumulation
+    # micro-batches (sft/batches.py): the random batch's gradient with less padding. false: TRL's sampler (also
+    # when packing or another train_sampling_strategy is set).
+    sort_micro_batches: bool = True
     output_dir: str = "runs/sft"
 
 
 # Defaults that make the embedded default train on 2 CPU cores; every one is a TRL option a user can override.
 TRL_DEFAULTS = dict(
     learning_rate=2e-3,
-    lr_scheduler_type="cosine",
+    lr_scheduler_type="cosine_with_min_lr",
+    lr_scheduler_kwargs={"min_lr_rate": 0.1},  # the last steps still learn
     warmup_steps=30,
-    per_device_train_batch_size=32,
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=4,  # an optimizer step of 32 rows in 4 micro-batches cut by length
+    adam_beta2=0.98,
     num_train_epochs=1,
-    max_steps=1000,
+    max_steps=880,
     max_length=160,
     assistant_only_loss=False,  # whole conversations learn faster on the embedded default (bench/README.md)
     logging_steps=10,
@@ -136,10 +140,10 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
 
     trainer_cls = SFTTrainer
-    if cfg.length_buckets > 1 and not args.packing and args.train_sampling_strategy == "random":
-        from .buckets import bucketed_trainer
+    if cfg.sort_micro_batches and not args.packing and args.train_sampling_strategy == "random":
+        from .batches import sorted_micro_batch_trainer
 
-        trainer_cls = bucketed_trainer(SFTTrainer, cfg.length_buckets)
+        trainer_cls = sorted_micro_batch_trainer(SFTTrainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model

@@ -36,8 +36,8 @@ def sft_losses(out: Path, processes: int, per_device: int) -> list[float]:
 
 
 def test_sft_loss_curve_with_two_processes_equals_one_process_at_the_same_global_batch(tmp_path):
-    one = sft_losses(tmp_path / "one", processes=1, per_device=8)
-    two = sft_losses(tmp_path / "two", processes=2, per_device=4)
+    one = sft_losses(tmp_path / "one", processes=1, per_device=2)  # x 4 accumulated: 8 rows a step
+    two = sft_losses(tmp_path / "two", processes=2, per_device=1)
     assert len(one) == len(two) == 8
     # Same examples per global step (accelerate shards each global batch), gradients averaged across the two
     # processes; what differs is float summation order and per-process token averaging.

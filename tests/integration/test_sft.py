@@ -17,7 +17,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 3
 
 def small_cfg(tmp_path, *extra):
     return load_config(None, [f"output_dir={tmp_path / 'sft'}", f"model_overrides={json.dumps(SMALL)}",
-                              "dataset_size=256", "eval_size=16", "per_device_train_batch_size=16",
+                              "dataset_size=256", "eval_size=16", "per_device_train_batch_size=4",  # x 4 accumulated
                               "logging_steps=1", "max_steps=6", "save_steps=3", "learning_rate=1e-3",
                               "warmup_steps=0", "disable_tqdm=true", *extra])
 
@@ -177,7 +177,7 @@ def test_cli_sft_then_chat_answers_correctly(tmp_path):
         {"role": "assistant", "content": f"{a} + {b} = {a + b}"}]}) + "\n" for a, b in problems) * 8)
     config = tmp_path / "sft.yaml"
     config.write_text(f"dataset: {data}\neval_dataset: null\noutput_dir: {tmp_path / 'out'}\n"
-                      f"model_overrides: {json.dumps(SMALL)}\nper_device_train_batch_size: 16\n"
+                      f"model_overrides: {json.dumps(SMALL)}\nper_device_train_batch_size: 4\n"
                       "max_steps: 120\nlearning_rate: 0.01\nwarmup_steps: 5\nsave_steps: 1000\n")
     result = run_cli("sft", "--config", str(config), "disable_tqdm=true")
     assert result.returncode == 0, result.stderr[-3000:]
