@@ -7,8 +7,8 @@ than the one that sampled. Replay removes that mismatch; measuring without repla
 
 `RoutingReplay` records each router's choices during `generate` (prefill, then one row per decoded token),
 assembles them into (batch, layers, tokens, top_k) aligned with the training sequence prompt + completion (-1
-where the rollout made no choice: the last token, which generation never feeds back, and padding), and, around a training
-forward, either enforces those choices or only compares with them (`moe/routing_agreement`).
+where the rollout made no choice: the last token, which generation never feeds back; and on padding), and,
+around a training forward, either enforces those choices or only compares with them (`moe/routing_agreement`).
 """
 
 from __future__ import annotations
