@@ -152,8 +152,9 @@ def trl_config(trl_cls, defaults: dict, stage):
     names the key if it can."""
     import torch
 
-    values = {**COMMON_TRL_DEFAULTS, **defaults, **stage.trl}
-    if "lr_scheduler_type" in stage.trl and "lr_scheduler_kwargs" not in stage.trl:
+    base = {**COMMON_TRL_DEFAULTS, **defaults}
+    values = {**base, **stage.trl}
+    if values.get("lr_scheduler_type") != base.get("lr_scheduler_type") and "lr_scheduler_kwargs" not in stage.trl:
         values.pop("lr_scheduler_kwargs", None)  # the defaults' scheduler options belong to the defaults' scheduler
     if not torch.cuda.is_available():
         values.setdefault("bf16", False)
