@@ -25,6 +25,7 @@ from . import code, rules
 
 REGISTRY = {
     "math": rules.math_accuracy,
+    "equations": rules.equations_reward,
     "format": rules.format_reward,
     "length": rules.length_reward,
     "code": code.code_reward,

@@ -1,4 +1,4 @@
-"""Rule-based rewards: the final answer of a math completion, and format/length checks.
+"""Rule-based rewards: the final answer of a math completion, the arithmetic of its working, format/length checks.
 
 Every reward here has TRL's signature, `fn(prompts, completions, **columns) -> list[float | None]`, where a
 completion is a string or a conversation (a list with one assistant message).
@@ -98,6 +98,28 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
             continue
         guess = extract_answer(completion_text(completion))
         rewards.append(float(guess is not None and answers_match(guess, reference_answer(str(reference)))))
+    return rewards
+
+
+_EQUATION = re.compile(r"(?<![\d)])(-?\d+) ?([-+*]) ?(\d+)(?: ?([-+]) ?(\d+))? ?= ?(-?\d+)(?![\d(])")
+
+
+def _holds(match: re.Match) -> bool:
+    a, op, b, op2, c, result = match.groups()
+    value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    if op2:
+        value = value + int(c) if op2 == "+" else value - int(c)
+    return value == int(result)
+
+
+def equations_reward(prompts, completions, **_) -> list[float]:
+    """A process reward for worked arithmetic: the share of the working's integer equations ("7 + 8 = 15",
+    "12 - 1 - 3 = 8", "9 * 3 = 27") that hold, 0.0 for a completion without any. Needs no reference, and
+    scores the steps that a final-answer reward cannot tell apart: a reply with one slip against one with three."""
+    rewards = []
+    for completion in completions:
+        equations = list(_EQUATION.finditer(completion_text(completion)))
+        rewards.append(sum(map(_holds, equations)) / len(equations) if equations else 0.0)
     return rewards
 
 

@@ -104,6 +104,7 @@ def replay_trainer_class():
             super().__init__(*args, **kwargs)
             self.routing_replay = routing_replay
             self._rollout_logps: torch.Tensor | None = None
+            self._captured: list[torch.Tensor] | None = None
 
         def _generate_single_turn(self, *args, **kwargs):
             model = self.accelerator.unwrap_model(self.model)
@@ -133,29 +134,39 @@ def replay_trainer_class():
             # agreement: no loss reads it, and its routing differs between batched prefill and training at will.
             real = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
             output["routing"] = routing.masked_fill(~real[:, None, :, None], -1)
-            self._log_logprob_gap(output)
+            if self._rollout_logps is not None:  # read, and dropped, by the batch's first training forward
+                rollout = completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+                width = min(rollout.shape[1], self._rollout_logps.shape[1])
+                rollout[:, :width] = self._rollout_logps[:, :width].to(rollout.device)
+                output["rollout_logps"] = rollout
+                self._rollout_logps = None
             return output
 
-        def _log_logprob_gap(self, output) -> None:
-            """Mean |log p_rollout - log p_train| over completion tokens, the training forward replaying or not
-            as configured (one extra no-grad forward per generation batch)."""
-            if self._rollout_logps is None:
-                return
-            completion_ids, mask = output["completion_ids"], output["completion_mask"]
-            ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
-            attention = torch.cat([output["prompt_mask"], mask], dim=1)
-            with torch.no_grad(), self.routing_replay.replaying(output["routing"]):
-                train_logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
-                                                                            completion_ids.shape[1])
-            self.routing_replay.pop_agreement()  # this forward is not a training step: keep it out of the metric
-            width = min(train_logps.shape[1], self._rollout_logps.shape[1])
-            rollout = self._rollout_logps[:, :width].to(train_logps.device)
-            m = mask[:, :width].float()
-            gap = ((rollout - train_logps[:, :width]).abs() * m).sum() / m.sum().clamp(min=1)
-            self._metrics["train"]["rollout/logprob_gap"].append(gap.item())
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if self._captured is not None:
+                self._captured.append(out[0].detach())
+            return out
 
         def _compute_loss(self, model, inputs):
-            with self.routing_replay.replaying(inputs["routing"]):
-                return super()._compute_loss(model, inputs)
+            # The rollout's log-probs are compared with the training forward's own (no extra forward), and only
+            # on a batch's first use: later iterations (num_iterations > 1) score moved weights on purpose.
+            rollout = inputs.pop("rollout_logps", None)
+            self._captured = [] if rollout is not None else None
+            try:
+                with self.routing_replay.replaying(inputs["routing"]):
+                    loss = super()._compute_loss(model, inputs)
+                if self._captured:
+                    self._log_logprob_gap(rollout, self._captured[0], inputs["completion_mask"])
+            finally:
+                self._captured = None
+            return loss
+
+        def _log_logprob_gap(self, rollout, train_logps, mask) -> None:
+            """Mean |log p_rollout - log p_train| over completion tokens, the training forward replaying or not
+            as configured."""
+            m = mask.float()
+            gap = ((rollout.to(train_logps.device) - train_logps).abs() * m).sum() / m.sum().clamp(min=1)
+            self._metrics["train"]["rollout/logprob_gap"].append(gap.item())
 
     return ReplayGRPOTrainer

@@ -199,3 +199,24 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
         assert share == 1.0  # every expert choice of the rollout is reproduced
     else:
         assert share < 1.0 and min(agreement) < 1.0  # without replay the drift shows, and is logged
+
+
+def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypatch):
+    """With one update per rollout and no reference model, a step runs exactly one scoring forward (the
+    training forward); the rollout/training log-prob gap is read from it."""
+    from latentalign.rl import replay as replay_module
+
+    calls = []
+    cls = replay_module.replay_trainer_class()
+
+    class Counting(cls):
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+    monkeypatch.setattr(replay_module, "replay_trainer_class", lambda: Counting)
+    metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", 'rewards={"format": 1.0}',
+                            "eval_dataset=null"))
+    assert calls == [True, True]  # one per step, with gradients: the training forward
+    gaps = [h["rollout/logprob_gap"] for h in metrics["log_history"] if "rollout/logprob_gap" in h]
+    assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps)

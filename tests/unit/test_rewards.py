@@ -5,7 +5,8 @@ import time
 import pytest
 
 from latentalign.reward import RewardError, get_reward, guarded, weighted_sum
-from latentalign.reward.rules import extract_answer, format_reward, length_reward, math_accuracy
+from latentalign.reward.rules import (equations_reward, extract_answer, format_reward, length_reward,
+                                     math_accuracy)
 
 
 @pytest.mark.parametrize("completion", [
@@ -40,6 +41,20 @@ def test_format_and_length():
     assert format_reward([""] * 3, [" 12", "User: 5", "no digits"]) == [1.0, 0.0, 0.0]
     assert length_reward([""] * 3, ["a", "b", "c"], completion_ids=[[0] * 10, [0] * 90, [0] * 100],
                          max_tokens=100) == [1.0, 0.4, 0.0]
+
+
+def test_equations_reward_scores_the_share_of_true_steps():
+    from latentalign.data.arithmetic import worked
+
+    right = [worked(p) for p in ("47+38", "52-38", "29-81", "9*73", "-5+3", "-5-3", "-9+3")]
+    assert equations_reward(None, right) == [1.0] * len(right)  # every working the data generates checks out
+    slips = ["47 + 38: 7 + 8 = 14, 4 + 3 + 1 = 8.",  # one of two steps wrong
+             "6 * 68: 6 * 8 = 48, 6 * 6 = 36, 36 + 4 = 48.",  # one of three
+             "7+8=15, 12 - 1 - 3 = 9, 2 * 3 = 5, 1 + 1 = 3",  # no spaces, three of four wrong
+             [{"role": "assistant", "content": "9 - 10 = -1"}],
+             "The answer is 85."]  # no working at all
+    assert equations_reward(None, slips) == [0.5, pytest.approx(2 / 3), 0.25, 1.0, 0.0]
+    assert get_reward("equations")(None, ["3 + 4 = 7"]) == [1.0]
 
 
 def test_registry_dotted_paths_and_unknown_names():
