@@ -18,6 +18,7 @@ from transformers import DeepseekV2Config
 
 MODEL_TYPE = "latentalign_deepseek_v2"
 MLA_PATHS = ("auto", "expanded", "absorbed")
+SCORE_POOLING = ("last", "mean")
 
 # The YaRN settings shipped with DeepSeek-V2, V2-Chat and V2-Lite (4K -> 160K, §4 of the facts).
 DEEPSEEK_V2_YARN = {
@@ -53,6 +54,10 @@ class LatentAlignConfig(DeepseekV2Config):
         `"expanded"` up-projects the latent into per-head keys and values (training, prefill); `"absorbed"`
         folds W^UK into the query and W^UV after attention, attending over the cached latents (decoding);
         `"auto"` uses absorbed attention when a cache already holds past tokens, expanded otherwise.
+    score_pooling (`str`, defaults to `"last"`):
+        How the reward head (`LatentAlignForSequenceClassification`) turns per-token scores into one: `"last"`
+        reads the last real token (as transformers' heads do); `"mean"` averages over all real tokens, so a
+        single wrong token scores where it stands instead of having to be carried to the end.
     """
 
     model_type = MODEL_TYPE
@@ -66,11 +71,14 @@ class LatentAlignConfig(DeepseekV2Config):
     router_aux_loss_coef: float = 1.0
     moe_capacity_factor: float | None = None
     mla_attention: str = "auto"
+    score_pooling: str = "last"
 
     def validate_architecture(self):
         super().validate_architecture()
         if self.mla_attention not in MLA_PATHS:
             raise ValueError(f"mla_attention must be one of {MLA_PATHS}, got {self.mla_attention!r}.")
+        if self.score_pooling not in SCORE_POOLING:
+            raise ValueError(f"score_pooling must be one of {SCORE_POOLING}, got {self.score_pooling!r}.")
         if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise ValueError(
                 f"topk_method must be 'greedy' or 'group_limited_greedy', got {self.topk_method!r}."

@@ -533,8 +533,9 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
 
 
 class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
-    """Reward model: one score per sequence, read at its last real token (`attention_mask`), else at the last
-    token that is not padding, else at the last position."""
+    """Reward model: one score per sequence. Real tokens are those of `attention_mask`, else those that are not
+    padding, else all; the score is read at the last of them (`score_pooling="last"`) or averaged over them
+    (`"mean"`)."""
 
     def __init__(self, config: LatentAlignConfig):
         super().__init__(config)
@@ -551,14 +552,18 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         batch, length = logits.shape[:2]
-        positions = torch.arange(length, device=logits.device)
         if attention_mask is not None and attention_mask.dim() == 2:
-            last = (positions * attention_mask.to(logits.device).bool()).argmax(-1)
+            real = attention_mask.to(logits.device).bool()
         elif input_ids is not None and self.config.pad_token_id is not None:
-            last = (positions * (input_ids != self.config.pad_token_id).to(logits.device)).argmax(-1)
+            real = (input_ids != self.config.pad_token_id).to(logits.device)
         else:
-            last = torch.full((batch,), length - 1, device=logits.device)
-        pooled = logits[torch.arange(batch, device=logits.device), last]
+            real = torch.ones(batch, length, dtype=torch.bool, device=logits.device)
+        if self.config.score_pooling == "mean":
+            weights = real.to(logits.dtype).unsqueeze(-1)
+            pooled = (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            last = (torch.arange(length, device=logits.device) * real).argmax(-1)
+            pooled = logits[torch.arange(batch, device=logits.device), last]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)

@@ -8,10 +8,11 @@ import latentalign
 from latentalign.model import LatentAlignForSequenceClassification
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_batch_scores_each_row_as_alone(make_config, side):
+def test_padded_batch_scores_each_row_as_alone(make_config, side, pooling):
     torch.manual_seed(0)
-    model = LatentAlignForSequenceClassification(make_config(num_labels=1)).eval()
+    model = LatentAlignForSequenceClassification(make_config(num_labels=1, score_pooling=pooling)).eval()
     rows = [torch.randint(3, 97, (n,)) for n in (11, 4, 7)]
     rows[1][-1] = 2  # a row ending in EOS: still scored at its last real token
     width = max(len(r) for r in rows)
@@ -25,6 +26,20 @@ def test_padded_batch_scores_each_row_as_alone(make_config, side):
         alone = torch.cat([model(r[None]).logits for r in rows])
     assert batched.shape == (3, 1)
     assert (batched - alone).abs().max().item() < 1e-5
+
+
+def test_pooling_reads_the_last_token_or_averages_all(make_config):
+    torch.manual_seed(0)
+    last = LatentAlignForSequenceClassification(make_config(num_labels=1)).eval()
+    mean = LatentAlignForSequenceClassification(make_config(num_labels=1, score_pooling="mean")).eval()
+    mean.load_state_dict(last.state_dict())
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        per_token = last.score(last.model(ids).last_hidden_state)[..., 0]
+        assert torch.allclose(last(ids).logits[:, 0], per_token[:, -1])
+        assert torch.allclose(mean(ids).logits[:, 0], per_token.mean(-1), atol=1e-6)
+    with pytest.raises(Exception, match="score_pooling must be one of"):
+        make_config(score_pooling="max")
 
 
 def test_reward_model_loads_from_a_causal_lm_checkpoint(tmp_path, make_config):
