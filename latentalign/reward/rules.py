@@ -101,7 +101,8 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
     return rewards
 
 
-_EQUATION = re.compile(r"(?<![\d)])(-?\d+) ?([-+*]) ?(\d+)(?: ?([-+]) ?(\d+))? ?= ?(-?\d+)(?![\d(])")
+# Integer equations, not parts of longer numbers or of decimals ("3.5 + 2 = 5.5" is not read as "5 + 2 = 5").
+_EQUATION = re.compile(r"(?<![\d.)])(-?\d+) ?([-+*]) ?(\d+)(?: ?([-+]) ?(\d+))? ?= ?(-?\d+)(?![\d(]|\.\d)")
 
 
 def _holds(match: re.Match) -> bool:

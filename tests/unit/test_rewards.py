@@ -52,8 +52,9 @@ def test_equations_reward_scores_the_share_of_true_steps():
              "6 * 68: 6 * 8 = 48, 6 * 6 = 36, 36 + 4 = 48.",  # one of three
              "7+8=15, 12 - 1 - 3 = 9, 2 * 3 = 5, 1 + 1 = 3",  # no spaces, three of four wrong
              [{"role": "assistant", "content": "9 - 10 = -1"}],
-             "The answer is 85."]  # no working at all
-    assert equations_reward(None, slips) == [0.5, pytest.approx(2 / 3), 0.25, 1.0, 0.0]
+             "The answer is 85.",  # no working at all
+             "3.5 + 2 = 5.5, so 2 + 2 = 4."]  # decimals are not misread as integer equations
+    assert equations_reward(None, slips) == [0.5, pytest.approx(2 / 3), 0.25, 1.0, 0.0, 1.0]
     assert get_reward("equations")(None, ["3 + 4 = 7"]) == [1.0]
 
 
