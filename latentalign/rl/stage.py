@@ -38,9 +38,7 @@ class RLStageConfig(TrainingStageConfig):
     dataset: str = "arithmetic-rl"  # prompt rows; other columns (answer, test, ...) reach the rewards
     eval_dataset: str | None = "arithmetic-rl"  # prompt + answer rows for held-out exact match
     eval_max_new_tokens: int = 64
-    # reward name -> weight (TRL reward_weights); on the embedded default the final answer, and the working's
-    # arithmetic as a process reward (bench/README.md: it separates wrong answers with fewer slips)
-    rewards: dict = field(default_factory=lambda: {"math": 1.0, "equations": 0.5})
+    rewards: dict = field(default_factory=lambda: {"math": 1.0})  # reward name -> weight (TRL reward_weights)
     reward_options: dict = field(default_factory=dict)  # reward name -> keyword options for get_reward
     reward_timeout_s: float | None = 120.0  # per call of each reward; past it the call scores None
     preset: str | None = None  # "deepseekmath": the paper's GRPO settings, under any TRL option given
