@@ -145,7 +145,7 @@ def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty
     held_out = split in ("test", "validation", "eval")
     make = {"arithmetic": arithmetic.sft_rows, "arithmetic-preference": arithmetic.preference_rows,
             "arithmetic-rl": arithmetic.rl_rows}[name]
-    default_size = {"arithmetic": 20_000, "arithmetic-preference": 20_000, "arithmetic-rl": 2_000}[name]
+    default_size = {"arithmetic": 20_000, "arithmetic-preference": 30_000, "arithmetic-rl": 2_000}[name]
     n = size or (500 if held_out else default_size)
     return make(n=n, seed=seed + (1000 if held_out else 0), difficulty=d, held_out=held_out)
 
