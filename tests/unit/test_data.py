@@ -101,8 +101,13 @@ def test_tokenizer_is_deterministic_and_splits_digits(tmp_path, monkeypatch):
     from latentalign.data.tokenizer import _train
 
     assert _train(512).get_vocab() == first.backend_tokenizer.get_vocab()  # rebuilt from scratch: the same
-    tokens = first.tokenize("What is 1234 + 56?")
-    assert [t for t in tokens if t.isdigit()] == ["1", "2", "3", "4", "5", "6"]
+    text = "What is 1234 + 56?"
+    tokens = first.tokenize(text)
+    with_digits = [t for t in tokens if any(c.isdigit() for c in t)]
+    assert [t.lstrip("Ġ") for t in with_digits] == ["1", "2", "3", "4", "5", "6"]  # one digit per token
+    assert with_digits[0] == "Ġ1" and with_digits[4] == "Ġ5"  # a number's leading space rides on its first digit
+    assert "Ġ" not in tokens
+    assert first.decode(first.encode(text, add_special_tokens=False)) == text
     assert (first.pad_token_id, first.bos_token_id, first.eos_token_id) == (0, 1, 2)
 
 
