@@ -1,11 +1,13 @@
 """GRPO from the SFT model on the embedded default: held-out exact match before and after, and time.
 
-    .venv/bin/python bench/rl_accuracy.py [sft_model=PATH] [eval_size=N] [key=value ...]
+    .venv/bin/python bench/rl_accuracy.py [sft_model=PATH] [eval_size=N] [curve=true] [key=value ...]
                                           # other overrides as for `latentalign rl`
 
 Without `sft_model=`, runs the SFT stage first with its defaults. The RL stage is timed on its own (data,
 models, training, saving); both models are then scored, outside the timing, on the same `eval_size` held-out
 prompts (1000 by default: about 1.6 points of sampling error on each figure, against 2.9 with the stage's 300).
+`curve=true` also scores every checkpoint the stage saved (set `save_steps=` for their spacing): the accuracy
+along the run, to tell a trend from the step-to-step wander of a single end point.
 Writes bench/results/rl_accuracy.json.
 """
 
@@ -19,9 +21,11 @@ from latentalign import rl, sft
 
 
 def main(args: list[str]) -> dict:
-    options = dict(a.split("=", 1) for a in args if a.startswith(("sft_model=", "eval_size=")))
-    overrides = [a for a in args if not a.startswith(("sft_model=", "eval_size="))]
+    ours = ("sft_model=", "eval_size=", "curve=")
+    options = dict(a.split("=", 1) for a in args if a.startswith(ours))
+    overrides = [a for a in args if not a.startswith(ours)]
     sft_model, eval_size = options.get("sft_model"), int(options.get("eval_size", 1000))
+    curve = options.get("curve", "false").lower() in ("1", "true", "yes")
     with tempfile.TemporaryDirectory() as tmp:
         if sft_model is None:
             sft_model = sft.run(sft.load_config(None, [f"output_dir={tmp}/sft", "disable_tqdm=true",
@@ -31,7 +35,9 @@ def main(args: list[str]) -> dict:
         start = time.perf_counter()
         metrics = rl.run(cfg)
         total = time.perf_counter() - start
-        before, after = evaluate([sft_model, metrics["model_dir"]], eval_size)
+        checkpoints = sorted(Path(f"{tmp}/rl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        checkpoints = checkpoints if curve else []
+        before, after, *along = evaluate([sft_model, metrics["model_dir"], *map(str, checkpoints)], eval_size)
     logs = [h for h in metrics["log_history"] if "loss" in h]
     result = {
         "held_out_exact_match_before": before,
@@ -43,6 +49,8 @@ def main(args: list[str]) -> dict:
         "train_reward_first_last": [logs[0].get("reward"), logs[-1].get("reward")],
         "overrides": overrides,
     }
+    if curve:
+        result["held_out_exact_match_by_step"] = {int(p.name.split("-")[1]): a for p, a in zip(checkpoints, along)}
     out = Path(__file__).parent / "results" / "rl_accuracy.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -134,6 +134,49 @@ def test_grpo_loss_of_one_step_equals_the_hand_computed_value(tmp_path, policy_d
     assert ((rho < 1 - eps) | (rho > 1 + eps)).any(), "the clip is exercised"
 
 
+def test_scoring_by_length_equals_one_padded_forward(tmp_path, policy_dir):
+    """The stage's trainer scores rows sorted by length, in groups cut to their own widths: the same log-probs,
+    entropies and gradients as TRL's single forward over the padded batch."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from latentalign import load_model
+    from latentalign.data import load_rows, to_dataset
+    from latentalign.rl.replay import replay_trainer_class
+    from latentalign.rl.stage import TRL_DEFAULTS
+    from latentalign.stage import trl_config
+    from latentalign.starting_point import load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(policy_dir), load_tokenizer(str(policy_dir))
+    args = trl_config(GRPOConfig, {**TRL_DEFAULTS, "output_dir": str(tmp_path)}, small_cfg(tmp_path, policy_dir))
+    trainer = replay_trainer_class()(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                                     args=args, train_dataset=to_dataset(load_rows("arithmetic-rl", size=4,
+                                                                                   formats=("rl",))[0]),
+                                     processing_class=tokenizer)
+    trainer.scoring_rows = 3  # 7 rows: groups of 3, 3 and 1
+    prompt_len, completion_len, prompt_width, completion_width = [5, 2, 4, 5, 1, 3, 2], [3, 6, 1, 6, 2, 4, 5], 5, 6
+    ids = torch.randint(3, model.config.vocab_size, (7, prompt_width + completion_width))
+    mask = torch.zeros_like(ids)
+    for row, (p, c) in enumerate(zip(prompt_len, completion_len)):
+        mask[row, prompt_width - p : prompt_width + c] = 1  # prompts padded left, completions right
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    model.eval()
+
+    def score(method):
+        model.zero_grad()
+        logps, entropies, _ = method(model, ids, mask, completion_width, batch_size=7, compute_entropy=True)
+        (logps * mask[:, prompt_width:]).sum().backward()
+        return logps.detach(), entropies, model.lm_head.weight.grad.clone()
+
+    ours = score(trainer._get_per_token_logps_and_entropies)
+    theirs = score(lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k))
+    real = mask[:, prompt_width:].bool()
+    assert torch.allclose(ours[0][real], theirs[0][real], atol=1e-5)
+    assert torch.allclose(ours[1][real], theirs[1][real], atol=1e-5)
+    assert (ours[0][~real] == 0).all()  # padding the groups were cut short of
+    assert torch.allclose(ours[2], theirs[2], atol=1e-5)
+
+
 def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir, monkeypatch):
     from transformers import TrainerCallback
 
@@ -172,14 +215,20 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
 
     class Spy(cls):  # the experts each training forward actually used, next to what the rollout chose
         def _compute_loss(self, model, inputs):
+            layouts = []  # the (rows, columns) of the batch each scoring forward saw
+            narrowed = self.routing_replay.narrowed
+            self.routing_replay.narrowed = lambda rows, cols: layouts.append((rows, cols)) or narrowed(rows, cols)
             for router in self.routing_replay.routers:
                 router.record = []
             try:
                 return super()._compute_loss(model, inputs)
             finally:
+                del self.routing_replay.narrowed
                 rollout = inputs["routing"]
                 for layer, router in enumerate(self.routing_replay.routers):
-                    chosen = router.record[0].view(rollout.shape[0], -1, rollout.shape[-1])
+                    chosen = torch.full_like(rollout[:, layer], -1)
+                    for (rows, cols), record in zip(layouts, router.record, strict=True):
+                        chosen[rows, cols] = record.view(len(rows), -1, rollout.shape[-1])
                     used["training"].append(chosen.sort(-1).values)
                     used["rollout"].append(rollout[:, layer].sort(-1).values)
                     router.record = None
