@@ -113,6 +113,15 @@ class RolloutLogprobs:
         return torch.stack(self.values, dim=1) if self.values else sequences.new_zeros((sequences.shape[0], 0))
 
 
+def _padded_outside(attention_mask: torch.Tensor, completion_width: int) -> bool:
+    """Whether every row is left-padded prompt + right-padded completion (real tokens contiguous on both sides of
+    the boundary), the layout `score_by_length` may cut."""
+    prompt = attention_mask[:, : attention_mask.shape[1] - completion_width]
+    completion = attention_mask[:, attention_mask.shape[1] - completion_width :]
+    return bool((prompt.flip(1).cumprod(1).sum(1) == prompt.sum(1)).all()
+                and (completion.cumprod(1).sum(1) == completion.sum(1)).all())
+
+
 def replay_trainer_class():
     """GRPOTrainer with routing replay: records routing (and the sampled tokens' log-probs) while generating,
     replays or measures routing in the loss, and logs the rollout/training log-prob gap. Its scoring forwards
@@ -175,8 +184,8 @@ def replay_trainer_class():
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **extra):
-            if any(v is not None for v in extra.values()):  # images and the like: TRL's own chunking
-                out = super()._get_per_token_logps_and_entropies(
+            if any(v is not None for v in extra.values()) or not _padded_outside(attention_mask, logits_to_keep):
+                out = super()._get_per_token_logps_and_entropies(  # TRL's own chunking
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
                     compute_aux_loss, **extra)
             else:

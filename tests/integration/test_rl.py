@@ -176,6 +176,11 @@ def test_scoring_by_length_equals_one_padded_forward(tmp_path, policy_dir):
     assert (ours[0][~real] == 0).all()  # padding the groups were cut short of
     assert torch.allclose(ours[2], theirs[2], atol=1e-5)
 
+    mask[0, prompt_width - 2] = 0  # a hole inside a prompt: a layout the cut must not touch
+    ours, theirs = (score(trainer._get_per_token_logps_and_entropies),
+                    score(lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k)))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[2], theirs[2])  # TRL's padded forward, unchanged
+
 
 def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir, monkeypatch):
     from transformers import TrainerCallback
