@@ -186,9 +186,10 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from .replay import RoutingReplay, replay_trainer_class
 
     replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None
-    trainer = replay_trainer_class()(model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows),
-                          processing_class=tokenizer, peft_config=peft_config,
-                          callbacks=[_log_callback(rewards, meter, replay), *(callbacks or [])], routing_replay=replay)
+    trainer_cls = replay_trainer_class()
+    trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows),
+                          processing_class=tokenizer, peft_config=peft_config, routing_replay=replay,
+                          callbacks=[_log_callback(rewards, meter, replay), *(callbacks or [])])
     if args.use_vllm:
         from .vllm import use_native_names_for_vllm
 
