@@ -6,7 +6,7 @@ decoded with `model.generate` (absorbed-MLA decoding for our model).
 
 from __future__ import annotations
 
-from ..reward.rules import extract_answer, reference_answer
+from ..reward.answers import is_correct
 
 
 def render_prompts(tokenizer, prompts) -> list[str]:
@@ -45,12 +45,12 @@ def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16,
     return out
 
 
-def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,
-                extract=extract_answer) -> dict:
-    """Greedy pass@1: the share of rows whose final answer, extracted as the math reward extracts it, equals
-    `row["answer"]`."""
+def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True
+                ) -> dict:
+    """Greedy pass@1: the share of rows whose final answer equals `row["answer"]`, judged by the one answer
+    checker the math reward uses (`latentalign.reward.answers`)."""
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress, desc="eval")
-    correct = [extract(c) == reference_answer(str(r["answer"])) for c, r in zip(completions, rows)]
+    correct = [is_correct(c, r["answer"]) for c, r in zip(completions, rows)]
     return {"accuracy": sum(correct) / max(len(rows), 1), "correct": sum(correct), "n": len(rows),
             "examples": [{"completion": c, "answer": r["answer"]} for c, r in list(zip(completions, rows))[:5]]}

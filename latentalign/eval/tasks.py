@@ -16,7 +16,6 @@ Each task returns a flat dict of metrics named `<task>/<metric>` (the headline o
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 TASKS = ("accuracy", "maj@K", "pairwise", "humaneval", "kv_cache", "decode_speed", "lm_eval:TASK")
@@ -90,10 +89,11 @@ def accuracy(model, tokenizer, opts: EvalOptions) -> dict:
 
 
 def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
-    """maj@k: the most common extracted answer of k samples per prompt (ties: the first seen) vs the answer."""
+    """maj@k: the most common final answer of k samples per prompt (equivalent answers vote together; ties: the
+    first seen) vs the answer, judged by the one answer checker."""
     import torch
 
-    from ..reward.rules import extract_answer, reference_answer
+    from ..reward.answers import answers_match, final_answer, majority_answer, reference_answer
     from .accuracy import generate_completions
 
     rows = _rows(opts, opts.dataset, ("rl",))
@@ -104,9 +104,8 @@ def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
                                        progress=False)
     correct = 0
     for i, row in enumerate(rows):
-        answers = [a for a in (extract_answer(c) for c in completions[i * k:(i + 1) * k]) if a is not None]
-        if answers and Counter(answers).most_common(1)[0][0] == reference_answer(str(row["answer"])):
-            correct += 1
+        voted = majority_answer([final_answer(c) for c in completions[i * k:(i + 1) * k]])
+        correct += answers_match(voted, reference_answer(row["answer"]))
     return {f"maj@{k}": correct / max(len(rows), 1), f"maj@{k}/n": len(rows)}
 
 

@@ -1,109 +1,368 @@
-"""Sandbox bootstrap: limits, isolation and an audit hook, then the untrusted program (see sandbox.py).
+"""Sandbox bootstrap: limits, isolation, an audit hook, then the untrusted program and its tests (see sandbox.py).
 
-Run as `python -I -S _sandbox_bootstrap.py WORKDIR CPU_S MEMORY_MB OUTPUT_BYTES MAX_PROCESSES` with
-WORKDIR/program.py holding the program. Uses the standard library only.
+Run as `python -I -S _sandbox_bootstrap.py WORKDIR` with a JSON payload on standard input:
+`{"nonce", "status_fd", "program", "tests", "entry_point", "prefix", "cpu_s", "memory_mb", "output_bytes",
+"max_processes"}`. Uses the standard library only.
+
+The verdict is one line written to `status_fd`, `<nonce> passed`, and only after the last test statement ran:
+the program never sees the nonce (it is read from standard input, kept in this function's locals, and the
+frames and objects that would lead to it are refused by the audit hook), so nothing it does, exiting early
+included, can write that line. Everything this harness calls after the program has run was bound before it
+ran, so the program cannot replace it.
 """
 
-import os
-import resource
-import sys
 
-workdir, cpu_s, memory_mb, output_bytes, max_processes = sys.argv[1], *map(int, sys.argv[2:6])
-workdir = os.path.abspath(workdir)
-pid = os.getpid()
+def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable as a module global
+    import ast
+    import builtins
+    import json
+    import operator
+    import os
+    import resource
+    import sys
+    import types
 
-# Standard-library modules test programs commonly use, imported while the interpreter's files are readable:
-# after the privilege drop below, a directory such as /root may no longer be. `signal`, `socket` and
-# `subprocess` are loaded too, so that what refuses them is the audit hook, not a missing file.
-PRELOAD = ("abc", "array", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
-           "fractions", "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random",
-           "re", "statistics", "string", "sys", "textwrap", "typing", "unicodedata", "cmath", "numbers",
-           "traceback", "io", "struct", "time", "collections.abc", "signal", "socket", "subprocess")
-for name in PRELOAD:
+    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # standard input (which carried the nonce) is gone
+    os.close(devnull)
+    nonce = payload.pop("nonce").encode()
+    status_fd = payload["status_fd"]
+    workdir = os.path.abspath(sys.argv[1])
+    pid = os.getpid()
+    write, exit_now = os.write, os._exit  # bound now: the program may replace the module attributes
+    streams = (sys.stdout, sys.stderr)
+
+    # Standard-library modules test programs commonly use, imported while the interpreter's files are readable:
+    # after the privilege drop below a directory such as /root may no longer be. `signal`, `socket` and
+    # `subprocess` are loaded too, so that what refuses them is the audit hook, not a missing file.
+    for name in ("abc", "array", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
+                 "fractions", "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random",
+                 "re", "statistics", "string", "sys", "textwrap", "typing", "unicodedata", "cmath", "numbers",
+                 "traceback", "io", "struct", "time", "collections.abc", "signal", "socket", "subprocess"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+    # 1. No network: a new network namespace has only a down loopback. Best effort (needs root or user
+    #    namespaces); the audit hook below refuses sockets in any case.
     try:
-        __import__(name)
-    except ImportError:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x40000000) != 0 and os.geteuid() != 0:  # CLONE_NEWNET, else with CLONE_NEWUSER
+            libc.unshare(0x10000000 | 0x40000000)
+        del libc, ctypes
+    except Exception:  # noqa: BLE001
         pass
 
-# 1. No network: a new network namespace has only a down loopback. Best effort (needs root or user namespaces);
-#    the audit hook below refuses sockets in any case.
-try:
-    import ctypes
+    # 2. Resource limits (only ever lowered; the program cannot raise them back).
+    for kind, value in ((resource.RLIMIT_CPU, payload["cpu_s"]), (resource.RLIMIT_AS, payload["memory_mb"] << 20),
+                        (resource.RLIMIT_FSIZE, payload["output_bytes"]), (resource.RLIMIT_NOFILE, 64),
+                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, payload["max_processes"])):
+        try:
+            resource.setrlimit(kind, (value, value + (kind == resource.RLIMIT_CPU)))
+        except (ValueError, OSError):
+            pass
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-    if libc.unshare(CLONE_NEWNET) != 0 and os.geteuid() != 0:
-        libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
-except Exception:  # noqa: BLE001
-    pass
+    # 3. Started as root: become nobody, so the parent's files, environment and processes are out of reach.
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
 
-# 2. Resource limits (only ever lowered; the program cannot raise them back).
-limits = [
-    (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
-    (resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20),
-    (resource.RLIMIT_FSIZE, output_bytes, output_bytes),
-    (resource.RLIMIT_NOFILE, 64, 64),
-    (resource.RLIMIT_CORE, 0, 0),
-    (resource.RLIMIT_NPROC, max_processes, max_processes),
-]
-for kind, soft, hard in limits:
-    try:
-        resource.setrlimit(kind, (soft, hard))
-    except (ValueError, OSError):
-        pass
+    # 4. A program cannot signal itself (stop, kill, interrupt), install signal handlers (they receive frames) or
+    #    start threads (the audit hook sees no thread creation before Python 3.13). The audit hook refuses a
+    #    fresh import of these modules, which would bring the functions back.
+    import _signal
+    import _thread
+    import signal
+    import threading
 
-# 3. Started as root: become nobody, so the parent's files, environment (/proc/PID/environ) and processes are
-#    out of reach and RLIMIT_NPROC is enforced.
-if os.geteuid() == 0:
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
+    removed = {signal: ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt"),
+               _signal: ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt"),
+               _thread: ("start_new_thread", "start_new"), threading: ("_start_new_thread",)}
+    for module, names in removed.items():
+        for name in names:
+            if hasattr(module, name):
+                delattr(module, name)
+    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes"}
 
-# 4. The audit hook: refuse what a test program never needs.
-PROCESS_EVENTS = {"os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.startfile",
-                  "subprocess.Popen", "pty.spawn"}
-PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-               "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    class Quitter:
+        """`exit()` and `quit()`, as the `site` module (off under -S) would define them."""
 
+        def __init__(self, name):
+            self.name = name
 
-def _inside(path) -> bool:
-    if isinstance(path, int):
-        return True
-    path = os.path.normpath(os.path.join(workdir, os.fsdecode(path)))
-    return path == workdir or path.startswith(workdir + os.sep)
+        def __repr__(self):
+            return f"Use {self.name}() to exit"
 
+        def __call__(self, code=None):
+            raise SystemExit(code)
 
-def _other_proc(path) -> bool:
-    if isinstance(path, int):
+    builtins.exit, builtins.quit = Quitter("exit"), Quitter("quit")
+
+    # 5. Everything the harness uses from here on, bound before the program runs. The functions defined below
+    #    look their builtins up in a private copy, not in the `builtins` module the program can change.
+    pristine = dict(vars(builtins))
+    globals()["__builtins__"] = dict(pristine)
+    modules = sys.modules
+    volatile = {"sys", "__main__", "builtins"}  # sys: stdout and friends may be set; builtins: checked below
+    snapshot = {name: (m, dict(vars(m))) for name, m in list(modules.items())
+                if isinstance(m, types.ModuleType) and name not in volatile}
+    snapshot["builtins"] = (builtins, dict(pristine))
+    exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
+    ops = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
+           "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
+           "Is": operator.is_, "IsNot": operator.is_not}
+    scalars = (int, float, complex, bool, str, bytes, type(None))
+    sequences = (list, tuple, set, frozenset)
+    violations: list[str] = []
+
+    class Violation(BaseException):
+        """A value built to fool the tests; a BaseException, so `except Exception` in a test does not hide it."""
+
+    class Sentinel:
+        """A private value that nothing honest compares equal to, nor orders against."""
+
+    def violate(message):
+        violations.append(message)
+        raise Violation(message)
+
+    def plain(value, depth=0) -> bool:
+        """Data of the interpreter's own types only (exact types, containers recursively): its comparisons
+        run the interpreter's code, never the program's."""
+        kind = type_(value)
+        if any(kind is t for t in scalars):
+            return True
+        if depth > 50:
+            return False
+        if any(kind is t for t in sequences):
+            return all(plain(v, depth + 1) for v in value)
+        if kind is dict:
+            return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in value.items())
         return False
-    path = os.path.normpath(os.fsdecode(path))
-    return path.startswith("/proc/") and not path.startswith(("/proc/self", f"/proc/{pid}/", f"/proc/{pid}"))
+
+    def perturbed(value):
+        """A value that differs from `value` and has its type, for asking a value whether it equals anything."""
+        kind = type_(value)
+        if kind is bool:
+            return not value
+        if kind in (int, float, complex):
+            return value + 1 + abs(value) if value == value else 0.0
+        if kind is str:
+            return value + "\u2060\u00a7"
+        if kind is bytes:
+            return value + b"\x00\xff"
+        if kind in (list, tuple):
+            return value + kind((Sentinel(),))
+        if kind in (set, frozenset):
+            return kind(value) | {Sentinel()}
+        if kind is dict:
+            return {**value, Sentinel(): 0}
+        return Sentinel()
+
+    def truthy(thunk):
+        try:
+            return bool_(thunk())
+        except Exception:  # noqa: BLE001 -- an honest value may refuse the comparison
+            return False
+
+    def check_honest(value, other, op):
+        """Raise a Violation when `value` (not plain data) compares the way it is asked, not by what it is."""
+        probe = Sentinel()
+        if truthy(lambda: value == probe) or truthy(lambda: value == perturbed(other)):
+            violate(f"a value of the program compares equal to anything ({op})")
+        if truthy(lambda: value == other) == truthy(lambda: value != other):
+            violate(f"a value of the program is both equal and unequal, or neither ({op})")
+        if truthy(lambda: value < probe) or truthy(lambda: value > probe):
+            violate(f"a value of the program orders against anything ({op})")
+        if op in ("Lt", "LtE", "Gt", "GtE"):
+            lt, ge = truthy(lambda: value < other), truthy(lambda: value >= other)
+            gt, le = truthy(lambda: value > other), truthy(lambda: value <= other)
+            if lt == ge or gt == le:
+                violate(f"a value of the program orders inconsistently ({op})")
+
+    def compare(left, op, right):
+        """The tests' comparisons (rewritten to call this): the comparison itself, and its operands checked."""
+        result = ops[op](left, right)
+        if op in ("Is", "IsNot"):
+            return result
+        if op in ("In", "NotIn"):
+            if not plain(right) and truthy(lambda: Sentinel() in right):
+                violate("a container of the program contains anything")
+            if not plain(left):
+                check_honest(left, None, op)
+            return result
+        for value, other in ((left, right), (right, left)):
+            if not plain(value):
+                check_honest(value, other, op)
+        return result
+
+    def compare_chain(left, *rest):
+        """`a < b < c`: each link through `compare`, lazily, as Python does."""
+        for i in range(0, len_(rest), 2):
+            right = rest[i + 1]()
+            if not compare(left, rest[i], right):
+                return False
+            left = right
+        return True
+
+    class RewriteComparisons(ast.NodeTransformer):
+        def visit_Compare(self, node):  # noqa: N802 -- ast's naming
+            self.generic_visit(node)
+            ops_ = [type_(o).__name__ for o in node.ops]
+            if len_(ops_) == 1:
+                call = ast.Call(ast.Name("__latentalign_compare__", ast.Load()),
+                                [node.left, ast.Constant(ops_[0]), node.comparators[0]], [])
+            else:
+                links = []
+                for o, c in zip(ops_, node.comparators):
+                    links += [ast.Constant(o), ast.Lambda(ast.arguments([], [], None, [], [], None, []), c)]
+                call = ast.Call(ast.Name("__latentalign_compare_chain__", ast.Load()), [node.left, *links], [])
+            return ast.copy_location(call, node)
+
+    def checked(fn):
+        """The function under test, returning plain data only."""
+        def candidate(*args, **kwargs):
+            value = fn(*args, **kwargs)
+            if not plain(value):
+                violate("the function under test returned a value that is not plain data")
+            return value
+        return candidate
+
+    def tampering() -> str | None:
+        """A module or builtin the program replaced, deleted, or swapped out of sys.modules."""
+        missing = Sentinel()
+        for name, (module, attrs) in snapshot.items():
+            if modules.get(name) is not module:
+                return f"sys.modules[{name!r}] was replaced"
+            now = vars(module) if name != "builtins" else module.__dict__
+            for key, value in attrs.items():
+                if now.get(key, missing) is not value:
+                    return f"{name}.{key} was changed"
+        return None
+
+    # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
+    try:
+        tests = RewriteComparisons().visit(ast.parse(payload["tests"] or "", "tests.py"))
+        tests_code = compile_(ast.fix_missing_locations(tests), "tests.py", "exec")
+        prefix_code = compile_(payload["prefix"], "prompt.py", "exec") if payload.get("prefix") else None
+    except SyntaxError as err:
+        write(status_fd, nonce + f" error: the tests do not compile: {err}".encode())
+        exit_now(1)
+    program_code = payload.pop("program")
+    entry_point = payload.get("entry_point")
+
+    # 6. The audit hook: refuse what a test program never needs.
+    process_events = {"os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system",
+                      "os.startfile", "subprocess.Popen", "pty.spawn", "_thread.start_new_thread"}
+    frame_events = {"sys._getframe", "sys._current_frames", "sys._current_exceptions", "gc.get_objects",
+                    "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile"}
+    frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
+    path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
+                   "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def absolute(path) -> str:
+        """The normalised absolute path, computed here (os.path's functions are the program's to change)."""
+        if isinstance_(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+        elif not isinstance_(path, str):
+            path = type_(path).__fspath__(path)
+        parts = []
+        for part in (path if path.startswith("/") else workdir + "/" + path).split("/"):
+            if part == "..":
+                parts = parts[:-1]
+            elif part not in ("", "."):
+                parts.append(part)
+        return "/" + "/".join(parts)
+
+    def inside(path) -> bool:
+        if isinstance_(path, int):
+            return True
+        path = absolute(path)
+        return path == workdir or path.startswith(workdir + "/")
+
+    def hook(event, args):
+        if event in process_events:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event in frame_events or (event == "object.__getattr__" and args[1] in frame_attrs):
+            raise ValueError(f"sandbox: {event} is not allowed")  # ValueError: what stdlib callers expect
+        if event == "import" and args[0] in no_reimport:
+            raise PermissionError(f"sandbox: importing {args[0]} anew is not allowed")
+        if event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event.startswith(("socket.", "ctypes.", "sys.monitoring")) or event in ("os.unshare", "os.setns"):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance_(mode, str) and any(c in mode for c in "wax+")) or bool_((flags or 0) & write_flags)
+            if writing and not inside(path):
+                raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
+            if not isinstance_(path, int) and absolute(path).startswith("/proc/"):
+                raise PermissionError(f"sandbox: reading {path!r} is not allowed")
+        if event in path_events and not all(inside(a) for a in args[:2] if isinstance_(a, (str, bytes, os.PathLike))):
+            raise PermissionError(f"sandbox: {event} outside the sandbox directory")
+
+    def line_of(err) -> str:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return f" (line {tb.tb_lineno})" if tb is not None else ""
+
+    def finish(verdict: str):
+        for stream in streams:
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 -- a closed or full stream loses its output, not the verdict
+                pass
+        write(status_fd, nonce + b" " + verdict.encode("utf-8", "replace")[:2000])
+        exit_now(0 if verdict == "passed" else 1)  # no atexit handler or finaliser of the program runs
+
+    def run():
+        main = types.ModuleType("__main__")
+        modules["__main__"] = main
+        program_ns = main.__dict__
+        program_ns["__builtins__"] = builtins
+        sys.argv = ["program.py"]
+        try:
+            exec_(compile_(program_code, "program.py", "exec"), program_ns)
+        except BaseException as err:  # noqa: BLE001 -- SystemExit and KeyboardInterrupt included
+            return finish(f"failed: the program raised {type_(err).__name__}{line_of(err)}")
+        changed = tampering()
+        if changed:
+            return finish(f"failed: {changed}")
+        tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__")}
+        tests_ns.update(__name__="__main__", __builtins__=dict(pristine), __latentalign_compare__=compare,
+                        __latentalign_compare_chain__=compare_chain)
+        if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them
+            trusted = {"__name__": "__main__", "__builtins__": dict(pristine)}
+            try:
+                exec_(prefix_code, trusted)
+                tests_ns.update({k: v for k, v in trusted.items() if not k.startswith("__") and k != entry_point})
+            except BaseException:  # noqa: BLE001 -- a prefix that is not a program of its own
+                pass
+        if entry_point:
+            if entry_point not in program_ns:
+                return finish(f"failed: the program defines no {entry_point!r}")
+            tests_ns[entry_point] = checked(program_ns[entry_point])
+        try:
+            exec_(tests_code, tests_ns)
+            if entry_point and "check" in tests_ns:  # HumanEval's form: def check(candidate)
+                tests_ns["check"](tests_ns[entry_point])
+        except BaseException as err:  # noqa: BLE001
+            if violations:
+                return finish(f"failed: {violations[0]}")
+            return finish(f"failed: {type_(err).__name__}{line_of(err)} in the tests")
+        if violations:
+            return finish(f"failed: {violations[0]}")
+        changed = tampering()
+        return finish(f"failed: {changed}" if changed else "passed")
+
+    sys.addaudithook(hook)
+    run()
 
 
-def _hook(event, args):
-    if event in PROCESS_EVENTS:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event in ("os.kill", "os.killpg", "signal.pthread_kill") and args and args[0] not in (pid, 0):
-        raise PermissionError(f"sandbox: {event} of another process is not allowed")
-    if event.startswith(("socket.", "ctypes.")) or event in ("os.unshare", "os.setns"):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open":
-        path, mode, flags = args
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-        if writing and not _inside(path):
-            raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
-        if _other_proc(path):
-            raise PermissionError(f"sandbox: reading {path!r} is not allowed")
-    if event in PATH_EVENTS and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
-        raise PermissionError(f"sandbox: {event} outside the sandbox directory")
-
-
-sys.addaudithook(_hook)
-del ctypes  # noqa: F821 -- not left for the program (it could not dlopen anything anyway)
-
-source_path = os.path.join(workdir, "program.py")
-with open(source_path, encoding="utf-8") as f:
-    source = f.read()
-sys.argv = [source_path]
-exec(compile(source, source_path, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+_main()

@@ -2,7 +2,8 @@
 
 Columns read from the dataset (TRL passes them as keyword arguments):
 - `test`: Python source that exercises the code (asserts; HumanEval's `def check(candidate): ...`);
-- `entry_point` (optional): the function under test; `check(<entry_point>)` is appended after the tests;
+- `entry_point` (optional): the function under test; HumanEval's `check(candidate)` is called with it, and it
+  must return plain data (see sandbox.py for what that defeats);
 - `code_prefix` (optional): source placed before the completion, for completions that continue a prompt
   (HumanEval's function signature and docstring).
 
@@ -28,27 +29,25 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def build_program(completion: str, test: str, entry_point: str | None = None, code_prefix: str | None = None) -> str:
-    code = extract_code(completion)
-    parts = [(code_prefix or "") + code, test]
-    if entry_point:
-        parts.append(f"check({entry_point})")
-    return "\n\n".join(parts) + "\n"
+def build_program(completion: str, code_prefix: str | None = None) -> str:
+    """The program a completion stands for: the prompt's code it continues, then its (last fenced) code."""
+    return (code_prefix or "") + extract_code(completion)
 
 
 def code_reward(prompts, completions, test=None, entry_point=None, code_prefix=None,
                 limits: SandboxLimits = SandboxLimits(), **_) -> list[float | None]:
-    """1.0 when the program (completion + tests) exits cleanly in the sandbox, 0.0 when it fails or exceeds a
-    limit; None where a row has no tests."""
+    """1.0 when the program runs and then every one of the row's tests runs to completion in the sandbox (the
+    harness's verdict, not the exit status), 0.0 when anything fails or exceeds a limit; None where a row has
+    no tests."""
     if test is None:
         raise ValueError("code_reward needs the dataset's tests in a 'test' column.")
     n = len(completions)
     entry_point = entry_point or [None] * n
     code_prefix = code_prefix or [None] * n
     runnable = [i for i in range(n) if test[i]]
-    programs = [build_program(completion_text(completions[i]), test[i], entry_point[i], code_prefix[i])
-                for i in runnable]
-    results = run_programs(programs, limits)
+    results = run_programs([build_program(completion_text(completions[i]), code_prefix[i]) for i in runnable],
+                           limits, tests=[test[i] for i in runnable], entry_points=[entry_point[i] for i in runnable],
+                           prefixes=[code_prefix[i] for i in runnable])
     rewards: list[float | None] = [None] * n
     for i, result in zip(runnable, results):
         rewards[i] = float(result.passed)

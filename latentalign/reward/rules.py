@@ -3,18 +3,18 @@
 Every reward here has TRL's signature, `fn(prompts, completions, **columns) -> list[float | None]`, where a
 completion is a string or a conversation (a list with one assistant message).
 
-Math answers are compared with the `math-verify` package (LaTeX and plain forms, fractions, percentages,
-sets), falling back to exact numeric comparison when it is missing or cannot parse either side.
+Math answers are judged by the one answer checker, `answers.py`, which held-out exact match and maj@k use too.
 """
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
-_BOXED = re.compile(r"\\boxed\s*\{")
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$", re.IGNORECASE | re.MULTILINE)
-_NUMBER = re.compile(r"-?\\[dt]?frac\s*\{\s*-?\d+\s*\}\s*\{\s*\d+\s*\}|-?\\[dt]?frac\d\d|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+from .answers import final_answer as extract_answer
+from .answers import is_correct
+
+__all__ = ["completion_text", "equations_reward", "extract_answer", "format_reward", "length_reward",
+           "math_accuracy"]
 
 
 def completion_text(completion) -> str:
@@ -24,66 +24,6 @@ def completion_text(completion) -> str:
     if isinstance(completion, list):
         return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
     return str(completion)
-
-
-def _boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...}, braces balanced."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion: the last \\boxed{}, else what follows "the answer is", else the last
-    number."""
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    found = _ANSWER_IS.findall(text)
-    if found:
-        return found[-1].strip().rstrip(".")
-    numbers = _NUMBER.findall(text.replace(",", ""))
-    return numbers[-1].replace(" ", "") if numbers else None
-
-
-def _as_number(text: str) -> Fraction | None:
-    text = text.strip().strip("$").replace(",", "").replace(" ", "")
-    frac = re.fullmatch(r"(-?)\\[dt]?frac(?:\{(-?\d+)\}\{(\d+)\}|(\d)(\d))", text)
-    if frac:
-        sign, num, den = frac.group(1), frac.group(2) or frac.group(4), frac.group(3) or frac.group(5)
-        text = f"{sign}{num}/{den}"
-    try:
-        return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(answer: str, reference: str) -> bool:
-    """Equivalent final answers: math-verify first, exact numeric comparison as the fallback."""
-    try:
-        from math_verify import parse, verify
-
-        gold = parse(f"${reference}$")
-        guess = parse(f"${answer}$")
-        if gold and guess and verify(gold, guess):
-            return True
-    except Exception:  # noqa: BLE001 -- math-verify missing or failing on odd input: fall back below
-        pass
-    a, b = _as_number(answer), _as_number(reference)
-    return a is not None and a == b
-
-
-def reference_answer(reference: str) -> str:
-    """The final answer of a reference: GSM8K writes its solution then `#### 72`; other references are used as
-    they are."""
-    head, sep, tail = reference.rpartition("####")
-    return tail.strip().replace(",", "") if sep else reference.strip()
 
 
 def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
@@ -96,8 +36,7 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
         if reference is None:
             rewards.append(None)
             continue
-        guess = extract_answer(completion_text(completion))
-        rewards.append(float(guess is not None and answers_match(guess, reference_answer(str(reference)))))
+        rewards.append(float(is_correct(completion_text(completion), reference)))
     return rewards
 
 

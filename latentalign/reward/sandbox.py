@@ -5,19 +5,46 @@ Each program runs in its own process, started through a small bootstrap that, be
   open files and, where the OS enforces it, the process count;
 - leaves the network: a fresh network namespace with no interfaces where the kernel allows one;
 - drops root privileges to `nobody` when started as root, so the parent's files and processes are out of reach;
-- installs an audit hook that refuses the calls a test program never needs: process creation (fork, exec,
-  subprocess, os.system), signals to other processes, sockets, ctypes, reading another process's /proc entry,
-  and writing files outside its private temporary directory.
+- installs an audit hook that refuses the calls a test program never needs: process and thread creation,
+  signals (to any process, itself included), sockets, ctypes, reading /proc, writing files outside its private
+  temporary directory, and the ways to reach another frame or object (sys._getframe, tracebacks' and
+  generators' frames, gc's object lists, trace and profile hooks).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
-Programs run several at a time in a thread pool. This is a process sandbox for reward computation on one's own
-machine, not a container: for adversarial workloads at scale, run rewards in a container or microVM as well.
+Programs run several at a time in a thread pool.
+
+**Passed means the tests ran to completion, not "exit status 0".** The program and its tests reach the
+bootstrap on standard input, never on disk. The bootstrap runs the program, then the tests, and writes the
+verdict to a pipe, prefixed with a random nonce that only the parent and the bootstrap know; a missing or
+malformed verdict is a failure. What that defeats (each has a test in tests/unit/reward/test_reward_hacks.py):
+- every early exit: `sys.exit`, `exit()`/`quit()`, `os._exit`, raising SystemExit or KeyboardInterrupt at any
+  point, atexit handlers (the harness leaves with `os._exit` after its verdict, so none runs), killing or
+  stopping its own process (signals are refused and the signal functions removed), closing or redirecting the
+  verdict pipe;
+- forging the verdict: printing "passed", writing to the verdict pipe, reading the tests or the nonce from a
+  file, standard input, /proc/self/mem or another frame;
+- values built to compare equal to anything: the function under test must return plain data (the
+  interpreter's own types, exactly: no subclass of int or str with its own `__eq__`); and every comparison in
+  the tests is rewritten to one that checks a non-plain operand against private sentinels (equal to anything,
+  both equal and unequal, ordered against anything);
+- replacing what the tests use: the tests see a private copy of the builtins, the prompt's own helpers
+  (HumanEval's `poly`) rather than the program's versions of them, and any module attribute, builtin or
+  sys.modules entry that the program changed fails the run.
+What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):
+- a program that special-cases the tests' inputs (hard-coded answers), or reads them from a function the tests
+  pass it (a test-defined function hands its globals over);
+- changes made and undone while the tests run (a standard-library module patched and restored in between two
+  of the checks), and modules the program imports first;
+- bugs in CPython itself, and kernel-level escapes: for adversarial workloads at scale, run rewards in a
+  container or microVM as well.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -42,12 +69,13 @@ class SandboxLimits:
 
 @dataclass
 class RunResult:
-    passed: bool  # exited with status 0 within the limits
+    passed: bool  # the program and then every test ran to completion, within the limits
     returncode: int | None  # None when killed at the wall-clock timeout
     timed_out: bool
     stdout: str
     stderr: str
     seconds: float
+    verdict: str = ""  # the harness's own words: "passed", "failed: AssertionError (line 3) in the tests", ...
 
 
 def _clean_env(home: str) -> dict:
@@ -55,36 +83,83 @@ def _clean_env(home: str) -> dict:
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
 
-def run_program(code: str, limits: SandboxLimits = SandboxLimits()) -> RunResult:
-    """Run `code` (Python source) in the sandbox and report how it ended."""
+def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: str | None = None,
+                entry_point: str | None = None, prefix: str | None = None) -> RunResult:
+    """Run `code` (Python source), then `tests` against it, in the sandbox, and report how it ended.
+
+    With `entry_point` the tests see that function through a wrapper that accepts plain return values only,
+    and HumanEval's `check(candidate)` is called with it. `prefix` is trusted source the program continues
+    (HumanEval's prompt): its helpers are what the tests see under their names.
+    """
     workdir = tempfile.mkdtemp(prefix="latentalign-sandbox-")
     start = time.perf_counter()
+    status_read, status_write = os.pipe()
+    nonce = secrets.token_hex(16)
+    payload = json.dumps({"nonce": nonce, "status_fd": status_write, "program": code, "tests": tests or "",
+                          "entry_point": entry_point, "prefix": prefix, "cpu_s": limits.cpu_s,
+                          "memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes,
+                          "max_processes": limits.max_processes}).encode()
     try:
-        Path(workdir, "program.py").write_text(code, encoding="utf-8")
         out_path, err_path = Path(workdir, ".stdout"), Path(workdir, ".stderr")
         if os.geteuid() == 0:  # the program runs as nobody: give it its directory
-            for path in (workdir, out_path.parent / "program.py"):
-                os.chown(path, 65534, 65534)
+            os.chown(workdir, 65534, 65534)
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(BOOTSTRAP), workdir, str(limits.cpu_s), str(limits.memory_mb),
-                 str(limits.output_bytes), str(limits.max_processes)],
-                cwd=workdir, env=_clean_env(workdir), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True,
+                [sys.executable, "-I", "-S", str(BOOTSTRAP), workdir], cwd=workdir, env=_clean_env(workdir),
+                stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True, close_fds=True,
+                pass_fds=(status_write,),
             )
+            os.close(status_write)
+            status_write = -1
             timed_out = False
             try:
+                try:
+                    proc.stdin.write(payload)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
                 proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
                 _kill_group(proc)
+        status = _read_all(status_read)
         read = lambda p: p.read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")  # noqa: E731
         returncode = None if timed_out else proc.returncode
-        return RunResult(passed=returncode == 0, returncode=returncode, timed_out=timed_out,
-                         stdout=read(out_path), stderr=read(err_path), seconds=time.perf_counter() - start)
+        verdict = _verdict(status, nonce, timed_out, returncode)
+        return RunResult(passed=verdict == "passed", returncode=returncode, timed_out=timed_out,
+                         stdout=read(out_path), stderr=read(err_path), seconds=time.perf_counter() - start,
+                         verdict=verdict)
     finally:
+        os.close(status_read)
+        if status_write >= 0:
+            os.close(status_write)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)  # the writer is dead: whatever is in the pipe is all there is
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _verdict(status: bytes, nonce: str, timed_out: bool, returncode: int | None) -> str:
+    prefix = nonce.encode() + b" "
+    if timed_out:
+        return "failed: wall-clock timeout"
+    if prefix in status and not status.startswith(prefix):
+        return "failed: the program wrote to the verdict pipe"
+    if not status.startswith(prefix) or status.count(prefix) != 1:
+        return f"failed: no verdict from the harness (the program ended it early, exit status {returncode})"
+    return status[len(prefix):].decode("utf-8", errors="replace")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -95,9 +170,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_programs(codes: list[str], limits: SandboxLimits = SandboxLimits(), workers: int | None = None
-                 ) -> list[RunResult]:
-    """Run several programs in parallel (one process each); results in input order."""
-    workers = workers or max(1, min(len(codes), os.cpu_count() or 1))
+def run_programs(codes: list[str], limits: SandboxLimits = SandboxLimits(), workers: int | None = None, *,
+                 tests: list[str | None] | None = None, entry_points: list[str | None] | None = None,
+                 prefixes: list[str | None] | None = None) -> list[RunResult]:
+    """Run several programs in parallel (one process each), each with its own tests; results in input order."""
+    n = len(codes)
+    jobs = list(zip(codes, tests or [None] * n, entry_points or [None] * n, prefixes or [None] * n))
+    workers = workers or max(1, min(n, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda c: run_program(c, limits), codes))
+        return list(pool.map(lambda job: run_program(job[0], limits, tests=job[1], entry_point=job[2],
+                                                     prefix=job[3]), jobs))

@@ -139,12 +139,16 @@ def _log_callback(rewards, meter, replay=None):
     from transformers import TrainerCallback
 
     class RewardAndLoadLog(TrainerCallback):
-        """Adds reward failures (samples scored None) and the expert load to every log line."""
+        """Adds reward failures (samples scored None), math-verify's own failures and the expert load to every
+        log line."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or "loss" not in logs:
                 return
+            from ..reward.answers import VERIFIER
+
             extra = {f"rewards/{fn.__name__}/failures": sum(fn.failures.values()) for fn in rewards}
+            extra["rewards/verifier_failures"] = sum(VERIFIER.failures.values())  # math-verify's own errors
             extra.update(meter.pop_metrics())
             agreement = replay.pop_agreement() if replay is not None else None
             if agreement is not None:
@@ -203,6 +207,9 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
         before = exact_match(model, tokenizer, eval_rows, max_new_tokens=cfg.eval_max_new_tokens)["accuracy"]
     metrics = train_and_save(trainer, tokenizer, cfg)
     metrics["reward_failures"] = {fn.__name__: dict(fn.failures) for fn in rewards}
+    from ..reward.answers import VERIFIER
+
+    metrics["verifier_failures"] = dict(VERIFIER.failures)
     if eval_rows:
         from ..model import load_model
 

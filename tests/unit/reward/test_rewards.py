@@ -106,3 +106,33 @@ def test_wrong_number_of_values_names_the_function():
 
     with pytest.raises(RewardError, match="reward function 'short' returned 1 values for 3 completions"):
         guarded(short)(["", "", ""], ["a", "b", "c"])
+
+
+def test_every_registered_reward_scores_the_same_bare_and_guarded(tmp_path):
+    """The RL stage wraps each reward in `guarded` with a timeout (a worker thread); no reward may change its
+    verdicts there. Covers every registry name, a trained reward model (`model:PATH`) and a weighted sum."""
+    from answer_table import ROWS
+
+    from latentalign.reward.functions import REGISTRY
+    from latentalign.reward.sandbox import SandboxLimits
+    from latentalign.starting_point import load_starting_point, save_model_dir
+
+    model, tokenizer = load_starting_point("tiny", overrides={"num_hidden_layers": 1, "hidden_size": 32,
+                                                              "intermediate_size": 64})
+    rm_dir = save_model_dir(model, tokenizer, tmp_path / "rm")
+    completions = [c for c, _, _ in ROWS][:12] + ["```python\ndef f():\n    return 1\n```", "def f(): return 2"]
+    n = len(completions)
+    columns = {"answer": [r for _, r, _ in ROWS][:12] + ["1", "1"],
+               "test": [None] * 12 + ["assert f() == 1"] * 2,
+               "completion_ids": [[0] * (5 * i) for i in range(n)]}
+    rewards = {name: get_reward(name) for name in REGISTRY}
+    rewards["code"] = get_reward("code", timeout_s=5)
+    rewards["model:PATH"] = get_reward(f"model:{rm_dir}")
+    rewards["weighted"] = weighted_sum({"math": 1.0, "format": 0.5, "equations": 0.25})
+    assert set(REGISTRY) <= set(rewards)
+    for name, fn in rewards.items():
+        bare = fn(["What is it?"] * n, completions, **columns)
+        wrapped = guarded(fn, timeout_s=60)
+        assert wrapped(["What is it?"] * n, completions, **columns) == bare, name
+        assert sum(wrapped.failures.values()) == sum(v is None for v in bare), name
+    assert rewards["code"]([""] * n, completions, **columns)[-2:] == [1.0, 0.0]

@@ -112,5 +112,6 @@ def test_humaneval_canonical_solutions_pass_and_wrong_variants_fail():
 
 
 def test_fenced_code_is_extracted():
-    program = build_program("Here it is:\n```python\ndef f():\n    return 1\n```\nDone.", "assert f() == 1")
-    assert run_program(program, LIMITS).passed
+    program = build_program("Here it is:\n```python\ndef f():\n    return 1\n```\nDone.")
+    assert run_program(program, LIMITS, tests="assert f() == 1").passed
+    assert not run_program(program, LIMITS, tests="assert f() == 2").passed

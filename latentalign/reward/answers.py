@@ -1,0 +1,252 @@
+"""The one answer checker: the final answer of a completion, the answer of a reference, and whether they agree.
+
+The math reward, held-out exact match, maj@k and the run report all judge answers here, so "correct" means one
+thing everywhere:
+
+    >>> from latentalign.reward.answers import is_correct
+    >>> is_correct("So the total is \\boxed{1,234}.", "#### 1234")
+    True
+    >>> is_correct("The answer is 0.51.", "0.5")
+    False
+
+- `final_answer(text)`: the last `\\boxed{}` (braces balanced; "\\boxed{3} or \\boxed{4}" is both), else the last
+  "#### N", else what follows the last "the answer is" / "answer:", else the last number ("3 or 4" is both).
+- `reference_answer(ref)`: a GSM8K solution's `#### N`, a MATH solution's last `\\boxed{}`, else the reference.
+- `answers_match(answer, reference)`: plain numbers are compared exactly here (thousands separators, `1{,}234`,
+  `1\\,234`, percentages, `a/b`, `\\frac`, decimals, `1e3`, negatives with ASCII or Unicode minus, currency and
+  trailing units, rounding to 6 decimals as math-verify does); everything else (`\\sqrt{4}`, `2^{3}`, sets,
+  intervals, expressions) goes to math-verify. Numbers never reach math-verify: it costs tens of
+  milliseconds a call, and a GRPO step scores hundreds of completions.
+
+math-verify's own timeouts use `signal.alarm`, which works in the main thread only; elsewhere (a reward under
+`guarded(..., timeout_s=...)` runs in a worker thread) they are switched off and the caller's timeout does the
+job, as TRL's accuracy reward does. An error of the verifier itself is counted in `VERIFIER.failures` by type
+and logged once per type; the comparison then falls back to comparing the normalised strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import Counter
+from fractions import Fraction
+
+log = logging.getLogger(__name__)
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+_NUM = r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?|[-+\u2212]?\.\d+%?"
+_TOKEN = (rf"-?\\[dt]?frac\s*\{{\s*-?\d+\s*\}}\s*\{{\s*\d+\s*\}}|-?\\[dt]?frac\d\d"
+          rf"|(?:{_NUM})(?:\s*/\s*\d+(?![\d,]))?(?![\d,])")
+_LAST_NUMBER = re.compile(rf"(?:({_TOKEN})\s+or\s+)?({_TOKEN})")
+_HEDGE = re.compile(r"^\s*(?:,|or|and|,\s*or)\s*\$?\s*$")
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
+    """(start of `\\boxed{`, start, end of its content) of every \\boxed{...}, braces balanced."""
+    spans = []
+    for match in _BOXED.finditer(text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                spans.append((match.start(), start, i))
+                break
+    return spans
+
+
+def _clip_sentence(span: str) -> str:
+    """What follows "the answer is" up to the end of its sentence: "42. Next we ..." -> "42"."""
+    span = re.split(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|\n", span, maxsplit=1)[0]
+    return span.strip().strip("*").strip()
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a completion (see the module docstring for the order), or None if it has none."""
+    spans = _boxed_spans(text)
+    if spans:
+        answers = [text[spans[-1][1]:spans[-1][2]].strip()]
+        for (_, s0, e0), (b1, _, _) in zip(reversed(spans[:-1]), reversed(spans[1:])):
+            if not _HEDGE.match(text[e0 + 1:b1]):  # "\\boxed{3} or \\boxed{4}": a hedge, both count
+                break
+            answers.insert(0, text[s0:e0].strip())
+        return ", ".join(answers)
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return hashes[-1].strip()
+    found = _ANSWER_IS.findall(text)
+    if found:
+        span = _clip_sentence(found[-1].replace("$", " "))
+        if span:
+            return span
+    numbers = _LAST_NUMBER.findall(text)
+    if not numbers:
+        return None
+    hedge, last = numbers[-1]
+    return f"{hedge}, {last}" if hedge else last
+
+
+def reference_answer(reference) -> str:
+    """The answer of a reference: GSM8K ends its solution with `#### 72`, MATH boxes it; other references are
+    the answer itself."""
+    reference = str(reference)
+    head, sep, tail = reference.rpartition("####")
+    if sep:
+        return tail.strip()
+    spans = _boxed_spans(reference)
+    return reference[spans[-1][1]:spans[-1][2]].strip() if spans else reference.strip()
+
+
+# ---- plain numbers --------------------------------------------------------------------------------------------
+
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"^([-+]?)\\[dt]?frac(?:\{\s*([-+]?[\d.]+)\s*\}\{\s*([\d.]+)\s*\}|(\d)(\d))$")
+_PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
+_UNITS = re.compile(r"^(.*?\d%?)\s*(?:[a-zA-Z][a-zA-Z .]*|\^?\s*\\circ|°)$")
+
+
+def _strip_number(text: str) -> str:
+    text = _TEXT.sub(lambda m: f" {m.group(1)} ", text)
+    for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\u2212", "-"),
+                     ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
+                     (" percent", "%"), ("€", ""), ("£", ""), ("*", "")):
+        text = text.replace(old, new)
+    text = text.strip().rstrip(".").strip()
+    text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
+    units = _UNITS.match(text)
+    if units and not re.search(r"[a-zA-Z]", units.group(1)):
+        text = units.group(1)
+    text = re.sub(r"\s*/\s*", "/", text)
+    return re.sub(r"^([-+])\s+", r"\1", text)
+
+
+def _as_fraction(token: str) -> Fraction:
+    return Fraction(token.replace(",", "").replace("\u2212", "-").rstrip("%"))
+
+
+def parse_number(text: str) -> tuple[Fraction, bool] | None:
+    """(value, written as a percentage) of a plain number in any of the forms the module docstring lists, or
+    None when `text` is not a plain number."""
+    text = _strip_number(text)
+    frac = _FRAC.match(text)
+    if frac:
+        sign, num, den = frac.group(1), frac.group(2) or frac.group(4), frac.group(3) or frac.group(5)
+        try:
+            value = Fraction(num) / Fraction(den)
+        except (ValueError, ZeroDivisionError):
+            return None
+        return (-value if sign == "-" else value), False
+    plain = _PLAIN.match(text)
+    if not plain:
+        return None
+    try:
+        value = _as_fraction(plain.group(1))
+        if plain.group(2):
+            value /= _as_fraction(plain.group(2))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value, "%" in text
+
+
+def _same(a: Fraction, b: Fraction) -> bool:
+    return a == b or round(a, 6) == round(b, 6)
+
+
+def numbers_match(answer: tuple[Fraction, bool], reference: tuple[Fraction, bool]) -> bool:
+    """Equal values; a percentage on one side also matches its value over 100 ("50%" = "0.5" = "50")."""
+    (a, a_pct), (b, b_pct) = answer, reference
+    if _same(a, b):
+        return True
+    if a_pct != b_pct:
+        pct, other = (a, b) if a_pct else (b, a)
+        return _same(pct / 100, other)
+    return False
+
+
+# ---- math-verify ----------------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """math-verify, callable from any thread, with its failures counted instead of swallowed."""
+
+    def __init__(self):
+        self.failures: Counter = Counter()
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, answer: str, reference: str) -> bool | None:
+        """True/False from math-verify, None when it is missing or failed (counted and logged)."""
+        try:
+            from math_verify import parse, verify
+        except ImportError:
+            self._failed("ImportError", "math-verify is not installed; LaTeX answers are compared as strings")
+            return None
+        main = threading.current_thread() is threading.main_thread()
+        parse_timeout, verify_timeout = (5, 5) if main else (None, None)
+        if not main:
+            for name in ("math_verify.parser", "math_verify.grader"):
+                logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled", said on every call
+        with self._lock:
+            self.calls += 1
+        try:
+            gold = parse(f"${reference}$", parsing_timeout=parse_timeout, raise_on_error=True)
+            guess = parse(f"${answer}$", parsing_timeout=parse_timeout, raise_on_error=True)
+            if not gold or not guess:
+                return False
+            return bool(verify(gold, guess, timeout_seconds=verify_timeout, raise_on_error=True))
+        except Exception as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
+            self._failed(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
+            return None
+
+    def _failed(self, kind: str, message: str) -> None:
+        with self._lock:
+            self.failures[kind] += 1
+            first = self.failures[kind] == 1
+        if first:
+            log.warning("%s (counted in latentalign.reward.answers.VERIFIER.failures; logged once per kind)", message)
+
+
+VERIFIER = Verifier()
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"\s+", "", _TEXT.sub(r"\1", text)).strip("$.").lower()
+
+
+def answers_match(answer: str | None, reference) -> bool:
+    """Whether a final answer equals a reference answer, as a grader would judge it."""
+    if answer is None or reference is None:
+        return False
+    answer, reference = str(answer).strip(), str(reference).strip()
+    if not answer or not reference:
+        return False
+    a, b = parse_number(answer), parse_number(reference)
+    if a is not None and b is not None:
+        return numbers_match(a, b)
+    verdict = VERIFIER(answer, reference)
+    return _normalised(answer) == _normalised(reference) if verdict is None else verdict
+
+
+def is_correct(completion: str, reference) -> bool:
+    """The completion's final answer equals the reference's (a GSM8K `#### N`, a boxed or a bare answer)."""
+    return answers_match(final_answer(completion), reference_answer(reference))
+
+
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The most common answer, equivalent answers counted together ("0.5" and "1/2" are one vote each for the
+    same answer); ties go to the one seen first. None when no answer was given."""
+    groups: list[list] = []  # [representative, votes]
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if answers_match(answer, group[0]):
+                group[1] += 1
+                break
+        else:
+            groups.append([answer, 1])
+    if not groups:
+        return None
+    return max(groups, key=lambda g: g[1])[0]  # max keeps the first of equal counts

@@ -1,0 +1,80 @@
+"""The one answer checker, on answers in the forms real models and datasets write, judged three ways alike."""
+
+import logging
+import threading
+
+import pytest
+
+from answer_table import ROWS
+from latentalign.reward import answers, get_reward
+from latentalign.reward.answers import answers_match, final_answer, is_correct, majority_answer, reference_answer
+
+COMPLETIONS = [c for c, _, _ in ROWS]
+REFERENCES = [r for _, r, _ in ROWS]
+EXPECTED = [float(e) for _, _, e in ROWS]
+
+
+def test_the_table_is_large_and_mixed():
+    assert len(ROWS) >= 40
+    assert 0.3 < sum(EXPECTED) / len(EXPECTED) < 0.7
+
+
+@pytest.mark.parametrize("completion, reference, expected", ROWS)
+def test_checker_verdict(completion, reference, expected):
+    assert is_correct(completion, reference) is expected
+
+
+def test_bare_reward_and_the_rl_stage_wrapper_agree_with_the_table():
+    from latentalign.rl.stage import RLStageConfig, build_rewards
+
+    bare = get_reward("math")(["q"] * len(ROWS), COMPLETIONS, answer=REFERENCES)
+    (wrapped,), _ = build_rewards(RLStageConfig(rewards={"math": 1.0}))
+    assert wrapped.timeout_s is not None  # the wrapper runs the reward in a worker thread
+    before = dict(answers.VERIFIER.failures)
+    guarded = wrapped(["q"] * len(ROWS), COMPLETIONS, answer=REFERENCES)
+    assert bare == EXPECTED and guarded == EXPECTED
+    assert dict(answers.VERIFIER.failures) == before and sum(wrapped.failures.values()) == 0
+
+
+def test_math_verify_works_off_the_main_thread():
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(v=[answers_match("\\sqrt{4}", "2"),
+                                                            answers_match("2^{3}", "8"),
+                                                            answers_match("\\sqrt{3}", "2")]))
+    before = sum(answers.VERIFIER.failures.values())
+    thread.start()
+    thread.join()
+    assert out["v"] == [True, True, False]
+    assert sum(answers.VERIFIER.failures.values()) == before
+
+
+def test_a_failing_verifier_is_counted_and_logged(monkeypatch, caplog):
+    import math_verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("parser crashed")
+
+    monkeypatch.setattr(math_verify, "parse", broken)
+    monkeypatch.setattr(answers, "VERIFIER", answers.Verifier())
+    with caplog.at_level(logging.WARNING, logger="latentalign.reward.answers"):
+        assert answers_match("\\sqrt{4}", "\\sqrt{4}")  # the fallback: the same string
+        assert not answers_match("\\sqrt{4}", "2")  # the verifier is needed here and it failed
+    assert answers.VERIFIER.failures == {"RuntimeError": 2}
+    assert sum("parser crashed" in r.message for r in caplog.records) == 1  # once per kind
+    assert answers_match("1,234", "1234")  # plain numbers never need it
+
+
+def test_extraction_and_references():
+    assert final_answer("\\boxed{\\frac{1}{2}} and more") == "\\frac{1}{2}"
+    assert final_answer("Natalia sold 48 clips.\n#### 72") == "72"
+    assert final_answer("the answer is $\\frac12$. Next") == "\\frac12"
+    assert final_answer("nothing here") is None
+    assert reference_answer("She sold 48/2 = 24 clips.\n#### 1,234") == "1,234"
+    assert reference_answer("so $x = \\boxed{\\frac{3}{4}}$.") == "\\frac{3}{4}"
+    assert reference_answer(42) == "42"
+
+
+def test_majority_counts_equivalent_answers_together():
+    assert majority_answer(["1/2", "0.3", "0.5", "\\frac{1}{2}", "0.3"]) == "1/2"
+    assert majority_answer(["7", "8"]) == "7"  # a tie: the first seen
+    assert majority_answer([None, None]) is None
