@@ -280,9 +280,12 @@ def push(
 
 
 @app.command()
-def demo(overrides: list[str] = OVERRIDES):
+def demo(overrides: list[str] = OVERRIDES,
+         output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: runs/quickstart).")):
     """The embedded default end to end: `latentalign run quickstart` (what `make demo` runs)."""
-    run_recipe("quickstart", overrides or [], output_dir=None, validate_only=False)
+    # Every option spelled out: called as a function, typer's defaults would be OptionInfo objects.
+    run_recipe("quickstart", overrides or [], output_dir=output_dir, validate_only=False, launcher="none",
+               accelerate_config=None, num_processes=None)
 
 
 def main() -> None:

@@ -17,15 +17,34 @@ from pathlib import Path
 
 import torch
 
-from .config import MODEL_TYPE, LatentAlignConfig
+from .config import MODEL_TYPE, LatentAlignConfig, build_config
 from .modeling import LatentAlignForCausalLM, LatentAlignForSequenceClassification
 
 NATIVE_MODEL_TYPE = "deepseek_v2"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Keys of a saved config that describe the file rather than the architecture.
 _FILE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
-_OUR_KEYS = ("device_aux_loss_alpha", "comm_aux_loss_alpha", "num_device_groups", "router_aux_loss_coef",
-             "moe_capacity_factor", "mla_attention")
+# Hub keys transformers' DeepseekV2Config does not declare but keeps (the original code reads them).
+HUB_KEYS = ("aux_loss_alpha", "seq_aux", "moe_layer_freq", "scoring_func", "ep_size")
+
+
+def our_keys() -> tuple[str, ...]:
+    """Config keys only latentalign knows: ours, not transformers' and not the hub's (kept out of exports)."""
+    from transformers import DeepseekV2Config
+
+    return tuple(sorted(set(LatentAlignConfig.__dataclass_fields__) - set(DeepseekV2Config.__dataclass_fields__)
+                        - set(HUB_KEYS)))
+
+
+def _exportable(config: LatentAlignConfig) -> None:
+    """Refuse what vanilla transformers' deepseek_v2 would compute differently (it ignores these keys)."""
+    for key, value, ok in (("norm_topk_prob", config.norm_topk_prob, not config.norm_topk_prob
+                            or config.num_experts_per_tok == 1),
+                           ("moe_layer_freq", config.moe_layer_freq, config.moe_layer_freq == 1),
+                           ("n_shared_experts", config.n_shared_experts, bool(config.n_shared_experts))):
+        if not ok:
+            raise CheckpointError(f"cannot export {key}={value!r} to transformers' deepseek_v2, which ignores it and "
+                                  f"would compute another model; keep the model in latentalign's format.")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +90,7 @@ def read_config(path, **overrides) -> LatentAlignConfig:
         values.pop("rope_theta", None)
     values.update(overrides)
     try:
-        return LatentAlignConfig(**values)
+        return build_config(**values)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_file}: invalid config: {err}") from None
 
@@ -123,8 +142,9 @@ def load_reward_model(path, *, dtype=None, num_labels: int = 1, **kwargs) -> Lat
 
 def native_config_dict(config: LatentAlignConfig) -> dict:
     """The config.json of a vanilla `deepseek_v2` checkpoint: transformers' keys plus the hub's rope keys."""
+    _exportable(config)
     values = config.to_dict()
-    for key in _OUR_KEYS + ("num_labels", "id2label", "label2id"):
+    for key in our_keys() + ("num_labels", "id2label", "label2id"):
         values.pop(key, None)
     values["model_type"] = NATIVE_MODEL_TYPE
     values["architectures"] = ["DeepseekV2ForCausalLM"]

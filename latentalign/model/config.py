@@ -54,6 +54,15 @@ class LatentAlignConfig(DeepseekV2Config):
         `"expanded"` up-projects the latent into per-head keys and values (training, prefill); `"absorbed"`
         folds W^UK into the query and W^UV after attention, attending over the cached latents (decoding);
         `"auto"` uses absorbed attention when a cache already holds past tokens, expanded otherwise.
+    seq_aux (`bool`, defaults to `True`):
+        The hub key: balance losses per sequence, averaged over the batch (true, as the hub configs ship), or
+        over all the batch's tokens at once (false), as the original code does.
+    moe_layer_freq (`int`, defaults to 1):
+        The hub key: layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0, dense otherwise.
+    scoring_func (`str`, defaults to `"softmax"`):
+        The hub key: affinities by softmax, the only function of DeepSeek-V2 (others are refused).
+    ep_size (`int`, defaults to 1):
+        The hub key: experts per rank in the original inference code; it does not change what is computed.
     score_pooling (`str`, defaults to `"last"`):
         How the reward head (`LatentAlignForSequenceClassification`) turns per-token scores into one: `"last"`
         reads the last real token (as transformers' heads do); `"mean"` averages over all real tokens, so a
@@ -72,16 +81,32 @@ class LatentAlignConfig(DeepseekV2Config):
     moe_capacity_factor: float | None = None
     mla_attention: str = "auto"
     score_pooling: str = "last"
+    seq_aux: bool = True
+    moe_layer_freq: int = 1
+    scoring_func: str = "softmax"
+    ep_size: int = 1
 
     def validate_architecture(self):
         super().validate_architecture()
+        for key, ok, need in (
+            ("scoring_func", self.scoring_func == "softmax", "'softmax' (DeepSeek-V2's only gating function)"),
+            ("n_routed_experts", isinstance(self.n_routed_experts, int) and self.n_routed_experts > 0,
+             "a positive number of routed experts"),
+            ("num_key_value_heads", self.num_key_value_heads in (None, self.num_attention_heads),
+             f"num_attention_heads ({self.num_attention_heads}): MLA has one key and value per head"),
+            ("moe_layer_freq", isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1, "an integer >= 1"),
+            ("ep_size", isinstance(self.ep_size, int) and self.ep_size >= 1, "an integer >= 1"),
+            ("n_shared_experts", self.n_shared_experts is None or self.n_shared_experts >= 0, "None or >= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported; it must be {need}.")
         if self.mla_attention not in MLA_PATHS:
             raise ValueError(f"mla_attention must be one of {MLA_PATHS}, got {self.mla_attention!r}.")
         if self.score_pooling not in SCORE_POOLING:
             raise ValueError(f"score_pooling must be one of {SCORE_POOLING}, got {self.score_pooling!r}.")
         if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise ValueError(
-                f"topk_method must be 'greedy' or 'group_limited_greedy', got {self.topk_method!r}."
+                f"topk_method={self.topk_method!r} is not supported; it must be 'greedy' or 'group_limited_greedy'."
             )
         n_experts, top_k = self.n_routed_experts, self.num_experts_per_tok
         if top_k is None or not 0 < top_k <= n_experts:
@@ -103,6 +128,10 @@ class LatentAlignConfig(DeepseekV2Config):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ValueError(f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}.")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` holds DeepSeekMoE (else a dense MLP), as the original code decides."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     @property
     def device_groups(self) -> int:
@@ -227,9 +256,22 @@ def model_config(name: str = "tiny", **overrides) -> LatentAlignConfig:
     if name not in PRESETS:
         raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
     values = PRESETS[name]()
-    known = set(values) | set(LatentAlignConfig.__dataclass_fields__) | {"rope_scaling", "rope_theta", "num_labels"}
+    known = set(values) | set(LatentAlignConfig.__dataclass_fields__) | {"rope_scaling", "rope_theta", "num_labels",
+                                                                       "experts_implementation", "attn_implementation"}
     unknown = sorted(k for k in overrides if k not in known and not hasattr(LatentAlignConfig, k))
     if unknown:
         raise ValueError(f"Unknown config keys for preset {name!r}: {unknown}.")
     values.update(overrides)
-    return LatentAlignConfig(**values)
+    return build_config(**values)
+
+
+def build_config(**values) -> LatentAlignConfig:
+    """`LatentAlignConfig(**values)`, with a rejected value raised as a plain ValueError of one line (the strict
+    dataclass wraps it in a class-validation error)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return LatentAlignConfig(**values)
+    except StrictDataclassError as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(str(cause)) from None

@@ -30,6 +30,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .config import LatentAlignConfig
 
@@ -95,8 +97,13 @@ def balance_loss(
       expert:  f_i = E/(K T) #{t selects i},   P_i = 1/T sum_t s_{i,t},   L = sum_i f_i P_i
       device:  f'_d = mean_{i in d} f_i,       P'_d = sum_{i in d} P_i,   L = sum_d f'_d P'_d
       comm:    f''_d = D/(M T) #{t sent to d},                            L = sum_d f''_d P'_d
-    Padding tokens (attention_mask 0) count nowhere.
+    Padding tokens (attention_mask 0) count nowhere. With `seq_aux: false` (the original code's batch-wise
+    loss) the batch's real tokens are counted as one sequence.
     """
+    if not config.seq_aux:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask.reshape(1, -1)
+        batch_size = 1
     n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
     d, m = config.device_groups, config.device_topk
     alpha1, alpha2, alpha3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
@@ -156,6 +163,9 @@ class DeepseekRouter(hf.DeepseekV2TopkRouter):
             weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor)
         if self.record is not None:
             self.record.append(indices.detach())
+        if self.config.norm_topk_prob and self.config.num_experts_per_tok > 1:
+            # The original code: renormalised to sum to 1, and then not scaled (transformers ignores the flag).
+            return router_logits, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), indices
         return router_logits, weights * self.routed_scaling_factor, indices
 
     def _replayed(self, scores, weights, indices):
@@ -179,6 +189,39 @@ class DeepseekRouter(hf.DeepseekV2TopkRouter):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _weights_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned rows of the expert weights; odd widths (tiny test models) do not have them.
+    The weights' two dims are b's last two (x @ W^T, dy @ W) or a's rows and b's columns (dy^T @ x)."""
+    out_dim, in_dim = b.shape[-2:] if b.dim() == 3 else (a.shape[0], b.shape[1])
+    per_16_bytes = 16 // b.element_size()
+    return out_dim % per_16_bytes == 0 and in_dim % per_16_bytes == 0
+
+
+@torch.library.custom_op("latentalign::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm(a, b, offs=offs)` as one opaque op, for the CPU.
+
+    Opaque so that `torch.compile` calls the eager kernel, which takes fp32 and bf16, instead of inductor's CPU
+    lowering of grouped_mm, which takes bf16 only; and so that the loop over experts for unaligned widths stays
+    out of compiled graphs. (2-D a) x (3-D b) -> one product per group of a's rows; (2-D a) x (2-D b) -> one
+    (a.rows, b.cols) product per group of the shared dimension, stacked.
+    """
+    if _weights_aligned(a, b):
+        return F.grouped_mm(a, b, offs=offs)
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, ends))])
+    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y[rows of group e] = x[rows of group e] @ w[e]^T for rows sorted by group; `offs` are the cumulative ends.
 
@@ -190,14 +233,14 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return grouped_mm(x, w.transpose(-2, -1), offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = F.grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
-        dw = F.grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        dx = grouped_mm(dy, w, offs) if ctx.needs_input_grad[0] else None
+        dw = grouped_mm(dy.t(), x, offs) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
@@ -206,19 +249,19 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     counts -> (M, out)."""
     if x.dtype != w.dtype:
         x = x.to(w.dtype)
-    per_16_bytes = 16 // w.element_size()
-    if w.shape[1] % per_16_bytes or w.shape[2] % per_16_bytes:
-        # grouped_mm needs 16-byte aligned rows; odd widths (tiny test models) take a loop over experts.
-        ends = offs.tolist()
-        starts = [0] + ends[:-1]
-        return torch.cat([F.linear(x[s:e], w[i]) for i, (s, e) in enumerate(zip(starts, ends))])
-    if x.is_cuda:  # CUDA grouped_mm has its own autograd
+    if x.is_cuda and _weights_aligned(x, w):  # CUDA grouped_mm has its own autograd and compiles in every dtype
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
     return _GroupedLinear.apply(x, w, offs)
 
 
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
 class GroupedExperts(hf.DeepseekV2Experts):
     """The routed experts as two fused 3-D weights, computed as grouped GEMMs over expert-sorted tokens.
+
+    transformers' `experts_implementation` is honoured: "grouped_mm" (the default) is ours, "eager" (a loop over
+    experts) and "batched_mm" are transformers' own; anything else is refused when the model is built.
 
     `load_state_dict` also reads the original per-expert layout (`E.gate_proj.weight`, ...), the one
     `save_pretrained` writes: the Trainer resumes checkpoints with a plain `load_state_dict(strict=False)`,
@@ -230,6 +273,8 @@ class GroupedExperts(hf.DeepseekV2Experts):
         self.register_load_state_dict_pre_hook(_merge_per_expert_weights)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.config._experts_implementation not in (None, "grouped_mm"):
+            return super().forward(hidden_states, top_k_index, top_k_weights)  # transformers' dispatch
         n, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
@@ -264,15 +309,17 @@ class DeepseekMoE(hf.DeepseekV2Moe):
         self.config = config
         self.experts = GroupedExperts(config)
         self.gate = DeepseekRouter(config)
-        self.shared_experts = hf.DeepseekV2MLP(
-            config=config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
-        )
+        self.shared_experts = None  # `n_shared_experts: null` (or 0): routed experts only, as in the original code
+        if config.n_shared_experts:
+            self.shared_experts = hf.DeepseekV2MLP(
+                config=config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
+            )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         _, weights, indices = self.gate(hidden_states)
         routed = self.experts(hidden_states.view(-1, shape[-1]), indices, weights).view(shape)
-        return routed + self.shared_experts(hidden_states)
+        return routed if self.shared_experts is None else routed + self.shared_experts(hidden_states)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,14 +400,21 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
     (qk_rope_head_dim), stored by the cache as "keys" (B, 1, T, r) and "values" (B, 1, T, d_r).
     """
 
-    def _use_absorbed(self, cache) -> bool:
+    def _use_absorbed(self, cache, query_length: int) -> bool:
+        """"auto": absorbed once a cache holds past tokens. A static cache (fixed buffers, compiled decoding)
+        is asked nothing about its contents, whose length is a tensor there: one query token means a decode step."""
         mode = self.config.mla_attention
         if mode == "auto":
-            return cache is not None and cache.get_seq_length(self.layer_idx) > 0
+            if cache is None:
+                return False
+            if cache.is_compileable:
+                return query_length == 1
+            return cache.get_seq_length(self.layer_idx) > 0
         return mode == "absorbed"
 
     def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
-        attend = self._absorbed if self._use_absorbed(cache) else self._expanded  # decided before the cache grows
+        # decided before the cache grows
+        attend = self._absorbed if self._use_absorbed(cache, hidden_states.shape[1]) else self._expanded
         q_nope, q_pe, latent, k_pe = self._project(hidden_states, cache, position_embeddings, **kwargs)
         return attend(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)  # (output, attention weights or None)
 
@@ -422,9 +476,11 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         scores = torch.baddbmm(scores, q_lat.reshape(b, h * s, r), latent.transpose(1, 2))
         scores = _mask_scores(scores.view(b, h, s, -1), attention_mask, past)
         probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        probs = F.dropout(probs, p=self.attention_dropout, training=self.training)
         context = torch.matmul(probs.view(b, h * s, -1), latent).view(b, h, s, r)  # attention over latents
         out = torch.einsum("bhsr,hvr->bshv", context, w_uv).reshape(b, s, h * self.v_head_dim)
-        return self.o_proj(out), None
+        # The attention weights are the same probabilities over positions as the expanded path's (B, H, S, T).
+        return self.o_proj(out), probs.view(b, h, s, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,8 +493,7 @@ class DecoderLayer(hf.DeepseekV2DecoderLayer):
         nn.Module.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = MultiHeadLatentAttention(config=config, layer_idx=layer_idx)
-        is_moe = layer_idx >= config.first_k_dense_replace
-        self.mlp = DeepseekMoE(config) if is_moe else hf.DeepseekV2MLP(config)
+        self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else hf.DeepseekV2MLP(config)
         self.input_layernorm = hf.DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = hf.DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -447,6 +502,17 @@ class LatentAlignPreTrainedModel(hf.DeepseekV2PreTrainedModel):
     config_class = LatentAlignConfig
     config: LatentAlignConfig
     _no_split_modules = ["DecoderLayer"]  # FSDP's wrapping unit and device_map's indivisible block
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # GroupedExperts dispatches on it (transformers looks for its decorator in our source)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        chosen = "grouped_mm" if requested_experts is None else requested_experts
+        if chosen not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation={chosen!r} is not supported by {type(self).__name__}; use "
+                             f"one of {EXPERTS_IMPLEMENTATIONS} (grouped_mm is latentalign's grouped GEMMs).")
+        return chosen
 
 
 @dataclass
@@ -480,10 +546,10 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_router_logits=None, **kwargs) -> LatentAlignModelOutput:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
         append_in_place(cache)
         if position_ids is None:
             seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -492,7 +558,8 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
             output_router_logits = self.config.output_router_logits
         out = hf.DeepseekV2Model.forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
+            return_dict=True, **kwargs,
         )
         result = LatentAlignModelOutput(**out)
         if output_router_logits and out.router_logits:
@@ -510,14 +577,15 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, output_router_logits=None,
                 **kwargs) -> LatentAlignCausalLMOutput:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
+            return_dict=True, **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
@@ -544,11 +612,13 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs,
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         batch, length = logits.shape[:2]

@@ -14,3 +14,24 @@ def test_help_does_not_import_torch():
               "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
               "assert 'demo' in r.output; assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_demo_runs_the_quickstart_recipe(monkeypatch, tmp_path):
+    """`latentalign demo` reaches the recipe runner with the quickstart and the user's overrides (the runner
+    itself is stubbed at its boundary: the quickstart takes minutes and has tests of its own)."""
+    from typer.testing import CliRunner
+
+    import latentalign.recipes
+    from latentalign.cli import app
+
+    calls = []
+
+    def fake_run(recipe, overrides, output_dir=None, log=print):
+        calls.append((recipe, overrides, output_dir))
+        return {"eval_table": "| stage | accuracy |", "report": str(tmp_path / "report.md"), "export_dir": None}
+
+    monkeypatch.setattr(latentalign.recipes, "run_recipe", fake_run)
+    result = CliRunner().invoke(app, ["demo", "sft.max_steps=2", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert calls == [("quickstart", ["sft.max_steps=2"], tmp_path)]
+    assert "| stage | accuracy |" in result.output

@@ -67,7 +67,7 @@ def test_saved_checkpoint_reloads_with_auto_class(tmp_path):
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(again, LatentAlignForCausalLM)
-    assert torch.equal(logits(again, IDS % 97), logits(model, IDS % 97))
+    torch.testing.assert_close(logits(again, IDS % 97), logits(model, IDS % 97), atol=1e-5, rtol=1e-5)  # built apart
 
 
 def write_original_format(model, path):

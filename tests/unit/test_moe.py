@@ -134,7 +134,7 @@ def test_token_dropping_only_while_training(make_config):
     model.eval()
     evaluated = model(ids).logits
     model.config.moe_capacity_factor = None
-    assert torch.equal(model(ids).logits, evaluated)
+    torch.testing.assert_close(model(ids).logits, evaluated, atol=1e-6, rtol=1e-6)  # kernels may round apart
     model.config.moe_capacity_factor = 0.25
     model.train()
     assert not torch.allclose(model(ids).logits, evaluated)

@@ -48,11 +48,12 @@ def test_reward_model_loads_from_a_causal_lm_checkpoint(tmp_path, make_config):
     lm.save_pretrained(tmp_path)
     rm = latentalign.load_reward_model(tmp_path)
     assert isinstance(rm, LatentAlignForSequenceClassification)
-    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)  # loading copies the bytes
     rm.save_pretrained(tmp_path / "rm")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     ids = torch.randint(3, 97, (2, 9))
-    assert torch.equal(again(ids).logits, rm(ids).logits)
+    # Two models built apart: the same weights, but kernels may round differently (memory alignment, CPU).
+    torch.testing.assert_close(again(ids).logits, rm(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_config_errors_name_the_problem(make_config):

@@ -1,0 +1,135 @@
+"""What a transformers user relies on, with our classes: tuples, attention weights while decoding, assisted and
+compiled static-cache generation, the experts switch, the old cache keyword."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import CompileConfig, DynamicCache
+
+import latentalign
+from latentalign.model import LatentAlignForCausalLM, LatentAlignForSequenceClassification
+from latentalign.model.modeling import LatentAlignModel
+
+
+def model_of(cls, make_config, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return cls(make_config(**overrides)).eval()
+
+
+def ids_and_mask(lengths=(7, 4), vocab=97):
+    torch.manual_seed(1)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("cls, field", [(LatentAlignModel, "last_hidden_state"), (LatentAlignForCausalLM, "logits"),
+                                        (LatentAlignForSequenceClassification, "logits")])
+def test_return_dict_false_gives_the_output_as_a_tuple(make_config, cls, field):
+    model = model_of(cls, make_config)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        as_dict = model(ids, attention_mask=mask)
+        as_tuple = model(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], getattr(as_dict, field))
+    model.config.return_dict = False  # the config's switch too
+    with torch.no_grad():
+        assert isinstance(model(ids, attention_mask=mask), tuple)
+
+
+def test_attentions_while_decoding_are_the_expanded_paths_probabilities(make_config):
+    model = model_of(LatentAlignForCausalLM, make_config, attn_implementation="eager")
+    ids, mask = ids_and_mask((9, 9))
+    with torch.no_grad():
+        cache = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+        absorbed = model(ids[:, -1:], attention_mask=mask, cache=cache, output_attentions=True).attentions
+        model.config.mla_attention = "expanded"
+        expanded = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(absorbed) == model.config.num_hidden_layers
+    for a, e in zip(absorbed, expanded):
+        assert a.shape == (2, model.config.num_attention_heads, 1, 9)
+        torch.testing.assert_close(a[:, :, 0], e[:, :, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_assisted_generation_with_attentions_gives_the_greedy_tokens(make_config):
+    # attention weights need the eager kernel, as in transformers (SDPA returns none)
+    model = model_of(LatentAlignForCausalLM, make_config, attn_implementation="eager")
+    assistant = model_of(LatentAlignForCausalLM, make_config, seed=3, num_hidden_layers=2, attn_implementation="eager")
+    ids, _ = ids_and_mask((6,))
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **kwargs)
+    out = model.generate(ids, assistant_model=assistant, output_attentions=True, return_dict_in_generate=True,
+                         **kwargs)
+    assert torch.equal(out.sequences, plain)
+    assert out.attentions and all(len(step) == model.config.num_hidden_layers for step in out.attentions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_static_cache_generation_gives_the_eager_tokens(make_config, dtype):
+    """fullgraph compile of the decode step over a static cache: no data-dependent branch on the cache length,
+    and the CPU expert matmul compiles in fp32 as in bf16."""
+    torch._dynamo.reset()
+    model = model_of(LatentAlignForCausalLM, make_config, num_hidden_layers=2).to(dtype)
+    ids, mask = ids_and_mask((7, 4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), eager)  # without compile
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert model._compiled_call is not None  # it did compile (transformers skips silently otherwise)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_experts_implementation_is_honoured(make_config, implementation):
+    ours = model_of(LatentAlignForCausalLM, make_config)
+    assert ours.config._experts_implementation == "grouped_mm"  # ours, the default
+    theirs = model_of(LatentAlignForCausalLM, make_config, experts_implementation=implementation)
+    assert theirs.config._experts_implementation == implementation
+    ids, mask = ids_and_mask()
+    calls = []
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
+    hook = hf.DeepseekV2Experts.forward
+    original = {}
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.config._experts_implementation)
+        return hook(self, *args, **kwargs)
+
+    original["forward"] = spy
+    hf.DeepseekV2Experts.forward = spy
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits,
+                                       atol=1e-5, rtol=1e-4)
+    finally:
+        hf.DeepseekV2Experts.forward = hook
+    assert calls and set(calls) == {implementation}  # transformers' kernel ran, for each MoE layer
+
+
+def test_unsupported_experts_implementation_is_refused(make_config):
+    with pytest.raises(ValueError, match="experts_implementation='deepgemm' is not supported"):
+        LatentAlignForCausalLM(make_config(experts_implementation="deepgemm"))
+
+
+def test_the_old_past_key_values_name_still_works(make_config):
+    model = model_of(LatentAlignForCausalLM, make_config)
+    ids, mask = ids_and_mask((8, 8))
+    with torch.no_grad():
+        new = model(ids[:, :5], attention_mask=mask[:, :5], cache=DynamicCache(config=model.config), use_cache=True)
+        old_cache = DynamicCache(config=model.config)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            old = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=old_cache, use_cache=True)
+        assert old.cache is old_cache and old_cache.get_seq_length() == 5
+        torch.testing.assert_close(old.logits, new.logits)
+        step = model(ids[:, 5:6], attention_mask=mask[:, :6], past_key_values=old_cache).logits
+        full = model(ids[:, :6], attention_mask=mask[:, :6]).logits[:, -1:]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+    assert latentalign.LatentAlignConfig  # the package's public config stays importable
