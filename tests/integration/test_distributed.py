@@ -35,6 +35,7 @@ def sft_losses(out: Path, processes: int, per_device: int) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
+@pytest.mark.slow  # about a minute of two processes on 2 cores: `make test-slow` (CI runs it after `make test`)
 def test_sft_loss_curve_with_two_processes_equals_one_process_at_the_same_global_batch(tmp_path):
     one = sft_losses(tmp_path / "one", processes=1, per_device=2)  # x 4 accumulated: 8 rows a step
     two = sft_losses(tmp_path / "two", processes=2, per_device=1)
@@ -48,6 +49,7 @@ def test_sft_loss_curve_with_two_processes_equals_one_process_at_the_same_global
     assert not (tmp_path / "two" / "model-gathered").exists()
 
 
+@pytest.mark.slow
 def test_recipe_under_accelerate_with_two_processes(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "latentalign.cli", "run", str(TINY), "-o", str(out), "--launcher",
