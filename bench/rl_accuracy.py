@@ -62,7 +62,7 @@ def evaluate(model_dirs: list[str], size: int) -> list[float]:
     from latentalign.data import load_rows
     from latentalign.eval import exact_match
     from latentalign.model import load_model
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.training import load_tokenizer
 
     rows, _ = load_rows("arithmetic-rl", split="test", formats=("rl",), size=size)
     tokenizer = load_tokenizer(model_dirs[0])

@@ -34,7 +34,7 @@ def _user_errors():
     """The exception types that mean bad input rather than a bug."""
     from latentalign.data.loading import DataError
     from latentalign.model.checkpoint import CheckpointError
-    from latentalign.stage import ConfigError
+    from latentalign.training import ConfigError
 
     return ConfigError, DataError, CheckpointError
 
@@ -44,9 +44,11 @@ def _root() -> None:
     """Post-training for DeepSeek-V2-style models (MLA + DeepSeekMoE)."""
 
 
-def _run_stage(module, config, overrides) -> dict:
+def _run_stage(kind: str, config, overrides) -> dict:
+    from latentalign.stages import STAGES, load_config
+
     try:
-        return module.run(module.load_config(config, overrides or []))
+        return STAGES[kind].run(load_config(kind, config, overrides or []))
     except _user_errors() as err:
         _fail(str(err))
 
@@ -61,25 +63,19 @@ def _summary(metrics: dict, metric: str, unit: str) -> str:
 @app.command()
 def sft(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """Supervised fine-tuning (TRL SFTTrainer): full or LoRA, assistant-only loss, MoE balance loss."""
-    from latentalign.sft import stage
-
-    typer.echo(_summary(_run_stage(stage, config, overrides), "exact match", "prompts"))
+    typer.echo(_summary(_run_stage("sft", config, overrides), "exact match", "prompts"))
 
 
 @app.command()
 def reward(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """Reward-model training (TRL RewardTrainer, Bradley-Terry), from an SFT model or any checkpoint."""
-    from latentalign.reward import stage
-
-    typer.echo(_summary(_run_stage(stage, config, overrides), "pairwise accuracy", "pairs"))
+    typer.echo(_summary(_run_stage("reward", config, overrides), "pairwise accuracy", "pairs"))
 
 
 @app.command()
 def rl(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """GRPO (TRL GRPOTrainer) from an SFT model, with named weighted rewards (math, code, format, model:PATH)."""
-    from latentalign.rl import stage
-
-    metrics = _run_stage(stage, config, overrides)
+    metrics = _run_stage("rl", config, overrides)
     typer.echo(_summary(metrics, "exact match", "prompts"))
     if metrics.get("eval_accuracy_before") is not None:
         typer.echo(f"held-out exact match before RL: {metrics['eval_accuracy_before']:.1%}")
@@ -87,7 +83,7 @@ def rl(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
 
 def _load_chat_model(model_dir: Path):
     from latentalign.model import load_model
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.training import load_tokenizer
 
     try:
         model = load_model(model_dir)
@@ -195,7 +191,7 @@ def _run_errors():
 
 
 @app.command("run")
-def run_recipe(
+def run_command(
     recipe: str = typer.Argument(..., help="A shipped recipe (quickstart, deepseek-v2-lite, deepseek-v2) or a YAML file."),
     overrides: list[str] = OVERRIDES,
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's, or runs/NAME)."),
@@ -205,11 +201,12 @@ def run_recipe(
     num_processes: int = typer.Option(None, help="Processes for --launcher accelerate (default: the config's)."),
 ):
     """Run a recipe: SFT -> reward model -> GRPO stages -> eval -> export/push; a rerun resumes where it stopped."""
-    from latentalign.recipes import load_recipe, run_recipe as run
+    from latentalign.recipes import load_recipe, run_recipe
+    from latentalign.training import ConfigError
 
     try:
         if launcher not in ("none", "accelerate"):
-            raise _user_errors()[0](f"--launcher must be 'none' or 'accelerate', got {launcher!r}.")
+            raise ConfigError(f"--launcher must be 'none' or 'accelerate', got {launcher!r}.")
         if launcher == "accelerate":
             load_recipe(recipe, overrides or [])  # fail here, not in every process
             from latentalign.recipes.launch import accelerate_command
@@ -219,9 +216,10 @@ def run_recipe(
             raise typer.Exit(code=subprocess.call(command))
         if validate_only:
             recipe_obj = load_recipe(recipe, overrides or [])
-            typer.echo(f"{recipe_obj.source}: valid ({', '.join(f'{n}:{s.type}' for n, s in recipe_obj.stages.items())})")
+            kinds = ", ".join(f"{n}:{s.type}" for n, s in recipe_obj.stages.items())
+            typer.echo(f"{recipe_obj.source}: valid ({kinds})")
             return
-        manifest = run(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
+        manifest = run_recipe(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
     except _run_errors() as err:
         _fail(str(err))
     if manifest.get("eval_table"):
@@ -243,10 +241,11 @@ def eval_model(
 ):
     """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, KV bytes, speed."""
     from latentalign.eval.tasks import EvalOptions, evaluate, format_table
+    from latentalign.model.checkpoint import CheckpointError
 
     try:
         if not (model_dir / "config.json").is_file():
-            raise _user_errors()[2](f"{model_dir}: not a model directory (no config.json).")
+            raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
         metrics = evaluate(model_dir, tasks, EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit))
     except _run_errors() as err:
         _fail(str(err))
@@ -284,8 +283,8 @@ def demo(overrides: list[str] = OVERRIDES,
          output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: runs/quickstart).")):
     """The embedded default end to end: `latentalign run quickstart` (what `make demo` runs)."""
     # Every option spelled out: called as a function, typer's defaults would be OptionInfo objects.
-    run_recipe("quickstart", overrides or [], output_dir=output_dir, validate_only=False, launcher="none",
-               accelerate_config=None, num_processes=None)
+    run_command("quickstart", overrides or [], output_dir=output_dir, validate_only=False, launcher="none",
+                accelerate_config=None, num_processes=None)
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def export_chat_model(model_dir, out_dir, *, repo_id: str = "latentalign/model",
                       eval_table: str | None = None, check: bool = True) -> dict:
     """Write the native export of `model_dir` to `out_dir` and check it. Returns what was written and checked."""
     from .model import export_native, load_model
-    from .starting_point import load_tokenizer
+    from .training.model_dir import load_tokenizer
 
     model = load_model(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
@@ -167,3 +167,42 @@ def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: 
     result["url"] = upload(out_dir, repo_id, private=private)
     result["uploaded"] = True
     return result
+
+
+PUSH_KEYS = frozenset({"repo_id", "private", "dry_run", "check"})
+
+
+def check_push_stage(values: dict, stages: dict, where: str) -> dict:
+    """Recipe time: a push stage's keys, and a repo id that looks like ORG/NAME."""
+    from .training import ConfigError
+
+    bad = set(values) - PUSH_KEYS
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; expected some of {sorted(PUSH_KEYS | {'init'})}.")
+    repo_id = values.get("repo_id")
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConfigError(f"{where}: repo_id must look like ORG/NAME, got {repo_id!r}.")
+    return values
+
+
+def run_push_stage(runner, name: str, stage) -> dict:
+    """The push stage of a recipe: export the `init:` stage's model, check it, upload unless `dry_run`."""
+    out = runner.stage_dir(name) / "export"
+    values = stage.values
+    result = export_chat_model(runner.model_dir(stage.init), out, repo_id=values["repo_id"], manifest=runner.manifest,
+                               eval_table=runner.manifest.get("eval_table"), check=values.get("check", True))
+    check = result.get("check")
+    if check:
+        runner.log(f"  export loads in vanilla transformers ({check['class']}), logits max |diff| "
+                   f"{check['max_abs_diff']:.2g}")
+    if values.get("dry_run", False):
+        runner.log(f"  dry run: would upload {len(result['files'])} files to {values['repo_id']}: "
+                   f"{', '.join(result['files'])}")
+        url = None
+    else:
+        url = upload(out, values["repo_id"], private=values.get("private", False))
+        runner.log(f"  pushed to {url}")
+    runner.manifest["export_dir"] = str(out)
+    return {"inputs": {"model": runner.model_dir(stage.init)},
+            "outputs": {"export": str(out), "url": url, "files": result["files"]},
+            "metrics": {"vanilla_logits_max_abs_diff": check["max_abs_diff"] if check else None}}

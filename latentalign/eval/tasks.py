@@ -16,10 +16,8 @@ Each task returns a flat dict of metrics named `<task>/<metric>` (the headline o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-TASKS = ("accuracy", "maj@K", "pairwise", "humaneval", "kv_cache", "decode_speed", "lm_eval:TASK")
-
 
 class EvalError(ValueError):
     """An eval request that cannot run: unknown task, or a task that does not fit the model."""
@@ -48,26 +46,22 @@ def parse_tasks(spec) -> list[str]:
     if not names:
         raise EvalError(f"no tasks given; choose from {', '.join(TASKS)}.")
     for name in names:
-        if name.startswith("maj@"):
-            if not name[4:].isdigit() or int(name[4:]) < 1:
-                raise EvalError(f"task {name!r}: write maj@K with K a positive integer, e.g. maj@8.")
-        elif name.startswith("lm_eval:"):
-            if not name[8:]:
-                raise EvalError("task 'lm_eval:' needs a harness task name, e.g. lm_eval:gsm8k.")
-        elif name not in TASKS:
-            raise EvalError(f"unknown task {name!r}; choose from {', '.join(TASKS)}.")
+        task_of(name)
     return names
 
 
 def is_reward_model(model_dir) -> bool:
+    """Whether `model_dir` holds a reward model: its config names one of the reward-head classes."""
     import json
     from pathlib import Path
+
+    from ..model import LatentAlignForSequenceClassification
 
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any("SequenceClassification" in a for a in architectures)
+    heads = {LatentAlignForSequenceClassification.__name__, "DeepseekV2ForSequenceClassification"}
+    return bool(heads & set(json.loads(config.read_text()).get("architectures") or []))
 
 
 def _rows(opts: EvalOptions, source: str, formats):
@@ -110,8 +104,7 @@ def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
 
 
 def pairwise(model_dir, opts: EvalOptions) -> dict:
-    from ..reward.functions import RewardModelFunction
-    from ..reward.stage import pairwise_accuracy
+    from ..reward.functions import RewardModelFunction, pairwise_accuracy
 
     rows = _rows(opts, opts.preference_dataset, ("preference",))
     result = pairwise_accuracy(RewardModelFunction(str(model_dir), batch_size=opts.batch_size), rows)
@@ -187,45 +180,97 @@ def lm_eval_task(model_dir, task: str) -> dict:
     return metrics
 
 
+@dataclass(frozen=True)
+class Task:
+    """An eval task: `run(ctx, arg)` -> metrics, the model it `needs` ("lm": a causal LM, "reward": a reward
+    model, "any"), how its headline value is shown (`format`), and for parametrised names (`maj@8`,
+    `lm_eval:gsm8k`) how the text after the prefix is read."""
+
+    run: Callable
+    needs: str = "lm"
+    format: str = "{:.1%}"
+    parse_arg: Callable | None = None  # prefix tasks: the text after the prefix -> the argument, or EvalError
+
+
+@dataclass
+class TaskContext:
+    model_dir: object
+    opts: EvalOptions
+    model: object = None  # loaded once, for the tasks that need it
+    tokenizer: object = None
+
+
+def _majority_k(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise EvalError(f"task 'maj@{text}': write maj@K with K a positive integer, e.g. maj@8.")
+    return int(text)
+
+
+def _harness_task(text: str) -> str:
+    if not text:
+        raise EvalError("task 'lm_eval:' needs a harness task name, e.g. lm_eval:gsm8k.")
+    return text
+
+
+def _any_model(ctx: TaskContext):
+    if ctx.model is None:
+        from ..model import load_reward_model
+
+        ctx.model = load_reward_model(ctx.model_dir).eval()
+    return ctx.model
+
+
+TASKS: dict[str, Task] = {
+    "accuracy": Task(lambda ctx, _: accuracy(ctx.model, ctx.tokenizer, ctx.opts)),
+    "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_majority_k),
+    "pairwise": Task(lambda ctx, _: pairwise(ctx.model_dir, ctx.opts), needs="reward"),
+    "humaneval": Task(lambda ctx, _: humaneval(ctx.model, ctx.tokenizer, ctx.opts)),
+    "kv_cache": Task(lambda ctx, _: kv_cache_bytes(_any_model(ctx)), needs="any", format="{:,.0f} B/token"),
+    "decode_speed": Task(lambda ctx, _: decode_speed(ctx.model, seed=ctx.opts.seed), format="{:,.0f} tok/s"),
+    "lm_eval:": Task(lambda ctx, name: lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,
+                     format="{:.4g}"),
+}
+
+
+def task_of(name: str) -> tuple[str, Task, object]:
+    """(registry key, task, argument) for a task name, e.g. "maj@8" -> ("maj@", Task, 8)."""
+    if name in TASKS and TASKS[name].parse_arg is None:
+        return name, TASKS[name], None
+    for key, task in TASKS.items():
+        if task.parse_arg is not None and name.startswith(key):
+            return key, task, task.parse_arg(name[len(key):])
+    shown = ", ".join(k + ("K" if k == "maj@" else "TASK" if k.endswith(":") else "") for k in TASKS)
+    raise EvalError(f"unknown task {name!r}; choose from {shown}.")
+
+
+def usable_tasks(tasks, reward: bool) -> list[str]:
+    """The tasks of `tasks` that a reward model (or a causal LM) can run."""
+    return [t for t in tasks if task_of(t)[1].needs in ("any", "reward" if reward else "lm")]
+
+
 def evaluate(model_dir, tasks, opts: EvalOptions | None = None, *, progress: bool = True) -> dict:
     """Run `tasks` on the model saved in `model_dir`; a flat dict of metrics, plus `seconds`."""
     from tqdm.auto import tqdm
 
     from ..model import load_model
-    from ..starting_point import load_tokenizer
+    from ..training.model_dir import load_tokenizer
 
     opts = opts or EvalOptions()
     tasks = parse_tasks(tasks)
     reward = is_reward_model(model_dir)
-    lm_only = [t for t in tasks if t not in ("pairwise", "kv_cache")]
-    if reward and lm_only:
-        raise EvalError(f"{model_dir} is a reward model; tasks {lm_only} need a causal LM (use pairwise).")
-    if not reward and "pairwise" in tasks:
-        raise EvalError(f"{model_dir} is a causal LM; 'pairwise' needs a reward model.")
-    model = tokenizer = None
+    wrong = [t for t in tasks if t not in usable_tasks(tasks, reward)]
+    if wrong and reward:
+        raise EvalError(f"{model_dir} is a reward model; tasks {wrong} need a causal LM (use pairwise).")
+    if wrong:
+        raise EvalError(f"{model_dir} is a causal LM; {', '.join(map(repr, wrong))} needs a reward model.")
+    ctx = TaskContext(model_dir, opts)
     if not reward:
-        model, tokenizer = load_model(model_dir).eval(), load_tokenizer(str(model_dir))
+        ctx.model, ctx.tokenizer = load_model(model_dir).eval(), load_tokenizer(str(model_dir))
     metrics: dict = {}
     start = time.perf_counter()
-    for task in tqdm(tasks, desc=f"eval {model_dir}", unit="task", disable=not progress):
-        if task == "accuracy":
-            metrics.update(accuracy(model, tokenizer, opts))
-        elif task.startswith("maj@"):
-            metrics.update(majority(model, tokenizer, opts, int(task[4:])))
-        elif task == "pairwise":
-            metrics.update(pairwise(model_dir, opts))
-        elif task == "humaneval":
-            metrics.update(humaneval(model, tokenizer, opts))
-        elif task == "kv_cache":
-            if model is None:
-                from ..model import load_reward_model
-
-                model = load_reward_model(model_dir).eval()
-            metrics.update(kv_cache_bytes(model))
-        elif task == "decode_speed":
-            metrics.update(decode_speed(model, seed=opts.seed))
-        else:
-            metrics.update(lm_eval_task(model_dir, task[8:]))
+    for name in tqdm(tasks, desc=f"eval {model_dir}", unit="task", disable=not progress):
+        _, task, arg = task_of(name)
+        metrics.update(task.run(ctx, arg))
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     return metrics
 
@@ -243,10 +288,7 @@ def format_table(rows: dict[str, dict], columns: list[str] | None = None) -> str
 def _cell(column: str, value) -> str:
     if value is None:
         return "-"
-    if column in ("accuracy", "pairwise", "humaneval") or column.startswith("maj@"):
-        return f"{value:.1%}"
-    if column == "kv_cache":
-        return f"{value:,.0f} B/token"
-    if column == "decode_speed":
-        return f"{value:,.0f} tok/s"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    try:
+        return task_of(column)[1].format.format(value)
+    except EvalError:  # not a task's headline value
+        return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -139,49 +139,28 @@ def balance_loss(
 class DeepseekRouter(hf.DeepseekV2TopkRouter):
     """Softmax gate over the routed experts, in fp32. Returns (logits, gate weights, expert indices).
 
-    Routing replay (latentalign.rl.replay) drives two optional attributes: `record`, a list that receives the
-    chosen experts of every forward, and `replay`, (N, K) experts to use instead of the top-K, -1 rows meaning
-    "choose as usual". With `replay` set, `agreement` counts the tokens whose own top-K set equals the replayed one.
+    Routing replay (latentalign.rl.replay) works through forward hooks on this module and `gate_weights`.
     """
 
     def __init__(self, config: LatentAlignConfig):
         super().__init__(config)
         self.config = config
-        self.record: list | None = None
-        self.replay: torch.Tensor | None = None
-        self.enforce_replay = True  # False: only measure agreement with `replay`, route as usual
-        self.agreement = [0, 0]  # tokens whose own choice matched the replayed one, tokens compared
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())  # (N, E)
-        scores = router_logits.softmax(dim=-1)
-        weights, indices = select_experts(scores, self.config)
-        if self.replay is not None:
-            weights, indices = self._replayed(scores, weights, indices)
+        weights, indices = select_experts(router_logits.softmax(dim=-1), self.config)
         if self.training and self.config.moe_capacity_factor is not None:
             weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor)
-        if self.record is not None:
-            self.record.append(indices.detach())
-        if self.config.norm_topk_prob and self.config.num_experts_per_tok > 1:
-            # The original code: renormalised to sum to 1, and then not scaled (transformers ignores the flag).
-            return router_logits, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), indices
-        return router_logits, weights * self.routed_scaling_factor, indices
+        return router_logits, self.gate_weights(weights), indices
 
-    def _replayed(self, scores, weights, indices):
-        replay = self.replay.to(indices.device)
-        if replay.shape != indices.shape:
-            raise ValueError(f"routing replay holds {tuple(replay.shape)} expert choices for a forward of "
-                             f"{tuple(indices.shape)}; replay needs the rollout's exact token layout.")
-        given = (replay >= 0).all(-1)  # rows the rollout decided
-        own, theirs = indices.sort(-1).values, replay.sort(-1).values
-        self.agreement[0] += int(((own == theirs).all(-1) & given).sum())
-        self.agreement[1] += int(given.sum())
-        if not self.enforce_replay:
-            return weights, indices
-        indices = torch.where(given.unsqueeze(-1), replay, indices)
-        # The gate values of the replayed experts come from this forward's affinities (so gradients flow).
-        return torch.where(given.unsqueeze(-1), scores.gather(-1, indices), weights), indices
+    def gate_weights(self, affinities: torch.Tensor) -> torch.Tensor:
+        """The gate values of the chosen experts' affinities (N, K): renormalised to sum to 1 with
+        `norm_topk_prob` (and then not scaled, as the original code; transformers ignores the flag), else
+        scaled by `routed_scaling_factor`."""
+        if self.config.norm_topk_prob and self.config.num_experts_per_tok > 1:
+            return affinities / (affinities.sum(dim=-1, keepdim=True) + 1e-20)
+        return affinities * self.routed_scaling_factor
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ from .schema import Recipe, RecipeError, load_recipe, validate
 
 
 def run_recipe(spec, overrides=(), output_dir=None, log=print) -> dict:
-    from .runner import run_recipe as run
+    """Load the recipe `spec` (a shipped name or a YAML file), run it, and return its manifest."""
+    from .runner import Runner
 
-    return run(spec, overrides, output_dir=output_dir, log=log)
+    return Runner(load_recipe(spec, overrides), output_dir=output_dir, log=log).run()
 
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "run_recipe", "validate"]

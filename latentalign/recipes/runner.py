@@ -21,8 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from ..stage import is_main_process
-from .schema import TRAINING, Recipe, RecipeError
+from ..training import is_main_process
+from .schema import Recipe, RecipeError
 
 MARKER = "DONE"
 
@@ -61,14 +61,18 @@ class Runner:
         }
 
     def _first_model(self) -> str | None:
-        first = next((s for s in self.recipe.stages.values() if s.type in TRAINING), None)
+        first = next((s for s in self.recipe.stages.values() if s.kind.makes_model), None)
         return first.values.get("model", "tiny") if first else None
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
     def _save_manifest(self):
+        self.write_json(self.manifest_path, self.manifest)
+
+    def write_json(self, path: Path, data) -> None:
+        """Atomic, and by the main process only."""
         if is_main_process():
-            _write_json(self.manifest_path, self.manifest)
+            _write_json(path, data)
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -122,15 +126,11 @@ class Runner:
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"), skipped_last_run=False)
             self._save_manifest()
             start = time.perf_counter()
-            if stage.type in TRAINING:
-                result = self._run_training(name, stage)  # every process trains
-            elif is_main_process():
-                result = getattr(self, f"_run_{stage.type}")(name, stage)  # eval and push: the main process
-            else:
-                result = {}
+            # training kinds run in every process (they train together); eval and push in the main one
+            result = stage.kind.execute(self, name, stage) if stage.kind.every_process or is_main_process() else {}
             entry.update(result, status="done", seconds=round(time.perf_counter() - start, 1),
                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            if stage.type in ("sft", "rl"):
+            if stage.kind.makes_model == "chat":
                 self.manifest["final_model"] = self.model_dir(name)
             self._save_manifest()
             if is_main_process():
@@ -138,92 +138,6 @@ class Runner:
             _barrier()
         self._finish()
         return self.manifest
-
-    def _training_config(self, name: str, stage):
-        from ..stage import build
-        from .schema import _stage_config_class, _trl_class
-
-        values = dict(stage.values)
-        values["output_dir"] = str(self.stage_dir(name))
-        values.setdefault("seed", self.recipe.seed)
-        if stage.init is not None:
-            values["model"] = self.model_dir(stage.init)
-        if stage.type == "rl":
-            values["rewards"] = {self._reward_name(r): w for r, w in values.get("rewards", {"math": 1.0}).items()}
-            values["reward_options"] = {self._reward_name(r): o for r, o in values.get("reward_options", {}).items()}
-        return build(_stage_config_class(stage.type), _trl_class(stage.type), values,
-                     f"{self.recipe.source}: stages.{name}")
-
-    def _reward_name(self, reward: str) -> str:
-        target = reward.removeprefix("model:")
-        if reward.startswith("model:") and target in self.recipe.stages:
-            return f"model:{self.model_dir(target)}"
-        return reward
-
-    def _run_training(self, name: str, stage) -> dict:
-        from .schema import _stage_module
-
-        cfg = self._training_config(name, stage)
-        metrics = _stage_module(stage.type).run(cfg)
-        summary = {k: metrics.get(k) for k in ("global_step", "train_loss", "train_seconds", "resumed_from",
-                                               "eval_accuracy", "eval_accuracy_before") if metrics.get(k) is not None}
-        inputs = {"model": cfg.model, "dataset": cfg.dataset, "eval_dataset": cfg.eval_dataset}
-        if stage.type == "rl":
-            inputs["rewards"] = cfg.rewards
-        return {"inputs": inputs, "outputs": {"model": metrics["model_dir"], "metrics": f"{cfg.output_dir}/metrics.json"},
-                "metrics": summary}
-
-    def _run_eval(self, name: str, stage) -> dict:
-        import dataclasses
-
-        from ..eval.tasks import EvalOptions, evaluate, format_table, is_reward_model
-
-        fields = {f.name for f in dataclasses.fields(EvalOptions)}
-        opts = EvalOptions(**{k: v for k, v in stage.values.items() if k in fields})
-        opts.seed = stage.values.get("seed", self.recipe.seed)
-        tasks = stage.values.get("tasks", ["accuracy"])
-        results = {}
-        for model_stage in stage.values["models"]:
-            model_dir = self.model_dir(model_stage)
-            reward = is_reward_model(model_dir)
-            usable = [t for t in tasks if (t in ("pairwise", "kv_cache")) == reward or t == "kv_cache"]
-            if not usable:
-                continue
-            results[model_stage] = evaluate(model_dir, usable, opts, progress=False)
-            self.log(f"  {model_stage}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[model_stage].items()
-                                                       if "/" not in k and isinstance(v, (int, float))))
-        table = format_table(results)
-        folder = self.stage_dir(name)
-        if is_main_process():
-            _write_json(folder / "results.json", results)
-            (folder / "table.md").write_text(table + "\n")
-        self.manifest["eval_table"] = table
-        return {"inputs": {"models": {m: self.model_dir(m) for m in stage.values["models"]}, "tasks": tasks},
-                "outputs": {"results": str(folder / "results.json"), "table": str(folder / "table.md")},
-                "metrics": results}
-
-    def _run_push(self, name: str, stage) -> dict:
-        from ..push import export_chat_model, upload
-
-        out = self.stage_dir(name) / "export"
-        result = export_chat_model(self.model_dir(stage.init), out, repo_id=stage.values["repo_id"],
-                                   manifest=self.manifest, eval_table=self.manifest.get("eval_table"),
-                                   check=stage.values.get("check", True))
-        check = result.get("check")
-        if check:
-            self.log(f"  export loads in vanilla transformers ({check['class']}), logits max |diff| "
-                     f"{check['max_abs_diff']:.2g}")
-        if stage.values.get("dry_run", False):
-            self.log(f"  dry run: would upload {len(result['files'])} files to {stage.values['repo_id']}: "
-                     f"{', '.join(result['files'])}")
-            url = None
-        else:
-            url = upload(out, stage.values["repo_id"], private=stage.values.get("private", False))
-            self.log(f"  pushed to {url}")
-        self.manifest["export_dir"] = str(out)
-        return {"inputs": {"model": self.model_dir(stage.init)},
-                "outputs": {"export": str(out), "url": url, "files": result["files"]},
-                "metrics": {"vanilla_logits_max_abs_diff": check["max_abs_diff"] if check else None}}
 
     def _finish(self):
         from .report import write_report
@@ -233,11 +147,4 @@ class Runner:
             self._save_manifest()
 
 
-def run_recipe(spec, overrides=(), output_dir=None, log=print) -> dict:
-    from .schema import load_recipe
-
-    recipe = load_recipe(spec, overrides)
-    return Runner(recipe, output_dir=output_dir, log=log).run()
-
-
-__all__ = ["Runner", "run_recipe", "RecipeError"]
+__all__ = ["Runner", "RecipeError"]

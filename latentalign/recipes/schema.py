@@ -22,18 +22,14 @@ key, wrong type, a stage or dataset that does not exist) is one `RecipeError` na
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..stage import ConfigError
+from ..training import ConfigError
 
-STAGE_TYPES = ("sft", "reward", "rl", "eval", "push")
-TRAINING = ("sft", "reward", "rl")
 TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "stages"}
-PUSH_KEYS = {"type", "init", "repo_id", "private", "dry_run", "check"}
 SHIPPED = Path(__file__).parent
 
 
@@ -49,6 +45,12 @@ class Stage:
     values: dict  # the stage's own keys, `type` and `init` removed
     hash: str = ""
 
+    @property
+    def kind(self):
+        from ..stages import STAGES
+
+        return STAGES[self.type]
+
 
 @dataclass
 class Recipe:
@@ -62,24 +64,7 @@ class Recipe:
     raw: dict = field(default_factory=dict)
 
     def model_stages(self) -> list[str]:
-        return [n for n, s in self.stages.items() if s.type in TRAINING]
-
-
-def _stage_module(kind: str):
-    import importlib
-
-    return importlib.import_module(f"latentalign.{kind}.stage")
-
-
-def _trl_class(kind: str):
-    import trl
-
-    return {"sft": trl.SFTConfig, "reward": trl.RewardConfig, "rl": trl.GRPOConfig}[kind]
-
-
-def _stage_config_class(kind: str):
-    name = {"sft": "SFTStageConfig", "reward": "RewardStageConfig", "rl": "RLStageConfig"}[kind]
-    return getattr(_stage_module(kind), name)
+        return [n for n, s in self.stages.items() if s.kind.makes_model]
 
 
 def find_shipped(spec, folder: Path, what: str) -> Path:
@@ -101,7 +86,7 @@ def find_recipe(spec) -> Path:
 
 
 def load_recipe(spec, overrides=()) -> Recipe:
-    from ..stage import apply_overrides, load_yaml
+    from ..training import apply_overrides, load_yaml
 
     path = find_recipe(spec)
     raw = apply_overrides(load_yaml(path), list(overrides), source=str(path))
@@ -123,8 +108,7 @@ def _check_dataset(value, where: str, base_dir: Path | None):
 
 def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
     """Every stage checked: types, keys (with did-you-mean), references between stages, local datasets."""
-    from ..eval.tasks import EvalError, EvalOptions, parse_tasks
-    from ..stage import _check_type, build
+    from ..training import check_type
 
     unknown = set(raw) - TOP_KEYS
     if unknown:
@@ -133,90 +117,78 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty mapping of stage name -> settings.")
     try:
-        seed = _check_type(raw.get("seed", 0), int, "seed", source)
+        seed = check_type(raw.get("seed", 0), int, "seed", source)
     except ConfigError as err:
         raise RecipeError(str(err)) from None
-    name = str(raw.get("name") or Path(source).stem)
     stages: dict[str, Stage] = {}
     for stage_name, values in stages_raw.items():
-        where = f"{source}: stages.{stage_name}"
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise RecipeError(f"{where}: expected a mapping of settings, got {type(values).__name__}.")
-        values = copy.deepcopy(values)
-        kind = values.pop("type", stage_name if stage_name in STAGE_TYPES else None)
-        if kind is None:
-            raise RecipeError(f"{where}: no `type:`, and the name is not a stage type; set type to one of "
-                              f"{STAGE_TYPES}.")
-        if kind not in STAGE_TYPES:
-            raise RecipeError(f"{where}: type {kind!r} is not one of {STAGE_TYPES}.")
-        init = values.pop("init", None)
-        if init is not None:
-            if init not in stages:
-                later = " (it comes later; stages run in order)" if init in stages_raw else ""
-                raise RecipeError(f"{where}: init {init!r} is not an earlier stage{later}; earlier: {list(stages)}.")
-            if stages[init].type not in TRAINING:
-                raise RecipeError(f"{where}: init {init!r} is a {stages[init].type} stage, which makes no model.")
-            if kind in ("rl", "push", "sft") and stages[init].type == "reward":
-                raise RecipeError(f"{where}: init {init!r} is a reward model; a {kind} stage needs a chat model.")
-        if "output_dir" in values:
-            raise RecipeError(f"{where}: output_dir is set by the runner (<run>/{stage_name}); remove it.")
-        stage = Stage(stage_name, kind, init, values)
-        if kind in TRAINING:
-            if init is not None and "model" in values:
-                raise RecipeError(f"{where}: set either init or model, not both.")
-            if kind == "rl":
-                _check_reward_refs(values, stages, where)
-            checked = {**values, "output_dir": f"<run>/{stage_name}"}
-            if init is not None:
-                checked["model"] = f"<run>/{init}/model"
-            checked.setdefault("seed", seed)
-            try:
-                build(_stage_config_class(kind), _trl_class(kind), checked, where)
-            except ConfigError as err:
-                raise RecipeError(str(err)) from None
-            for key in ("dataset", "eval_dataset"):
-                _check_dataset(values.get(key), f"{where}: {key}", base_dir)
-            _check_preset_overrides(checked, where)
-        elif kind == "eval":
-            option_fields = {f.name for f in dataclasses.fields(EvalOptions)}
-            bad = set(values) - option_fields - {"tasks", "models"}
-            if bad:
-                raise RecipeError(f"{where}: unknown key(s) {sorted(bad)}; expected tasks, models or "
-                                  f"{sorted(option_fields)}.")
-            try:
-                parse_tasks(values.get("tasks", ["accuracy"]))
-            except EvalError as err:
-                raise RecipeError(f"{where}: tasks: {err}") from None
-            models = values.get("models", [n for n, s in stages.items() if s.type in TRAINING])
-            if not isinstance(models, list) or not models:
-                raise RecipeError(f"{where}: models must be a non-empty list of earlier training stages.")
-            for model in models:
-                if model not in stages or stages[model].type not in TRAINING:
-                    raise RecipeError(f"{where}: models: {model!r} is not an earlier sft/reward/rl stage.")
-            values["models"] = models
-            try:
-                EvalOptions(**{k: v for k, v in values.items() if k in option_fields})
-            except TypeError as err:
-                raise RecipeError(f"{where}: {err}") from None
-        else:  # push
-            bad = set(values) - PUSH_KEYS
-            if bad:
-                raise RecipeError(f"{where}: unknown key(s) {sorted(bad)}; expected some of {sorted(PUSH_KEYS - {'type'})}.")
-            if init is None:
-                raise RecipeError(f"{where}: a push stage needs `init:` (the stage whose model is pushed).")
-            repo_id = values.get("repo_id")
-            if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-                raise RecipeError(f"{where}: repo_id must look like ORG/NAME, got {repo_id!r}.")
-        stages[stage_name] = stage
-    first_training = next((s for s in stages.values() if s.type in TRAINING), None)
+        try:
+            stages[stage_name] = _stage(stage_name, values, stages, list(stages_raw), seed, f"{source}: stages.{stage_name}",
+                                        base_dir)
+        except RecipeError:
+            raise
+        except ConfigError as err:
+            raise RecipeError(str(err)) from None
+    first_training = next((s for s in stages.values() if s.kind.makes_model), None)
     if first_training is not None and first_training.init is not None:
         raise RecipeError(f"{source}: stages.{first_training.name}: the first training stage starts from a `model:`.")
-    recipe = Recipe(name=name, source=source, stages=stages, output_dir=raw.get("output_dir"), seed=seed,
-                    description=str(raw.get("description", "")), base_model=raw.get("base_model"), raw=raw)
+    recipe = Recipe(name=str(raw.get("name") or Path(source).stem), source=source, stages=stages,
+                    output_dir=raw.get("output_dir"), seed=seed, description=str(raw.get("description", "")),
+                    base_model=raw.get("base_model"), raw=raw)
     _hash_stages(recipe)
     return recipe
+
+
+def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: str, base_dir) -> Stage:
+    """One stage: its kind, its `init:`, then what its kind checks."""
+    from ..stages import STAGES
+
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: expected a mapping of settings, got {type(values).__name__}.")
+    values = copy.deepcopy(values)
+    kind_name = values.pop("type", name if name in STAGES else None)
+    if kind_name not in STAGES:
+        got = "no `type:`, and the name is not a stage type" if kind_name is None else f"type {kind_name!r} is not one"
+        raise RecipeError(f"{where}: {got}; set type to one of {tuple(STAGES)}.")
+    kind = STAGES[kind_name]
+    init = values.pop("init", None)
+    if init is not None:
+        if init not in earlier:
+            later = " (it comes later; stages run in order)" if init in all_names else ""
+            raise RecipeError(f"{where}: init {init!r} is not an earlier stage{later}; earlier: {list(earlier)}.")
+        made = earlier[init].kind.makes_model
+        if made is None:
+            raise RecipeError(f"{where}: init {init!r} is a {earlier[init].type} stage, which makes no model.")
+        if made not in kind.init_from:
+            raise RecipeError(f"{where}: init {init!r} is a {made} model; a {kind_name} stage needs a "
+                              f"{' or '.join(kind.init_from) or 'no'} model.")
+    elif kind.needs_init:
+        raise RecipeError(f"{where}: a {kind_name} stage needs `init:` (the stage whose model it uses).")
+    if "output_dir" in values:
+        raise RecipeError(f"{where}: output_dir is set by the runner (<run>/{name}); remove it.")
+    if kind.check is not None:
+        values = kind.check(values, earlier, where)
+    if kind.config is not None:
+        _check_training(kind, values, init, seed, name, where, base_dir)
+    return Stage(name, kind_name, init, values)
+
+
+def _check_training(kind, values: dict, init, seed: int, name: str, where: str, base_dir) -> None:
+    """A training stage's values build its config (placeholder paths for what the runner fills in)."""
+    from ..training import build
+
+    if init is not None and "model" in values:
+        raise RecipeError(f"{where}: set either init or model, not both.")
+    checked = {**values, "output_dir": f"<run>/{name}"}
+    if init is not None:
+        checked["model"] = f"<run>/{init}/model"
+    checked.setdefault("seed", seed)
+    build(kind.config, kind.trl_class(), checked, where)
+    for key in ("dataset", "eval_dataset"):
+        _check_dataset(values.get(key), f"{where}: {key}", base_dir)
+    _check_preset_overrides(checked, where)
 
 
 def _check_preset_overrides(values: dict, where: str):
@@ -229,26 +201,13 @@ def _check_preset_overrides(values: dict, where: str):
             raise RecipeError(f"{where}: model_overrides: {err}") from None
 
 
-def _check_reward_refs(values: dict, stages: dict, where: str):
-    rewards = values.get("rewards", {})
-    if not isinstance(rewards, dict):
-        return  # the typed check reports it
-    for reward in rewards:
-        if isinstance(reward, str) and reward.startswith("model:"):
-            target = reward.removeprefix("model:")
-            if target in stages and stages[target].type != "reward":
-                raise RecipeError(f"{where}: rewards: {reward!r} names a {stages[target].type} stage, not a reward "
-                                  f"stage.")
-
-
 def _hash_stages(recipe: Recipe):
     """Each stage's hash covers its type, settings and the hashes of the stages it reads, so that changing a
     stage invalidates everything downstream of it."""
     for stage in recipe.stages.values():
         upstream = [stage.init] if stage.init else []
-        upstream += [r.removeprefix("model:") for r in stage.values.get("rewards", {}) or {}
-                     if isinstance(r, str) and r.removeprefix("model:") in recipe.stages]
-        upstream += list(stage.values.get("models", [])) if stage.type == "eval" else []
+        if stage.kind.upstream is not None:
+            upstream += stage.kind.upstream(stage.values, recipe.stages)
         payload = {"type": stage.type, "values": stage.values, "seed": recipe.seed,
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -365,4 +365,5 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     run()
 
 
-_main()
+if __name__ == "__main__":  # run as a script by sandbox.py
+    _main()

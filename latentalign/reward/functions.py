@@ -77,7 +77,7 @@ class RewardModelFunction:
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None):
         from ..model import load_reward_model
-        from ..starting_point import load_tokenizer
+        from ..training.model_dir import load_tokenizer
 
         self.path = path
         self.model = load_reward_model(path).eval()
@@ -108,6 +108,16 @@ class RewardModelFunction:
                 logits = self.model(**batch.to(self.model.device)).logits
             scores += logits[:, 0].float().tolist()
         return scores
+
+
+def pairwise_accuracy(scorer, rows) -> dict:
+    """Share of preference pairs whose chosen completion `scorer` scores above the rejected one."""
+    prompts = [r.get("prompt", "") for r in rows]
+    chosen = scorer(prompts, [r["chosen"] for r in rows])
+    rejected = scorer(prompts, [r["rejected"] for r in rows])
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(wins) / max(len(rows), 1), "n": len(rows),
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / max(len(rows), 1)}
 
 
 class guarded:  # noqa: N801 -- used like a function: guarded(fn)

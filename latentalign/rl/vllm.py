@@ -12,8 +12,8 @@ layout vLLM's loader reads:
   `kv_a_layernorm`, `kv_b_proj`, `o_proj`), the router `mlp.gate.weight` and the shared experts, already has
   the hub's names and shapes.
 
-`native_named_weights` maps a stream of (name, tensor) to the hub layout; `use_native_names_for_vllm` makes a
-GRPOTrainer's weight sync go through it.
+`native_named_weights` maps a stream of (name, tensor) to the hub layout; the RL stage makes a GRPOTrainer's
+weight sync go through it (`trl_compat.wrap_vllm_weights`).
 """
 
 from __future__ import annotations
@@ -38,14 +38,3 @@ def native_named_weights(named: Iterable) -> Iterator[tuple[str, object]]:
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield name, tensor
-
-
-def use_native_names_for_vllm(trainer) -> bool:
-    """Route TRL's vLLM weight sync through `native_named_weights`. Returns False when the trainer has no
-    vLLM generation (use_vllm off)."""
-    generation = getattr(trainer, "vllm_generation", None)
-    if generation is None or not hasattr(generation, "_iter_named_params"):
-        return False
-    original = generation._iter_named_params
-    generation._iter_named_params = lambda: native_named_weights(original())
-    return True

@@ -1,5 +1,5 @@
 """Supervised fine-tuning stage (TRL SFTTrainer) with DeepSeek-V2 balance losses and the V2 chat template."""
 
-from .stage import SFTStageConfig, load_config, run, use_deepseek_balance_loss
+from .stage import SFTStageConfig, load_config, run
 
-__all__ = ["SFTStageConfig", "load_config", "run", "use_deepseek_balance_loss"]
+__all__ = ["SFTStageConfig", "load_config", "run"]

@@ -46,18 +46,16 @@ class SortedMicroBatchSampler(torch.utils.data.Sampler):
 
 def sorted_micro_batch_trainer(trainer_cls):
     """`trainer_cls` whose training sampler is a `SortedMicroBatchSampler` over the tokenized rows' lengths."""
+    from ..trl_compat import with_train_sampler
 
-    class SortedMicroBatches(trainer_cls):
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if "input_ids" not in getattr(dataset, "column_names", ()):
-                return super()._get_train_sampler(train_dataset)
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            # accelerate hands process i the i-th of each run of per-device batches, so one draw is one optimizer
-            # step whatever the number of processes, and each process's micro-batches are slices of the sorted draw.
-            args = self.args
-            step_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-            return SortedMicroBatchSampler(lengths, step_batch, seed=args.seed)
+    def sampler(trainer, dataset):
+        if "input_ids" not in getattr(dataset, "column_names", ()):
+            return None  # the Trainer's own
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        # accelerate hands process i the i-th of each run of per-device batches, so one draw is one optimizer
+        # step whatever the number of processes, and each process's micro-batches are slices of the sorted draw.
+        args = trainer.args
+        step_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return SortedMicroBatchSampler(lengths, step_batch, seed=args.seed)
 
-    SortedMicroBatches.__name__ = SortedMicroBatches.__qualname__ = f"SortedMicroBatch{trainer_cls.__name__}"
-    return SortedMicroBatches
+    return with_train_sampler(trainer_cls, sampler, f"SortedMicroBatch{trainer_cls.__name__}")

@@ -25,7 +25,7 @@ def prompt_of(i: int) -> str:
 @pytest.fixture
 def scripted(monkeypatch, tmp_path):
     """(policy dir, table file, generate calls): the policy writes row i's completion for prompt i."""
-    from latentalign.starting_point import load_starting_point, save_model_dir
+    from latentalign.training import load_starting_point, save_model_dir
 
     model, tokenizer = load_starting_point("tiny", overrides=SMALL)
     policy = save_model_dir(model, tokenizer, tmp_path / "policy")
@@ -77,7 +77,7 @@ def test_grpo_logs_the_table_verdicts_and_exact_match_agrees(tmp_path, scripted)
 def test_exact_match_gives_each_row_the_table_verdict(scripted):
     from latentalign import load_model
     from latentalign.eval import exact_match
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.training import load_tokenizer
 
     policy, _, _ = scripted
     model, tokenizer = load_model(policy), load_tokenizer(str(policy))

@@ -16,7 +16,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 3
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from latentalign.starting_point import load_starting_point, save_model_dir
+    from latentalign.training import load_starting_point, save_model_dir
 
     root = tmp_path_factory.mktemp("models")
     lm, tokenizer = load_starting_point("tiny", overrides=SMALL)

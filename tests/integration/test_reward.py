@@ -39,7 +39,7 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
 
 
 def test_lora_reward_model_from_an_sft_style_checkpoint(tmp_path):
-    from latentalign.starting_point import load_starting_point, save_model_dir
+    from latentalign.training import load_starting_point, save_model_dir
 
     lm, tokenizer = load_starting_point("tiny", overrides=SMALL)
     save_model_dir(lm, tokenizer, tmp_path / "sft")

@@ -7,7 +7,8 @@ import torch
 
 from latentalign.reward import functions
 from latentalign.rl import load_config, run
-from latentalign.stage import ConfigError
+from latentalign.stages import trl_args
+from latentalign.training import ConfigError
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
          "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
@@ -15,7 +16,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 3
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    from latentalign.starting_point import load_starting_point, save_model_dir
+    from latentalign.training import load_starting_point, save_model_dir
 
     model, tokenizer = load_starting_point("tiny", overrides=SMALL)
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("policy") / "model")
@@ -65,16 +66,36 @@ def test_router_can_be_frozen_and_balance_loss_is_off_by_default(tmp_path, polic
     assert not any("aux_loss" in h for h in metrics["log_history"])
 
 
-def test_deepseekmath_preset_and_bad_rewards(tmp_path, policy_dir):
-    from trl import GRPOConfig
-
+def test_deepseekmath_preset_reaches_the_trainer_under_the_users_options(tmp_path, policy_dir, monkeypatch):
+    """Through the stage's run: the trainer gets the preset's values where the stage defaults differ, and the
+    user's own options over both."""
+    from latentalign.rl import trainer as trainer_module
     from latentalign.rl.stage import DEEPSEEKMATH, TRL_DEFAULTS
-    from latentalign.stage import trl_config
 
-    cfg = small_cfg(tmp_path, policy_dir, "preset=deepseekmath")
-    args = trl_config(GRPOConfig, {**TRL_DEFAULTS, **DEEPSEEKMATH, "output_dir": str(tmp_path)}, cfg)
-    assert (args.beta, args.loss_type, args.num_generations) == (0.04, "grpo", 4)  # the user's option wins
-    assert args.learning_rate == 1e-3 and args.max_completion_length == 6
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, *args, **kwargs):
+            seen["args"] = kwargs["args"]
+            raise Stop
+
+    monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Capture)
+    cfg = load_config(None, [f"model={policy_dir}", f"output_dir={tmp_path / 'rl'}", "preset=deepseekmath",
+                             "num_generations=4", "per_device_train_batch_size=8", "eval_dataset=null"])
+    with pytest.raises(Stop):
+        run(cfg)
+    args = seen["args"]
+    for key in ("learning_rate", "max_completion_length"):
+        assert DEEPSEEKMATH[key] != TRL_DEFAULTS[key]  # so the test fails if the preset were not applied
+        assert getattr(args, key) == DEEPSEEKMATH[key], key
+    assert args.num_generations == 4 != DEEPSEEKMATH["num_generations"]  # the user's option wins
+    assert (args.beta, args.loss_type) == (0.04, "grpo")
+
+
+def test_bad_rewards_and_presets_are_config_errors(tmp_path, policy_dir):
     with pytest.raises(ConfigError, match="unknown reward 'mathh'"):
         run(small_cfg(tmp_path, policy_dir, 'rewards={"mathh": 1.0}'))
     with pytest.raises(ConfigError, match="unknown preset 'r1'"):
@@ -84,19 +105,17 @@ def test_deepseekmath_preset_and_bad_rewards(tmp_path, policy_dir):
 
 def test_grpo_loss_of_one_step_equals_the_hand_computed_value(tmp_path, policy_dir):
     """loss = mean_i 1/|o_i| sum_t [ -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^(ref-logp) - (ref-logp) - 1) ]"""
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from latentalign import load_model
     from latentalign.data import load_rows, to_dataset
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.training import load_tokenizer
 
     torch.manual_seed(0)
     model, tokenizer = load_model(policy_dir), load_tokenizer(str(policy_dir))
-    from latentalign.rl.stage import TRL_DEFAULTS
-    from latentalign.stage import trl_config
-
     cfg = small_cfg(tmp_path, policy_dir, "num_generations=2", "per_device_train_batch_size=2")
-    args = trl_config(GRPOConfig, {**TRL_DEFAULTS, "output_dir": str(tmp_path), "router_aux_loss_coef": 0.0}, cfg)
+    args = trl_args(cfg)
+    assert args.router_aux_loss_coef == 0.0  # the stage's default: no balance loss in RL
     beta, eps = args.beta, args.epsilon  # the stage's defaults: 0.04 and 0.2, plain k3 KL
     assert (beta, eps, args.loss_type, args.use_bias_correction_kl) == (0.04, 0.2, "grpo", False)
     rows, _ = load_rows("arithmetic-rl", size=4, formats=("rl",))
@@ -137,22 +156,18 @@ def test_grpo_loss_of_one_step_equals_the_hand_computed_value(tmp_path, policy_d
 def test_scoring_by_length_equals_one_padded_forward(tmp_path, policy_dir):
     """The stage's trainer scores rows sorted by length, in groups cut to their own widths: the same log-probs,
     entropies and gradients as TRL's single forward over the padded batch."""
-    from trl import GRPOConfig, GRPOTrainer
-
     from latentalign import load_model
     from latentalign.data import load_rows, to_dataset
-    from latentalign.rl.replay import replay_trainer_class
-    from latentalign.rl.stage import TRL_DEFAULTS
-    from latentalign.stage import trl_config
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.rl.trainer import grpo_trainer_class
+    from latentalign.training import load_tokenizer
 
     torch.manual_seed(0)
     model, tokenizer = load_model(policy_dir), load_tokenizer(str(policy_dir))
-    args = trl_config(GRPOConfig, {**TRL_DEFAULTS, "output_dir": str(tmp_path)}, small_cfg(tmp_path, policy_dir))
-    trainer = replay_trainer_class()(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
-                                     args=args, train_dataset=to_dataset(load_rows("arithmetic-rl", size=4,
-                                                                                   formats=("rl",))[0]),
-                                     processing_class=tokenizer)
+    args = trl_args(small_cfg(tmp_path, policy_dir))
+    trainer = grpo_trainer_class()(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                                   args=args, train_dataset=to_dataset(load_rows("arithmetic-rl", size=4,
+                                                                                 formats=("rl",))[0]),
+                                   processing_class=tokenizer)
     trainer.scoring_rows = 3  # 7 rows: groups of 3, 3 and 1
     prompt_len, completion_len, prompt_width, completion_width = [5, 2, 4, 5, 1, 3, 2], [3, 6, 1, 6, 2, 4, 5], 5, 6
     ids = torch.randint(3, model.config.vocab_size, (7, prompt_width + completion_width))
@@ -168,8 +183,8 @@ def test_scoring_by_length_equals_one_padded_forward(tmp_path, policy_dir):
         (logps * mask[:, prompt_width:]).sum().backward()
         return logps.detach(), entropies, model.lm_head.weight.grad.clone()
 
-    ours = score(trainer._get_per_token_logps_and_entropies)
-    theirs = score(lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k))
+    ours = score(trainer._get_per_token_logps_and_entropies)  # the dispatch: cut by length here
+    theirs = score(trainer.trl_score)
     real = mask[:, prompt_width:].bool()
     assert torch.allclose(ours[0][real], theirs[0][real], atol=1e-5)
     assert torch.allclose(ours[1][real], theirs[1][real], atol=1e-5)
@@ -177,8 +192,8 @@ def test_scoring_by_length_equals_one_padded_forward(tmp_path, policy_dir):
     assert torch.allclose(ours[2], theirs[2], atol=1e-5)
 
     mask[0, prompt_width - 2] = 0  # a hole inside a prompt: a layout the cut must not touch
-    ours, theirs = (score(trainer._get_per_token_logps_and_entropies),
-                    score(lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k)))
+    assert not trainer.can_score(mask, completion_width, {})
+    ours, theirs = score(trainer._get_per_token_logps_and_entropies), score(trainer.trl_score)
     # TRL's padded forward, unchanged: the same call twice (no bit-identity demanded of two forwards)
     torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours[2], theirs[2], atol=1e-6, rtol=1e-6)
@@ -215,32 +230,39 @@ def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir
 
 @pytest.mark.parametrize("replay", [True, False])
 def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, monkeypatch, replay):
-    from latentalign.rl import replay as replay_module
+    from contextlib import contextmanager
+
+    from latentalign.rl import trainer as trainer_module
 
     used = {"rollout": [], "training": []}
-    cls = replay_module.replay_trainer_class()
+    cls = trainer_module.grpo_trainer_class()
 
     class Spy(cls):  # the experts each training forward actually used, next to what the rollout chose
-        def _compute_loss(self, model, inputs):
+        @contextmanager
+        def loss_context(self, inputs):
             layouts = []  # the (rows, columns) of the batch each scoring forward saw
-            narrowed = self.routing_replay.narrowed
-            self.routing_replay.narrowed = lambda rows, cols: layouts.append((rows, cols)) or narrowed(rows, cols)
-            for router in self.routing_replay.routers:
-                router.record = []
+            narrowed = self.narrowed
+            self.narrowed = lambda rows, cols: layouts.append((rows, cols)) or narrowed(rows, cols)
+            routers = self.routing_replay.routers
+            records = [[] for _ in routers]  # after the replay hooks, which run first
+            handles = [r.register_forward_hook(lambda _m, _i, out, rec=rec: rec.append(out[2].detach()))
+                       for r, rec in zip(routers, records)]
             try:
-                return super()._compute_loss(model, inputs)
+                with super().loss_context(inputs):
+                    yield
             finally:
-                del self.routing_replay.narrowed
+                del self.narrowed
+                for handle in handles:
+                    handle.remove()
                 rollout = inputs["routing"]
-                for layer, router in enumerate(self.routing_replay.routers):
+                for layer, record in enumerate(records):
                     chosen = torch.full_like(rollout[:, layer], -1)
-                    for (rows, cols), record in zip(layouts, router.record, strict=True):
-                        chosen[rows, cols] = record.view(len(rows), -1, rollout.shape[-1])
+                    for (rows, cols), choice in zip(layouts, record, strict=True):
+                        chosen[rows, cols] = choice.view(len(rows), -1, rollout.shape[-1])
                     used["training"].append(chosen.sort(-1).values)
                     used["rollout"].append(rollout[:, layer].sort(-1).values)
-                    router.record = None
 
-    monkeypatch.setattr(replay_module, "replay_trainer_class", lambda: Spy)
+    monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Spy)
     # Two updates on each rollout batch: the second forward runs on moved weights, where routing drifts.
     metrics = run(small_cfg(tmp_path, policy_dir, f"routing_replay={str(replay).lower()}", "num_iterations=2",
                             "max_steps=4", "learning_rate=3e-2", 'rewards={"format": 1.0}', "eval_dataset=null"))
@@ -253,6 +275,7 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
     assert gaps and all(0 <= g < 1e-3 for g in gaps[:1])  # first batch: same weights, the same distribution
     if replay:
         assert share == 1.0  # every expert choice of the rollout is reproduced
+        assert min(agreement) < 1.0  # the router on its own would have chosen otherwise: replay did the work
     else:
         assert share < 1.0 and min(agreement) < 1.0  # without replay the drift shows, and is logged
 
@@ -260,17 +283,17 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
 def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypatch):
     """With one update per rollout and no reference model, a step runs exactly one scoring forward (the
     training forward); the rollout/training log-prob gap is read from it."""
-    from latentalign.rl import replay as replay_module
+    from latentalign.rl import trainer as trainer_module
 
     calls = []
-    cls = replay_module.replay_trainer_class()
+    cls = trainer_module.grpo_trainer_class()
 
     class Counting(cls):
-        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        def on_scored(self, logps):
             calls.append(torch.is_grad_enabled())
-            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            super().on_scored(logps)
 
-    monkeypatch.setattr(replay_module, "replay_trainer_class", lambda: Counting)
+    monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Counting)
     metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", 'rewards={"format": 1.0}',
                             "eval_dataset=null"))
     assert calls == [True, True]  # one per step, with gradients: the training forward

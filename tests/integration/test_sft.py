@@ -43,7 +43,7 @@ def expected_trained_mask(tokenizer, messages, input_ids):
 def test_labels_mask_every_prompt_and_system_token_and_nothing_else(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    from latentalign.starting_point import load_starting_point
+    from latentalign.training import load_starting_point
 
     rows = [r for r in sft_rows(400, seed=1) if len(r["messages"]) >= 4][:6]
     rows += [r for r in sft_rows(400, seed=2) if r["messages"][0]["role"] == "system"][:6]
@@ -79,7 +79,7 @@ def test_full_sft_trains_saves_and_evaluates(tmp_path):
     reloaded = load_model(metrics["model_dir"])
     assert reloaded.config.vocab_size == len(default_tokenizer())
     from latentalign.data import CHAT_TEMPLATE
-    from latentalign.starting_point import load_tokenizer
+    from latentalign.training import load_tokenizer
 
     assert load_tokenizer(metrics["model_dir"]).chat_template == CHAT_TEMPLATE  # the plain one, not the training one
 
@@ -89,8 +89,8 @@ def test_balance_loss_is_deepseeks_not_mixtrals(tmp_path):
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    from latentalign.sft import use_deepseek_balance_loss
-    from latentalign.starting_point import load_starting_point
+    from latentalign.training import use_deepseek_balance_loss
+    from latentalign.training import load_starting_point
 
     model, tokenizer = load_starting_point("tiny", overrides={**SMALL, "device_aux_loss_alpha": 0.1,
                                                               "num_device_groups": 2})

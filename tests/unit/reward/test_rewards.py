@@ -115,7 +115,7 @@ def test_every_registered_reward_scores_the_same_bare_and_guarded(tmp_path):
 
     from latentalign.reward.functions import REGISTRY
     from latentalign.reward.sandbox import SandboxLimits
-    from latentalign.starting_point import load_starting_point, save_model_dir
+    from latentalign.training import load_starting_point, save_model_dir
 
     model, tokenizer = load_starting_point("tiny", overrides={"num_hidden_layers": 1, "hidden_size": 32,
                                                               "intermediate_size": 64})

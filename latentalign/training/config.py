@@ -1,4 +1,4 @@
-"""Typed stage configs with TRL's option names passed through unchanged.
+"""Stage configs: YAML and `key=value` overrides, type-checked, with TRL's option names passed through unchanged.
 
 A stage config file is flat YAML: our keys (the fields of a `<Stage>Config` dataclass) and any option of the
 TRL config the stage maps onto (`learning_rate`, `per_device_train_batch_size`, `beta`, ...), side by side.
@@ -94,7 +94,7 @@ def apply_overrides(values: dict, overrides: list[str], source: str = "command l
     return values
 
 
-def _check_type(value, annotation, key: str, source: str):
+def check_type(value, annotation, key: str, source: str):
     from pydantic import TypeAdapter, ValidationError
 
     try:
@@ -116,9 +116,9 @@ def build(stage_cls, trl_cls, values: dict, source: str):
     kwargs, trl = {}, {}
     for key, value in values.items():
         if key in ours:
-            kwargs[key] = _check_type(value, our_types[key], key, source)
+            kwargs[key] = check_type(value, our_types[key], key, source)
         elif key in theirs:
-            trl[key] = _check_type(value, trl_types[key], key, source)
+            trl[key] = check_type(value, trl_types[key], key, source)
         else:
             close = difflib.get_close_matches(key, [*ours, *theirs], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -133,118 +133,3 @@ def from_file(stage_cls, trl_cls, path=None, overrides: list[str] = ()):
     values = load_yaml(path) if path else {}
     values = apply_overrides(values, list(overrides))
     return build(stage_cls, trl_cls, values, str(path) if path else "command line")
-
-
-# TRL options every stage sets the same way: plain fp32 AdamW on a laptop-sized default, no logging services,
-# two checkpoints kept. Each stage adds its own defaults; the user's options override both.
-COMMON_TRL_DEFAULTS = dict(
-    report_to="none",
-    optim="adamw_torch",
-    weight_decay=0.0,
-    gradient_checkpointing=False,
-    save_total_limit=2,
-    dataloader_num_workers=0,
-)
-
-
-def trl_config(trl_cls, defaults: dict, stage):
-    """The TRL config: common defaults, the stage's defaults, then the user's TRL options; a bad combination
-    names the key if it can."""
-    import torch
-
-    base = {**COMMON_TRL_DEFAULTS, **defaults}
-    values = {**base, **stage.trl}
-    if values.get("lr_scheduler_type") != base.get("lr_scheduler_type") and "lr_scheduler_kwargs" not in stage.trl:
-        values.pop("lr_scheduler_kwargs", None)  # the defaults' scheduler options belong to the defaults' scheduler
-    if not torch.cuda.is_available():
-        values.setdefault("bf16", False)
-        values["use_cpu"] = values.get("use_cpu", True)
-    try:
-        return trl_cls(**values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid {stage.stage_name} options: {err}") from None
-
-
-def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
-    """(training rows, their format, held-out rows or None), every row checked before anything is built."""
-    from .data import load_rows
-
-    rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
-                          seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
-                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
-    return rows, fmt, eval_rows
-
-
-def newest_checkpoint(output_dir) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(output_dir)
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
-
-
-def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
-    """Train (resuming from the newest checkpoint when `cfg.resume`), save `output_dir/model`, and return the
-    stage's metrics so far. Under several processes only the main one writes."""
-    import time
-
-    from .starting_point import save_model_dir
-
-    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - start
-    out = Path(cfg.output_dir) / "model"
-    if trainer.accelerator.num_processes > 1:
-        model_dir = _save_from_processes(trainer, tokenizer, cfg, out)
-    else:
-        model_dir = save_model_dir(trainer.model, tokenizer, out)
-    return {"stage": cfg.stage_name, "train_loss": result.training_loss, "global_step": result.global_step,
-            "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
-            "log_history": trainer.state.log_history}
-
-
-def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path) -> Path:
-    """The whole model from sharded training: `trainer.save_model` gathers FSDP / ZeRO-3 shards (a collective
-    every process joins) and the main process writes them; it then merges a LoRA adapter into the starting
-    model and writes the stage's model directory like a single process would."""
-    import shutil
-
-    from .model import load_model, load_reward_model
-    from .starting_point import load_starting_point, save_model_dir
-
-    acc = trainer.accelerator
-    gathered = Path(cfg.output_dir) / "model-gathered"
-    trainer.save_model(str(gathered))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        reward = cfg.stage_name == "reward"
-        if (gathered / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
-                                          seed=cfg.seed, reward=reward)
-            model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
-        else:
-            model = (load_reward_model if reward else load_model)(gathered)
-        save_model_dir(model, tokenizer, out)
-        shutil.rmtree(gathered)
-    acc.wait_for_everyone()
-    return out
-
-
-def is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def write_metrics(cfg: TrainingStageConfig, metrics: dict) -> dict:
-    import json
-
-    if not is_main_process():
-        return metrics
-    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return metrics

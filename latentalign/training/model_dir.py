@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model.checkpoint import CheckpointError
-from .stage import ConfigError
+from ..model.checkpoint import CheckpointError
+from .config import ConfigError
 
 
 def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
     """The tokenizer named by `tokenizer_spec` ("builtin" or a path/hub id), else the checkpoint's own, else
     the embedded one for presets."""
-    from .data.tokenizer import default_tokenizer, ensure_chat_template
-    from .model.config import PRESETS
+    from ..data.tokenizer import default_tokenizer, ensure_chat_template
+    from ..model.config import PRESETS
 
     spec = tokenizer_spec or ("builtin" if model_spec in PRESETS else model_spec)
     if spec == "builtin":
@@ -37,8 +37,8 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
     special ids; checkpoints load through `latentalign.load_model` / `load_reward_model`."""
     import torch
 
-    from .model import LatentAlignForCausalLM, LatentAlignForSequenceClassification, load_model, load_reward_model
-    from .model.config import PRESETS, model_config
+    from ..model import LatentAlignForCausalLM, LatentAlignForSequenceClassification, load_model, load_reward_model
+    from ..model.config import PRESETS, model_config
 
     tokenizer = load_tokenizer(model_spec, tokenizer_spec)
     overrides = dict(overrides or {})
@@ -72,7 +72,7 @@ def mark_moe_leaves_for_zero3(model) -> bool:
         return False
     from deepspeed.utils import set_z3_leaf_modules
 
-    from .model.modeling import DeepseekMoE
+    from ..model.modeling import DeepseekMoE
 
     set_z3_leaf_modules(model, [DeepseekMoE])
     return True
@@ -82,7 +82,7 @@ def save_model_dir(model, tokenizer, out_dir) -> Path:
     """Weights + tokenizer (plain chat template) + generation config; PEFT adapters merged first."""
     from peft import PeftModel
 
-    from .data.tokenizer import CHAT_TEMPLATE, TRAINING_CHAT_TEMPLATE
+    from ..data.tokenizer import CHAT_TEMPLATE, TRAINING_CHAT_TEMPLATE
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()

@@ -1,0 +1,173 @@
+"""The RL stage's GRPO trainer: TRL's GRPOTrainer with three additions, each a class of its own.
+
+- `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss;
+- `RolloutLogprobGap`: keeps the sampled tokens' log-probs and logs `rollout/logprob_gap` against the training
+  forward's own (no extra forward; only on a batch's first use, as later iterations score moved weights);
+- `LengthSortedScoring`: the scoring forwards (policy and reference) on rows sorted by length, 32 at a time,
+  each group cut to its own widths, instead of one forward padded to the longest prompt and completion (22% off
+  a step on the embedded default, bench/README.md).
+
+They reach TRL only through `trl_compat.grpo_hook_trainer()`'s hooks; `grpo_trainer_class()` composes them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .replay import RolloutLogprobs, RoutingReplay
+
+
+class RoutingReplayHooks:
+    routing_replay: RoutingReplay | None = None
+
+    @contextmanager
+    def generating(self):
+        with super().generating(), (self.routing_replay.recording() if self.routing_replay else nullcontext()):
+            yield
+
+    def after_rollout(self, output: dict) -> dict:
+        output = super().after_rollout(output)
+        if self.routing_replay is None:
+            return output
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        length = prompt_ids.shape[1] + completion_ids.shape[1]
+        routing = self.routing_replay.assemble(prompt_ids.shape[0], length).to(prompt_ids.device)
+        # Padding (left of the prompt, after the end of a completion) is neither replayed nor counted in the
+        # agreement: no loss reads it, and its routing differs between batched prefill and training at will.
+        real = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
+        output["routing"] = routing.masked_fill(~real[:, None, :, None], -1)
+        return output
+
+    @contextmanager
+    def loss_context(self, inputs):
+        replaying = self.routing_replay.replaying(inputs["routing"]) if self.routing_replay else nullcontext()
+        with super().loss_context(inputs), replaying:
+            yield
+
+    def narrowed(self, rows, cols):
+        return self.routing_replay.narrowed(rows, cols) if self.routing_replay else super().narrowed(rows, cols)
+
+
+class RolloutLogprobGap:
+    logprob_gap: bool = False
+    _rollout_logps: torch.Tensor | None = None
+    _scored: list | None = None
+
+    @contextmanager
+    def generating(self):
+        if not self.logprob_gap:
+            with super().generating():
+                yield
+            return
+        from transformers import LogitsProcessorList
+
+        from ..trl_compat import generate_wrapped
+
+        recorder = RolloutLogprobs(self.temperature)
+
+        def recording(generate, *args, **kwargs):
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            out = generate(*args, logits_processor=LogitsProcessorList([*processors, recorder]), **kwargs)
+            self._rollout_logps = recorder.finish(out)
+            return out
+
+        with super().generating(), generate_wrapped(self.accelerator.unwrap_model(self.model), recording):
+            yield
+
+    def after_rollout(self, output: dict) -> dict:
+        output = super().after_rollout(output)
+        if self._rollout_logps is not None:  # read, and dropped, by the batch's first training forward
+            completion_ids = output["completion_ids"]
+            rollout = completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+            width = min(rollout.shape[1], self._rollout_logps.shape[1])
+            rollout[:, :width] = self._rollout_logps[:, :width].to(rollout.device)
+            output["rollout_logps"] = rollout
+            self._rollout_logps = None
+        return output
+
+    def on_scored(self, logps: torch.Tensor) -> None:
+        super().on_scored(logps)
+        if self._scored is not None:
+            self._scored.append(logps.detach())
+
+    @contextmanager
+    def loss_context(self, inputs):
+        rollout = inputs.pop("rollout_logps", None)
+        self._scored = [] if rollout is not None else None
+        try:
+            with super().loss_context(inputs):
+                yield
+            if self._scored:
+                mask = inputs["completion_mask"].float()
+                gap = ((rollout.to(self._scored[0].device) - self._scored[0]).abs() * mask).sum()
+                self.log_metric("rollout/logprob_gap", (gap / mask.sum().clamp(min=1)).item())
+        finally:
+            self._scored = None
+
+
+def padded_outside(attention_mask: torch.Tensor, completion_width: int) -> bool:
+    """Whether every row is left-padded prompt + right-padded completion (real tokens contiguous on both sides of
+    the boundary), the layout `LengthSortedScoring` may cut."""
+    prompt = attention_mask[:, : attention_mask.shape[1] - completion_width]
+    completion = attention_mask[:, attention_mask.shape[1] - completion_width :]
+    return bool((prompt.flip(1).cumprod(1).sum(1) == prompt.sum(1)).all()
+                and (completion.cumprod(1).sum(1) == completion.sum(1)).all())
+
+
+class LengthSortedScoring:
+    scoring_rows = 32  # rows per scoring forward
+
+    def can_score(self, attention_mask, logits_to_keep, extra: dict) -> bool:
+        return not any(v is not None for v in extra.values()) and padded_outside(attention_mask, logits_to_keep)
+
+    def narrowed(self, rows, cols):
+        return nullcontext()
+
+    def score(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+              compute_aux_loss=False):
+        """TRL's per-token log-probs (entropies, aux loss) of the last `logits_to_keep` tokens, computed on rows
+        sorted by real length in groups of `scoring_rows`, each group cut to the widest prompt (left padding)
+        and the longest completion (right padding) it holds. Positions follow the attention mask, so a cut row
+        sees the positions it saw uncut; what the cut drops is padding, scored 0."""
+        n, width = input_ids.shape
+        prompt_width = width - logits_to_keep
+        prompt_len = attention_mask[:, :prompt_width].sum(1)
+        completion_len = attention_mask[:, prompt_width:].sum(1).clamp(min=1)
+        order = torch.argsort(prompt_len + completion_len, stable=True)
+        size = min(batch_size or n, self.scoring_rows)
+        logps, entropies, aux = [], [], []
+        for start in range(0, n, size):
+            rows = order[start : start + size]
+            p, c = int(prompt_len[rows].max()), int(completion_len[rows].max())
+            cols = slice(prompt_width - p, prompt_width + c)
+            with self.narrowed(rows, cols):
+                lp, ent, a = self.trl_score(model, input_ids[rows, cols], attention_mask[rows, cols], c,
+                                            batch_size=len(rows), compute_entropy=compute_entropy,
+                                            compute_aux_loss=compute_aux_loss)
+            logps.append(F.pad(lp, (0, logits_to_keep - c)))
+            if compute_entropy:
+                entropies.append(F.pad(ent, (0, logits_to_keep - c)))
+            if compute_aux_loss:
+                aux.append(a)
+        back = torch.argsort(order)  # sorted position of each original row
+        return (torch.cat(logps)[back], torch.cat(entropies)[back] if compute_entropy else None,
+                torch.stack(aux).mean() if compute_aux_loss else None)
+
+
+def grpo_trainer_class():
+    """`LatentAlignGRPOTrainer(..., routing_replay=None, logprob_gap=False)`: GRPOTrainer with the three above."""
+    from ..trl_compat import grpo_hook_trainer, metric_logger
+
+    base = grpo_hook_trainer()
+
+    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, LengthSortedScoring, base):
+        def __init__(self, *args, routing_replay: RoutingReplay | None = None, logprob_gap: bool = False,
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            self.routing_replay, self.logprob_gap = routing_replay, logprob_gap
+            self.log_metric = metric_logger(self)
+
+    return LatentAlignGRPOTrainer

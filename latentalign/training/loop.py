@@ -1,0 +1,94 @@
+"""What every training stage does around its TRL trainer: load its data, train (resuming), save the model
+directory (gathered from every process), and write its metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import TrainingStageConfig
+
+def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
+    """(training rows, their format, held-out rows or None), every row checked before anything is built."""
+    from ..data import load_rows
+
+    rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
+                          seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
+                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
+    return rows, fmt, eval_rows
+
+
+def newest_checkpoint(output_dir) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = Path(output_dir)
+    return get_last_checkpoint(str(path)) if path.is_dir() else None
+
+
+def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
+    """Train (resuming from the newest checkpoint when `cfg.resume`), save `output_dir/model`, and return the
+    stage's metrics so far. Under several processes only the main one writes."""
+    import time
+
+    from .model_dir import save_model_dir
+
+    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    out = Path(cfg.output_dir) / "model"
+    if trainer.accelerator.num_processes > 1:
+        model_dir = _save_from_processes(trainer, tokenizer, cfg, out)
+    else:
+        model_dir = save_model_dir(trainer.model, tokenizer, out)
+    return {"stage": cfg.stage_name, "train_loss": result.training_loss, "global_step": result.global_step,
+            "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
+            "log_history": trainer.state.log_history}
+
+
+def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path) -> Path:
+    """The whole model from sharded training: `trainer.save_model` gathers FSDP / ZeRO-3 shards (a collective
+    every process joins) and the main process writes them; it then merges a LoRA adapter into the starting
+    model and writes the stage's model directory like a single process would."""
+    import shutil
+
+    from ..model import LatentAlignForSequenceClassification, load_model, load_reward_model
+    from .model_dir import load_starting_point, save_model_dir
+
+    acc = trainer.accelerator
+    gathered = Path(cfg.output_dir) / "model-gathered"
+    trainer.save_model(str(gathered))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trained = acc.unwrap_model(trainer.model)
+        trained = trained.get_base_model() if hasattr(trained, "get_base_model") else trained  # under PEFT
+        reward = isinstance(trained, LatentAlignForSequenceClassification)
+        if (gathered / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
+                                          seed=cfg.seed, reward=reward)
+            model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
+        else:
+            model = (load_reward_model if reward else load_model)(gathered)
+        save_model_dir(model, tokenizer, out)
+        shutil.rmtree(gathered)
+    acc.wait_for_everyone()
+    return out
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_metrics(cfg: TrainingStageConfig, metrics: dict) -> dict:
+    import json
+
+    if not is_main_process():
+        return metrics
+    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return metrics

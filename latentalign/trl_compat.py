@@ -1,0 +1,146 @@
+"""Every use of TRL's (and the Trainer's) private API, in one place.
+
+The stages extend TRL where its public API has no hook: a training sampler for SFT, four private methods of
+`GRPOTrainer` (generation, scoring, the loss), the trainers' metric store, the vLLM weight sync, and instance
+patches of a model's `forward` and `generate`. Each name relied on is listed in `RELIED_ON`, and
+tests/unit/test_trl_compat.py checks every one against the installed TRL, so that a TRL upgrade that renames
+or drops one fails in that test instead of in a run.
+
+Pinned: trl 1.16 (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+# (module, class, attribute): the private names below rely on, checked by tests/unit/test_trl_compat.py.
+RELIED_ON = (
+    ("transformers", "Trainer", "_get_train_sampler"),
+    ("trl", "GRPOTrainer", "_generate_single_turn"),
+    ("trl", "GRPOTrainer", "_generate_and_score_completions"),
+    ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies"),
+    ("trl", "GRPOTrainer", "_compute_loss"),
+    ("trl.generation.vllm_generation", "VLLMGeneration", "_iter_named_params"),
+)
+# Instance attributes set in __init__ (checked in the constructor's source).
+RELIED_ON_ATTRIBUTES = (
+    ("trl", "SFTTrainer", "_metrics"),
+    ("trl", "GRPOTrainer", "_metrics"),
+    ("trl", "GRPOTrainer", "vllm_generation"),
+)
+
+
+def metric_logger(trainer, split: str = "train"):
+    """`log(name, value)`: a value averaged into the trainer's next log line (TRL's `_metrics` store)."""
+    store = trainer._metrics[split]
+    return lambda name, value: store[name].append(value)
+
+
+def wrap_forward(model, wrapper) -> None:
+    """Replace `model.forward` on this instance by `wrapper(original_forward, *args, **kwargs)`."""
+    original = model.forward
+    model.forward = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
+
+
+@contextmanager
+def generate_wrapped(model, wrapper):
+    """Within the block, `model.generate(...)` is `wrapper(original_generate, ...)` (an instance patch)."""
+    original = model.generate
+    model.generate = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
+    try:
+        yield
+    finally:
+        del model.generate  # back to the class's method
+
+
+def with_train_sampler(trainer_cls, make_sampler, name: str):
+    """`trainer_cls` whose training sampler is `make_sampler(trainer, dataset)`, or the Trainer's own where that
+    returns None."""
+
+    class WithSampler(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            sampler = make_sampler(self, dataset)
+            return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    WithSampler.__name__ = WithSampler.__qualname__ = name
+    return WithSampler
+
+
+def wrap_vllm_weights(trainer, mapping) -> bool:
+    """Route TRL's vLLM weight sync through `mapping(named_params) -> named_params`. False without vLLM."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None or not hasattr(generation, "_iter_named_params"):
+        return False
+    original = generation._iter_named_params
+    generation._iter_named_params = lambda: mapping(original())
+    return True
+
+
+class GRPOHooks:
+    """Mixed in before `trl.GRPOTrainer` (see `grpo_hook_trainer`): TRL's private steps call overridable hooks.
+
+    - `generating()`: a context manager around each rollout generation;
+    - `after_rollout(output)`: the batch dict of `_generate_and_score_completions`, returned (changed);
+    - `score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss)`:
+      the per-token log-probs (entropies, aux loss) TRL computes, for layouts `can_score` accepts (`trl_score`
+      is TRL's own); `on_scored(logps)` sees every result;
+    - `loss_context(inputs)`: a context manager around each loss computation.
+    """
+
+    @contextmanager
+    def generating(self):
+        yield
+
+    def after_rollout(self, output: dict) -> dict:
+        return output
+
+    def can_score(self, attention_mask, logits_to_keep, extra: dict) -> bool:
+        return False
+
+    def score(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def trl_score(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+                  compute_aux_loss=False, **extra):
+        """TRL's own scoring forward."""
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                          batch_size, compute_entropy, compute_aux_loss, **extra)
+
+    def on_scored(self, logps) -> None:
+        pass
+
+    @contextmanager
+    def loss_context(self, inputs):
+        yield
+
+    # -- TRL's private methods, each handing over to a hook ---------------------------------------------------------
+
+    def _generate_single_turn(self, *args, **kwargs):
+        with self.generating():
+            return super()._generate_single_turn(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        return self.after_rollout(super()._generate_and_score_completions(inputs))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        if self.can_score(attention_mask, logits_to_keep, extra):
+            out = self.score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                             compute_aux_loss)
+        else:
+            out = self.trl_score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                 compute_aux_loss, **extra)
+        self.on_scored(out[0])
+        return out
+
+    def _compute_loss(self, model, inputs):
+        with self.loss_context(inputs):
+            return super()._compute_loss(model, inputs)
+
+
+def grpo_hook_trainer():
+    """`GRPOHooks` over the installed `trl.GRPOTrainer`."""
+    from trl import GRPOTrainer
+
+    return type("GRPOHookTrainer", (GRPOHooks, GRPOTrainer), {"__module__": __name__})

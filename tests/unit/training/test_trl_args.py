@@ -1,0 +1,42 @@
+"""Stage defaults meet the user's TRL options: a scheduler's own options go with that scheduler; the order of
+`stages.trl_args` (common, kind, preset, derived, the user's)."""
+
+import pytest
+
+from latentalign.stages import COMMON_TRL_DEFAULTS, STAGES, load_config, trl_args
+
+
+def args_for(tmp_path, *overrides, kind="sft"):
+    return trl_args(load_config(kind, None, [f"output_dir={tmp_path}", *overrides]))
+
+
+def test_default_scheduler_keeps_its_options_even_when_named_again(tmp_path):
+    for extra in ((), ("lr_scheduler_type=cosine_with_min_lr",)):
+        args = args_for(tmp_path, *extra)
+        assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+def test_another_scheduler_drops_the_defaults_options_and_keeps_the_users(tmp_path):
+    assert not args_for(tmp_path, "lr_scheduler_type=constant").lr_scheduler_kwargs  # TRL's own default
+    args = args_for(tmp_path, "lr_scheduler_type=cosine_with_min_lr", 'lr_scheduler_kwargs={"min_lr": 0.0001}')
+    assert args.lr_scheduler_kwargs == {"min_lr": 0.0001}
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward", "rl"])
+def test_every_training_kind_gets_common_then_its_own_defaults_then_the_users(tmp_path, kind):
+    args = args_for(tmp_path, kind=kind)
+    for key, value in {**COMMON_TRL_DEFAULTS, **STAGES[kind].defaults}.items():
+        if key not in ("lr_scheduler_kwargs", "report_to"):  # TRL normalises report_to="none" to []
+            assert getattr(args, key) == value, key
+    assert args.report_to == []
+    assert args.output_dir == str(tmp_path) and args.seed == 0
+    assert args_for(tmp_path, "learning_rate=0.123", "seed=7", kind=kind).learning_rate == 0.123
+
+
+def test_rl_derives_its_reward_weights_and_balance_loss(tmp_path):
+    args = args_for(tmp_path, 'rewards={"math": 1.0, "format": 0.25}', kind="rl")
+    assert args.reward_weights == [1.0, 0.25] and args.router_aux_loss_coef == 0.0
+    on = args_for(tmp_path, "balance_loss=true", "ref_refresh_steps=5", kind="rl")
+    assert on.router_aux_loss_coef is None  # not forced to 0: the model config's coefficient applies
+    assert on.sync_ref_model and on.ref_model_sync_steps == 5
+    assert args_for(tmp_path, "router_aux_loss_coef=0.5", kind="rl").router_aux_loss_coef == 0.5  # the user wins
