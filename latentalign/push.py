@@ -153,7 +153,9 @@ def upload(export_dir, repo_id: str, *, private: bool = False) -> str:
 def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: bool = False,
          eval_table: str | None = None) -> dict:
     """Export `source` (a run folder or a model directory), check it, and upload it unless `dry_run`."""
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    from .hub_id import is_hub_id
+
+    if not is_hub_id(repo_id):
         raise PushError(f"repo id {repo_id!r} must look like ORG/NAME.")
     model_dir, manifest = resolve_model_dir(source)
     if eval_table is None and manifest:
@@ -174,13 +176,14 @@ PUSH_KEYS = frozenset({"repo_id", "private", "dry_run", "check"})
 
 def check_push_stage(values: dict, stages: dict, where: str) -> dict:
     """Recipe time: a push stage's keys, and a repo id that looks like ORG/NAME."""
+    from .hub_id import is_hub_id
     from .training import ConfigError
 
     bad = set(values) - PUSH_KEYS
     if bad:
         raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; expected some of {sorted(PUSH_KEYS | {'init'})}.")
     repo_id = values.get("repo_id")
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if not isinstance(repo_id, str) or not is_hub_id(repo_id):
         raise ConfigError(f"{where}: repo_id must look like ORG/NAME, got {repo_id!r}.")
     return values
 

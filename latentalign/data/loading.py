@@ -170,6 +170,11 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
                 raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}.")
             rows = _read_local(path)
         else:
+            from ..hub_id import is_hub_id
+
+            if not is_hub_id(source, config=True):
+                raise DataError(f"{source}: neither a built-in dataset ({', '.join(sorted(BUILTIN))}), a data file, "
+                                f"nor a hub dataset id (ORG/NAME or ORG/NAME:CONFIG).")
             rows = _read_hub(source, split)
         label = source
         if size:

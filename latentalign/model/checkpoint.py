@@ -58,7 +58,9 @@ def _local_dir(path) -> Path | None:
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory holding config.json and weights.")
     # Not on disk: a hub repo id ("org/name") is resolved by transformers, anything path-like is an error.
-    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+    from ..hub_id import is_hub_id
+
+    if not is_hub_id(path):
         raise CheckpointError(f"{path}: no such checkpoint directory.")
     return None
 

@@ -96,11 +96,12 @@ def load_recipe(spec, overrides=()) -> Recipe:
 def _check_dataset(value, where: str, base_dir: Path | None):
     """Built-ins and hub ids pass (a hub id is only reachable at run time); a local file must exist."""
     from ..data.loading import BUILTIN, LOCAL_SUFFIXES
+    from ..hub_id import is_hub_id
 
     if value is None or value in BUILTIN:
         return
     path = Path(value)
-    if path.suffix in LOCAL_SUFFIXES or value.startswith((".", "/")):
+    if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
         candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
         if not any(c.is_file() for c in candidates):
             raise RecipeError(f"{where}: dataset file {value!r} does not exist.")

@@ -54,7 +54,12 @@ def test_majority_vote_counts_the_most_common_extracted_answer(model_dirs, monke
 def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     lm, rm = model_dirs
     metrics = tasks.evaluate(rm, ["pairwise", "kv_cache"], tasks.EvalOptions(size=8), progress=False)
-    assert 0 <= metrics["pairwise"] <= 1 and metrics["pairwise/n"] == 8
+    from latentalign.reward.functions import RewardModelFunction, pairwise_accuracy
+
+    rows = tasks._rows(tasks.EvalOptions(size=8), "arithmetic-preference", ("preference",))
+    expected = pairwise_accuracy(RewardModelFunction(str(rm)), rows)
+    assert metrics["pairwise/n"] == 8 and metrics["pairwise"] == expected["accuracy"]
+    assert metrics["pairwise/mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
     for model, task, message in [(rm, "accuracy", "is a reward model"), (lm, "pairwise", "needs a reward model"),
                                  (lm, "bleu", "unknown task 'bleu'"), (lm, "maj@x", "maj@K")]:
         result = invoke("eval", model, "--tasks", task)

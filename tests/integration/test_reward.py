@@ -25,7 +25,12 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval"]["n"] == 32
+    from latentalign.data import load_rows
+    from latentalign.reward.functions import pairwise_accuracy
+
+    held_out, _ = load_rows("arithmetic-preference", split="test", size=32, formats=("preference",))
+    again = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), held_out)
+    assert metrics["eval"]["n"] == 32 and metrics["eval_accuracy"] == again["accuracy"]  # the saved model, held out
 
     rm = get_reward(f"model:{metrics['model_dir']}", batch_size=3)
     assert isinstance(rm, RewardModelFunction) and rm.__name__ == "rm_model"

@@ -51,7 +51,16 @@ def test_grpo_trains_through_a_reward_that_raises_on_30_percent(tmp_path, policy
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     assert all("kl" in h and "rewards/math_accuracy/mean" in h and "moe/load_entropy" in h for h in logs), logs
     assert logs[-1]["rewards/sometimes_raises/failures"] == failures["RuntimeError"]
-    assert metrics["eval_accuracy_before"] is not None and 0 <= metrics["eval_accuracy"] <= 1
+    from latentalign import load_model
+    from latentalign.data import load_rows
+    from latentalign.eval import exact_match
+    from latentalign.training import load_tokenizer
+
+    held_out, _ = load_rows("arithmetic-rl", split="test", size=8, formats=("rl",))
+    tokenizer = load_tokenizer(str(policy_dir))
+    for key, model_dir in (("eval_accuracy_before", policy_dir), ("eval_accuracy", metrics["model_dir"])):
+        again = exact_match(load_model(model_dir), tokenizer, held_out, max_new_tokens=64, progress=False)
+        assert metrics[key] == again["accuracy"], key  # before: the policy as loaded; after: the saved model
 
 
 def test_router_can_be_frozen_and_balance_loss_is_off_by_default(tmp_path, policy_dir):

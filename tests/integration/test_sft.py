@@ -73,10 +73,14 @@ def test_full_sft_trains_saves_and_evaluates(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     logged = [h for h in metrics["log_history"] if "aux_loss" in h]
     assert logged and all(h["aux_loss"] > 0 and 0 < h["moe/load_entropy"] <= 1 for h in logged)
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval"]["n"] == 16
     from latentalign import load_model
+    from latentalign.data import load_rows
+    from latentalign.eval import exact_match
 
     reloaded = load_model(metrics["model_dir"])
+    held_out, _ = load_rows("arithmetic-rl", split="test", size=16, formats=("rl",))
+    again = exact_match(reloaded, default_tokenizer(), held_out, max_new_tokens=64, progress=False)
+    assert metrics["eval"]["n"] == 16 and metrics["eval_accuracy"] == again["accuracy"]  # the saved model, held out
     assert reloaded.config.vocab_size == len(default_tokenizer())
     from latentalign.data import CHAT_TEMPLATE
     from latentalign.training import load_tokenizer

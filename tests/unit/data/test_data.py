@@ -167,3 +167,12 @@ def test_missing_columns_and_missing_files(tmp_path):
         load_rows(path, formats=("messages", "completion"))
     with pytest.raises(DataError, match="no such data file"):
         load_rows(tmp_path / "absent.jsonl")
+
+
+def test_one_hub_id_rule():
+    from latentalign.hub_id import is_hub_id
+
+    assert is_hub_id("deepseek-ai/DeepSeek-V2-Lite") and is_hub_id("openai/gsm8k:main", config=True)
+    for text in ("./model", "/abs/path", "a/b/c", "name", "org/", "/name", "~/x", "openai/gsm8k:main", "org/na me"):
+        assert not is_hub_id(text), text
+    assert not is_hub_id("openai/gsm8k:", config=True)
