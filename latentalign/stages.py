@@ -13,7 +13,6 @@ Adding a stage kind (DPO, distillation) is a module with its config, defaults an
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -132,9 +131,3 @@ def trl_args(cfg):
         return kind.trl_class()(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid {kind.name} options: {err}") from None
-
-
-def config_fields(kind: StageKind) -> set[str]:
-    """Every key a stage of this kind accepts in a recipe (its config's and its TRL config's)."""
-    ours = {f.name for f in dataclasses.fields(kind.config)} - {"trl"}
-    return ours | {f.name for f in dataclasses.fields(kind.trl_class()) if f.init}
