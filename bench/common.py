@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-from grpo_rollout import MID  # the mid-size config of the issue, shared with the rollout benchmark
+# The mid-size config the speed benchmarks share (decode, training, memory, KV cache, GRPO rollouts).
+MID = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=128, q_lora_rank=None,
+           qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_hidden_layers=4, n_routed_experts=16,
+           num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=256, intermediate_size=1024,
+           first_k_dense_replace=1, max_position_embeddings=2048)
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2  # the development machine's cores; fixed so that figures from different runs compare
