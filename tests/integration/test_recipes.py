@@ -126,6 +126,7 @@ def test_chat_talks_to_the_export(uninterrupted):
     assert result.stdout.strip()
 
 
+@pytest.mark.slow  # the tiny chain twice, about a minute: `make test-slow` (CI runs it)
 def test_kill_9_in_rl_then_rerun_finishes_without_retraining(tmp_path, uninterrupted):
     reference, _ = uninterrupted
     out = tmp_path / "b"

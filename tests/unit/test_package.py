@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import latentalign
 
 PACKAGE = Path(latentalign.__file__).parent
 SCRIPTS = {"latentalign.reward._sandbox_bootstrap"}  # run as a program by the sandbox, not imported
 
 
+@pytest.mark.slow  # 50+ fresh interpreters, a minute or more on 2 cores: `make test-slow` (CI runs it)
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """`python -c "import M"` for every module M: a cycle shows as an ImportError of a partly built module."""
     from concurrent.futures import ThreadPoolExecutor
