@@ -172,6 +172,7 @@ def run_cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow  # trains the tiny preset to answer, about a minute: `make test-slow` (CI runs it)
 def test_cli_sft_then_chat_answers_correctly(tmp_path):
     # Eight problems drilled until memorised: the CLI trains, then `chat --prompt` must answer one of them.
     problems = [(12, 7), (23, 45), (31, 8), (50, 26), (17, 17), (64, 3), (9, 40), (28, 11)]
@@ -202,9 +203,13 @@ def test_bad_input_one_message_nonzero_exit_nothing_written(tmp_path, content, e
     data = tmp_path / "data.jsonl"
     data.write_text((content or json.dumps({"messages": [{"role": "user", "content": "q"},
                                                           {"role": "assistant", "content": "a"}]})) + "\n")
+    from typer.testing import CliRunner
+
+    from latentalign.cli import app
+
     out = tmp_path / "out"
-    result = run_cli("sft", f"dataset={data}", f"output_dir={out}", *extra)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.stderr[-2000:]
+    result = CliRunner().invoke(app, ["sft", f"dataset={data}", f"output_dir={out}", *extra])  # the real command,
+    assert result.exit_code == 2, result.output                                                # in this process
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.output[-2000:]
     assert not out.exists()
