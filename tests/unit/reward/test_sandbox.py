@@ -12,14 +12,18 @@ LIMITS = SandboxLimits(timeout_s=4, cpu_s=2, memory_mb=256, output_bytes=64 * 10
 
 
 def sandbox_processes() -> list[int]:
-    """Live processes started by the sandbox bootstrap (zombies included)."""
+    """Live processes this test process started through the sandbox bootstrap (zombies included); another copy of
+    the suite running beside this one has its own."""
+    import os
+
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"_sandbox_bootstrap" in (entry / "cmdline").read_bytes():
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == os.getpid() and b"_sandbox_bootstrap" in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 pass
     return found
 
