@@ -16,7 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import median, write_result
+from common import median, variant_name, write_result
+
+SMOKE = ["limit=2"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("sandbox.py", "_sandbox_bootstrap.py")
@@ -35,7 +37,12 @@ def reference_sandbox(commit: str, into: Path):
     return module
 
 
-def main(ref: str = "2f3296c", limit: int | None = None):
+def main(argv: list[str] | None = None) -> dict:
+    options = dict(arg.split("=", 1) for arg in argv or [])
+    unknown = set(options) - {"ref", "limit"}
+    if unknown:
+        raise SystemExit(f"code_reward.py takes ref= and limit=, got {sorted(unknown)}")
+    ref, limit = options.get("ref", "2f3296c"), int(options["limit"]) if "limit" in options else None
     from latentalign.reward import sandbox
     from latentalign.reward.code import humaneval_problems
 
@@ -60,9 +67,9 @@ def main(ref: str = "2f3296c", limit: int | None = None):
         "ratio_current_over_reference": round(median(seconds["current"]) / median(seconds["reference"]), 3),
         "failed_canonical_solutions": failed,
     }
-    write_result("code_reward", result)
+    write_result("code_reward", result, variant_name(argv))
+    return result
 
 
 if __name__ == "__main__":
-    options = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    main(ref=options.get("ref", "2f3296c"), limit=int(options["limit"]) if "limit" in options else None)
+    main(sys.argv[1:])

@@ -1,15 +1,22 @@
-"""What the speed benchmarks share: the mid-size config, twin models on the same weights, timing, results.
+"""What every benchmark shares: the mid-size configs, twin models on the same weights, timing, and results.
 
 Every speed figure is a ratio of two measurements taken in the same process, interleaved (ours, theirs, ours,
 theirs, ...) so that a slow spell of the shared machine hits both sides; a figure is the median of its repeats.
+
+Every script writes through `write_result`: one file per script, `results/<script>.json`, holding
+`{"script": ..., "variants": {name: result}}`. A variant is a set of options (`"defaults"` when none); each result
+carries the machine it came from, the commit and the date. `LATENTALIGN_BENCH_RESULTS` moves the folder (the
+smoke test writes to a scratch one). Every script has `main(argv)` and `SMOKE`, the options of its smallest run.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +27,9 @@ MID = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, kv_l
            qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_hidden_layers=4, n_routed_experts=16,
            num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=256, intermediate_size=1024,
            first_k_dense_replace=1, max_position_embeddings=2048)
+
+# DeepSeek-V2-Lite's routing (64 routed experts, top-6, 2 shared) on the mid-size model: the training benches.
+LITE_ROUTING = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 2  # the development machine's cores; fixed so that figures from different runs compare
@@ -125,9 +135,67 @@ def vs_transformers(models: dict, key: str, ours_on_top: bool) -> dict:
             for name, r in models.items() if name != "latentalign"}
 
 
-def write_result(name: str, result: dict) -> Path:
-    result = {**result, "machine": machine()}
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+def training_step(model, optimizer, ids):
+    """One optimizer step on next-token loss, as a trainer makes it."""
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("LATENTALIGN_BENCH_RESULTS", RESULTS))
+
+
+def variant_name(argv: list[str] | None) -> str:
+    """A results variant is named by the options that made it: `"defaults"` when there were none."""
+    return " ".join(argv or []) or "defaults"
+
+
+def commit() -> str | None:
+    """The commit the figures were measured on (`+dirty` with uncommitted changes), or None outside a clone."""
+    here = Path(__file__).parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def write_result(script: str, result: dict, variant: str = "defaults") -> Path:
+    """Record `result` as `variant` of `results/<script>.json`, with the machine, commit and date; other
+    variants in the file are kept. The file is replaced whole (written beside it, then renamed)."""
+    path = results_dir() / f"{script}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {"script": f"bench/{script}.py", "variants": {}}
+    data["variants"][variant] = {**result, "machine": machine(), "commit": commit(),
+                                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    scratch = path.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(data, indent=2) + "\n")
+    scratch.replace(path)
+    shown = {k: v for k, v in data["variants"][variant].items() if k != "examples"}
+    print(json.dumps({variant: shown}, indent=2))
     return path
+
+
+def split_sft_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(`sft.`-prefixed options, stripped of the prefix; the rest): the options of the SFT run a bench starts
+    from, and those of the stage it measures."""
+    return [a.removeprefix("sft.") for a in argv if a.startswith("sft.")], [a for a in argv if not a.startswith("sft.")]
+
+
+def fresh_sft_model(out_dir: str, options: list[str]) -> tuple[str, float]:
+    """Train the SFT stage (its defaults, then `options`) into `out_dir`: (model directory, seconds)."""
+    from latentalign import sft
+
+    start = time.perf_counter()
+    metrics = sft.run(sft.load_config(None, [f"output_dir={out_dir}", "disable_tqdm=true", "eval_dataset=null",
+                                             *options]))
+    return metrics["model_dir"], round(time.perf_counter() - start, 1)

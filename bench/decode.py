@@ -16,11 +16,14 @@ transformers' prefill at 4096 materialises (4, 16, 4096, 4096) fp32 scores: 4.3 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
-from common import median, mid_config, setup_threads, twin_models, write_result
+from common import median, mid_config, setup_threads, twin_models, variant_name, write_result
+
+SMOKE = ["--contexts", "8", "16", "--new-tokens", "3", "--repeats", "1"]
 
 BATCH = 4
 CONFIG_KEYS = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -94,7 +97,13 @@ def context_scaling(model, short: int, long: int, new_tokens: int, repeats: int,
     return {"decode_ms_per_step": {str(c): v for c, v in ms.items()}, "ratio": round(ms[short] / ms[long], 3)}
 
 
-def main(contexts: list[int], new_tokens: int, repeats: int) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    contexts, new_tokens, repeats = args.contexts, args.new_tokens, args.repeats
     threads = setup_threads()
     config = mid_config(max_position_embeddings=max(contexts) + new_tokens)
     ours, theirs = twin_models(config)
@@ -110,13 +119,9 @@ def main(contexts: list[int], new_tokens: int, repeats: int) -> dict:
     short, long = min(contexts), max(contexts)
     if short < long:
         result[f"ours_{long}_over_{short}"] = context_scaling(ours, short, long, new_tokens, repeats, config.vocab_size)
-    write_result("decode", result)
+    write_result("decode", result, variant_name(argv))
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    main(**vars(parser.parse_args()))
+    main(sys.argv[1:])

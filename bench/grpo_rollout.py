@@ -11,14 +11,15 @@ Config: hidden 512, 16 heads, kv_lora_rank 128, qk_nope 64, rope 32, v 64, 4 lay
 """
 
 import argparse
-import json
+import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from common import MID
+from common import mid_config, twin_models, variant_name, write_result
+
+SMOKE = ["--length", "4", "--steps", "1"]
 
 
 def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) -> dict:
@@ -52,22 +53,17 @@ def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) ->
             "rollout_tokens_per_s": round(spent["tokens"] / spent["seconds"], 1), "run_seconds": round(total, 1)}
 
 
-def main(length: int, steps: int) -> dict:
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1)
+    args = parser.parse_args(argv)
+    length, steps = args.length, args.steps
 
     from latentalign.data import default_tokenizer, load_rows
-    from latentalign.model import LatentAlignForCausalLM, model_config
-    from latentalign.model.checkpoint import native_config_dict
 
     tokenizer = default_tokenizer()
-    config = model_config("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MID)
-    torch.manual_seed(0)
-    ours = LatentAlignForCausalLM(config)
-    native = {k: v for k, v in native_config_dict(config).items()
-              if k not in ("model_type", "architectures", "rope_scaling", "rope_theta")}
-    theirs = DeepseekV2ForCausalLM(DeepseekV2Config(**native))
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twin_models(mid_config())
     rows, _ = load_rows("arithmetic-rl", size=64, formats=("rl",))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,14 +74,9 @@ def main(length: int, steps: int) -> dict:
                                / results["transformers"]["rollout_tokens_per_s"], 2)
     results.update(completion_length=length, steps=steps, batch="8 completions (2 prompts x 4)",
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (2 cores)")
-    out = Path(__file__).parent / "results" / "grpo_rollout.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_result("grpo_rollout", results, variant_name(argv))
     return results
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1)
-    main(**vars(parser.parse_args()))
+    main(sys.argv[1:])

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 
 import torch
 
-from common import mid_config, setup_threads, transformers_twin, twin_models, vs_transformers, write_result
-from train_speed import EXPERTS, training_step
+from common import (LITE_ROUTING, mid_config, setup_threads, training_step, transformers_twin, twin_models,
+                    variant_name, vs_transformers, write_result)
+
+SMOKE = ["--batch", "1", "--seq-len", "16"]
 
 MIB = 2**20
 
@@ -35,9 +38,14 @@ def step_peak_bytes(step) -> int:
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
-def main(batch: int, seq_len: int) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    batch, seq_len = args.batch, args.seq_len
     threads = setup_threads()
-    config = mid_config(**EXPERTS, max_position_embeddings=max(seq_len, 2048))
+    config = mid_config(**LITE_ROUTING, max_position_embeddings=max(seq_len, 2048))
     ours, grouped = twin_models(config, experts_implementation="grouped_mm")
     models = {"latentalign": ours.train(), "transformers_grouped_mm": grouped,
               "transformers_eager": transformers_twin(ours, "eager")}
@@ -54,12 +62,9 @@ def main(batch: int, seq_len: int) -> dict:
                                   "total_peak_mib": round((peak + resident) / MIB, 1)}
         print(name, result["models"][name], flush=True)
     result["theirs_over_ours_step_peak"] = vs_transformers(result["models"], "step_peak_mib", ours_on_top=False)
-    write_result("memory", result)
+    write_result("memory", result, variant_name(argv))
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    main(**vars(parser.parse_args()))
+    main(sys.argv[1:])

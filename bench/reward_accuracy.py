@@ -1,33 +1,35 @@
 """Reward model on the embedded preference pairs: held-out pairwise accuracy and time.
 
-    .venv/bin/python bench/reward_accuracy.py [model=PATH] [key=value ...]   # same overrides as `latentalign reward`
+    .venv/bin/python bench/reward_accuracy.py [model=PATH] [sft.key=value ...] [key=value ...]
+                                              # overrides as for `latentalign reward`
 
 By default the reward model starts from a fresh SFT run of the embedded default (as DeepSeek-V2 initialised its
-reward models from the SFT model); `model=tiny` starts from random init instead. Writes
-bench/results/reward_accuracy.json.
+reward models from the SFT model), with `sft.`-prefixed options passed to that run; `model=tiny` starts from
+random init instead. Writes the variant named by the options to bench/results/reward_accuracy.json.
 """
 
-import json
+from __future__ import annotations
+
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from latentalign import sft
+from common import fresh_sft_model, split_sft_options, variant_name, write_result
+
+SMOKE = ["sft.max_steps=2", "sft.dataset_size=64", "max_steps=2", "dataset_size=32", "eval_size=4"]
 
 
-def main(overrides: list[str]) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    from latentalign.reward import stage
+
+    argv = list(argv or [])
+    sft_options, overrides = split_sft_options(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
         sft_seconds = None
         if not any(o.startswith("model=") for o in overrides):
-            sft_metrics = sft.run(sft.load_config(None, [f"output_dir={tmp}/sft", "disable_tqdm=true",
-                                                         "eval_dataset=null"]))
-            overrides = [f"model={sft_metrics['model_dir']}", *overrides]
-            sft_seconds = round(time.perf_counter() - start, 1)
+            sft_model, sft_seconds = fresh_sft_model(f"{tmp}/sft", sft_options)
+            overrides = [f"model={sft_model}", *overrides]
         start = time.perf_counter()
-        from latentalign.reward import stage
-
         metrics = stage.run(stage.load_config(None, [f"output_dir={tmp}/rm", "disable_tqdm=true", *overrides]))
         total = time.perf_counter() - start
     result = {
@@ -38,10 +40,9 @@ def main(overrides: list[str]) -> dict:
         "reward_stage_seconds": round(total, 1),
         "sft_seconds": sft_seconds,
         "overrides": [o for o in overrides if not o.startswith(f"model={tmp}")],
+        "sft_overrides": sft_options,
     }
-    out = Path(__file__).parent / "results" / "reward_accuracy.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("reward_accuracy", result, variant_name(argv))
     return result
 
 

@@ -1,35 +1,42 @@
 """GRPO from the SFT model on the embedded default: held-out exact match before and after, and time.
 
-    .venv/bin/python bench/rl_accuracy.py [sft_model=PATH] [eval_size=N] [curve=true] [key=value ...]
-                                          # other overrides as for `latentalign rl`
+    .venv/bin/python bench/rl_accuracy.py [sft_model=PATH] [eval_size=N] [curve=true] [sft.key=value ...]
+                                          [key=value ...]    # other overrides as for `latentalign rl`
 
-Without `sft_model=`, runs the SFT stage first with its defaults. The RL stage is timed on its own (data,
-models, training, saving); both models are then scored, outside the timing, on the same `eval_size` held-out
-prompts (1000 by default: about 1.6 points of sampling error on each figure, against 2.9 with the stage's 300).
-`curve=true` also scores every checkpoint the stage saved (set `save_steps=` for their spacing): the accuracy
-along the run, to tell a trend from the step-to-step wander of a single end point.
-Writes bench/results/rl_accuracy.json.
+Without `sft_model=`, runs the SFT stage first with its defaults (and the `sft.`-prefixed options). The RL stage
+is timed on its own (data, models, training, saving); both models are then scored, outside the timing, on the
+same `eval_size` held-out prompts (1000 by default: about 1.6 points of sampling error on each figure, against
+2.9 with the stage's 300). `curve=true` also scores every checkpoint the stage saved (set `save_steps=` for
+their spacing): the accuracy along the run, to tell a trend from the step-to-step wander of a single end point.
+Writes the variant named by the options to bench/results/rl_accuracy.json.
 """
 
-import json
+from __future__ import annotations
+
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from latentalign import rl, sft
+from common import fresh_sft_model, split_sft_options, variant_name, write_result
+
+SMOKE = ["sft.max_steps=2", "sft.dataset_size=64", "eval_size=4", "max_steps=1", "dataset_size=16",
+         "num_generations=4", "per_device_train_batch_size=4", "max_completion_length=4", "logging_steps=1"]
+OURS = ("sft_model=", "eval_size=", "curve=")
 
 
-def main(args: list[str]) -> dict:
-    ours = ("sft_model=", "eval_size=", "curve=")
-    options = dict(a.split("=", 1) for a in args if a.startswith(ours))
-    overrides = [a for a in args if not a.startswith(ours)]
+def main(argv: list[str] | None = None) -> dict:
+    from latentalign import rl
+
+    argv = list(argv or [])
+    sft_options, rest = split_sft_options(argv)
+    options = dict(a.split("=", 1) for a in rest if a.startswith(OURS))
+    overrides = [a for a in rest if not a.startswith(OURS)]
     sft_model, eval_size = options.get("sft_model"), int(options.get("eval_size", 1000))
     curve = options.get("curve", "false").lower() in ("1", "true", "yes")
     with tempfile.TemporaryDirectory() as tmp:
         if sft_model is None:
-            sft_model = sft.run(sft.load_config(None, [f"output_dir={tmp}/sft", "disable_tqdm=true",
-                                                       "eval_dataset=null"]))["model_dir"]
+            sft_model, _ = fresh_sft_model(f"{tmp}/sft", sft_options)
         cfg = rl.load_config(None, [f"model={sft_model}", f"output_dir={tmp}/rl", "disable_tqdm=true",
                                     "eval_dataset=null", *overrides])
         start = time.perf_counter()
@@ -46,14 +53,13 @@ def main(args: list[str]) -> dict:
         "steps": metrics["global_step"],
         "train_seconds": metrics["train_seconds"],
         "rl_stage_seconds": round(total, 1),
-        "train_reward_first_last": [logs[0].get("reward"), logs[-1].get("reward")],
+        "train_reward_first_last": [logs[0].get("reward"), logs[-1].get("reward")] if logs else None,
         "overrides": overrides,
+        "sft_overrides": sft_options,
     }
     if curve:
         result["held_out_exact_match_by_step"] = {int(p.name.split("-")[1]): a for p, a in zip(checkpoints, along)}
-    out = Path(__file__).parent / "results" / "rl_accuracy.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("rl_accuracy", result, variant_name(argv))
     return result
 
 

@@ -1,20 +1,35 @@
-"""`make bench`: every benchmark script in this folder, one after the other; results land in bench/results/."""
+"""`make bench`: every benchmark script in this folder, one after the other; results land in bench/results/.
 
+    .venv/bin/python bench/run_all.py            # the full runs (over an hour on 2 cores)
+    .venv/bin/python bench/run_all.py --smoke    # each script at its smallest size (its SMOKE options)
+"""
+
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
-ACCURACY = ["sft_accuracy.py", "reward_accuracy.py", "rl_accuracy.py"]
+ACCURACY = ["sft_accuracy", "reward_accuracy", "rl_accuracy"]
 # Speed and memory against transformers' DeepseekV2ForCausalLM (issue 7), about 15 minutes together.
-SPEED = ["decode.py", "train_speed.py", "kv_cache.py", "memory.py", "grpo_rollout.py"]
+SPEED = ["decode", "train_speed", "kv_cache", "memory", "grpo_rollout"]
 # The code reward's sandbox against the one it replaced, per HumanEval program (about a minute).
-REWARDS = ["code_reward.py"]
+REWARDS = ["code_reward"]
 # The quickstart uninterrupted, then killed with SIGKILL in GRPO and rerun (about 9 minutes).
-END_TO_END = ["quickstart.py"]
+END_TO_END = ["quickstart"]
 SCRIPTS = ACCURACY + SPEED + REWARDS + END_TO_END
+HERE = Path(__file__).parent
+
+
+def command(script: str, smoke: bool) -> list[str]:
+    options = []
+    if smoke:
+        sys.path.insert(0, str(HERE))
+        options = importlib.import_module(script).SMOKE
+    return [sys.executable, str(HERE / f"{script}.py"), *options]
+
 
 if __name__ == "__main__":
-    here = Path(__file__).parent
+    smoke = "--smoke" in sys.argv[1:]
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        subprocess.run([sys.executable, str(here / script)], check=True)
+        subprocess.run(command(script, smoke), check=True)

@@ -2,19 +2,25 @@
 
     .venv/bin/python bench/sft_accuracy.py [key=value ...]     # same overrides as `latentalign sft`
 
-Writes bench/results/sft_accuracy.json. The whole stage (data, tokenizer, training, saving, evaluation) is timed.
+Writes the variant named by the overrides ("defaults" without any) to bench/results/sft_accuracy.json. The
+whole stage (data, tokenizer, training, saving, evaluation) is timed.
 """
 
-import json
+from __future__ import annotations
+
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from latentalign.sft import load_config, run
+from common import variant_name, write_result
+
+SMOKE = ["max_steps=2", "logging_steps=1", "dataset_size=64", "eval_size=4"]
 
 
-def main(overrides: list[str]) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    from latentalign.sft import load_config, run
+
+    overrides = list(argv or [])
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"output_dir={tmp}/sft", "disable_tqdm=true", *overrides])
         start = time.perf_counter()
@@ -26,13 +32,11 @@ def main(overrides: list[str]) -> dict:
         "steps": metrics["global_step"],
         "train_seconds": metrics["train_seconds"],
         "stage_seconds": round(total, 1),
-        "final_train_loss": [h["loss"] for h in metrics["log_history"] if "loss" in h][-1],
+        "final_train_loss": next((h["loss"] for h in reversed(metrics["log_history"]) if "loss" in h), None),
         "overrides": overrides,
         "examples": metrics["eval"]["examples"],
     }
-    out = Path(__file__).parent / "results" / "sft_accuracy.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    write_result("sft_accuracy", result, variant_name(overrides))
     return result
 
 

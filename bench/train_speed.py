@@ -16,13 +16,14 @@ term is causal attention (half of the T x T scores), forward and backward.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from common import (interleaved, matmul_flops, median, mid_config, setup_threads, transformers_twin, twin_models,
-                    vs_transformers, write_result)
+from common import (LITE_ROUTING, interleaved, matmul_flops, median, mid_config, setup_threads, training_step,
+                    transformers_twin, twin_models, variant_name, vs_transformers, write_result)
 
-EXPERTS = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
+SMOKE = ["--batch", "1", "--seq-len", "16", "--repeats", "1"]
 
 
 def active_parameters(model) -> int:
@@ -46,21 +47,15 @@ def step_flops(config, n_active: int, batch: int, seq_len: int) -> float:
     return (6 * n_active + attention) * tokens
 
 
-def training_step(model, optimizer, ids):
-    """One optimizer step on next-token loss, as a trainer makes it."""
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def main(batch: int, seq_len: int, repeats: int) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    batch, seq_len, repeats = args.batch, args.seq_len, args.repeats
     threads = setup_threads()
-    config = mid_config(**EXPERTS, max_position_embeddings=max(seq_len, 2048))
+    config = mid_config(**LITE_ROUTING, max_position_embeddings=max(seq_len, 2048))
     ours, grouped = twin_models(config, experts_implementation="grouped_mm")
     models = {"latentalign": ours.train(), "transformers_grouped_mm": grouped,
               "transformers_eager": transformers_twin(ours, "eager")}
@@ -87,13 +82,9 @@ def main(batch: int, seq_len: int, repeats: int) -> dict:
                                   "matmul_peak_fraction": round(flops / step / peak, 3)}
     speedup = vs_transformers(result["models"], "tokens_per_s", ours_on_top=True)
     result["speedup"] = {f"vs_{name}": ratio for name, ratio in speedup.items()}
-    write_result("train_speed", result)
+    write_result("train_speed", result, variant_name(argv))
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    main(**vars(parser.parse_args()))
+    main(sys.argv[1:])
