@@ -233,8 +233,10 @@ def run_command(
 def eval_model(
     model_dir: Path = typer.Argument(..., help="A model directory (chat model or reward model)."),
     tasks: str = typer.Option("accuracy", "--tasks", "-t",
-                              help="Comma-separated: accuracy, maj@K, pairwise, humaneval, kv_cache, decode_speed, lm_eval:TASK."),
-    dataset: str = typer.Option("arithmetic-rl", help="prompt + answer rows for accuracy and maj@K."),
+                              help="Comma-separated: accuracy, maj@K, pairwise, humaneval, reasoning_gym, kv_cache, "
+                                   "decode_speed, lm_eval:TASK."),
+    dataset: str = typer.Option("arithmetic-rl", help="prompt + answer rows for accuracy, maj@K and reasoning_gym "
+                                                      "(reasoning_gym:TASK or a mix)."),
     size: int = typer.Option(300, help="Rows to score."),
     humaneval_limit: int = typer.Option(None, help="Score only the first N HumanEval problems."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON here."),

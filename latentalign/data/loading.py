@@ -1,8 +1,8 @@
 """Loading datasets in TRL's formats, checked row by row before anything trains.
 
 Sources: local `.jsonl`, `.json`, `.parquet` or `.csv` files, hub dataset ids (through `datasets.load_dataset`),
-or the built-in arithmetic sets (`arithmetic`, `arithmetic-preference`, `arithmetic-rl`), whose held-out split
-is `test`. Formats, named as TRL names them:
+the built-in arithmetic sets (`arithmetic`, `arithmetic-preference`, `arithmetic-rl`), whose held-out split
+is `test`, or reasoning-gym's tasks (`reasoning_gym:TASK` or a weighted mix, `reasoning_gym.py`). Formats, named as TRL names them:
 
 | format       | columns                                   | used by        |
 |--------------|-------------------------------------------|----------------|
@@ -154,31 +154,12 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
               seed: int = 0, difficulty: dict | None = None, columns: dict | None = None) -> tuple[list[dict], str]:
     """Read and check every row of `source`; returns (rows, format). Nothing is returned on a bad row.
 
-    `size` caps the number of rows (built-ins generate exactly that many); `seed` and `difficulty` apply to the
-    built-ins only. `columns` renames the source's columns to ours first (GSM8K: `{question: prompt}`).
+    `size` caps the number of rows (built-ins generate exactly that many); `seed` applies to the built-ins and
+    reasoning-gym, `difficulty` to the built-ins only. `columns` renames the source's columns to ours first
+    (GSM8K: `{question: prompt}`).
     """
     source = str(source)
-    if source in BUILTIN:
-        rows = _read_builtin(source, split, size, seed, difficulty)
-        label = f"builtin:{source}[{split}]"
-    else:
-        path = Path(source)
-        if path.suffix in LOCAL_SUFFIXES or path.exists():
-            if not path.is_file():
-                raise DataError(f"{source}: no such data file.")
-            if path.suffix not in LOCAL_SUFFIXES:
-                raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}.")
-            rows = _read_local(path)
-        else:
-            from ..hub_id import is_hub_id
-
-            if not is_hub_id(source, config=True):
-                raise DataError(f"{source}: neither a built-in dataset ({', '.join(sorted(BUILTIN))}), a data file, "
-                                f"nor a hub dataset id (ORG/NAME or ORG/NAME:CONFIG).")
-            rows = _read_hub(source, split)
-        label = source
-        if size:
-            rows = rows[:size]
+    rows, label = _read_source(source, split, formats, size, seed, difficulty)
     if not rows:
         raise DataError(f"{label}: no rows.")
     if columns:
@@ -199,6 +180,36 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
     return rows, fmt
+
+
+def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tuple[list[dict], str]:
+    """(rows, the label errors name them by) of any source, before any check."""
+    from . import reasoning_gym
+
+    if reasoning_gym.is_source(source):
+        fmt = next((f for f in ("messages", "rl", "prompt") if f in formats), None)
+        if fmt is None:
+            raise DataError(f"{source}: reasoning-gym gives messages, rl or prompt rows; this stage needs "
+                            f"{' or '.join(formats)}.")
+        return reasoning_gym.rows(source, fmt, split=split, size=size, seed=seed), f"{source}[{split}]"
+    if source in BUILTIN:
+        return _read_builtin(source, split, size, seed, difficulty), f"builtin:{source}[{split}]"
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"{source}: no such data file.")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}.")
+        rows = _read_local(path)
+    else:
+        from ..hub_id import is_hub_id
+
+        if not is_hub_id(source, config=True):
+            raise DataError(f"{source}: neither a built-in dataset ({', '.join(sorted(BUILTIN))}), a data file, "
+                            f"a reasoning-gym task (reasoning_gym:TASK), nor a hub dataset id (ORG/NAME or "
+                            f"ORG/NAME:CONFIG).")
+        rows = _read_hub(source, split)
+    return (rows[:size] if size else rows), source
 
 
 def _read_hub(source: str, split: str) -> list[dict]:

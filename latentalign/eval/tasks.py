@@ -6,6 +6,8 @@
 | `maj@K`        | causal LM  | majority vote of K sampled answers (temperature `temperature`) vs the answer    |
 | `pairwise`     | reward     | share of held-out preference pairs scored chosen > rejected                    |
 | `humaneval`    | causal LM  | HumanEval pass@1 (greedy), every program run in the code sandbox               |
+| `reasoning_gym`| causal LM  | mean score of greedy answers by each reasoning-gym task's own verifier, overall |
+|                |            | and per task (the dataset must be a `reasoning_gym:` source)                    |
 | `kv_cache`     | any        | bytes the decode cache holds per token (all layers), measured on a real cache  |
 | `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
 | `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
@@ -126,6 +128,28 @@ def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
     return {"humaneval": sum(s or 0.0 for s in scores) / max(len(rows), 1), "humaneval/n": len(rows)}
 
 
+def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
+    """Greedy answers to held-out reasoning-gym entries, each scored by its task's `score_answer` (partial credit
+    where the task gives it): the mean overall and per task."""
+    from ..data.reasoning_gym import entry, is_source, score
+    from .accuracy import generate_completions
+
+    if not is_source(opts.dataset):
+        raise EvalError(f"task 'reasoning_gym' scores reasoning-gym entries; set the dataset to a reasoning_gym: "
+                        f"source (e.g. --dataset reasoning_gym:chain_sum), not {opts.dataset!r}.")
+    rows = _rows(opts, opts.dataset, ("rl",))
+    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=opts.batch_size,
+                                       max_new_tokens=opts.max_new_tokens, progress=False)
+    by_task: dict[str, list[float]] = {}
+    for completion, row in zip(completions, rows):
+        task = entry(row["reasoning_gym"])["metadata"]["source_dataset"]
+        by_task.setdefault(task, []).append(score(completion, row["reasoning_gym"]))
+    scores = [s for values in by_task.values() for s in values]
+    metrics = {"reasoning_gym": sum(scores) / max(len(scores), 1), "reasoning_gym/n": len(scores)}
+    metrics.update({f"reasoning_gym/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())})
+    return metrics
+
+
 def kv_cache_bytes(model) -> dict:
     """Bytes per token of the cache `generate()` fills, measured: one forward over 8 tokens with use_cache,
     every cached tensor's bytes summed, divided by 8."""
@@ -225,6 +249,7 @@ TASKS: dict[str, Task] = {
     "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_majority_k),
     "pairwise": Task(lambda ctx, _: pairwise(ctx.model_dir, ctx.opts), needs="reward"),
     "humaneval": Task(lambda ctx, _: humaneval(ctx.model, ctx.tokenizer, ctx.opts)),
+    "reasoning_gym": Task(lambda ctx, _: reasoning_gym_score(ctx.model, ctx.tokenizer, ctx.opts)),
     "kv_cache": Task(lambda ctx, _: kv_cache_bytes(_any_model(ctx)), needs="any", format="{:,.0f} B/token"),
     "decode_speed": Task(lambda ctx, _: decode_speed(ctx.model, seed=ctx.opts.seed), format="{:,.0f} tok/s"),
     "lm_eval:": Task(lambda ctx, name: lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,

@@ -9,7 +9,7 @@ One signature everywhere, TRL's: `fn(prompts, completions, **dataset_columns) ->
     [1.0]
 
 Names: `math` (final-answer accuracy against an `answer` column), `format`, `length`, `code` (tests run in the
-sandbox); a reward-model directory as `model:PATH`; a user's function as `module.path:function`.
+sandbox), `reasoning_gym` (the task's own verifier, for rows from a `reasoning_gym:` source); a reward-model directory as `model:PATH`; a user's function as `module.path:function`.
 `guarded` turns exceptions and timeouts into `None` and counts them; a function that returns the wrong
 number of values is an error that names it.
 """
@@ -29,6 +29,7 @@ REGISTRY = {
     "format": rules.format_reward,
     "length": rules.length_reward,
     "code": code.code_reward,
+    "reasoning_gym": rules.reasoning_gym_reward,
 }
 
 

@@ -14,7 +14,7 @@ from .answers import final_answer as extract_answer
 from .answers import is_correct
 
 __all__ = ["completion_text", "equations_reward", "extract_answer", "format_reward", "length_reward",
-           "math_accuracy"]
+           "math_accuracy", "reasoning_gym_reward"]
 
 
 def completion_text(completion) -> str:
@@ -83,3 +83,14 @@ def length_reward(prompts, completions, completion_ids=None, max_tokens: int = 2
         soft = 0.75 * max_tokens
         rewards.append(1.0 if length <= soft else max(0.0, (max_tokens - length) / (max_tokens - soft)))
     return rewards
+
+
+def reasoning_gym_reward(prompts, completions, reasoning_gym=None, **_) -> list[float | None]:
+    """reasoning-gym's own verdict: the task's `score_answer` on the completion's `<answer>...</answer>`, for the
+    entry named by the row's `reasoning_gym` column (rows from a `reasoning_gym:` source carry it); None for a
+    row without one."""
+    if reasoning_gym is None:
+        raise ValueError("reasoning_gym needs rows from a reasoning_gym: source (their 'reasoning_gym' column).")
+    from ..data.reasoning_gym import score
+
+    return [None if key is None else score(completion_text(c), key) for c, key in zip(completions, reasoning_gym)]

@@ -126,10 +126,18 @@ def test_every_registered_reward_scores_the_same_bare_and_guarded(tmp_path):
                "test": [None] * 12 + ["assert f() == 1"] * 2,
                "completion_ids": [[0] * (5 * i) for i in range(n)]}
     rewards = {name: get_reward(name) for name in REGISTRY}
+    from latentalign.data import DataError, load_rows
+
+    try:  # rows from a reasoning-gym source name their entry; the extra may be absent from a core install
+        gym, _ = load_rows("reasoning_gym:chain_sum", split="test", formats=("rl",), size=n)
+        columns["reasoning_gym"] = [r["reasoning_gym"] for r in gym]
+        completions[0] = f"<answer>{gym[0]['answer']}</answer>"
+    except DataError:
+        del rewards["reasoning_gym"]
     rewards["code"] = get_reward("code", timeout_s=5)
     rewards["model:PATH"] = get_reward(f"model:{rm_dir}")
     rewards["weighted"] = weighted_sum({"math": 1.0, "format": 0.5, "equations": 0.25})
-    assert set(REGISTRY) <= set(rewards)
+    assert set(REGISTRY) - {"reasoning_gym"} <= set(rewards)
     for name, fn in rewards.items():
         bare = fn(["What is it?"] * n, completions, **columns)
         wrapped = guarded(fn, timeout_s=60)

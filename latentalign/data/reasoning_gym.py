@@ -1,0 +1,165 @@
+"""reasoning-gym's procedural tasks as a data source, and their own verifiers as the reward and the eval.
+
+    dataset: reasoning_gym:chain_sum
+    dataset: "reasoning_gym:{chain_sum: {weight: 0.5, max_terms: 2}, leg_counting: 0.5}"
+
+A source names one task, or a mix as a mapping from task to its weight or to its options (the task's own
+config fields, e.g. `min_terms`, plus `weight`, 1 by default). Rows come in three formats:
+
+- `messages` (SFT): the question, and the answer the way reasoning-gym's prompts ask for it,
+  `<answer>{answer}</answer>`;
+- `rl` (GRPO and eval): the question as the prompt, the reference `answer`, and a `reasoning_gym` column that
+  names the entry (task, seed, index, options), so that the reward and the eval rebuild the entry and score a
+  completion with the task's own `score_answer`, in any process;
+- `prompt`: the `rl` rows without using the answer.
+
+Entry `i` of a task with seed `s` is drawn from `Random(s + i)` by reasoning-gym. The training split uses seed
+`seed`; the held-out split (`test`) always uses seed `HELD_OUT_OFFSET`, the same entries whatever the stage's
+seed (so figures from different seeds are on the same prompts; `seed` only shuffles them), and training rows
+whose question is among the first `HELD_OUT_GUARD` held-out questions are dropped: a held-out entry is never
+trained on, even on tasks with few distinct questions. The package is an extra: `pip install 'latentalign[reasoning-gym]'`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+
+from .loading import DataError
+
+PREFIX = "reasoning_gym:"
+HELD_OUT_OFFSET = 10_000_000  # training sizes stay far below this, so the two seed ranges never meet
+HELD_OUT_GUARD = 2_000  # held-out questions kept out of training (an eval of up to this many rows is disjoint)
+
+
+class ReasoningGymError(DataError):
+    """A reasoning-gym source that cannot be built: the package missing, an unknown task or a bad option."""
+
+
+def is_source(source) -> bool:
+    return isinstance(source, str) and source.startswith(PREFIX)
+
+
+def _package():
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise ReasoningGymError("reasoning-gym sources need the package: pip install 'latentalign[reasoning-gym]'."
+                                ) from None
+    return reasoning_gym
+
+
+def parse_source(source: str) -> dict[str, dict]:
+    """`reasoning_gym:TASK` or `reasoning_gym:{TASK: WEIGHT or {weight: W, OPTION: VALUE}, ...}` ->
+    {task: {"weight": w, "options": {...}}}, every task and option checked against reasoning-gym."""
+    import yaml
+
+    spec = source.removeprefix(PREFIX).strip()
+    if spec.startswith("{"):
+        try:
+            tasks = yaml.safe_load(spec)
+        except yaml.YAMLError as err:
+            raise ReasoningGymError(f"{source}: not a mapping of task -> weight or options ({err}).") from None
+    else:
+        tasks = {spec: 1.0}
+    if not isinstance(tasks, dict) or not tasks:
+        raise ReasoningGymError(f"{source}: name a task (reasoning_gym:chain_sum) or a mapping of tasks.")
+    return {name: _task_spec(source, name, value) for name, value in tasks.items()}
+
+
+def _task_spec(source: str, name, value) -> dict:
+    known = _package().factory.DATASETS
+    if name not in known:
+        close = sorted(t for t in known if str(name)[:4] in t)[:8]
+        hint = f" (similar: {', '.join(close)})" if close else f"; {len(known)} tasks, e.g. {', '.join(sorted(known)[:6])}"
+        raise ReasoningGymError(f"{source}: unknown reasoning-gym task {name!r}{hint}.")
+    options = dict(value) if isinstance(value, dict) else {"weight": value}
+    weight = options.pop("weight", 1.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+        raise ReasoningGymError(f"{source}: task {name!r}: weight must be a positive number, got {weight!r}.")
+    config_cls = known[name][1]
+    fields = set(config_cls.__dataclass_fields__) - {"seed", "size"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ReasoningGymError(f"{source}: task {name!r} has no option {', '.join(map(repr, unknown))}; "
+                                f"its options: {', '.join(sorted(fields))}.")
+    try:
+        _dataset(name, 0, 1, json.dumps(options, sort_keys=True))
+    except (AssertionError, TypeError, ValueError) as err:
+        raise ReasoningGymError(f"{source}: task {name!r}: bad options {options}: {err or 'rejected'}.") from None
+    return {"weight": float(weight), "options": options}
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset(task: str, seed: int, size: int, options_json: str):
+    return _package().create_dataset(task, seed=seed, size=size, **json.loads(options_json))
+
+
+def _entries(task: str, options: dict, seed: int, count: int, start: int = 0) -> list[tuple[int, dict]]:
+    dataset = _dataset(task, seed, start + count, json.dumps(options, sort_keys=True))
+    return [(i, dataset[i]) for i in range(start, start + count)]
+
+
+def entry(key: str) -> dict:
+    """The entry a row's `reasoning_gym` column names, rebuilt from reasoning-gym (cached)."""
+    ref = json.loads(key)
+    dataset = _dataset(ref["task"], ref["seed"], ref["index"] + 1, json.dumps(ref["options"], sort_keys=True))
+    return dataset[ref["index"]]
+
+
+def answer_text(answer) -> str:
+    return f"<answer>{answer}</answer>"
+
+
+def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None, seed: int = 0) -> list[dict]:
+    """`size` rows (500 held out, 5,000 for training by default) of `fmt` ("messages", "rl" or "prompt") from the
+    tasks of `source`, in proportion to their weights, shuffled by `seed`."""
+    tasks = parse_source(source)
+    held_out = split in ("test", "validation", "eval")
+    n = size or (500 if held_out else 5_000)
+    base = HELD_OUT_OFFSET if held_out else seed
+    total = sum(t["weight"] for t in tasks.values())
+    counts = {name: max(1, round(n * t["weight"] / total)) for name, t in tasks.items()}
+    picked = []
+    for name, task in tasks.items():
+        entries = _entries(name, task["options"], base, counts[name]) if held_out else \
+            _training_entries(name, task["options"], base, counts[name])
+        picked += [(name, task["options"], base, i, e) for i, e in entries]
+    random.Random(seed).shuffle(picked)
+    return [_row(fmt, *p) for p in picked[:n]]
+
+
+def _training_entries(task: str, options: dict, base: int, count: int) -> list[tuple[int, dict]]:
+    """`count` training entries none of whose questions is among the first held-out ones; gives up (with a
+    clear error) on a task too small to have that many others."""
+    held = {e["question"] for _, e in _entries(task, options, HELD_OUT_OFFSET, HELD_OUT_GUARD)}
+    kept, start = [], 0
+    while len(kept) < count:
+        batch = _entries(task, options, base, 2 * (count - len(kept)) + 16, start)
+        start += len(batch)
+        kept += [(i, e) for i, e in batch if e["question"] not in held][:count - len(kept)]
+        if start > 20 * count + 1_000 and len(kept) < count // 2:
+            raise ReasoningGymError(f"reasoning_gym:{task} with options {options}: too few distinct questions "
+                                    f"outside the held-out set ({len(kept)} of {start} drawn); widen its options.")
+    return kept
+
+
+def _row(fmt: str, task: str, options: dict, seed: int, index: int, e: dict) -> dict:
+    user = {"role": "user", "content": e["question"]}
+    if fmt == "messages":
+        return {"messages": [user, {"role": "assistant", "content": answer_text(e["answer"])}]}
+    key = json.dumps({"task": task, "seed": seed, "index": index, "options": options}, sort_keys=True)
+    row = {"prompt": [user], "reasoning_gym": key}
+    if fmt == "rl":
+        row["answer"] = str(e["answer"])
+    return row
+
+
+def score(completion: str, key: str) -> float:
+    """The task's own verdict on a completion: its `<answer>` extracted as reasoning-gym's docs say, then
+    `score_answer` on the entry the row names (0.0 for a completion without an answer tag)."""
+    package = _package()
+    e = entry(key)
+    answer = package.utils.extract_answer(completion)
+    return float(package.get_score_answer_fn(e["metadata"]["source_dataset"])(answer, e))

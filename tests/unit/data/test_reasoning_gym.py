@@ -1,0 +1,139 @@
+"""reasoning-gym as a source: rows in each format, held-out entries never trained on, the task's own verifier as
+the reward (bare and guarded) and as the eval task, and one clear error for a bad task or option."""
+
+import json
+
+import pytest
+
+pytest.importorskip("reasoning_gym")
+
+from latentalign.data import DataError, load_rows  # noqa: E402
+from latentalign.data import reasoning_gym as rg  # noqa: E402
+from latentalign.reward import get_reward  # noqa: E402
+
+MIX = "reasoning_gym:{chain_sum: {weight: 3, max_terms: 2, max_digits: 2}, spell_backward: 1}"
+
+
+def wrong(answer: str) -> str:
+    return str(int(answer) + 1) if answer.lstrip("-").isdigit() else answer[::-1] + "x"
+
+
+def test_sft_rows_answer_in_the_tags_reasoning_gym_asks_for():
+    rows, fmt = load_rows("reasoning_gym:chain_sum", formats=("messages", "completion"), size=5)
+    assert fmt == "messages" and len(rows) == 5
+    for row in rows:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and user["content"].startswith("State the final answer")
+        assert assistant["content"].startswith("<answer>") and assistant["content"].endswith("</answer>")
+
+
+def test_rl_rows_carry_the_entry_and_mix_in_proportion():
+    rows, fmt = load_rows(MIX, formats=("rl", "prompt"), size=40, seed=3)
+    assert fmt == "rl" and len(rows) == 40
+    tasks = [rg.entry(r["reasoning_gym"])["metadata"]["source_dataset"] for r in rows]
+    assert tasks.count("chain_sum") == 30 and tasks.count("spell_backward") == 10
+    for row in rows:  # the named entry is the one the row was made from
+        e = rg.entry(row["reasoning_gym"])
+        assert row["prompt"][0]["content"] == e["question"] and row["answer"] == str(e["answer"])
+    again, _ = load_rows(MIX, formats=("rl",), size=40, seed=3)
+    assert again == rows
+    other, _ = load_rows(MIX, formats=("rl",), size=40, seed=4)
+    assert {r["prompt"][0]["content"] for r in other} != {r["prompt"][0]["content"] for r in rows}
+
+
+def test_held_out_entries_are_never_trained_on():
+    source = "reasoning_gym:{chain_sum: {max_terms: 2, max_digits: 2}}"
+    held, _ = load_rows(source, split="test", formats=("rl",), size=300)
+    train, _ = load_rows(source, formats=("rl",), size=3000)
+    held_questions = {r["prompt"][0]["content"] for r in held}
+    assert not held_questions & {r["prompt"][0]["content"] for r in train}
+    # Without the guard they would meet: one-digit sums are few, so independent draws repeat held-out ones.
+    raw = {e["question"] for _, e in rg._entries("chain_sum", {"max_terms": 2, "max_digits": 2}, 0, 3000)}
+    assert len(raw & held_questions) > 20
+    seeded, _ = load_rows(source, split="test", formats=("rl",), size=300, seed=7)
+    assert {r["prompt"][0]["content"] for r in seeded} == held_questions  # the same held-out set for any seed
+
+
+def test_a_task_too_small_to_hold_anything_out_is_refused():
+    with pytest.raises(DataError, match="too few distinct questions"):
+        load_rows("reasoning_gym:{chain_sum: {max_terms: 2, max_digits: 1}}", formats=("rl",), size=500)
+
+
+def reward_inputs(rows, completions):
+    return ([r["prompt"] for r in rows], completions,
+            {"reasoning_gym": [r["reasoning_gym"] for r in rows], "answer": [r["answer"] for r in rows]})
+
+
+def test_the_tasks_own_verifier_scores_generated_answers_bare_and_guarded():
+    from latentalign.rl.stage import RLStageConfig, build_rewards
+
+    rows, _ = load_rows(MIX, split="test", formats=("rl",), size=12)
+    right = [f"Let me see. <answer>{r['answer']}</answer>" for r in rows]
+    off = [f"<answer>{wrong(r['answer'])}</answer>" for r in rows]
+    untagged = [r["answer"] for r in rows]  # the answer without the tags reasoning-gym's prompts ask for
+    bare = get_reward("reasoning_gym")
+    (guarded,), _ = build_rewards(RLStageConfig(rewards={"reasoning_gym": 1.0}))
+    for fn in (bare, guarded):
+        prompts, completions, columns = reward_inputs(rows, right)
+        assert fn(prompts, completions, **columns) == [1.0] * 12
+        for bad in (off, untagged):
+            prompts, completions, columns = reward_inputs(rows, bad)
+            assert all(score < 1.0 for score in fn(prompts, completions, **columns))
+    assert sum(guarded.failures.values()) == 0
+
+
+def test_reward_without_the_column_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="reasoning_gym: source"):
+        get_reward("reasoning_gym")(["q"], ["<answer>1</answer>"], answer=["1"])
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_eval_task_scores_with_the_same_verifier(good, monkeypatch):
+    from latentalign.eval import accuracy, tasks
+
+    def scripted(model, tokenizer, prompts, **_):
+        by_question = {r["prompt"][0]["content"]: r["answer"] for r in rows}
+        return [f"<answer>{(lambda a: a if good else wrong(a))(by_question[p[0]['content']])}</answer>"
+                for p in prompts]
+
+    rows, _ = load_rows(MIX, split="test", formats=("rl",), size=8)
+    monkeypatch.setattr(accuracy, "generate_completions", scripted)
+    metrics = tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset=MIX, size=8))
+    assert metrics["reasoning_gym/n"] == 8
+    assert set(metrics) >= {"reasoning_gym/chain_sum", "reasoning_gym/spell_backward"}
+    assert (metrics["reasoning_gym"] == 1.0) if good else (metrics["reasoning_gym"] < 0.5)
+
+
+def test_eval_task_refuses_a_dataset_that_is_not_reasoning_gym():
+    from latentalign.eval import tasks
+
+    with pytest.raises(tasks.EvalError, match="reasoning_gym:"):
+        tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset="arithmetic-rl"))
+
+
+@pytest.mark.parametrize("source, named", [
+    ("reasoning_gym:chain_sums", "'chain_sums'"),
+    ("reasoning_gym:{chain_sum: {max_term: 2}}", "'max_term'"),
+    ("reasoning_gym:{chain_sum: {max_terms: 0}}", "max_terms"),
+    ("reasoning_gym:{chain_sum: 0}", "weight"),
+    ("reasoning_gym:{chain_sum: [1, 2", "mapping"),
+])
+def test_a_bad_task_or_option_is_one_error_naming_it(source, named):
+    with pytest.raises(DataError) as err:
+        load_rows(source, formats=("rl",), size=2)
+    assert named in str(err.value) and source in str(err.value)
+
+
+def test_a_stage_config_with_a_bad_task_fails_before_training(tmp_path):
+    from latentalign.rl.stage import load_config, run
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "dataset=reasoning_gym:no_such_task", "rewards={reasoning_gym: 1.0}"])
+    with pytest.raises(DataError, match="no_such_task"):
+        run(cfg)
+    assert not list(tmp_path.iterdir())  # nothing built or written
+
+
+def test_entry_keys_are_plain_json():
+    rows, _ = load_rows("reasoning_gym:chain_sum", split="test", formats=("rl",), size=1)
+    key = json.loads(rows[0]["reasoning_gym"])
+    assert key == {"task": "chain_sum", "seed": rg.HELD_OUT_OFFSET, "index": 0, "options": {}}
