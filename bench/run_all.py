@@ -14,8 +14,9 @@ ACCURACY = ["sft_accuracy", "reward_accuracy", "rl_accuracy"]
 SPEED = ["decode", "train_speed", "kv_cache", "memory", "grpo_rollout"]
 # The code reward's sandbox against the one it replaced, per HumanEval program (about a minute).
 REWARDS = ["code_reward"]
-# The quickstart uninterrupted, then killed with SIGKILL in GRPO and rerun (about 9 minutes).
-END_TO_END = ["quickstart"]
+# The quickstart uninterrupted, then killed with SIGKILL in GRPO and rerun (about 9 minutes); then the quickstart
+# for three seeds (about 25 minutes).
+END_TO_END = ["quickstart", "recipe_seeds"]
 SCRIPTS = ACCURACY + SPEED + REWARDS + END_TO_END
 HERE = Path(__file__).parent
 

@@ -13,11 +13,11 @@ config fields, e.g. `min_terms`, plus `weight`, 1 by default). Rows come in thre
   completion with the task's own `score_answer`, in any process;
 - `prompt`: the `rl` rows without using the answer.
 
-Entry `i` of a task with seed `s` is drawn from `Random(s + i)` by reasoning-gym. The training split uses seed
-`seed`; the held-out split (`test`) always uses seed `HELD_OUT_OFFSET`, the same entries whatever the stage's
-seed (so figures from different seeds are on the same prompts; `seed` only shuffles them), and training rows
-whose question is among the first `HELD_OUT_GUARD` held-out questions are dropped: a held-out entry is never
-trained on, even on tasks with few distinct questions. The package is an extra: `pip install 'latentalign[reasoning-gym]'`.
+A question belongs to the held-out split or to training by a hash of its text, as for the built-in data
+(`arithmetic.is_held_out`, a tenth held out): a held-out question is never trained on, on tasks with few
+distinct questions too. Training draws entries from the stream of seed `seed * SEED_STRIDE`, the held-out split
+(`test`) from seed `HELD_OUT_SEED` whatever the stage's seed (figures from different seeds are on the same prompts), each keeping the
+entries of its side. The package is an extra: `pip install 'latentalign[reasoning-gym]'`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import random
 from .loading import DataError
 
 PREFIX = "reasoning_gym:"
-HELD_OUT_OFFSET = 10_000_000  # training sizes stay far below this, so the two seed ranges never meet
-HELD_OUT_GUARD = 2_000  # held-out questions kept out of training (an eval of up to this many rows is disjoint)
+# reasoning-gym draws entry i of seed s from Random(s + i): streams of nearby seeds are the same entries shifted by
+# one. Seed k's training stream starts at k * SEED_STRIDE, and the held-out stream far above any of them.
+SEED_STRIDE = 1_000_000
+HELD_OUT_SEED = 1_000_000_000
 
 
 class ReasoningGymError(DataError):
@@ -91,8 +93,14 @@ def _task_spec(source: str, name, value) -> dict:
     return {"weight": float(weight), "options": options}
 
 
-@functools.lru_cache(maxsize=64)
 def _dataset(task: str, seed: int, size: int, options_json: str):
+    """The task's dataset holding at least `size` entries; sizes round up to a power of two (from 1,024), so that
+    the entries of a run share a few dataset objects (some tasks load word lists when one is built)."""
+    return _sized_dataset(task, seed, max(1024, 1 << (size - 1).bit_length()), options_json)
+
+
+@functools.lru_cache(maxsize=64)
+def _sized_dataset(task: str, seed: int, size: int, options_json: str):
     return _package().create_dataset(task, seed=seed, size=size, **json.loads(options_json))
 
 
@@ -101,8 +109,10 @@ def _entries(task: str, options: dict, seed: int, count: int, start: int = 0) ->
     return [(i, dataset[i]) for i in range(start, start + count)]
 
 
+@functools.lru_cache(maxsize=100_000)
 def entry(key: str) -> dict:
-    """The entry a row's `reasoning_gym` column names, rebuilt from reasoning-gym (cached)."""
+    """The entry a row's `reasoning_gym` column names, rebuilt from reasoning-gym (cached: GRPO scores each
+    prompt's entry once per completion)."""
     ref = json.loads(key)
     dataset = _dataset(ref["task"], ref["seed"], ref["index"] + 1, json.dumps(ref["options"], sort_keys=True))
     return dataset[ref["index"]]
@@ -118,30 +128,29 @@ def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None
     tasks = parse_source(source)
     held_out = split in ("test", "validation", "eval")
     n = size or (500 if held_out else 5_000)
-    base = HELD_OUT_OFFSET if held_out else seed
+    base = HELD_OUT_SEED if held_out else seed * SEED_STRIDE
     total = sum(t["weight"] for t in tasks.values())
-    counts = {name: max(1, round(n * t["weight"] / total)) for name, t in tasks.items()}
     picked = []
     for name, task in tasks.items():
-        entries = _entries(name, task["options"], base, counts[name]) if held_out else \
-            _training_entries(name, task["options"], base, counts[name])
-        picked += [(name, task["options"], base, i, e) for i, e in entries]
+        count = max(1, round(n * task["weight"] / total))
+        picked += [(name, task["options"], base, i, e) for i, e in _side(name, task["options"], base, count, held_out)]
     random.Random(seed).shuffle(picked)
     return [_row(fmt, *p) for p in picked[:n]]
 
 
-def _training_entries(task: str, options: dict, base: int, count: int) -> list[tuple[int, dict]]:
-    """`count` training entries none of whose questions is among the first held-out ones; gives up (with a
-    clear error) on a task too small to have that many others."""
-    held = {e["question"] for _, e in _entries(task, options, HELD_OUT_OFFSET, HELD_OUT_GUARD)}
+def _side(task: str, options: dict, seed: int, count: int, held_out: bool) -> list[tuple[int, dict]]:
+    """The first `count` entries of the stream `seed` whose question is on the `held_out` side."""
+    from .arithmetic import is_held_out
+
     kept, start = [], 0
     while len(kept) < count:
-        batch = _entries(task, options, base, 2 * (count - len(kept)) + 16, start)
+        batch = _entries(task, options, seed, 2 * (count - len(kept)) + 64, start)
         start += len(batch)
-        kept += [(i, e) for i, e in batch if e["question"] not in held][:count - len(kept)]
-        if start > 20 * count + 1_000 and len(kept) < count // 2:
-            raise ReasoningGymError(f"reasoning_gym:{task} with options {options}: too few distinct questions "
-                                    f"outside the held-out set ({len(kept)} of {start} drawn); widen its options.")
+        kept += [(i, e) for i, e in batch if is_held_out(e["question"]) == held_out][:count - len(kept)]
+        if start > 100 * count + 10_000 and len(kept) < count:
+            side = "held-out" if held_out else "training"
+            raise ReasoningGymError(f"reasoning_gym:{task} with options {options}: only {len(kept)} {side} entries "
+                                    f"in {start} drawn; its questions barely vary, widen its options.")
     return kept
 
 

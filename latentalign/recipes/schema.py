@@ -94,11 +94,19 @@ def load_recipe(spec, overrides=()) -> Recipe:
 
 
 def _check_dataset(value, where: str, base_dir: Path | None):
-    """Built-ins and hub ids pass (a hub id is only reachable at run time); a local file must exist."""
+    """Built-ins and hub ids pass (a hub id is only reachable at run time); a reasoning-gym source's tasks and
+    options must exist; a local file must exist."""
+    from ..data import reasoning_gym
     from ..data.loading import BUILTIN, LOCAL_SUFFIXES
     from ..hub_id import is_hub_id
 
     if value is None or value in BUILTIN:
+        return
+    if reasoning_gym.is_source(value):
+        try:
+            reasoning_gym.parse_source(value)
+        except reasoning_gym.ReasoningGymError as err:
+            raise RecipeError(f"{where}: {err}") from None
         return
     path = Path(value)
     if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):

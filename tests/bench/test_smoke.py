@@ -26,6 +26,8 @@ CHECKS = {
     "grpo_rollout": lambda r: r["latentalign"]["rollout_tokens"] == r["transformers"]["rollout_tokens"] > 0,
     "code_reward": lambda r: r["programs"] == 2 and r["failed_canonical_solutions"] == {"reference": 0, "current": 0},
     "quickstart": lambda r: r["rl_resumed_from"] is not None and r["final_weights_max_abs_diff"] <= 1e-5,
+    "recipe_seeds": lambda r: r["summary"]["sft"]["accuracy"]["n"] == 16 and r["summary"]["reward"]["pairwise"]
+    and set(r["gains"]["rl - sft"]["accuracy"]["by_seed"]) == {"0"},
 }
 SLOW = {"quickstart"}  # the tiny chain twice with a kill -9, as the slow recipe test
 
@@ -54,7 +56,8 @@ def test_bench_runs_at_its_smallest_size(name, tmp_path, monkeypatch):
     assert recorded["script"] == f"bench/{name}.py"
     (variant, result), = recorded["variants"].items()
     common = importlib.import_module("common")
-    assert variant == ("recipe=tiny_recipe" if name == "quickstart" else common.variant_name(module.SMOKE))
+    expected = {"quickstart": "recipe=tiny_recipe", "recipe_seeds": "tiny_recipe --seeds 0"}
+    assert variant == expected.get(name, common.variant_name(module.SMOKE))
     assert {"cpu", "cores", "threads", "torch", "transformers"} <= set(result["machine"])
     assert result["date"].endswith("UTC")
     assert json.loads(json.dumps(returned)) == {k: v for k, v in result.items() if k not in ("machine", "commit", "date")}

@@ -4,6 +4,7 @@ the reward (bare and guarded) and as the eval task, and one clear error for a ba
 import json
 
 import pytest
+import yaml
 
 pytest.importorskip("reasoning_gym")
 
@@ -41,22 +42,30 @@ def test_rl_rows_carry_the_entry_and_mix_in_proportion():
     assert {r["prompt"][0]["content"] for r in other} != {r["prompt"][0]["content"] for r in rows}
 
 
-def test_held_out_entries_are_never_trained_on():
-    source = "reasoning_gym:{chain_sum: {max_terms: 2, max_digits: 2}}"
+@pytest.mark.parametrize("options", ["{max_terms: 2, max_digits: 2}", "{max_terms: 2, max_digits: 1}"])
+def test_held_out_entries_are_never_trained_on(options):
+    from latentalign.data.arithmetic import is_held_out
+
+    source = f"reasoning_gym:{{chain_sum: {options}}}"
     held, _ = load_rows(source, split="test", formats=("rl",), size=300)
     train, _ = load_rows(source, formats=("rl",), size=3000)
     held_questions = {r["prompt"][0]["content"] for r in held}
     assert not held_questions & {r["prompt"][0]["content"] for r in train}
-    # Without the guard they would meet: one-digit sums are few, so independent draws repeat held-out ones.
-    raw = {e["question"] for _, e in rg._entries("chain_sum", {"max_terms": 2, "max_digits": 2}, 0, 3000)}
-    assert len(raw & held_questions) > 20
+    assert all(is_held_out(q) for q in held_questions)
+    # Without the split they would meet: independent draws of few distinct questions repeat each other.
+    raw = {e["question"] for _, e in rg._entries("chain_sum", yaml.safe_load(options), 0, 3000)}
+    assert len(raw & held_questions) > 10
     seeded, _ = load_rows(source, split="test", formats=("rl",), size=300, seed=7)
     assert {r["prompt"][0]["content"] for r in seeded} == held_questions  # the same held-out set for any seed
 
 
-def test_a_task_too_small_to_hold_anything_out_is_refused():
-    with pytest.raises(DataError, match="too few distinct questions"):
-        load_rows("reasoning_gym:{chain_sum: {max_terms: 2, max_digits: 1}}", formats=("rl",), size=500)
+def test_a_side_that_no_question_falls_on_is_an_error_not_a_hang(monkeypatch):
+    from latentalign.data import arithmetic
+
+    monkeypatch.setattr(arithmetic, "is_held_out", lambda question: False)  # no question is ever held out
+    with pytest.raises(DataError, match="only 0 held-out entries"):
+        load_rows("reasoning_gym:{chain_sum: {min_terms: 1, max_terms: 1, max_digits: 1}}", split="test",
+                  formats=("rl",), size=50)
 
 
 def reward_inputs(rows, completions):
@@ -136,4 +145,5 @@ def test_a_stage_config_with_a_bad_task_fails_before_training(tmp_path):
 def test_entry_keys_are_plain_json():
     rows, _ = load_rows("reasoning_gym:chain_sum", split="test", formats=("rl",), size=1)
     key = json.loads(rows[0]["reasoning_gym"])
-    assert key == {"task": "chain_sum", "seed": rg.HELD_OUT_OFFSET, "index": 0, "options": {}}
+    assert key["task"] == "chain_sum" and key["seed"] == rg.HELD_OUT_SEED and key["options"] == {}
+    assert rg.entry(rows[0]["reasoning_gym"])["question"] == rows[0]["prompt"][0]["content"]
