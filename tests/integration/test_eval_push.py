@@ -108,3 +108,19 @@ def test_push_rejects_bad_sources_and_repo_ids(model_dirs, tmp_path):
     assert "must look like ORG/NAME" in invoke("push", model_dirs[0], "--repo-id", "noslash").output
     result = invoke("push", tmp_path, "--repo-id", "a/b")
     assert result.exit_code == 2 and "neither a run folder" in result.output
+
+
+def test_eval_cli_scores_reasoning_gym_with_its_verifier(model_dirs, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    lm, _ = model_dirs
+    out = tmp_path / "gym.json"
+    source = "reasoning_gym:{chain_sum: {max_terms: 2}, spell_backward: 1}"
+    result = invoke("eval", lm, "--tasks", "reasoning_gym,accuracy", "--dataset", source, "--size", "6", "-o", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["reasoning_gym/n"] == 6 and 0 <= metrics["reasoning_gym"] <= 1
+    assert {"reasoning_gym/chain_sum", "reasoning_gym/spell_backward"} <= set(metrics)
+    # An untrained model writes no <answer> tags: reasoning-gym's verifier gives it nothing.
+    assert metrics["reasoning_gym"] == 0.0
+    bad = invoke("eval", lm, "--tasks", "reasoning_gym", "--dataset", "reasoning_gym:chain_summ", "--size", "2")
+    assert bad.exit_code != 0 and "unknown reasoning-gym task 'chain_summ'" in bad.output
