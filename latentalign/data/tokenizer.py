@@ -114,3 +114,44 @@ def ensure_chat_template(tokenizer):
 def training_template_for(tokenizer) -> str | None:
     """The `{% generation %}`-marked variant when the tokenizer uses our template, else None (leave it to TRL)."""
     return TRAINING_CHAT_TEMPLATE if tokenizer.chat_template == CHAT_TEMPLATE else None
+
+
+def digit_variants(tokenizer) -> list[tuple[int, int]]:
+    """(id of "d", id of " d") for each digit d that the tokenizer has both as a token of its own and with a
+    leading space: the embedded tokenizer puts a number's space on its first digit, so every digit value has two
+    tokens. Empty for a tokenizer without such pairs (DeepSeek's own keeps the space apart)."""
+    pairs = []
+    for digit in "0123456789":
+        plain = tokenizer.convert_tokens_to_ids(digit)
+        spaced = tokenizer.convert_tokens_to_ids("Ġ" + digit)  # byte-level BPE writes the space as Ġ
+        unknown = tokenizer.unk_token_id
+        if None not in (plain, spaced) and unknown not in (plain, spaced) and plain != spaced:
+            pairs.append((plain, spaced))
+    return pairs
+
+
+def align_digit_embeddings(model, tokenizer) -> int:
+    """Start each " d" token's input and output embedding as that of "d" plus that of the space, so that a digit
+    means the same whether or not a space rides on it; returns the number of digits aligned.
+
+    Why: at random init the two tokens of a digit are unrelated, and training did not bring them together (in an
+    SFT model of the embedded default their cosine was about 0.05, while plain digits sat at 0.4 from each other).
+    A model that must compare digits across the two (the working's "= 8" with the answer's "83": " 8" and "8";
+    a reward model checking an answer against the working) then learns the equality late: the reward model sat
+    near 60% training accuracy for 700 steps. Aligned, the same SFT run doubled its held-out accuracy and the
+    reward model learned from the start (bench/README.md). Presets only: a checkpoint keeps its embeddings."""
+    import torch
+
+    pairs = digit_variants(tokenizer)
+    space = tokenizer.convert_tokens_to_ids("Ġ")
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    with torch.no_grad():
+        for weight in tables:
+            if weight.shape[0] < len(tokenizer):
+                continue  # a head that is not over the vocabulary (a reward model's score)
+            for plain, spaced in pairs:
+                weight[spaced] = (weight[plain] + weight[space]) / 2**0.5 if space is not None else weight[plain]
+    return len(pairs)

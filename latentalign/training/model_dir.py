@@ -34,9 +34,11 @@ def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
 def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, overrides: dict | None = None,
                         seed: int = 0, reward: bool = False):
     """(model, tokenizer) for a stage. Presets are built at random init with the tokenizer's vocabulary and
-    special ids; checkpoints load through `latentalign.load_model` / `load_reward_model`."""
+    special ids, a digit's two tokens starting alike (`align_digit_embeddings`); checkpoints load through
+    `latentalign.load_model` / `load_reward_model`."""
     import torch
 
+    from ..data.tokenizer import align_digit_embeddings
     from ..model import LatentAlignForCausalLM, LatentAlignForSequenceClassification, load_model, load_reward_model
     from ..model.config import PRESETS, model_config
 
@@ -53,6 +55,7 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
         torch.manual_seed(seed)
         cls = LatentAlignForSequenceClassification if reward else LatentAlignForCausalLM
         model = cls(config)
+        align_digit_embeddings(model, tokenizer)
     else:
         loader = load_reward_model if reward else load_model
         model = loader(model_spec, **overrides)

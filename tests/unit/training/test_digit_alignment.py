@@ -1,0 +1,66 @@
+"""A preset built with the embedded tokenizer starts each digit's two tokens ("d" and " d") alike; checkpoints
+keep their own embeddings."""
+
+import torch
+
+from latentalign.data import default_tokenizer
+from latentalign.data.tokenizer import align_digit_embeddings, digit_variants
+from latentalign.training import load_starting_point, save_model_dir
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
+
+
+def cosines(weight, pairs):
+    unit = weight / weight.norm(dim=1, keepdim=True)
+    return [float(unit[a] @ unit[b]) for a, b in pairs]
+
+
+def aligned(weight, tokenizer) -> bool:
+    space = tokenizer.convert_tokens_to_ids("Ġ")
+    return all(torch.allclose(weight[b], (weight[a] + weight[space]) / 2**0.5) for a, b in digit_variants(tokenizer))
+
+
+def test_the_embedded_tokenizer_has_both_tokens_of_every_digit():
+    tokenizer = default_tokenizer()
+    pairs = digit_variants(tokenizer)
+    assert len(pairs) == 10
+    assert [tokenizer.convert_ids_to_tokens(p) for p, _ in pairs] == list("0123456789")
+    assert tokenizer.tokenize(" 47") == [tokenizer.convert_ids_to_tokens(pairs[4][1]), "7"]
+
+
+def test_a_preset_starts_each_digit_pair_aligned_in_both_tables():
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    pairs = digit_variants(tokenizer)
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        assert aligned(weight, tokenizer)
+        same, other = cosines(weight, pairs), cosines(weight, [(a, b) for (a, _), (_, b) in zip(pairs, pairs[1:])])
+        assert sum(same) / len(same) > 0.5 > abs(sum(other) / len(other))  # "d" vs " d", not "0" vs " 1"
+
+
+def test_without_alignment_the_two_tokens_are_unrelated():
+    torch.manual_seed(0)
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    weight = model.get_input_embeddings().weight
+    pairs = digit_variants(tokenizer)
+    with torch.no_grad():
+        weight.normal_(std=0.02)  # a fresh random table, as before the alignment
+    assert not aligned(weight, tokenizer) and abs(sum(cosines(weight, pairs))) / len(pairs) < 0.2
+    assert align_digit_embeddings(model, tokenizer) == 10
+    assert aligned(weight, tokenizer)
+
+
+def test_a_reward_model_preset_aligns_its_embeddings_not_its_score_head():
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL, reward=True)
+    assert aligned(model.get_input_embeddings().weight, tokenizer)
+    assert model.score.weight.shape[0] == 1
+
+
+def test_a_checkpoint_keeps_its_embeddings(tmp_path):
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(std=0.02)  # as a trained model's, unrelated pairs
+    saved = save_model_dir(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_starting_point(str(saved))
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert not aligned(loaded.get_input_embeddings().weight, tokenizer)
