@@ -135,11 +135,10 @@ def align_digit_embeddings(model, tokenizer) -> int:
     means the same whether or not a space rides on it; returns the number of digits aligned.
 
     Why: at random init the two tokens of a digit are unrelated, and training did not bring them together (in an
-    SFT model of the embedded default their cosine was about 0.05, while plain digits sat at 0.4 from each other).
-    A model that must compare digits across the two (the working's "= 8" with the answer's "83": " 8" and "8";
-    a reward model checking an answer against the working) then learns the equality late: the reward model sat
-    near 60% training accuracy for 700 steps. Aligned, the same SFT run doubled its held-out accuracy and the
-    reward model learned from the start (bench/README.md). Presets only: a checkpoint keeps its embeddings."""
+    SFT model of the embedded default their cosine was about 0.05, while plain digits sat at 0.4 from each other),
+    so the model had to learn every digit twice and to compare digits across the two (the working's "= 8" with
+    the answer's "83": " 8" and "8"). Aligned, the SFT defaults' held-out exact match went from 31.3% to 60.3%
+    on the same machine (bench/README.md). Presets only: a checkpoint keeps its embeddings."""
     import torch
 
     pairs = digit_variants(tokenizer)
