@@ -58,6 +58,7 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
         align_digit_embeddings(model, tokenizer)
     else:
         loader = load_reward_model if reward else load_model
+        torch.manual_seed(seed)  # a reward head new to the checkpoint is drawn here: the same run, the same head
         model = loader(model_spec, **overrides)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,5 +1,5 @@
-"""A preset built with the embedded tokenizer starts each digit's two tokens ("d" and " d") alike; checkpoints
-keep their own embeddings."""
+"""How a stage's starting model is built: a preset starts each digit's two tokens ("d" and " d") alike, a
+checkpoint keeps its own embeddings, and a reward head new to a checkpoint comes from the stage's seed."""
 
 import torch
 
@@ -64,3 +64,16 @@ def test_a_checkpoint_keeps_its_embeddings(tmp_path):
     loaded, _ = load_starting_point(str(saved))
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
     assert not aligned(loaded.get_input_embeddings().weight, tokenizer)
+
+
+def test_a_reward_head_new_to_a_causal_lm_checkpoint_is_the_same_every_run(tmp_path):
+    """The score head a reward stage adds to an SFT model is drawn from the stage's seed, not from whatever the
+    process drew before: two runs of the same stage start from the same model."""
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    saved = save_model_dir(model, tokenizer, tmp_path / "sft")
+    first, _ = load_starting_point(str(saved), reward=True, seed=3)
+    torch.rand(100)  # other work in between moves the global generator
+    second, _ = load_starting_point(str(saved), reward=True, seed=3)
+    other, _ = load_starting_point(str(saved), reward=True, seed=4)
+    assert torch.equal(first.score.weight, second.score.weight)
+    assert not torch.equal(first.score.weight, other.score.weight)
