@@ -12,6 +12,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 3
 
 
 def cosines(weight, pairs):
+    weight = weight.detach()
     unit = weight / weight.norm(dim=1, keepdim=True)
     return [float(unit[a] @ unit[b]) for a, b in pairs]
 
