@@ -32,6 +32,8 @@ MID = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=16, kv_l
 LITE_ROUTING = dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
 
 RESULTS = Path(__file__).parent / "results"
+# The test suite's small chain (seconds a stage): the smoke size of the benches that run a whole recipe.
+TINY_CHAIN = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny_recipe.yaml"
 THREADS = 2  # the development machine's cores; fixed so that figures from different runs compare
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from common import write_result
+from common import TINY_CHAIN, write_result
 
-TINY_CHAIN = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny_recipe.yaml"
 SMOKE = ["--recipe", str(TINY_CHAIN), "--rl-stage", "rl", "--after-save-s", "0"]
 
 

@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import variant_name, write_result
+from common import TINY_CHAIN, variant_name, write_result
 
-TINY_CHAIN = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny_recipe.yaml"
 SMOKE = ["--recipe", str(TINY_CHAIN), "--seeds", "0"]
 HEADLINES = ("accuracy", "pairwise", "reasoning_gym")  # the figures of the eval tasks that score answers
 
@@ -42,7 +41,8 @@ def run_seed(recipe: str, seed: int, overrides: list[str], threads: int | None, 
     return {"wall_seconds": round(time.perf_counter() - start, 1),
             "stage_seconds": {n: s.get("seconds") for n, s in manifest["stages"].items()},
             "init": {n: s.get("init") for n, s in manifest["stages"].items()},
-            "eval": {stage: {k: v for k, v in m.items() if k.split("/")[0] in HEADLINES} for stage, m in results.items()}}
+            "eval": {stage: {k: v for k, v in m.items() if k.split("/")[0] in HEADLINES}
+                     for stage, m in results.items()}}
 
 
 def sampling_error(p: float, n: int) -> float:

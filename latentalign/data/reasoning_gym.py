@@ -16,8 +16,8 @@ config fields, e.g. `min_terms`, plus `weight`, 1 by default). Rows come in thre
 A question belongs to the held-out split or to training by a hash of its text, as for the built-in data
 (`arithmetic.is_held_out`, a tenth held out): a held-out question is never trained on, on tasks with few
 distinct questions too. Training draws entries from the stream of seed `seed * SEED_STRIDE`, the held-out split
-(`test`) from seed `HELD_OUT_SEED` whatever the stage's seed (figures from different seeds are on the same prompts), each keeping the
-entries of its side. The package is an extra: `pip install 'latentalign[reasoning-gym]'`.
+(`test`) from seed `HELD_OUT_SEED` whatever the stage's seed (figures from different seeds are on the same
+prompts), each keeping the entries of its side. The package is an extra: `pip install 'latentalign[reasoning-gym]'`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _task_spec(source: str, name, value) -> dict:
     known = _package().factory.DATASETS
     if name not in known:
         close = sorted(t for t in known if str(name)[:4] in t)[:8]
-        hint = f" (similar: {', '.join(close)})" if close else f"; {len(known)} tasks, e.g. {', '.join(sorted(known)[:6])}"
+        examples = ", ".join(sorted(known)[:6])
+        hint = f" (similar: {', '.join(close)})" if close else f"; {len(known)} tasks, e.g. {examples}"
         raise ReasoningGymError(f"{source}: unknown reasoning-gym task {name!r}{hint}.")
     options = dict(value) if isinstance(value, dict) else {"weight": value}
     weight = options.pop("weight", 1.0)

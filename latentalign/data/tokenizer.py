@@ -138,7 +138,7 @@ def align_digit_embeddings(model, tokenizer) -> int:
     SFT model of the embedded default their cosine was about 0.05, while plain digits sat at 0.4 from each other),
     so the model had to learn every digit twice and to compare digits across the two (the working's "= 8" with
     the answer's "83": " 8" and "8"). Aligned, the SFT defaults' held-out exact match went from 31.3% to 60.3%
-    on the same machine (bench/README.md). Presets only: a checkpoint keeps its embeddings."""
+    on the same machine (one run each, bench/README.md). Presets only: a checkpoint keeps its embeddings."""
     import torch
 
     pairs = digit_variants(tokenizer)
