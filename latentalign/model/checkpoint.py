@@ -108,7 +108,9 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in list(mismatched)[:3])
         raise CheckpointError(f"{path}: weight shapes do not match config.json ({shown}).")
-    missing = [k for k in info.get("missing_keys") or [] if not (cls is LatentAlignForSequenceClassification and k.startswith("score."))]
+    # A reward head is new to a causal checkpoint: its score (and the likelihood weight) start fresh.
+    fresh = ("score.", "likelihood_scale.") if cls is LatentAlignForSequenceClassification else ()
+    missing = [k for k in info.get("missing_keys") or [] if not k.startswith(fresh)]
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}.")

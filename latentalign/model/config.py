@@ -18,7 +18,7 @@ from transformers import DeepseekV2Config
 
 MODEL_TYPE = "latentalign_deepseek_v2"
 MLA_PATHS = ("auto", "expanded", "absorbed")
-SCORE_POOLING = ("last", "mean")
+SCORE_POOLING = ("last", "mean", "likelihood")
 
 # The YaRN settings shipped with DeepSeek-V2, V2-Chat and V2-Lite (4K -> 160K, §4 of the facts).
 DEEPSEEK_V2_YARN = {
@@ -66,7 +66,10 @@ class LatentAlignConfig(DeepseekV2Config):
     score_pooling (`str`, defaults to `"last"`):
         How the reward head (`LatentAlignForSequenceClassification`) turns per-token scores into one: `"last"`
         reads the last real token (as transformers' heads do); `"mean"` averages over all real tokens, so a
-        single wrong token scores where it stands instead of having to be carried to the end.
+        single wrong token scores where it stands instead of having to be carried to the end; `"likelihood"`
+        adds to the last token's score the sequence's log-likelihood under the model's own language-model head
+        (kept from the checkpoint), times a learned scale that starts at 1: a model that predicts correct
+        replies well ranks a pair before any reward training, and Bradley-Terry then tunes both parts.
     """
 
     model_type = MODEL_TYPE

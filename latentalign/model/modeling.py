@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
@@ -579,17 +580,48 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
         )
 
 
+class LikelihoodScale(nn.Module):
+    """The learned weight of the sequence log-likelihood in a `score_pooling="likelihood"` reward head."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_labels))
+
+
 class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
     """Reward model: one score per sequence. Real tokens are those of `attention_mask`, else those that are not
-    padding, else all; the score is read at the last of them (`score_pooling="last"`) or averaged over them
-    (`"mean"`)."""
+    padding, else all; the score is read at the last of them (`score_pooling="last"`), averaged over them
+    (`"mean"`), or read at the last of them plus the learned multiple of the sequence's log-likelihood under
+    the language-model head the checkpoint brought (`"likelihood"`).
+
+    Why `"likelihood"`: a reward model started from an SFT model inherits a model that already tells a correct
+    reply from a near miss token by token (on the embedded pairs, its log-likelihood ranks every held-out pair
+    right), but a score read at the last token has to learn to carry that evidence to the end, which took
+    Bradley-Terry hundreds of steps to begin (bench/README.md)."""
 
     def __init__(self, config: LatentAlignConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = LatentAlignModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        if config.score_pooling == "likelihood":
+            if not config.tie_word_embeddings:  # tied: the input embeddings serve as the head
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.likelihood_scale = LikelihoodScale(self.num_labels)
         self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LikelihoodScale):
+            init.ones_(module.weight)
+
+    def sequence_log_likelihood(self, hidden: torch.Tensor, input_ids: torch.Tensor, real: torch.Tensor):
+        """Sum over real tokens (after the first) of log p(token | the tokens before it), in fp32: (B,)."""
+        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(hidden[:, :-1], head).float()
+        token = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None].to(logits.device)).squeeze(-1)
+        both = (real[:, 1:] & real[:, :-1]).to(token.dtype)
+        return (token * both).sum(1)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -613,6 +645,11 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         else:
             last = (torch.arange(length, device=logits.device) * real).argmax(-1)
             pooled = logits[torch.arange(batch, device=logits.device), last]
+        if self.config.score_pooling == "likelihood":
+            if input_ids is None:
+                raise ValueError("score_pooling='likelihood' scores the tokens themselves: pass input_ids.")
+            loglik = self.sequence_log_likelihood(out.last_hidden_state, input_ids, real)
+            pooled = pooled + self.likelihood_scale.weight.to(pooled.dtype) * loglik.to(pooled.dtype)[:, None]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)

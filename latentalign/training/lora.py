@@ -26,5 +26,7 @@ def make_peft_config(cfg: TrainingStageConfig, model, task_type: str = "CAUSAL_L
         raise ConfigError(f"lora_target_modules {missing} match no module of the model; choose from "
                           f"{sorted(m for m in present if m in LORA_MODULES)}.")
     extra = {"target_parameters": cfg.lora_target_parameters} if cfg.lora_target_parameters else {}
+    if task_type == "SEQ_CLS" and hasattr(model, "likelihood_scale"):  # the likelihood head's weight trains too
+        extra["modules_to_save"] = ["score", "likelihood_scale"]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type=task_type, **extra)

@@ -15,7 +15,8 @@ run_all = importlib.import_module("run_all")
 # What each script must have measured, beyond the harness's own fields: a check that fails if it measured nothing.
 CHECKS = {
     "sft_accuracy": lambda r: r["steps"] == 2 and 0 <= r["held_out_exact_match"] <= 1 and r["held_out_prompts"] == 4,
-    "reward_accuracy": lambda r: r["steps"] == 2 and r["held_out_pairs"] == 4 and r["sft_seconds"] > 0,
+    "reward_accuracy": lambda r: r["steps"] == 2 and r["held_out_pairs"] == 4 and r["sft_seconds"] > 0
+    and sum(k["n"] for k in r["by_rejected_kind"].values()) == 4 == r["before_training"]["n"],
     "rl_accuracy": lambda r: r["steps"] == 1 and r["held_out_prompts"] == 4 and r["rl_stage_seconds"] > 0,
     "decode": lambda r: set(r["contexts"]) == {"8", "16"} and r["contexts"]["16"]["latentalign"]["decode_tokens_per_s"] > 0,
     "train_speed": lambda r: set(r["models"]) == {"latentalign", "transformers_grouped_mm", "transformers_eager"}

@@ -54,6 +54,11 @@ def test_lora_reward_model_from_an_sft_style_checkpoint(tmp_path):
 
     rm = load_reward_model(metrics["model_dir"])
     assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)  # LoRA left it alone
+    # The stage's default head: the SFT model's LM head read as it was, the likelihood weight trained beside
+    # the score (peft's modules_to_save).
+    assert rm.config.score_pooling == "likelihood"
+    assert torch.equal(rm.lm_head.weight, lm.lm_head.weight)
+    assert rm.likelihood_scale.weight.item() != 1.0
 
 
 def test_cli_reward_rejects_bad_config_before_writing(tmp_path):

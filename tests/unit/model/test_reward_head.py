@@ -8,7 +8,7 @@ import latentalign
 from latentalign.model import LatentAlignForSequenceClassification
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "likelihood"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_scores_each_row_as_alone(make_config, side, pooling):
     torch.manual_seed(0)
@@ -63,3 +63,36 @@ def test_config_errors_name_the_problem(make_config):
         make_config(topk_method="group_limited_greedy", n_group=3)
     with pytest.raises(Exception, match="num_experts_per_tok must be in 1..n_routed_experts"):
         make_config(num_experts_per_tok=9)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_likelihood_pooling_adds_the_causal_lms_sequence_log_likelihood(tmp_path, make_config, tied):
+    """From a causal checkpoint, the head keeps its LM head and scores last token + 1.0 x sum of log p(token)."""
+    torch.manual_seed(0)
+    lm = latentalign.LatentAlignForCausalLM(make_config(tie_word_embeddings=tied)).eval()
+    lm.save_pretrained(tmp_path)
+    rm = latentalign.load_reward_model(tmp_path, score_pooling="likelihood").eval()
+    assert rm.likelihood_scale.weight.tolist() == [1.0]
+    ids = torch.randint(3, 97, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: its first four tokens neither score nor condition the sum
+    with torch.no_grad():
+        logp = lm(ids, attention_mask=mask).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        loglik = (logp * (mask[:, 1:] * mask[:, :-1])).sum(1)
+        last = rm.score(rm.model(ids, attention_mask=mask).last_hidden_state)[:, -1, 0]
+        torch.testing.assert_close(rm(ids, attention_mask=mask).logits[:, 0], last + loglik, atol=1e-4, rtol=1e-5)
+    rm.save_pretrained(tmp_path / "rm")  # the learned scale and the LM head travel with the reward model
+    again = latentalign.load_reward_model(tmp_path / "rm")
+    assert again.config.score_pooling == "likelihood"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits, rm(ids, attention_mask=mask).logits,
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_likelihood_scale_is_trained(make_config):
+    torch.manual_seed(0)
+    rm = LatentAlignForSequenceClassification(make_config(num_labels=1, score_pooling="likelihood"))
+    rm(torch.randint(3, 97, (2, 6))).logits.sum().backward()
+    assert rm.likelihood_scale.weight.grad is not None and rm.likelihood_scale.weight.grad.abs().item() > 0
+    with pytest.raises(ValueError, match="pass input_ids"):
+        rm(inputs_embeds=torch.randn(1, 4, rm.config.hidden_size))
