@@ -111,6 +111,10 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     # A reward head is new to a causal checkpoint: its score (and the likelihood weight) start fresh.
     fresh = ("score.", "likelihood_scale.") if cls is LatentAlignForSequenceClassification else ()
     missing = [k for k in info.get("missing_keys") or [] if not k.startswith(fresh)]
+    if "lm_head.weight" in missing and cls is LatentAlignForSequenceClassification:
+        raise CheckpointError(f"{path}: score_pooling='likelihood' reads the checkpoint's language-model head, and "
+                              f"this checkpoint has none (a reward model saved with another pooling?); start from "
+                              f"a causal LM or set score_pooling: last.")
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}.")

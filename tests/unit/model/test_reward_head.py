@@ -96,3 +96,11 @@ def test_likelihood_scale_is_trained(make_config):
     assert rm.likelihood_scale.weight.grad is not None and rm.likelihood_scale.weight.grad.abs().item() > 0
     with pytest.raises(ValueError, match="pass input_ids"):
         rm(inputs_embeds=torch.randn(1, 4, rm.config.hidden_size))
+
+
+def test_likelihood_pooling_from_a_checkpoint_without_an_lm_head_is_one_clear_error(tmp_path, make_config):
+    torch.manual_seed(0)
+    LatentAlignForSequenceClassification(make_config(num_labels=1)).save_pretrained(tmp_path)  # a "last" reward model
+    with pytest.raises(Exception, match="has none .*set score_pooling: last"):
+        latentalign.load_reward_model(tmp_path, score_pooling="likelihood")
+    assert latentalign.load_reward_model(tmp_path).config.score_pooling == "last"  # its own pooling still loads
