@@ -44,10 +44,9 @@ def before_training(cfg, rows: list[dict], scratch: str) -> dict:
     """The starting model as the stage builds it (its head new, not yet trained), scored on the held-out pairs:
     with `score_pooling: likelihood` this is the SFT model's own log-likelihood ranking the pairs."""
     from latentalign.reward.functions import RewardModelFunction, pairwise_accuracy
-    from latentalign.training import load_starting_point
+    from latentalign.reward.stage import starting_model
 
-    model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, seed=cfg.seed, reward=True,
-                                           overrides={"score_pooling": cfg.score_pooling, **cfg.model_overrides})
+    model, tokenizer = starting_model(cfg)
     model.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
     return {"accuracy": round(pairwise_accuracy(RewardModelFunction(scratch), rows)["accuracy"], 4),

@@ -109,9 +109,10 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
         shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in list(mismatched)[:3])
         raise CheckpointError(f"{path}: weight shapes do not match config.json ({shown}).")
     # A reward head is new to a causal checkpoint: its score (and the likelihood weight) start fresh.
-    fresh = ("score.", "likelihood_scale.") if cls is LatentAlignForSequenceClassification else ()
+    reward = cls is LatentAlignForSequenceClassification
+    fresh = ("score.", "likelihood_scale.") if reward else ()
     missing = [k for k in info.get("missing_keys") or [] if not k.startswith(fresh)]
-    if "lm_head.weight" in missing and cls is LatentAlignForSequenceClassification:
+    if reward and "lm_head.weight" in missing:
         raise CheckpointError(f"{path}: score_pooling='likelihood' reads the checkpoint's language-model head, and "
                               f"this checkpoint has none (a reward model saved with another pooling?); start from "
                               f"a causal LM or set score_pooling: last.")

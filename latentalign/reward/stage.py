@@ -65,12 +65,22 @@ def trl_config_class():
     return RewardConfig
 
 
+def starting_model(cfg: RewardStageConfig):
+    """(reward model, tokenizer) as the stage starts from them: `cfg.model` with a new score head pooled by
+    `cfg.score_pooling` (a `model_overrides` entry of that name wins)."""
+    from ..training import load_starting_point
+
+    overrides = {"score_pooling": cfg.score_pooling, **cfg.model_overrides}
+    return load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=overrides, seed=cfg.seed,
+                               reward=True)
+
+
 def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     from trl import RewardTrainer
 
     from ..data import to_dataset
     from ..stages import trl_args
-    from ..training import load_stage_data, load_starting_point, make_peft_config, train_and_save, write_metrics
+    from ..training import load_stage_data, make_peft_config, train_and_save, write_metrics
     from .functions import RewardModelFunction, pairwise_accuracy
 
     args = trl_args(cfg)
@@ -78,9 +88,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     if cfg.margin is not None:
         rows = [{"margin": cfg.margin, **r} for r in rows]
 
-    overrides = {"score_pooling": cfg.score_pooling, **cfg.model_overrides}
-    model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=overrides,
-                                           seed=cfg.seed, reward=True)
+    model, tokenizer = starting_model(cfg)
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
