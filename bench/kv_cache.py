@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from latentalign.model.compat import cache_kwarg
+
 from common import mid_config, transformers_twin, write_result
 
 SMOKE: list[str] = []  # seconds already: the presets live on the meta device
@@ -55,7 +57,7 @@ def forward_cache_bytes(model, batch: int = 4, tokens: int = 32) -> float:
     cache = DynamicCache(config=model.config)
     ids = torch.randint(3, model.config.vocab_size, (batch, tokens))
     with torch.no_grad():
-        model(ids, cache=cache, use_cache=True)
+        model(ids, **cache_kwarg(cache), use_cache=True)  # the installed transformers' name for it
     return held_bytes(cache) / (batch * tokens)
 
 
@@ -71,7 +73,7 @@ def attention_cache_bytes(model, tokens: int = 3) -> float:
     with torch.no_grad():
         rotary = model.model.rotary_emb(hidden, positions)
         for layer in model.model.layers:
-            layer.self_attn(hidden, position_embeddings=rotary, attention_mask=None, cache=cache)
+            layer.self_attn(hidden, position_embeddings=rotary, attention_mask=None, **cache_kwarg(cache))
     return held_bytes(cache) / tokens
 
 

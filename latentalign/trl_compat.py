@@ -21,12 +21,14 @@ RELIED_ON = (
     ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies"),
     ("trl", "GRPOTrainer", "_compute_loss"),
     ("trl.generation.vllm_generation", "VLLMGeneration", "_iter_named_params"),
+    ("trl.generation.vllm_generation", "VLLMGeneration", "sync_weights"),
 )
 # Instance attributes set in __init__ (checked in the constructor's source).
 RELIED_ON_ATTRIBUTES = (
     ("trl", "SFTTrainer", "_metrics"),
     ("trl", "GRPOTrainer", "_metrics"),
     ("trl", "GRPOTrainer", "vllm_generation"),
+    ("trl.generation.vllm_generation", "VLLMGeneration", "mode"),
 )
 
 
@@ -73,7 +75,58 @@ def wrap_vllm_weights(trainer, mapping) -> bool:
     if generation is None or not hasattr(generation, "_iter_named_params"):
         return False
     original = generation._iter_named_params
-    generation._iter_named_params = lambda: mapping(original())
+
+    def streamed():
+        for name, tensor in mapping(original()):
+            generation.latentalign_last_weight = name  # read by after_vllm_sync when a load fails
+            yield name, tensor
+
+    generation._iter_named_params = streamed
+    return True
+
+
+def vllm_engine(trainer):
+    """("colocate", TRL's `vllm.LLM`) or ("server", TRL's `VLLMClient`) of a GRPO trainer with vLLM; None without
+    vLLM or on a process that holds no engine (server mode, not the main process). `llm` and `vllm_client` are
+    set by `VLLMGeneration._init_vllm`."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return None
+    if generation.mode == "colocate":
+        return "colocate", generation.llm
+    client = getattr(generation, "vllm_client", None)
+    return ("server", client) if client is not None else None
+
+
+def after_vllm_sync(trainer, check, failed=None) -> bool:
+    """Call `check()` after each of TRL's vLLM weight syncs, and before a rollout that no check has preceded
+    (TRL syncs before the first rollout, so that is one check); `failed(error, last_weight_name)` sees a sync
+    that raised (and may raise something clearer). False without vLLM."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return False
+    sync, generate = generation.sync_weights, generation.generate
+    pending = [True]
+
+    def synced(*args, **kwargs):
+        generation.latentalign_last_weight = None
+        try:
+            out = sync(*args, **kwargs)
+        except Exception as err:
+            if failed is not None:
+                failed(err, generation.latentalign_last_weight)
+            raise
+        check()
+        pending[0] = False
+        return out
+
+    def generating(*args, **kwargs):
+        if pending[0]:
+            check()
+            pending[0] = False
+        return generate(*args, **kwargs)
+
+    generation.sync_weights, generation.generate = synced, generating
     return True
 
 

@@ -155,10 +155,12 @@ def kv_cache_bytes(model) -> dict:
     every cached tensor's bytes summed, divided by 8."""
     import torch
 
+    from ..model.compat import cache_of
+
     tokens = 8
     ids = torch.ones(1, tokens, dtype=torch.long, device=model.device)
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=ids, use_cache=True))
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

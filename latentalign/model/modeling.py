@@ -31,9 +31,9 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .compat import cache_kwarg, cache_of, either_cache_name
 from .config import LatentAlignConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,6 +392,7 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
             return cache.get_seq_length(self.layer_idx) > 0
         return mode == "absorbed"
 
+    @either_cache_name
     def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
         # decided before the cache grows
         attend = self._absorbed if self._use_absorbed(cache, hidden_states.shape[1]) else self._expanded
@@ -527,7 +528,7 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
         self.post_init()
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @either_cache_name
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_router_logits=None, **kwargs) -> LatentAlignModelOutput:
         append_in_place(cache)
@@ -537,7 +538,7 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         out = hf.DeepseekV2Model.forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwarg(cache),
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
             return_dict=True, **kwargs,
         )
@@ -558,7 +559,7 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
         self.post_init()
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @either_cache_name
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, output_router_logits=None,
                 **kwargs) -> LatentAlignCausalLMOutput:
@@ -575,7 +576,7 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
             if out.aux_loss is not None and self.config.router_aux_loss_coef:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
         return LatentAlignCausalLMOutput(
-            loss=loss, aux_loss=out.aux_loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+            loss=loss, aux_loss=out.aux_loss, logits=logits, **cache_kwarg(cache_of(out)), hidden_states=out.hidden_states,
             attentions=out.attentions, router_logits=out.router_logits, expert_load=out.expert_load,
         )
 
@@ -624,7 +625,7 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         return (token * both).sum(1)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @either_cache_name
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
         out = self.model(
@@ -654,6 +655,6 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled, past_key_values=out.cache, hidden_states=out.hidden_states,
+            loss=loss, logits=pooled, **cache_kwarg(cache_of(out)), hidden_states=out.hidden_states,
             attentions=out.attentions,
         )

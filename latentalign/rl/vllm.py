@@ -38,3 +38,29 @@ def native_named_weights(named: Iterable) -> Iterator[tuple[str, object]]:
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield name, tensor
+
+
+def vllm_start_dir(model, tokenizer, output_dir, source: str):
+    """`output_dir/vllm-start`: the policy's starting weights exported in the hub's DeepSeek-V2 layout (with the
+    tokenizer), for vLLM to start from whatever the input's format: vLLM knows `DeepseekV2ForCausalLM`, not our
+    architecture name. Written once (the main process first, the others reuse it) and reused by a rerun made
+    from the same `source`; written to a side folder and renamed, so a crash leaves no half export."""
+    import shutil
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from ..model.checkpoint import export_native
+
+    out = Path(output_dir) / "vllm-start"
+    stamp = out / "SOURCE"
+    with PartialState().main_process_first():
+        if not (stamp.is_file() and stamp.read_text() == source):
+            partial = out.with_name("vllm-start.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            export_native(model, partial)
+            tokenizer.save_pretrained(partial)
+            (partial / "SOURCE").write_text(source)
+            shutil.rmtree(out, ignore_errors=True)
+            partial.rename(out)
+    return out

@@ -6,6 +6,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from latentalign.model import LatentAlignForCausalLM
 from latentalign.model.checkpoint import native_config_dict
+from latentalign.model.compat import cache_of
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -106,7 +107,7 @@ def test_cache_holds_only_the_latent_and_rope_key(make_config):
     cfg = ours.config
     ids, mask = batch(cfg.vocab_size, [10, 10])
     out = ours(ids, attention_mask=mask, use_cache=True)
-    cache = out.cache
+    cache = cache_of(out)
     per_token = 0
     for layer in cache.layers:
         assert layer.keys.shape == (2, 1, 10, cfg.kv_lora_rank)

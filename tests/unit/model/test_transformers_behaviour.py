@@ -9,6 +9,7 @@ from transformers import CompileConfig, DynamicCache
 
 import latentalign
 from latentalign.model import LatentAlignForCausalLM, LatentAlignForSequenceClassification
+from latentalign.model.compat import cache_of
 from latentalign.model.modeling import LatentAlignModel
 
 
@@ -46,7 +47,7 @@ def test_attentions_while_decoding_are_the_expanded_paths_probabilities(make_con
     model = model_of(LatentAlignForCausalLM, make_config, attn_implementation="eager")
     ids, mask = ids_and_mask((9, 9))
     with torch.no_grad():
-        cache = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+        cache = cache_of(model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True))
         absorbed = model(ids[:, -1:], attention_mask=mask, cache=cache, output_attentions=True).attentions
         model.config.mla_attention = "expanded"
         expanded = model(ids, attention_mask=mask, output_attentions=True).attentions
@@ -127,7 +128,7 @@ def test_the_old_past_key_values_name_still_works(make_config):
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             old = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=old_cache, use_cache=True)
-        assert old.cache is old_cache and old_cache.get_seq_length() == 5
+        assert cache_of(old) is old_cache and old_cache.get_seq_length() == 5
         torch.testing.assert_close(old.logits, new.logits)
         step = model(ids[:, 5:6], attention_mask=mask[:, :6], past_key_values=old_cache).logits
         full = model(ids[:, :6], attention_mask=mask[:, :6]).logits[:, -1:]
