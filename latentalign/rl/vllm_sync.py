@@ -181,10 +181,10 @@ def locate(engine_modules: dict, model, engine, sequence: list[int], tolerance: 
         return None
     differing = []
     for name in common:
-        if name not in theirs or name not in ours or theirs[name].shape[-1] != ours[name].shape[-1]:
+        if name not in theirs or name not in ours:
             continue
         a, b = ours[name], theirs[name][-ours[name].shape[0]:]  # the engine may hold cached prefix tokens elsewhere
-        if a.shape != b.shape:
+        if a.shape != b.shape:  # another layout than ours: not comparable
             continue
         rel = ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
         if not rel <= tolerance:  # NaN counts as differing
@@ -249,8 +249,8 @@ def probe_prompts(tokenizer, rows: list[dict], size: int) -> list[list[int]]:
     for row in rows[:size]:
         prompt = row["prompt"]
         if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         out.append(list(ids))
