@@ -580,6 +580,17 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
             attentions=out.attentions, router_logits=out.router_logits, expert_load=out.expert_load,
         )
 
+    compiled_decode: bool = False  # generate()'s default for `compiled_decode` (see generation.py)
+
+    def generate(self, *args, compiled_decode: bool | None = None, **kwargs):
+        """transformers' `generate`, plus `compiled_decode`: a bucketed static latent cache and a compiled decode
+        step (generation.py), where the call allows one; eager decoding otherwise. Same tokens either way."""
+        if self.compiled_decode if compiled_decode is None else compiled_decode:
+            from .generation import compiled_generate_kwargs
+
+            kwargs = compiled_generate_kwargs(self, args, kwargs)
+        return super().generate(*args, **kwargs)
+
 
 class LikelihoodScale(nn.Module):
     """The learned weight of the sequence log-likelihood in a `score_pooling="likelihood"` reward head."""

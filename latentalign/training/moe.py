@@ -66,10 +66,13 @@ class ExpertLoadMeter:
         self.handles = [r.register_forward_hook(self._hook(i, len(routers))) for i, r in enumerate(routers)]
 
     def _hook(self, layer: int, layers: int):
+        from ..model.generation import compile_safe
+
+        @compile_safe
         def hook(module, _inputs, outputs):
             import torch
 
-            if not module.training:
+            if not module.training or torch.compiler.is_compiling():  # compiled steps only decode
                 return
             counts = torch.bincount(outputs[2].reshape(-1), minlength=module.num_experts).float().cpu()
             if self.counts is None:

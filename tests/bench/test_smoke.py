@@ -18,13 +18,18 @@ CHECKS = {
     "reward_accuracy": lambda r: r["steps"] == 2 and r["held_out_pairs"] == 4 and r["sft_seconds"] > 0
     and sum(k["n"] for k in r["by_rejected_kind"].values()) == 4 == r["before_training"]["n"],
     "rl_accuracy": lambda r: r["steps"] == 1 and r["held_out_prompts"] == 4 and r["rl_stage_seconds"] > 0,
-    "decode": lambda r: set(r["contexts"]) == {"8", "16"} and r["contexts"]["16"]["latentalign"]["decode_tokens_per_s"] > 0,
+    "decode": lambda r: set(r["contexts"]) == {"8", "16"} and r["contexts"]["16"]["latentalign"]["decode_tokens_per_s"] > 0
+    and r["contexts"]["16"]["compiled_same_tokens_as_eager"] and 0 < r["contexts"]["16"]["compiled"]["of_floor"]
+    and r["machine_rates"]["read_gb_per_s"] > 0,
+    "gpu": lambda r: r["training"]["latentalign"]["tokens_per_s"] > 0 and r["decode"]["compiled_same_tokens_as_eager"]
+    and r["decode"]["transformers"]["decode_tokens_per_s"] > 0 and "skipped" in r["vllm"],
     "train_speed": lambda r: set(r["models"]) == {"latentalign", "transformers_grouped_mm", "transformers_eager"}
     and all(m["tokens_per_s"] > 0 for m in r["models"].values()),
     "kv_cache": lambda r: all(r[k]["ours_matches_table1"] and r[k]["mha_matches_table1"]
                               for k in ("mid_size", "deepseek-v2-lite", "deepseek-v2")),
     "memory": lambda r: all(m["step_peak_mib"] > 0 for m in r["models"].values()),
-    "grpo_rollout": lambda r: r["latentalign"]["rollout_tokens"] == r["transformers"]["rollout_tokens"] > 0,
+    "grpo_rollout": lambda r: r["latentalign"]["rollout_tokens"] == r["transformers"]["rollout_tokens"]
+    == r["latentalign_compiled"]["rollout_tokens"] > 0 and r["compiled_over_eager"] > 0,
     "code_reward": lambda r: r["programs"] == 2 and r["failed_canonical_solutions"] == {"reference": 0, "current": 0},
     "quickstart": lambda r: r["rl_resumed_from"] is not None and r["final_weights_max_abs_diff"] <= 1e-5,
     "recipe_seeds": lambda r: r["summary"]["sft"]["accuracy"]["n"] == 16 and r["summary"]["reward"]["pairwise"]

@@ -308,3 +308,24 @@ def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypat
     assert calls == [True, True]  # one per step, with gradients: the training forward
     gaps = [h["rollout/logprob_gap"] for h in metrics["log_history"] if "rollout/logprob_gap" in h]
     assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps)
+
+
+def test_compiled_rollouts_decode_through_a_static_cache_unless_routing_is_recorded(tmp_path, policy_dir,
+                                                                                   monkeypatch, caplog):
+    from latentalign.model import generation
+
+    caches = []
+    real = generation.static_cache
+    monkeypatch.setattr(generation, "static_cache", lambda model, *shape: caches.append(shape[:2]) or real(model, *shape))
+    metrics = run(small_cfg(tmp_path / "compiled", policy_dir, "compiled_decode=true", "routing_metrics=false",
+                            "max_steps=2", "eval_dataset=null"))
+    assert metrics["global_step"] == 2
+    assert len(caches) == 2 and all(batch == 8 for batch, _ in caches)  # every rollout: 8 rows, compiled
+    logs = [h for h in metrics["log_history"] if "loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+    caches.clear()
+    with caplog.at_level("WARNING", logger="latentalign.rl.stage"):
+        run(small_cfg(tmp_path / "recorded", policy_dir, "compiled_decode=true", "max_steps=1", "eval_dataset=null"))
+    assert not caches  # the routing recorder's hooks sent every rollout down the eager path ...
+    assert "decode eagerly" in caplog.text  # ... and the stage said so

@@ -18,21 +18,11 @@ def model_of(cls, make_config, seed=0, **overrides):
     return cls(make_config(**overrides)).eval()
 
 
-def ids_and_mask(lengths=(7, 4), vocab=97):
-    torch.manual_seed(1)
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 @pytest.mark.parametrize("cls, field", [(LatentAlignModel, "last_hidden_state"), (LatentAlignForCausalLM, "logits"),
                                         (LatentAlignForSequenceClassification, "logits")])
-def test_return_dict_false_gives_the_output_as_a_tuple(make_config, cls, field):
+def test_return_dict_false_gives_the_output_as_a_tuple(make_config, cls, field, make_batch):
     model = model_of(cls, make_config)
-    ids, mask = ids_and_mask()
+    ids, mask = make_batch()
     with torch.no_grad():
         as_dict = model(ids, attention_mask=mask)
         as_tuple = model(ids, attention_mask=mask, return_dict=False)
@@ -43,9 +33,9 @@ def test_return_dict_false_gives_the_output_as_a_tuple(make_config, cls, field):
         assert isinstance(model(ids, attention_mask=mask), tuple)
 
 
-def test_attentions_while_decoding_are_the_expanded_paths_probabilities(make_config):
+def test_attentions_while_decoding_are_the_expanded_paths_probabilities(make_config, make_batch):
     model = model_of(LatentAlignForCausalLM, make_config, attn_implementation="eager")
-    ids, mask = ids_and_mask((9, 9))
+    ids, mask = make_batch((9, 9))
     with torch.no_grad():
         cache = cache_of(model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True))
         absorbed = model(ids[:, -1:], attention_mask=mask, cache=cache, output_attentions=True).attentions
@@ -57,11 +47,11 @@ def test_attentions_while_decoding_are_the_expanded_paths_probabilities(make_con
         torch.testing.assert_close(a[:, :, 0], e[:, :, -1], atol=1e-5, rtol=1e-4)
 
 
-def test_assisted_generation_with_attentions_gives_the_greedy_tokens(make_config):
+def test_assisted_generation_with_attentions_gives_the_greedy_tokens(make_config, make_batch):
     # attention weights need the eager kernel, as in transformers (SDPA returns none)
     model = model_of(LatentAlignForCausalLM, make_config, attn_implementation="eager")
     assistant = model_of(LatentAlignForCausalLM, make_config, seed=3, num_hidden_layers=2, attn_implementation="eager")
-    ids, _ = ids_and_mask((6,))
+    ids, _ = make_batch((6,))
     kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     plain = model.generate(ids, **kwargs)
     out = model.generate(ids, assistant_model=assistant, output_attentions=True, return_dict_in_generate=True,
@@ -71,12 +61,12 @@ def test_assisted_generation_with_attentions_gives_the_greedy_tokens(make_config
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_static_cache_generation_gives_the_eager_tokens(make_config, dtype):
+def test_compiled_static_cache_generation_gives_the_eager_tokens(make_config, dtype, make_batch):
     """fullgraph compile of the decode step over a static cache: no data-dependent branch on the cache length,
     and the CPU expert matmul compiles in fp32 as in bf16."""
     torch._dynamo.reset()
     model = model_of(LatentAlignForCausalLM, make_config, num_hidden_layers=2).to(dtype)
-    ids, mask = ids_and_mask((7, 4))
+    ids, mask = make_batch((7, 4))
     kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     eager = model.generate(ids, **kwargs)
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), eager)  # without compile
@@ -88,12 +78,12 @@ def test_compiled_static_cache_generation_gives_the_eager_tokens(make_config, dt
 
 
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
-def test_experts_implementation_is_honoured(make_config, implementation):
+def test_experts_implementation_is_honoured(make_config, implementation, make_batch):
     ours = model_of(LatentAlignForCausalLM, make_config)
     assert ours.config._experts_implementation == "grouped_mm"  # ours, the default
     theirs = model_of(LatentAlignForCausalLM, make_config, experts_implementation=implementation)
     assert theirs.config._experts_implementation == implementation
-    ids, mask = ids_and_mask()
+    ids, mask = make_batch()
     calls = []
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
     hook = hf.DeepseekV2Experts.forward
@@ -119,9 +109,9 @@ def test_unsupported_experts_implementation_is_refused(make_config):
         LatentAlignForCausalLM(make_config(experts_implementation="deepgemm"))
 
 
-def test_the_old_past_key_values_name_still_works(make_config):
+def test_the_old_past_key_values_name_still_works(make_config, make_batch):
     model = model_of(LatentAlignForCausalLM, make_config)
-    ids, mask = ids_and_mask((8, 8))
+    ids, mask = make_batch((8, 8))
     with torch.no_grad():
         new = model(ids[:, :5], attention_mask=mask[:, :5], cache=DynamicCache(config=model.config), use_cache=True)
         old_cache = DynamicCache(config=model.config)

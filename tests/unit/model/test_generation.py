@@ -1,0 +1,81 @@
+"""`generate(compiled_decode=True)`: the cache buckets, the same tokens as eager decoding, one compiled step per
+(batch, bucket), and eager decoding wherever a static cache cannot serve."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from latentalign.model import LatentAlignForCausalLM
+from latentalign.model.generation import BUCKETS_PER_OCTAVE, MIN_BUCKET, bucketed_length, why_not_compiled
+
+
+def test_buckets_cover_every_length_with_a_bounded_spare_and_few_sizes():
+    sizes = set()
+    for needed in range(1, 5000):
+        length = bucketed_length(needed)
+        assert length >= needed
+        assert length == MIN_BUCKET or length <= needed * (1 + 1 / BUCKETS_PER_OCTAVE)
+        sizes.add(length)
+    assert len(sizes) <= 1 + BUCKETS_PER_OCTAVE * 7  # 64 .. 8192: seven octaves
+    assert bucketed_length(2100, limit=2048 + 64) == 2048 + 64  # capped at the model's positions ...
+    assert bucketed_length(4000, limit=2048) == 4000  # ... but never below what the call needs (transformers errs)
+    with pytest.raises(ValueError):
+        bucketed_length(0)
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(make_config, make_batch):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=2)).eval()
+    kwargs = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0)
+    frames = counters["stats"]["unique_graphs"]
+    for lengths in ((11, 5, 8), (20, 13, 2)):  # both need under 64 positions: one bucket, one batch size
+        ids, mask = make_batch(lengths)
+        eager = model.generate(ids, attention_mask=mask, **kwargs)
+        compiled = model.generate(ids, attention_mask=mask, compiled_decode=True, **kwargs)
+        assert torch.equal(compiled, eager)
+    with torch.no_grad():  # an optimizer step, as between two GRPO rollouts: the compiled step sees new weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    assert torch.equal(model.generate(ids, attention_mask=mask, compiled_decode=True, **kwargs),
+                       model.generate(ids, attention_mask=mask, **kwargs))
+    assert model._compiled_call is not None
+    assert counters["stats"]["unique_graphs"] - frames == 1  # the later calls reused the compiled step
+    assert len(model._latentalign_static_caches) == 1  # and the cache
+
+
+def test_the_model_default_and_greedy_tokens_of_a_longer_bucket(make_config, make_batch):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    ids, mask = make_batch((70, 66))  # 70 + 6 positions: the 80 bucket
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kwargs)
+    model.compiled_decode = True  # what the RL stage sets; the keyword still wins
+    assert torch.equal(model.generate(ids, **kwargs), eager)
+    assert [key[1] for key in model._latentalign_static_caches] == [80]
+    assert torch.equal(model.generate(ids, compiled_decode=False, **kwargs), eager)
+
+
+def test_what_a_static_cache_cannot_serve_decodes_eagerly(make_config, make_batch):
+    from transformers import GenerationConfig
+
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    plain = GenerationConfig(max_new_tokens=4)
+    assert why_not_compiled(model, {}, plain) is None
+    assert why_not_compiled(model, {}, GenerationConfig(num_beams=2)) == "beam search"
+    assert why_not_compiled(model, {"assistant_model": model}, plain) == "assisted decoding"
+    assert "attention" in why_not_compiled(model, {}, GenerationConfig(output_attentions=True))
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *_: None)
+    assert "hooks" in why_not_compiled(model, {}, plain)
+    handle.remove()
+    from latentalign.training import ExpertLoadMeter
+
+    ExpertLoadMeter(model)  # its hooks skip compiled steps and say so
+    assert why_not_compiled(model, {}, plain) is None
+
+    ids, mask = make_batch((6, 4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                  num_beams=2)
+    assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), model.generate(ids, **kwargs))
+    assert not hasattr(model, "_latentalign_static_caches")  # beam search never built a static cache
