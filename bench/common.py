@@ -113,6 +113,14 @@ def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / median(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
 
 
+def read_bandwidth(size_bytes: float, repeats: int = 10) -> float:
+    """This machine's read bandwidth (bytes/s) over a buffer of `size_bytes` (at least 8 MB) read again and
+    again, as a decode step reads its weights: the median of `repeats` full reductions."""
+    x = torch.ones(max(int(size_bytes), 8 << 20) // 4)
+    x.sum()  # warm-up, and the pages in place
+    return x.numel() * 4 / median(timed(x.sum) for _ in range(repeats))
+
+
 def machine() -> dict:
     """Where the figures came from."""
     import transformers

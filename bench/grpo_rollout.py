@@ -1,7 +1,8 @@
 """GRPO rollout speed: the same GRPO run with our model and with transformers' DeepseekV2ForCausalLM.
 
 Same weights, same prompts, same sampling; completions forced to `--length` tokens (512 by default) so both
-models generate the same number of tokens. Each run makes `--steps` GRPO steps on TRL's GRPOTrainer; the time
+models generate the same number of tokens. Ours runs twice: eager decoding, and `compiled_decode` (its
+compilation timed apart, before the run). Each run makes `--steps` GRPO steps on TRL's GRPOTrainer; the time
 spent inside `model.generate` is measured, and rollout tokens/s reported as a ratio ours / transformers.
 
     .venv/bin/python bench/grpo_rollout.py [--length 512] [--steps 1]
@@ -39,6 +40,13 @@ def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) ->
         return out
 
     model.generate = timing_generate
+    compile_s = None
+    if getattr(model, "compiled_decode", False):  # the step compiles before the run, at the rollouts' cache bucket
+        start = time.perf_counter()
+        prompt = torch.randint(3, model.config.vocab_size, (8, 45))
+        generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length, min_new_tokens=length,
+                 do_sample=True, pad_token_id=tokenizer.pad_token_id)
+        compile_s = round(time.perf_counter() - start, 1)
     args = GRPOConfig(output_dir=out_dir, num_generations=4, per_device_train_batch_size=8, max_steps=steps,
                       max_completion_length=length, generation_kwargs={"min_new_tokens": length}, beta=0.0,
                       learning_rate=1e-6, report_to="none", use_cpu=not torch.cuda.is_available(),
@@ -50,7 +58,8 @@ def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) ->
     trainer.train()
     total = time.perf_counter() - start
     return {"rollout_tokens": spent["tokens"], "rollout_seconds": round(spent["seconds"], 2),
-            "rollout_tokens_per_s": round(spent["tokens"] / spent["seconds"], 1), "run_seconds": round(total, 1)}
+            "rollout_tokens_per_s": round(spent["tokens"] / spent["seconds"], 1), "run_seconds": round(total, 1),
+            **({"compile_seconds": compile_s} if compile_s is not None else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,11 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows, _ = load_rows("arithmetic-rl", size=64, formats=("rl",))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model in (("transformers", theirs), ("latentalign", ours)):
+        compiled = twin_models(mid_config())[0]
+        compiled.compiled_decode = True  # what the RL stage's `compiled_decode: true` sets
+        for name, model in (("transformers", theirs), ("latentalign", ours), ("latentalign_compiled", compiled)):
             results[name] = timed_grpo(model, tokenizer, rows, length, steps, f"{tmp}/{name}")
             print(name, results[name], flush=True)
     results["speedup"] = round(results["latentalign"]["rollout_tokens_per_s"]
                                / results["transformers"]["rollout_tokens_per_s"], 2)
+    results["compiled_over_eager"] = round(results["latentalign_compiled"]["rollout_tokens_per_s"]
+                                           / results["latentalign"]["rollout_tokens_per_s"], 2)
     results.update(completion_length=length, steps=steps, batch="8 completions (2 prompts x 4)",
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (2 cores)")
     write_result("grpo_rollout", results, variant_name(argv))

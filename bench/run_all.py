@@ -17,8 +17,16 @@ REWARDS = ["code_reward"]
 # The quickstart uninterrupted, then killed with SIGKILL in GRPO and rerun (about 9 minutes); then the quickstart
 # for three seeds (about 25 minutes).
 END_TO_END = ["quickstart", "recipe_seeds"]
-SCRIPTS = ACCURACY + SPEED + REWARDS + END_TO_END
+# The GPU check (bench/gpu.py): a DeepSeek-V2-Lite-shaped slice, a few minutes on a GPU; here at its toy size.
+DEVICE = ["gpu"]
+SCRIPTS = ACCURACY + SPEED + REWARDS + END_TO_END + DEVICE
 HERE = Path(__file__).parent
+
+
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def command(script: str, smoke: bool) -> list[str]:
@@ -26,6 +34,8 @@ def command(script: str, smoke: bool) -> list[str]:
     if smoke:
         sys.path.insert(0, str(HERE))
         options = importlib.import_module(script).SMOKE
+    elif script in DEVICE and not gpu_present():
+        options = ["--tiny"]  # the Lite slice is hours on a CPU
     return [sys.executable, str(HERE / f"{script}.py"), *options]
 
 
