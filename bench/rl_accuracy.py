@@ -13,6 +13,7 @@ Writes the variant named by the options to bench/results/rl_accuracy.json.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = rl.load_config(None, [f"model={sft_model}", f"output_dir={tmp}/rl", "disable_tqdm=true",
                                     "eval_dataset=null", *overrides])
         start = time.perf_counter()
-        metrics = rl.run(cfg)
+        with timed_generate() as rollouts:
+            metrics = rl.run(cfg)
         total = time.perf_counter() - start
         checkpoints = sorted(Path(f"{tmp}/rl").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         checkpoints = checkpoints if curve else []
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": metrics["global_step"],
         "train_seconds": metrics["train_seconds"],
         "rl_stage_seconds": round(total, 1),
+        "rollout_seconds": round(rollouts["seconds"], 1),  # inside the policy's generate(), compilation included
         "train_reward_first_last": [logs[0].get("reward"), logs[-1].get("reward")] if logs else None,
         "overrides": overrides,
         "sft_overrides": sft_options,
@@ -61,6 +64,28 @@ def main(argv: list[str] | None = None) -> dict:
         result["held_out_exact_match_by_step"] = {int(p.name.split("-")[1]): a for p, a in zip(checkpoints, along)}
     write_result("rl_accuracy", result, variant_name(argv))
     return result
+
+
+@contextlib.contextmanager
+def timed_generate():
+    """Seconds spent inside `LatentAlignForCausalLM.generate` (the rollouts) while the block runs."""
+    from latentalign.model import LatentAlignForCausalLM
+
+    spent = {"seconds": 0.0}
+    generate = LatentAlignForCausalLM.generate
+
+    def timing(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            spent["seconds"] += time.perf_counter() - start
+
+    LatentAlignForCausalLM.generate = timing
+    try:
+        yield spent
+    finally:
+        LatentAlignForCausalLM.generate = generate
 
 
 def evaluate(model_dirs: list[str], size: int) -> list[float]:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ACCURACY = ["sft_accuracy", "reward_accuracy", "rl_accuracy"]
+ACCURACY = ["sft_accuracy", "reward_accuracy", "rl_accuracy", "v3_balance"]
 # Speed and memory against transformers' DeepseekV2ForCausalLM (issue 7), about 15 minutes together.
 SPEED = ["decode", "train_speed", "kv_cache", "memory", "grpo_rollout"]
 # The code reward's sandbox against the one it replaced, per HumanEval program (about a minute).

@@ -1,7 +1,7 @@
 """Export a chat model in transformers' own format, check it, and push it to the Hugging Face Hub.
 
 `export_chat_model` writes what a user of vanilla transformers needs: the weights in the native `deepseek_v2`
-layout (LoRA merged, `latentalign.export_native`), the tokenizer with its chat template, the generation
+(or `deepseek_v3`) layout (LoRA merged, `latentalign.export_native`), the tokenizer with its chat template, the generation
 config, and a model card (README.md with hub metadata, the eval table, the recipe and the lineage of stages).
 `check_export` loads the folder in a fresh Python process that never imports this package, and compares its
 logits with ours. `push` uploads the folder with `huggingface_hub` (create_repo + upload_folder); the token
@@ -76,15 +76,17 @@ def check_export(export_dir, model, *, tolerance: float = 1e-4, timeout_s: float
     return {"max_abs_diff": diff, "class": theirs["class"]}
 
 
-def model_card(repo_id: str, manifest: dict | None, eval_table: str | None, base_model: str | None) -> str:
+def model_card(repo_id: str, manifest: dict | None, eval_table: str | None, base_model: str | None,
+               family: str = "deepseek_v2") -> str:
+    version = "V3" if family == "deepseek_v3" else "V2"
     meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-            "tags: [deepseek_v2, mla, moe, latentalign]"]
+            f"tags: [{family}, mla, moe, latentalign]"]
     if base_model and "/" in base_model and not Path(base_model).exists():
         meta.append(f"base_model: {base_model}")
     meta.append("---")
     lines = [*meta, "", f"# {repo_id.rsplit('/', 1)[-1]}", "",
-             "A DeepSeek-V2-style chat model (Multi-head Latent Attention, DeepSeekMoE) post-trained with "
-             "latentalign. It loads in plain transformers as `deepseek_v2`:", "",
+             f"A DeepSeek-{version}-style chat model (Multi-head Latent Attention, DeepSeekMoE) post-trained with "
+             f"latentalign. It loads in plain transformers as `{family}`:", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
@@ -117,7 +119,7 @@ def export_chat_model(model_dir, out_dir, *, repo_id: str = "latentalign/model",
     export_native(model, out)
     tokenizer.save_pretrained(out)
     base = (manifest or {}).get("base_model")
-    (out / "README.md").write_text(model_card(repo_id, manifest, eval_table, base), encoding="utf-8")
+    (out / "README.md").write_text(model_card(repo_id, manifest, eval_table, base, model.config.family), encoding="utf-8")
     result = {"export_dir": str(out), "files": sorted(p.name for p in out.iterdir() if p.is_file())}
     if check:
         result["check"] = check_export(out, model)

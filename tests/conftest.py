@@ -27,20 +27,20 @@ def make_config():
     return small_config
 
 
-def left_padded_batch(lengths=(7, 4), vocab=97, seed=1):
-    """Random token ids for rows of the given lengths, left-padded with 0, and their attention mask."""
+def padded_batch(lengths=(7, 4), vocab=97, seed=1, side="left"):
+    """Random token ids for rows of the given lengths, padded with 0 on `side`, and their attention mask."""
     torch.manual_seed(seed)
     width = max(lengths)
     ids = torch.randint(3, vocab, (len(lengths), width))
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
+        mask[row, slice(width - n, width) if side == "left" else slice(0, n)] = 1
     return ids.masked_fill(mask == 0, 0), mask
 
 
 @pytest.fixture
 def make_batch():
-    return left_padded_batch
+    return padded_batch
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,18 +1,24 @@
-"""Loading and exporting checkpoints in the three DeepSeek-V2 formats.
+"""Loading and exporting checkpoints of both families (DeepSeek-V2, and DeepSeek-V3 / R1 / Moonlight / Kimi-K2).
 
-- ours: `model_type: latentalign_deepseek_v2`, written by `save_pretrained` of our models;
-- transformers-native: `model_type: deepseek_v2`, fused 3-D expert weights or per-expert names;
-- the original hub format: `model_type: deepseek_v2` with `auto_map`, `rope_scaling`, per-expert weight names
-  (`mlp.experts.E.{gate,up,down}_proj.weight`).
+- ours: `model_type: latentalign_deepseek_v2`, written by `save_pretrained` of our models (either family);
+- transformers-native: `model_type: deepseek_v2` or `deepseek_v3`, fused 3-D expert weights or per-expert names;
+- the original hub format: the same model types with `auto_map`, `rope_scaling`, per-expert weight names
+  (`mlp.experts.E.{gate,up,down}_proj.weight`); V3's also carries `mlp.gate.e_score_correction_bias` and its
+  multi-token-prediction layers after the last decoder layer (skipped on load, with a logged note). FP8
+  checkpoints (`quantization_config`, `weight_scale_inv` tensors) are refused with the way to dequantise them.
 
-All three load through transformers' own conversion (per-expert names are merged into the fused experts),
-registered for our model type. `export_native` writes the format vanilla transformers and vLLM read, with
-the original per-expert names and `rope_scaling`/`rope_theta` restored for tools that read the hub format.
+All load through transformers' own conversion (per-expert names are merged into the fused experts),
+registered for our model type. `export_native` writes the format vanilla transformers and vLLM read
+(`deepseek_v2` or `deepseek_v3` by the config's family), with the original per-expert names and
+`rope_scaling`/`rope_theta` restored for tools that read the hub format.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import MISSING
 from pathlib import Path
 
 import torch
@@ -20,12 +26,19 @@ import torch
 from .config import MODEL_TYPE, LatentAlignConfig, build_config
 from .modeling import LatentAlignForCausalLM, LatentAlignForSequenceClassification
 
+log = logging.getLogger(__name__)
+
 NATIVE_MODEL_TYPE = "deepseek_v2"
+NATIVE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+NATIVE_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Keys of a saved config that describe the file rather than the architecture.
 _FILE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 # Hub keys transformers' DeepseekV2Config does not declare but keeps (the original code reads them).
 HUB_KEYS = ("aux_loss_alpha", "seq_aux", "moe_layer_freq", "scoring_func", "ep_size")
+# What a `deepseek_v3` config.json means when it leaves a key out: transformers' DeepseekV3Config defaults, and
+# the routing its code always computes (it declares neither `scoring_func` nor `topk_method`).
+V3_IMPLIED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 
 
 def our_keys() -> tuple[str, ...]:
@@ -37,14 +50,16 @@ def our_keys() -> tuple[str, ...]:
 
 
 def _exportable(config: LatentAlignConfig) -> None:
-    """Refuse what vanilla transformers' deepseek_v2 would compute differently (it ignores these keys)."""
-    for key, value, ok in (("norm_topk_prob", config.norm_topk_prob, not config.norm_topk_prob
-                            or config.num_experts_per_tok == 1),
+    """Refuse what vanilla transformers' deepseek_v2 / deepseek_v3 would compute differently (it ignores these
+    keys, or, for V3 with one expert per token, renormalises where the original code does not)."""
+    single = config.num_experts_per_tok == 1
+    norm_ok = (not config.norm_topk_prob or single) if config.family == "deepseek_v2" else not (config.norm_topk_prob and single)
+    for key, value, ok in (("norm_topk_prob", config.norm_topk_prob, norm_ok),
                            ("moe_layer_freq", config.moe_layer_freq, config.moe_layer_freq == 1),
                            ("n_shared_experts", config.n_shared_experts, bool(config.n_shared_experts))):
         if not ok:
-            raise CheckpointError(f"cannot export {key}={value!r} to transformers' deepseek_v2, which ignores it and "
-                                  f"would compute another model; keep the model in latentalign's format.")
+            raise CheckpointError(f"cannot export {key}={value!r} to transformers' {config.family}, which would "
+                                  f"compute another model; keep the model in latentalign's format.")
 
 
 class CheckpointError(ValueError):
@@ -81,13 +96,23 @@ def read_config(path, **overrides) -> LatentAlignConfig:
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err}).") from None
     model_type = raw.get("model_type")
-    if model_type not in (MODEL_TYPE, NATIVE_MODEL_TYPE):
+    if model_type not in (MODEL_TYPE, *NATIVE_MODEL_TYPES):
         raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} is not a DeepSeek-V2 architecture; latentalign loads "
-            f"'{NATIVE_MODEL_TYPE}' and '{MODEL_TYPE}' checkpoints."
+            f"{config_file}: model_type {model_type!r} is not a DeepSeek-V2/V3 architecture; latentalign loads "
+            f"{', '.join(repr(t) for t in (*NATIVE_MODEL_TYPES, MODEL_TYPE))} checkpoints."
+        )
+    quantization = raw.get("quantization_config") or {}
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise CheckpointError(
+            f"{config_file}: a quantised checkpoint (quant_method {method!r}) cannot be post-trained as it is; "
+            f"dequantise it to bf16 first (for DeepSeek-V3's FP8 weights, its inference/fp8_cast_bf16.py multiplies "
+            f"each weight by its `weight_scale_inv` blocks) and drop `quantization_config` from config.json."
         )
     values = {k: v for k, v in raw.items() if k not in _FILE_KEYS}
-    if model_type == NATIVE_MODEL_TYPE and values.get("rope_parameters") and values.get("rope_scaling"):
+    if model_type == "deepseek_v3":
+        values = _v3_values(values)
+    if model_type in NATIVE_MODEL_TYPES and values.get("rope_parameters") and values.get("rope_scaling"):
         values.pop("rope_scaling")  # written by export_native for the original code; rope_parameters rules here
         values.pop("rope_theta", None)
     values.update(overrides)
@@ -97,6 +122,28 @@ def read_config(path, **overrides) -> LatentAlignConfig:
         raise CheckpointError(f"{config_file}: invalid config: {err}") from None
 
 
+def _v3_values(values: dict) -> dict:
+    """A `deepseek_v3` config.json's keys as ours: what it leaves out means what transformers' V3 code computes."""
+    from transformers import DeepseekV3Config
+
+    values = dict(values)
+    if "num_mtp_layers" in values:  # transformers' name for the hub's num_nextn_predict_layers
+        values.setdefault("num_nextn_predict_layers", values.pop("num_mtp_layers"))
+    for key, value in V3_IMPLIED.items():
+        values.setdefault(key, value)
+    fields = DeepseekV3Config.__dataclass_fields__
+    for key in set(vars(DeepseekV3Config).get("__annotations__", {})) & set(LatentAlignConfig.__dataclass_fields__):
+        if key not in values and key != "rope_parameters" and fields[key].default is not MISSING:
+            values[key] = fields[key].default
+    return values
+
+
+def _skipped_mtp_layers(unexpected: list[str], config: LatentAlignConfig) -> list[int]:
+    """Indices of decoder layers past the config's last (DeepSeek-V3's multi-token-prediction modules)."""
+    found = {int(m.group(1)) for k in unexpected if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", k))}
+    return sorted(i for i in found if i >= config.num_hidden_layers)
+
+
 def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     local = _local_dir(path)
     if local is not None and not any((local / f).is_file() for f in WEIGHT_FILES):
@@ -104,6 +151,15 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     # Mismatches are collected rather than raised, so that the error below names them in one line.
     kwargs.setdefault("ignore_mismatched_sizes", True)
     model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True, **kwargs)
+    unexpected = list(info.get("unexpected_keys") or [])
+    if any(k.endswith("weight_scale_inv") for k in unexpected):
+        raise CheckpointError(f"{path}: holds FP8 block scales (`weight_scale_inv`) but its config.json declares no "
+                              f"quantisation; dequantise the weights to bf16 before loading.")
+    mtp = _skipped_mtp_layers(unexpected, config)
+    if mtp:
+        log.info("%s: skipped layers %s, the multi-token-prediction modules (num_nextn_predict_layers=%s); "
+                 "post-training uses the %d decoder layers only.", path, mtp, config.num_nextn_predict_layers,
+                 config.num_hidden_layers)
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in list(mismatched)[:3])
@@ -150,13 +206,17 @@ def load_reward_model(path, *, dtype=None, num_labels: int = 1, **kwargs) -> Lat
 
 
 def native_config_dict(config: LatentAlignConfig) -> dict:
-    """The config.json of a vanilla `deepseek_v2` checkpoint: transformers' keys plus the hub's rope keys."""
+    """The config.json of a vanilla `deepseek_v2` or `deepseek_v3` checkpoint (by the config's family):
+    transformers' keys plus the hub's rope keys (and, for V3, the routing keys its original code reads)."""
     _exportable(config)
     values = config.to_dict()
     for key in our_keys() + ("num_labels", "id2label", "label2id"):
         values.pop(key, None)
-    values["model_type"] = NATIVE_MODEL_TYPE
-    values["architectures"] = ["DeepseekV2ForCausalLM"]
+    family = config.family
+    values["model_type"] = family
+    values["architectures"] = [NATIVE_ARCHITECTURES[family]]
+    if family == "deepseek_v3":  # the MTP modules are not exported; the interleaved rotary is V2's and V3's
+        values.update(rope_interleave=True, num_nextn_predict_layers=0, topk_method="noaux_tc")
     rope = dict(values.get("rope_parameters") or {})
     values["rope_theta"] = rope.get("rope_theta", 10000.0)
     if rope.get("rope_type", "default") != "default":
@@ -166,8 +226,9 @@ def native_config_dict(config: LatentAlignConfig) -> dict:
 
 
 def export_native(model, out_dir, *, safe_serialization: bool = True) -> Path:
-    """Write a checkpoint that vanilla transformers loads as `deepseek_v2` (no import of this package, no
-    trust_remote_code): original per-expert weight names, LoRA merged, `rope_scaling`/`rope_theta` restored."""
+    """Write a checkpoint that vanilla transformers loads as `deepseek_v2` or `deepseek_v3` (no import of this
+    package, no trust_remote_code): original per-expert weight names, LoRA merged, `rope_scaling`/`rope_theta`
+    restored, V3's score-correction biases kept."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):

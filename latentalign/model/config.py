@@ -19,6 +19,8 @@ from transformers import DeepseekV2Config
 MODEL_TYPE = "latentalign_deepseek_v2"
 MLA_PATHS = ("auto", "expanded", "absorbed")
 SCORE_POOLING = ("last", "mean", "likelihood")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 # The YaRN settings shipped with DeepSeek-V2, V2-Chat and V2-Lite (4K -> 160K, §4 of the facts).
 DEEPSEEK_V2_YARN = {
@@ -60,7 +62,21 @@ class LatentAlignConfig(DeepseekV2Config):
     moe_layer_freq (`int`, defaults to 1):
         The hub key: layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0, dense otherwise.
     scoring_func (`str`, defaults to `"softmax"`):
-        The hub key: affinities by softmax, the only function of DeepSeek-V2 (others are refused).
+        The hub key: affinities by softmax (DeepSeek-V2) or by sigmoid (DeepSeek-V3, Moonlight, Kimi-K2; with
+        `topk_method: noaux_tc`). A sigmoid model's gate weights are its chosen experts' sigmoid scores,
+        renormalised with `norm_topk_prob` and then scaled by `routed_scaling_factor`.
+    topk_method (`str`, defaults to `"greedy"`):
+        The hub key: `"greedy"` (top-K), `"group_limited_greedy"` (DeepSeek-V2's device-limited routing: groups
+        ranked by their best affinity), or `"noaux_tc"` (DeepSeek-V3: top-K of `scores + e_score_correction_bias`,
+        groups ranked by the sum of their two best biased scores; the bias only chooses, the weights are the
+        unbiased scores). The bias is a buffer of each router, moved by the training stages'
+        `bias_update_speed` (auxiliary-loss-free balancing), never by gradients.
+    rope_interleave (`bool`, defaults to `True`):
+        The `deepseek_v3` key: rotary dimensions in interleaved pairs, as every DeepSeek checkpoint has them
+        (and as DeepSeek-V2's rotary computes); `false` is refused.
+    num_nextn_predict_layers (`int`, defaults to 0):
+        The hub key: DeepSeek-V3's multi-token-prediction modules, stored after the last decoder layer.
+        Post-training drops them: loading skips their weights (and says so); exports declare 0.
     ep_size (`int`, defaults to 1):
         The hub key: experts per rank in the original inference code; it does not change what is computed.
     score_pooling (`str`, defaults to `"last"`):
@@ -88,11 +104,15 @@ class LatentAlignConfig(DeepseekV2Config):
     moe_layer_freq: int = 1
     scoring_func: str = "softmax"
     ep_size: int = 1
+    rope_interleave: bool = True
+    num_nextn_predict_layers: int = 0
 
     def validate_architecture(self):
         super().validate_architecture()
         for key, ok, need in (
-            ("scoring_func", self.scoring_func == "softmax", "'softmax' (DeepSeek-V2's only gating function)"),
+            ("scoring_func", self.scoring_func in SCORING_FUNCS, f"one of {SCORING_FUNCS}"),
+            ("rope_interleave", self.rope_interleave is True,
+             "true: DeepSeek checkpoints lay rotary dimensions out in interleaved pairs"),
             ("n_routed_experts", isinstance(self.n_routed_experts, int) and self.n_routed_experts > 0,
              "a positive number of routed experts"),
             ("num_key_value_heads", self.num_key_value_heads in (None, self.num_attention_heads),
@@ -107,19 +127,26 @@ class LatentAlignConfig(DeepseekV2Config):
             raise ValueError(f"mla_attention must be one of {MLA_PATHS}, got {self.mla_attention!r}.")
         if self.score_pooling not in SCORE_POOLING:
             raise ValueError(f"score_pooling must be one of {SCORE_POOLING}, got {self.score_pooling!r}.")
-        if self.topk_method not in ("greedy", "group_limited_greedy"):
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={self.topk_method!r} is not supported; it must be one of {TOPK_METHODS}.")
+        if (self.scoring_func == "sigmoid") != (self.topk_method == "noaux_tc"):
             raise ValueError(
-                f"topk_method={self.topk_method!r} is not supported; it must be 'greedy' or 'group_limited_greedy'."
+                f"scoring_func={self.scoring_func!r} with topk_method={self.topk_method!r} is not supported: "
+                f"DeepSeek-V3-style routing is scoring_func 'sigmoid' with topk_method 'noaux_tc', DeepSeek-V2's "
+                f"is 'softmax' with 'greedy' or 'group_limited_greedy'."
             )
         n_experts, top_k = self.n_routed_experts, self.num_experts_per_tok
         if top_k is None or not 0 < top_k <= n_experts:
             raise ValueError(f"num_experts_per_tok must be in 1..n_routed_experts ({n_experts}), got {top_k}.")
-        if self.topk_method == "group_limited_greedy":
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
             if not self.n_group or n_experts % self.n_group:
                 raise ValueError(
-                    f"group_limited_greedy routing needs n_group dividing n_routed_experts ({n_experts}), "
+                    f"{self.topk_method} routing needs n_group dividing n_routed_experts ({n_experts}), "
                     f"got n_group={self.n_group}."
                 )
+            if self.topk_method == "noaux_tc" and self.n_group > 1 and n_experts // self.n_group < 2:
+                raise ValueError(f"noaux_tc ranks groups by their two best experts; n_group={self.n_group} leaves "
+                                 f"{n_experts // self.n_group} per group.")
             if not self.topk_group or not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"topk_group must be in 1..n_group ({self.n_group}), got {self.topk_group}.")
         if n_experts % self.device_groups:
@@ -129,12 +156,20 @@ class LatentAlignConfig(DeepseekV2Config):
         for name in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers must be an integer >= 0, got {self.num_nextn_predict_layers!r}.")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ValueError(f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}.")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` holds DeepSeekMoE (else a dense MLP), as the original code decides."""
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def family(self) -> str:
+        """"deepseek_v3" for sigmoid routing with a score-correction bias (V3, R1, Moonlight, Kimi-K2), else
+        "deepseek_v2"."""
+        return "deepseek_v3" if self.scoring_func == "sigmoid" else "deepseek_v2"
 
     @property
     def device_groups(self) -> int:
@@ -144,7 +179,7 @@ class LatentAlignConfig(DeepseekV2Config):
     @property
     def device_topk(self) -> int:
         """M: how many device groups one token may reach (DeepSeek-V2 routes to at most 3 of 8)."""
-        if self.topk_method == "group_limited_greedy" and self.topk_group:
+        if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.topk_group:
             return self.topk_group
         return min(self.device_groups, self.num_experts_per_tok)
 
@@ -247,7 +282,68 @@ def _deepseek_v2() -> dict:
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "deepseek-v2-lite": _deepseek_v2_lite, "deepseek-v2": _deepseek_v2}
+def _v3_routing() -> dict:
+    # DeepSeek-V3's MoE (technical report §2.1.2): sigmoid affinities, bias-corrected top-K, renormalised
+    # weights scaled by routed_scaling_factor, and only the small sequence-wise balance loss (alpha 0.0001).
+    return dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, aux_loss_alpha=0.0001,
+                seq_aux=True, rope_interleave=True)
+
+
+def _tiny_v3() -> dict:
+    # `tiny` with DeepSeek-V3's routing, in 2 groups of 4 experts (one kept per token): every V3 code path runs.
+    cfg = _tiny()
+    cfg.update(_v3_routing(), n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    return cfg
+
+
+def _moonlight() -> dict:
+    # moonshotai/Moonlight-16B-A3B's config.json: DeepSeek-V3's architecture at V2-Lite's size.
+    cfg = _deepseek_v2_lite()
+    cfg.update(
+        _v3_routing(),
+        vocab_size=163840,
+        intermediate_size=11264,
+        routed_scaling_factor=2.446,
+        aux_loss_alpha=0.001,
+        max_position_embeddings=8192,
+        rope_theta=50000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        bos_token_id=163584,
+        eos_token_id=163586,
+    )
+    return cfg
+
+
+def _deepseek_v3() -> dict:
+    # deepseek-ai/DeepSeek-V3's config.json (also R1's), without its MTP module and FP8 quantisation.
+    cfg = _hub_common()
+    cfg.update(
+        _v3_routing(),
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        q_lora_rank=1536,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        first_k_dense_replace=3,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        rope_scaling=dict(DEEPSEEK_V2_YARN, mscale=1.0, mscale_all_dim=1.0),
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "deepseek-v2-lite": _deepseek_v2_lite, "deepseek-v2": _deepseek_v2, "tiny-v3": _tiny_v3,
+           "moonlight": _moonlight, "deepseek-v3": _deepseek_v3}
 
 
 def model_config(name: str = "tiny", **overrides) -> LatentAlignConfig:

@@ -18,7 +18,7 @@ module decides, is when and at what shapes:
   modules (a compiled step would run them once per shape, not once per step).
 
 The prefill (the prompt's forward) is not compiled in either mode: its shape changes with every prompt batch.
-Compiling the step costs seconds (about 25 s for the mid-size bench model on 2 CPU cores) and is paid again for
+Compiling the step costs seconds (10-30 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for
 each new (batch, bucket); it pays for long or repeated generation, not for a short call. Measured speeds are in
 bench/README.md (decode and GRPO rollout sections).
 """

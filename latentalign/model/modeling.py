@@ -41,13 +41,27 @@ from .config import LatentAlignConfig
 # ----------------------------------------------------------------------------------------------------------
 
 
-def select_experts(scores: torch.Tensor, config: LatentAlignConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K experts per token from softmax affinities `scores` (N, E): greedy or device-limited.
+def select_experts(
+    scores: torch.Tensor, config: LatentAlignConfig, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K experts per token from affinities `scores` (N, E): greedy, device-limited, or bias-corrected.
 
-    Device-limited routing first keeps the `topk_group` groups holding the highest affinity, masking the
-    other groups' experts to 0, then takes the top-K of what is left. Returns (weights, indices), each (N, K);
-    the weights are the affinities of the chosen experts (not renormalised, as `norm_topk_prob: false`).
+    Device-limited routing (DeepSeek-V2) first keeps the `topk_group` groups holding the highest affinity,
+    masking the other groups' experts to 0, then takes the top-K of what is left. `noaux_tc` (DeepSeek-V3)
+    chooses by `scores + bias` (the score-correction bias, E), keeping the groups whose two best biased scores
+    sum highest. Returns (weights, indices), each (N, K); the weights are the chosen experts' (unbiased)
+    affinities, before `gate_weights` renormalises or scales them.
     """
+    if config.topk_method == "noaux_tc":
+        choice = scores if bias is None else scores + bias.float()
+        if config.n_group > 1:
+            n, n_experts = scores.shape
+            groups = choice.view(n, config.n_group, n_experts // config.n_group).topk(2, dim=-1).values.sum(-1)
+            keep = groups.topk(config.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros(n, config.n_group, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(n_experts // config.n_group, dim=1), float("-inf"))
+        indices = choice.topk(config.num_experts_per_tok, dim=-1, sorted=False).indices
+        return scores.gather(1, indices), indices
     if config.topk_method == "group_limited_greedy":
         n, n_experts = scores.shape
         groups = scores.view(n, config.n_group, n_experts // config.n_group)
@@ -91,6 +105,7 @@ def balance_loss(
     config: LatentAlignConfig,
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 1,
+    biases: list[torch.Tensor | None] | None = None,
 ) -> BalanceStats:
     """The balance losses of DeepSeek-V2 eq. 12-20, per sequence, averaged over the batch, summed over layers.
 
@@ -99,7 +114,9 @@ def balance_loss(
       device:  f'_d = mean_{i in d} f_i,       P'_d = sum_{i in d} P_i,   L = sum_d f'_d P'_d
       comm:    f''_d = D/(M T) #{t sent to d},                            L = sum_d f''_d P'_d
     Padding tokens (attention_mask 0) count nowhere. With `seq_aux: false` (the original code's batch-wise
-    loss) the batch's real tokens are counted as one sequence.
+    loss) the batch's real tokens are counted as one sequence. For sigmoid routing (DeepSeek-V3) `biases` holds
+    each layer's score-correction bias (it decides `f`), and P averages the scores normalised per token: the
+    sequence-wise balance loss of the V3 report (eq. 17-20), which its configs weight by 0.0001.
     """
     if not config.seq_aux:
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -110,9 +127,13 @@ def balance_loss(
     alpha1, alpha2, alpha3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
     total = router_logits[0].new_zeros((), dtype=torch.float32)
     loads = []
-    for logits in router_logits:
-        scores = logits.float().softmax(dim=-1).view(batch_size, -1, n_experts)  # (B, T, E)
-        _, idx = select_experts(scores.view(-1, n_experts), config)
+    biases = biases or [None] * len(router_logits)
+    for logits, bias in zip(router_logits, biases):
+        scores = affinities(logits.float(), config)
+        _, idx = select_experts(scores, config, bias)
+        if config.scoring_func == "sigmoid":  # DeepSeek-V3 eq. 20: P_i from the scores normalised per token
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        scores = scores.view(batch_size, -1, n_experts)  # (B, T, E)
         chosen = F.one_hot(idx, n_experts).sum(dim=1).view_as(scores).to(scores.dtype)  # (B, T, E) in {0, 1}
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == scores.shape[:2]:
             real = attention_mask.bool().unsqueeze(-1)
@@ -137,30 +158,46 @@ def balance_loss(
     return BalanceStats(loss=total, expert_load=torch.stack(loads))
 
 
-class DeepseekRouter(hf.DeepseekV2TopkRouter):
-    """Softmax gate over the routed experts, in fp32. Returns (logits, gate weights, expert indices).
+def affinities(router_logits: torch.Tensor, config: LatentAlignConfig) -> torch.Tensor:
+    """Token-to-expert affinities from the router's logits: softmax (DeepSeek-V2) or sigmoid (DeepSeek-V3)."""
+    return router_logits.sigmoid() if config.scoring_func == "sigmoid" else router_logits.softmax(dim=-1)
 
+
+class DeepseekRouter(hf.DeepseekV2TopkRouter):
+    """The gate over the routed experts, in fp32. Returns (logits, gate weights, expert indices).
+
+    With `topk_method: noaux_tc` it holds `e_score_correction_bias` (E,), the buffer DeepSeek-V3 checkpoints
+    carry: it shifts which experts are chosen and is moved between optimizer steps by the training stages'
+    auxiliary-loss-free balancing (latentalign.training.moe.BiasBalancer), never by gradients.
     Routing replay (latentalign.rl.replay) works through forward hooks on this module and `gate_weights`.
     """
 
     def __init__(self, config: LatentAlignConfig):
         super().__init__(config)
         self.config = config
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    @property
+    def score_bias(self) -> torch.Tensor | None:
+        return getattr(self, "e_score_correction_bias", None)
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())  # (N, E)
-        weights, indices = select_experts(router_logits.softmax(dim=-1), self.config)
+        weights, indices = select_experts(affinities(router_logits, self.config), self.config, self.score_bias)
         if self.training and self.config.moe_capacity_factor is not None:
             weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor)
         return router_logits, self.gate_weights(weights), indices
 
     def gate_weights(self, affinities: torch.Tensor) -> torch.Tensor:
-        """The gate values of the chosen experts' affinities (N, K): renormalised to sum to 1 with
-        `norm_topk_prob` (and then not scaled, as the original code; transformers ignores the flag), else
-        scaled by `routed_scaling_factor`."""
+        """The gate values of the chosen experts' affinities (N, K). DeepSeek-V2: renormalised to sum to 1 with
+        `norm_topk_prob` (and then not scaled, as the original code; transformers ignores the flag), else scaled
+        by `routed_scaling_factor`. DeepSeek-V3: renormalised with `norm_topk_prob`, then always scaled."""
         if self.config.norm_topk_prob and self.config.num_experts_per_tok > 1:
-            return affinities / (affinities.sum(dim=-1, keepdim=True) + 1e-20)
+            affinities = affinities / (affinities.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.config.scoring_func == "softmax":
+                return affinities
         return affinities * self.routed_scaling_factor
 
 
@@ -483,6 +520,7 @@ class LatentAlignPreTrainedModel(hf.DeepseekV2PreTrainedModel):
     config_class = LatentAlignConfig
     config: LatentAlignConfig
     _no_split_modules = ["DecoderLayer"]  # FSDP's wrapping unit and device_map's indivisible block
+    _keep_in_fp32_modules_strict = ["gate.weight", "e_score_correction_bias"]  # the bias moves by 0.001 a step
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -545,7 +583,8 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
         result = LatentAlignModelOutput(**out)
         if output_router_logits and out.router_logits:
             batch = out.last_hidden_state.shape[0]
-            stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch)
+            biases = [layer.mlp.gate.score_bias for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
+            stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch, biases=biases)
             result.aux_loss, result.expert_load = stats.loss, stats.expert_load
         return result
 

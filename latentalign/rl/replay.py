@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..model.modeling import DeepseekRouter
+from ..model.modeling import DeepseekRouter, affinities
 
 
 class RoutingReplay:
@@ -99,7 +99,7 @@ class RoutingReplay:
                 return None  # measured only: the forward routes as usual
             chosen = torch.where(given.unsqueeze(-1), replay, indices)
             # The gate values of the replayed experts come from this forward's affinities (so gradients flow).
-            replayed = router.gate_weights(logits.softmax(dim=-1).gather(-1, chosen))
+            replayed = router.gate_weights(affinities(logits, router.config).gather(-1, chosen))
             return logits, torch.where(given.unsqueeze(-1), replayed, weights), chosen
 
         return hook

@@ -49,6 +49,9 @@ class RLStageConfig(TrainingStageConfig):
     preset: str | None = None  # "deepseekmath": the paper's GRPO settings, under any TRL option given
     balance_loss: bool = False  # add the DeepSeek balance losses (router_aux_loss_coef from the model config)
     freeze_router: bool = False  # keep every MoE gate fixed
+    # DeepSeek-V3-family models: move each expert's score-correction bias by this much per optimizer step toward
+    # an even load (training/moe.py: BiasBalancer). Off by default in RL, like the balance loss.
+    bias_update_speed: float = 0.0
     ref_refresh_steps: int | None = None  # iterative RL: reference <- policy every N steps
     routing_replay: bool = False  # train on the experts the rollout chose (R3), not the ones chosen anew
     routing_metrics: bool = True  # record rollout routing to log moe/routing_agreement (also with replay off)
@@ -70,6 +73,8 @@ class RLStageConfig(TrainingStageConfig):
             raise ValueError("rewards is empty; name at least one reward, e.g. {math: 1.0}.")
         if self.ref_refresh_steps is not None and self.ref_refresh_steps < 1:
             raise ValueError(f"ref_refresh_steps must be >= 1, got {self.ref_refresh_steps}.")
+        if self.bias_update_speed < 0:
+            raise ValueError(f"bias_update_speed must be >= 0, got {self.bias_update_speed}.")
         if self.vllm_sync_probe_size < 1:
             raise ValueError(f"vllm_sync_probe_size must be >= 1, got {self.vllm_sync_probe_size}.")
         if self.vllm_sync_max_gap is not None and not self.vllm_sync_max_gap > 0:
@@ -205,12 +210,19 @@ def _freeze_routers(model) -> None:
             module.weight.requires_grad_(False)
 
 
+def _compile_rollouts(model, recording: bool) -> None:
+    if recording:
+        log.warning("compiled_decode: rollouts decode eagerly while their routing is recorded (routing_replay "
+                    "or routing_metrics); set both false for compiled rollouts.")
+    model.compiled_decode = True
+
+
 def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from ..data import to_dataset
     from ..eval import exact_match
     from ..reward.answers import VERIFIER
     from ..stages import trl_args
-    from ..training import (ExpertLoadMeter, load_stage_data, load_starting_point, make_peft_config,
+    from ..training import (ExpertLoadMeter, bias_balancer_for, load_stage_data, load_starting_point, make_peft_config,
                             newest_checkpoint, train_and_save, use_deepseek_balance_loss, write_metrics)
     from ..trl_compat import wrap_vllm_weights
     from .replay import RoutingReplay
@@ -227,13 +239,11 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     if cfg.freeze_router:
         _freeze_routers(model)
     meter = ExpertLoadMeter(model)
+    balancer = bias_balancer_for(model, cfg.bias_update_speed)
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
     replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None
     if cfg.compiled_decode and not args.use_vllm:
-        if replay is not None:
-            log.warning("compiled_decode: rollouts decode eagerly while their routing is recorded (routing_replay "
-                           "or routing_metrics); set both false for compiled rollouts.")
-        model.compiled_decode = True
+        _compile_rollouts(model, recording=replay is not None)
     name_or_path = model.name_or_path
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
@@ -242,7 +252,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
         trainer = grpo_trainer_class()(
             model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
             peft_config=peft_config, routing_replay=replay, logprob_gap=replay is not None,
-            callbacks=[_log_callback(rewards, meter, replay), *(callbacks or [])])
+            callbacks=[_log_callback(rewards, meter, replay), *([balancer] if balancer else []), *(callbacks or [])])
     finally:
         model.name_or_path = name_or_path
     if args.use_vllm:

@@ -31,7 +31,16 @@ class SFTStageConfig(TrainingStageConfig):
     # micro-batches (sft/batches.py): the random batch's gradient with less padding. false: TRL's sampler (also
     # when packing or another train_sampling_strategy is set).
     sort_micro_batches: bool = True
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each optimizer step every expert's score-correction
+    # bias moves by this much toward an even load (training/moe.py: BiasBalancer). None: 0.001 (the V3 report's
+    # gamma) for models that have the bias (topk_method: noaux_tc), off for others; 0 turns it off.
+    bias_update_speed: float | None = None
     output_dir: str = "runs/sft"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bias_update_speed is not None and self.bias_update_speed < 0:
+            raise ValueError(f"bias_update_speed must be >= 0, got {self.bias_update_speed}.")
 
 
 # Defaults that make the embedded default train on 2 CPU cores; every one is a TRL option a user can override.
@@ -78,8 +87,8 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     from ..data.tokenizer import training_template_for
     from ..eval import exact_match
     from ..stages import trl_args
-    from ..training import (load_stage_data, load_starting_point, make_peft_config, train_and_save,
-                            use_deepseek_balance_loss, write_metrics)
+    from ..training import (bias_balancer_for, load_stage_data, load_starting_point, make_peft_config,
+                            train_and_save, use_deepseek_balance_loss, write_metrics)
     from ..trl_compat import metric_logger
 
     # Everything that can fail on bad input fails here, before a model is built or a file written.
@@ -103,6 +112,8 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
                          peft_config=peft_config, callbacks=callbacks)
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     use_deepseek_balance_loss(base, log=metric_logger(trainer))
+    if balancer := bias_balancer_for(base, cfg.bias_update_speed, default=0.001):
+        trainer.add_callback(balancer)
 
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:

@@ -17,7 +17,10 @@ CHECKS = {
     "sft_accuracy": lambda r: r["steps"] == 2 and 0 <= r["held_out_exact_match"] <= 1 and r["held_out_prompts"] == 4,
     "reward_accuracy": lambda r: r["steps"] == 2 and r["held_out_pairs"] == 4 and r["sft_seconds"] > 0
     and sum(k["n"] for k in r["by_rejected_kind"].values()) == 4 == r["before_training"]["n"],
-    "rl_accuracy": lambda r: r["steps"] == 1 and r["held_out_prompts"] == 4 and r["rl_stage_seconds"] > 0,
+    "rl_accuracy": lambda r: r["steps"] == 1 and r["held_out_prompts"] == 4 and r["rl_stage_seconds"] > 0
+    and 0 < r["rollout_seconds"] <= r["rl_stage_seconds"],
+    "v3_balance": lambda r: len(runs := [v for k, v in r.items() if k.startswith("seed ")]) == 2
+    and all(0 <= row["held_out_exact_match"] <= 1 and min(row["max_load_ratio_first_step"]) >= 1 for row in runs),
     "decode": lambda r: set(r["contexts"]) == {"8", "16"} and r["contexts"]["16"]["latentalign"]["decode_tokens_per_s"] > 0
     and r["contexts"]["16"]["compiled_same_tokens_as_eager"] and 0 < r["contexts"]["16"]["compiled"]["of_floor"]
     and r["machine_rates"]["read_gb_per_s"] > 0,

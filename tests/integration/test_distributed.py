@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from latentalign.recipes.launch import CONFIGS, accelerate_command, accelerate_config_path
 from latentalign.recipes.schema import RecipeError
@@ -21,10 +22,10 @@ def launch(*args, processes=2, timeout=900):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def sft_losses(out: Path, processes: int, per_device: int) -> list[float]:
+def sft_losses(out: Path, processes: int, per_device: int, *extra: str) -> list[float]:
     args = ["sft", SMALL, f"output_dir={out}", "dataset_size=256", "eval_dataset=null", "max_steps=8",
             f"per_device_train_batch_size={per_device}", "logging_steps=1", "save_steps=100", "disable_tqdm=true",
-            "learning_rate=3e-3", "warmup_steps=0"]
+            "learning_rate=3e-3", "warmup_steps=0", *extra]
     if processes == 1:
         result = subprocess.run([sys.executable, "-m", "latentalign.cli", *args], capture_output=True, text=True,
                                 timeout=600)
@@ -92,3 +93,22 @@ def test_launcher_command_and_errors(tmp_path):
     assert command[-5:] == ["run", "quickstart", "seed=1", "--output-dir", str(tmp_path)]
     with pytest.raises(RecipeError, match="neither an? accelerate config file nor a shipped accelerate config"):
         accelerate_config_path("fsdp9")
+
+
+@pytest.mark.slow  # two processes on 2 cores, about a minute
+def test_the_bias_update_of_two_processes_equals_one_process_at_the_same_global_batch(tmp_path):
+    from latentalign.model import load_model
+
+    # learning_rate 0 keeps the weights, so each step's routing depends on the biases alone and both runs must
+    # count the same load: the all-reduce across processes is what makes them agree.
+    extra = ("model=tiny-v3", "learning_rate=0.0", "bias_update_speed=0.01")
+    sft_losses(tmp_path / "one", 1, 2, *extra)
+    sft_losses(tmp_path / "two", 2, 1, *extra)
+
+    def biases(run):
+        model = load_model(tmp_path / run / "model")
+        return torch.stack([m.score_bias for m in model.modules() if getattr(m, "score_bias", None) is not None])
+
+    one, two = biases("one"), biases("two")
+    assert one.abs().sum() > 0
+    torch.testing.assert_close(one, two)

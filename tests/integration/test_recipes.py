@@ -119,6 +119,28 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v2"
 
 
+def test_the_chain_on_a_deepseek_v3_model_balances_by_bias_and_exports_deepseek_v3(tmp_path):
+    out = tmp_path / "v3"
+    result = cli("run", str(TINY), "-o", str(out), "stages.sft.model=tiny-v3", "stages.rl.bias_update_speed=0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values())
+    assert manifest["stages"]["push"]["metrics"]["vanilla_logits_max_abs_diff"] <= 1e-4
+    export = out / "push" / "export"
+    assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert "`deepseek_v3`" in (export / "README.md").read_text()
+    from latentalign.model import load_model
+
+    def biases(stage):
+        model = load_model(out / stage / "model")
+        return torch.stack([m.score_bias for m in model.modules() if getattr(m, "score_bias", None) is not None])
+
+    sft, rl, preference = biases("sft"), biases("rl"), biases("rl_preference")
+    assert sft.abs().sum() > 0  # SFT balances by default (0.001 a step) ...
+    assert not torch.equal(rl, sft)  # ... RL when asked ...
+    assert torch.equal(preference, rl)  # ... and not by default
+
+
 def test_chat_talks_to_the_export(uninterrupted):
     out, _ = uninterrupted
     result = cli("chat", str(out / "push" / "export"), "--prompt", "What is 2 + 3?", "--max-new-tokens", "4")

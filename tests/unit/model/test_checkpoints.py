@@ -165,7 +165,7 @@ def test_missing_weights(tmp_path):
 
 def test_other_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2 architecture"):
+    with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2/V3 architecture"):
         latentalign.load_model(tmp_path)
 
 

@@ -131,6 +131,9 @@ def test_no_shared_experts(make_config):
     torch.manual_seed(0)
     config = make_config(n_shared_experts=0)
     moe = DeepseekMoE(config)
+    with torch.no_grad():  # the expert weights are allocated, not initialised, outside a model's init
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
     assert moe.shared_experts is None
     x = torch.randn(4, config.hidden_size)
     _, weights, indices = moe.gate(x)

@@ -140,8 +140,12 @@ def test_token_dropping_only_while_training(make_config):
     assert not torch.allclose(model(ids).logits, evaluated)
 
 
+# DeepSeek-V3's report gives 671B total and 37B active, Moonlight's card 16B and 3B: both count the input
+# embedding as active (36.63B + 0.93B and 2.58B + 0.34B); the MTP module (V3's 14B more) is not part of the model.
 @pytest.mark.parametrize("preset, total, active", [("deepseek-v2", 235.74e9, 20.85e9),
-                                                   ("deepseek-v2-lite", 15.706e9, 2.45e9)])
+                                                   ("deepseek-v2-lite", 15.706e9, 2.45e9),
+                                                   ("deepseek-v3", 671.03e9, 36.63e9),
+                                                   ("moonlight", 15.96e9, 2.58e9)])
 def test_preset_parameter_counts_on_meta(preset, total, active):
     config = latentalign.model_config(preset)
     with torch.device("meta"):

@@ -6,7 +6,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from latentalign.model.modeling import LatentCacheLayer, append_in_place
 
-from test_parity import CASES, batch, pair  # the same twin models and batches as the parity tests
+from conftest import padded_batch
+from test_parity import CASES, pair  # the same twin models as the parity tests
 
 
 def appended(layer, chunks):
@@ -45,7 +46,7 @@ def test_in_place_cache_layer_keeps_autograd_when_states_need_gradients():
 def test_model_swaps_in_the_in_place_layers(make_config):
     ours, _ = pair(make_config, **CASES["lite-like"])
     cache = DynamicCache(config=ours.config)
-    ids, mask = batch(ours.config.vocab_size, [7, 7])
+    ids, mask = padded_batch([7, 7], ours.config.vocab_size)
     ours(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     assert all(type(layer) is LatentCacheLayer for layer in cache.layers)
     append_in_place(None)  # no cache: nothing to do
@@ -54,7 +55,7 @@ def test_model_swaps_in_the_in_place_layers(make_config):
 @pytest.mark.parametrize("case", ["lite-like", "v2-like"])
 def test_sampled_generation_matches_transformers(make_config, case):
     ours, theirs = pair(make_config, **CASES[case])
-    ids, mask = batch(ours.config.vocab_size, [9, 5, 12], side="left")
+    ids, mask = padded_batch([9, 5, 12], ours.config.vocab_size, side="left")
     kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=True, top_k=0,
                   temperature=1.0, pad_token_id=0)
     torch.manual_seed(7)
@@ -69,7 +70,7 @@ def test_training_gradients_match_transformers(make_config, side):
     """The padded-value SDPA and the grouped expert backward give transformers' gradients."""
     ours, theirs = pair(make_config, **CASES["v2-like"], moe_intermediate_size=32)
     ours.train(), theirs.train()
-    ids, mask = batch(ours.config.vocab_size, [16, 16] if side is None else [16, 9], side=side or "right")
+    ids, mask = padded_batch([16, 16] if side is None else [16, 9], ours.config.vocab_size, side=side or "right")
     mask = None if side is None else mask
     for model in (ours, theirs):
         model(ids, attention_mask=mask, labels=ids).loss.backward()
