@@ -131,10 +131,11 @@ def _v3_values(values: dict) -> dict:
         values.setdefault("num_nextn_predict_layers", values.pop("num_mtp_layers"))
     for key, value in V3_IMPLIED.items():
         values.setdefault(key, value)
-    fields = DeepseekV3Config.__dataclass_fields__
+    fields = getattr(DeepseekV3Config, "__dataclass_fields__", {})
     for key in set(vars(DeepseekV3Config).get("__annotations__", {})) & set(LatentAlignConfig.__dataclass_fields__):
-        if key not in values and key != "rope_parameters" and fields[key].default is not MISSING:
-            values[key] = fields[key].default
+        default = fields[key].default if key in fields else MISSING
+        if key not in values and key != "rope_parameters" and default is not MISSING:
+            values[key] = default
     return values
 
 
