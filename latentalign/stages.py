@@ -127,6 +127,10 @@ def trl_args(cfg):
     if not torch.cuda.is_available():
         values.setdefault("bf16", False)
         values["use_cpu"] = values.get("use_cpu", True)
+    if values.get("use_cpu"):
+        from .training.distributed import fsdp_on_cpu
+
+        fsdp_on_cpu()  # an FSDP launch config shards on CPU processes too, instead of falling back to DDP
     try:
         return kind.trl_class()(**values)
     except (TypeError, ValueError) as err:

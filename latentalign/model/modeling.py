@@ -623,12 +623,25 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
 
     def generate(self, *args, compiled_decode: bool | None = None, **kwargs):
         """transformers' `generate`, plus `compiled_decode`: a bucketed static latent cache and a compiled decode
-        step (generation.py), where the call allows one; eager decoding otherwise. Same tokens either way."""
+        step (generation.py), where the call allows one; eager decoding otherwise. Same tokens either way.
+
+        Sharded by FSDP2 across processes (accelerate's `fully_shard`, which transformers does not recognise), every
+        process keeps stepping until all have finished (`synced_gpus`): each forward gathers the layers' shards, so
+        a process that stopped early would leave the others waiting in that gather for ever."""
+        if kwargs.get("synced_gpus") is None and _sharded_across_processes(self):
+            kwargs["synced_gpus"] = True
         if self.compiled_decode if compiled_decode is None else compiled_decode:
             from .generation import compiled_generate_kwargs
 
             kwargs = compiled_generate_kwargs(self, args, kwargs)
         return super().generate(*args, **kwargs)
+
+
+def _sharded_across_processes(module: nn.Module) -> bool:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class LikelihoodScale(nn.Module):

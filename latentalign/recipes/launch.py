@@ -15,9 +15,9 @@ CONFIGS = Path(__file__).parent / "accelerate"
 
 
 def accelerate_config_path(spec: str | None) -> Path:
-    """A shipped config by name (ddp, fsdp2, zero3, cpu) or a file."""
+    """A shipped config by name (ddp, fsdp2, fsdp2-cpu, zero3, cpu) or a file."""
     if spec is None:
-        raise RecipeError("--launcher accelerate needs --accelerate-config (ddp, fsdp2, zero3, cpu or a file).")
+        raise RecipeError("--launcher accelerate needs --accelerate-config (ddp, fsdp2, fsdp2-cpu, zero3, cpu or a file).")
     return find_shipped(spec, CONFIGS, "accelerate config")
 
 

@@ -15,6 +15,10 @@ stages:                        # run in this order
   push: {init: rl_preference, repo_id: me/my-chat-model, dry_run: true}
 ```
 
+Two top-level shortcuts: `model: tiny-v3` replaces the first training stage's `model:` (so
+`latentalign run quickstart model=tiny-v3` runs the same chain on another model), and `extends: quickstart`
+starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping.
+
 `model:<stage>` in an RL stage's rewards names the reward model trained by that stage. Every problem (unknown
 key, wrong type, a stage or dataset that does not exist) is one `RecipeError` naming the file and the key.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from ..training import ConfigError
 
-TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "stages"}
+TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "model", "stages"}
 SHIPPED = Path(__file__).parent
 
 
@@ -89,8 +93,37 @@ def load_recipe(spec, overrides=()) -> Recipe:
     from ..training import apply_overrides, load_yaml
 
     path = find_recipe(spec)
-    raw = apply_overrides(load_yaml(path), list(overrides), source=str(path))
+    raw = apply_overrides(_extended(path, load_yaml), list(overrides), source=str(path))
     return validate(raw, str(path), base_dir=path.parent)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _extended(path: Path, load_yaml, chain=()) -> dict:
+    """The recipe at `path` with its `extends:` chain resolved (a parent by shipped name, or a path relative to
+    the file); a loop or a missing parent is an error naming the file."""
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of top-level keys, got {type(raw).__name__}.")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends must be a recipe name or path, got {parent!r}.")
+    relative = path.parent / parent
+    try:
+        parent_path = find_recipe(relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else parent)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: extends: {err}") from None
+    seen = chain + (path.resolve(),)
+    if parent_path.resolve() in seen:
+        raise RecipeError(f"{path}: extends {parent!r} makes a loop ({' -> '.join(p.name for p in seen)}).")
+    return _merged(_extended(parent_path, load_yaml, seen), raw)
 
 
 def _check_dataset(value, where: str, base_dir: Path | None):
@@ -125,6 +158,8 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty mapping of stage name -> settings.")
+    if raw.get("model") is not None:
+        stages_raw = _with_first_model(stages_raw, raw["model"], source)
     try:
         seed = check_type(raw.get("seed", 0), int, "seed", source)
     except ConfigError as err:
@@ -146,6 +181,20 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
                     base_model=raw.get("base_model"), raw=raw)
     _hash_stages(recipe)
     return recipe
+
+
+def _with_first_model(stages_raw: dict, model, source: str) -> dict:
+    """`stages_raw` with the first training stage's `model:` set to the top-level `model:`."""
+    from ..stages import STAGES
+
+    if not isinstance(model, str) or not model:
+        raise RecipeError(f"{source}: model must be a preset name or a checkpoint path, got {model!r}.")
+    for name, values in stages_raw.items():
+        values = values or {}
+        kind = STAGES.get(values.get("type", name) if isinstance(values, dict) else None)
+        if kind is not None and kind.makes_model:
+            return {**stages_raw, name: {**values, "model": model}}
+    raise RecipeError(f"{source}: model is set but no stage trains a model.")
 
 
 def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: str, base_dir) -> Stage:

@@ -80,7 +80,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     from ..data import to_dataset
     from ..stages import trl_args
-    from ..training import load_stage_data, make_peft_config, train_and_save, write_metrics
+    from ..training import ExpertLoadLog, ExpertLoadMeter, load_stage_data, make_peft_config, train_and_save, write_metrics
     from .functions import RewardModelFunction, pairwise_accuracy
 
     args = trl_args(cfg)
@@ -92,6 +92,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
+    base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
+    trainer.add_callback(ExpertLoadLog(ExpertLoadMeter(base)))  # logged as for the other stages
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
         metrics["eval"] = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), eval_rows)

@@ -87,9 +87,8 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     from ..data.tokenizer import training_template_for
     from ..eval import exact_match
     from ..stages import trl_args
-    from ..training import (bias_balancer_for, load_stage_data, load_starting_point, make_peft_config,
-                            train_and_save, use_deepseek_balance_loss, write_metrics)
-    from ..trl_compat import metric_logger
+    from ..training import (ExpertLoadLog, ExpertLoadMeter, bias_balancer_for, load_stage_data, load_starting_point,
+                            make_peft_config, train_and_save, use_deepseek_balance_loss, write_metrics)
 
     # Everything that can fail on bad input fails here, before a model is built or a file written.
     args = trl_args(cfg)
@@ -111,7 +110,9 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     trainer = trainer_cls(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
-    use_deepseek_balance_loss(base, log=metric_logger(trainer))
+    meter = ExpertLoadMeter(base, hooks=False)  # fed by the balance loss's forward: real tokens only
+    use_deepseek_balance_loss(base, meter)
+    trainer.add_callback(ExpertLoadLog(meter))
     if balancer := bias_balancer_for(base, cfg.bias_update_speed, default=0.001):
         trainer.add_callback(balancer)
 

@@ -59,7 +59,14 @@ def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path
 
     acc = trainer.accelerator
     gathered = Path(cfg.output_dir) / "model-gathered"
-    trainer.save_model(str(gathered))
+    if getattr(acc, "is_fsdp2", False):
+        # Whatever the checkpoints' state-dict type (Trainer.save_model writes nothing under a sharded one):
+        # every process joins the gather of the full state dict, the main one writes it.
+        state_dict = acc.get_state_dict(trainer.model)
+        if acc.is_main_process:
+            acc.unwrap_model(trainer.model).save_pretrained(str(gathered), state_dict=state_dict)
+    else:
+        trainer.save_model(str(gathered))
     acc.wait_for_everyone()
     if acc.is_main_process:
         trained = acc.unwrap_model(trainer.model)

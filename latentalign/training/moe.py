@@ -4,7 +4,8 @@
 - `moe/load_entropy`: the entropy of each MoE layer's share of tokens per expert, normalised to 1 for a
   uniform load, averaged over layers;
 - `moe/max_load_ratio`: the most loaded expert's tokens over the mean, the largest over layers (a layer
-  that routes everything to one expert shows here, whatever the others do).
+  that routes everything to one expert shows here, whatever the others do);
+- `moe/max_load_ratio/layer_<i>`: the same ratio for decoder layer i alone, for every MoE layer.
 """
 
 from __future__ import annotations
@@ -14,25 +15,58 @@ import math
 from transformers import TrainerCallback
 
 
-def expert_load_metrics(load) -> dict:
-    """The metrics above from `load`, tokens per expert as (layers, experts) (or (experts,) for one layer)."""
+def moe_layer_indices(config) -> list[int]:
+    """The decoder-layer index of each MoE layer, in the order the backbone reports their `expert_load`."""
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
+def expert_load_metrics(load, layers: list[int] | None = None) -> dict:
+    """The metrics above from `load`, tokens per expert as (layers, experts) (or (experts,) for one layer).
+
+    `layers` names the decoder layer of each row for the per-layer ratios; without it the rows count from 0.
+    """
     load = load.float()
     if load.dim() == 1:
         load = load.unsqueeze(0)
     if load.sum() == 0:
         return {}
+    if layers is None:
+        layers = list(range(load.shape[0]))
+    if len(layers) != load.shape[0]:
+        raise ValueError(f"expert load has {load.shape[0]} layers but {len(layers)} layer indices were given.")
     share = load / load.sum(-1, keepdim=True).clamp(min=1)
     entropy = -(share * share.clamp(min=1e-9).log()).sum(-1) / math.log(load.shape[-1])
     ratio = load.max(-1).values / load.mean(-1).clamp(min=1e-9)
-    return {"moe/load_entropy": entropy.mean().item(), "moe/max_load_ratio": ratio.max().item()}
+    metrics = {"moe/load_entropy": entropy.mean().item(), "moe/max_load_ratio": ratio.max().item()}
+    metrics.update({f"moe/max_load_ratio/layer_{i}": r for i, r in zip(layers, ratio.tolist())})
+    return metrics
 
 
-def use_deepseek_balance_loss(model, log=None) -> None:
+def summed_over_processes(counts):
+    """`counts` (a CPU tensor) summed over the processes of `torch.distributed`, when there are several: a
+    collective every process must join."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    if dist.get_backend() == "gloo":
+        counts = counts.clone()
+        dist.all_reduce(counts)
+        return counts
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else counts.device
+    total = counts.to(device)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
+def use_deepseek_balance_loss(model, meter: ExpertLoadMeter | None = None) -> None:
     """Make `outputs.aux_loss` of TRL's fused-LM-head forward the model's DeepSeek balance loss.
 
     TRL calls the backbone itself and computes Mixtral's loss from its router logits; a forward hook on our
     backbone captures the `aux_loss` and `expert_load` our backbone computed, and the wrapper puts them on the
-    output. With `log(name, value)` the expert-load metrics are logged every training forward.
+    output. With a `meter`, every training forward's expert load (real tokens only) is added to it.
     """
     from ..trl_compat import wrap_forward
 
@@ -49,44 +83,99 @@ def use_deepseek_balance_loss(model, log=None) -> None:
             handle.remove()
         inner = captured["out"]
         out.aux_loss = inner.aux_loss
-        if log is not None and inner.expert_load is not None and model.training:
-            for name, value in expert_load_metrics(inner.expert_load).items():
-                log(name, value)
+        if meter is not None and inner.expert_load is not None and model.training:
+            meter.add(inner.expert_load)
         return out
 
     wrap_forward(model, forward)
 
 
 class ExpertLoadMeter:
-    """Counts tokens per routed expert, per MoE layer, with forward hooks on the routers while the model trains."""
+    """Tokens per routed expert, per MoE layer, summed over a logging interval: over its micro-batches and, at
+    `pop_metrics`, over processes, so one process and several log the same figures for the same tokens.
 
-    def __init__(self, model):
+    With `hooks=True` forward hooks on the routers count while the model trains: real tokens only when the
+    backbone is given a 2-D attention mask, and with `grad_only` only forwards with gradients (the training
+    forward, not TRL's no-grad log-prob passes). Without hooks, `add(load)` feeds it (the backbone's
+    `expert_load`, real tokens only).
+    """
+
+    def __init__(self, model, hooks: bool = True, grad_only: bool = False):
+        import torch
+
+        from ..model.generation import compile_safe
         from ..model.modeling import DeepseekRouter
 
-        self.counts = None  # (layers, experts)
-        routers = [m for m in model.modules() if isinstance(m, DeepseekRouter)]
-        self.handles = [r.register_forward_hook(self._hook(i, len(routers))) for i, r in enumerate(routers)]
+        self.routers = [m for m in model.modules() if isinstance(m, DeepseekRouter)]
+        config = getattr(model, "config", None)
+        self.layers = moe_layer_indices(config) if hasattr(config, "is_moe_layer") else None
+        if self.layers is not None and len(self.layers) != len(self.routers):
+            self.layers = None
+        experts = self.routers[0].num_experts if self.routers else 0
+        self.counts = torch.zeros(len(self.routers), experts, dtype=torch.float64)  # (layers, experts)
+        self.grad_only = grad_only
+        self.handles = []
+        self._mask = None
+        if not hooks:
+            return
 
-    def _hook(self, layer: int, layers: int):
+        def remember_mask(_module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.handles.append(backbone.register_forward_pre_hook(compile_safe(remember_mask), with_kwargs=True))
+        self.handles += [r.register_forward_hook(self._counter(i)) for i, r in enumerate(self.routers)]
+
+    def _counter(self, layer: int):
         from ..model.generation import compile_safe
 
         @compile_safe
-        def hook(module, _inputs, outputs):
+        def count(module, _inputs, outputs):
             import torch
 
             if not module.training or torch.compiler.is_compiling():  # compiled steps only decode
                 return
-            counts = torch.bincount(outputs[2].reshape(-1), minlength=module.num_experts).float().cpu()
-            if self.counts is None:
-                self.counts = torch.zeros(layers, module.num_experts)
-            self.counts[layer] += counts
+            if self.grad_only and not torch.is_grad_enabled():
+                return
+            indices = outputs[2]
+            mask = self._mask
+            if mask is not None and mask.numel() == indices.shape[0]:
+                indices = indices[mask.reshape(-1).to(indices.device).bool()]
+            load = torch.bincount(indices.reshape(-1), minlength=module.num_experts)
+            self.counts[layer] += load.to("cpu", torch.float64)
 
-        return hook
+        return count
+
+    def add(self, load) -> None:
+        """Add a forward's load, (layers, experts)."""
+        self.counts += load.detach().to("cpu", self.counts.dtype)
 
     def pop_metrics(self) -> dict:
-        """The expert-load metrics since the last call."""
-        counts, self.counts = self.counts, None
-        return {} if counts is None else expert_load_metrics(counts)
+        """The expert-load metrics since the last call, over every process (each must call it: the logging
+        callbacks run on all of them)."""
+        counts = summed_over_processes(self.counts)
+        self.counts = self.counts.new_zeros(self.counts.shape)
+        return expert_load_metrics(counts, self.layers) if counts.numel() else {}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class ExpertLoadLog(TrainerCallback):
+    """Adds a meter's expert-load metrics to every training log line (what is printed and what is kept)."""
+
+    def __init__(self, meter: ExpertLoadMeter):
+        self.meter = meter
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        metrics = self.meter.pop_metrics()
+        logs.update(metrics)
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(metrics)
 
 
 class BiasBalancer(TrainerCallback):
@@ -104,61 +193,27 @@ class BiasBalancer(TrainerCallback):
     """
 
     def __init__(self, model, speed: float):
-        import torch
-
-        from ..model.generation import compile_safe
-        from ..model.modeling import DeepseekRouter
-
         if speed < 0:
             raise ValueError(f"bias_update_speed must be >= 0, got {speed}.")
         self.speed = speed
-        self.routers = [m for m in model.modules() if isinstance(m, DeepseekRouter) and m.score_bias is not None]
-        if not self.routers:
+        self.meter = ExpertLoadMeter(model, grad_only=True)
+        self.routers = self.meter.routers
+        if not self.routers or any(r.score_bias is None for r in self.routers):
+            self.meter.remove()
             raise ValueError("bias_update_speed needs a model with score-correction biases (topk_method: noaux_tc, "
                              "the DeepSeek-V3 family); this model routes without one.")
-        experts = self.routers[0].num_experts
-        self.counts = torch.zeros(len(self.routers), experts, dtype=torch.float64)
         self.master = [r.score_bias.detach().float().cpu().clone() for r in self.routers]
-        self._mask = None
 
-        def remember_mask(_module, args, kwargs):
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self.handles = [backbone.register_forward_pre_hook(compile_safe(remember_mask), with_kwargs=True)]
-        for layer, router in enumerate(self.routers):
-            self.handles.append(router.register_forward_hook(self._counter(layer)))
-
-    def _counter(self, layer: int):
-        from ..model.generation import compile_safe
-
-        @compile_safe
-        def count(module, _inputs, outputs):
-            import torch
-
-            if not module.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-                return
-            indices = outputs[2]
-            mask = self._mask
-            if mask is not None and mask.numel() == indices.shape[0]:
-                indices = indices[mask.reshape(-1).to(indices.device).bool()]
-            load = torch.bincount(indices.reshape(-1), minlength=module.num_experts)
-            self.counts[layer] += load.to(self.counts.device, torch.float64)
-
-        return count
+    @property
+    def counts(self):
+        """Tokens per expert since the last update, (layers, experts)."""
+        return self.meter.counts
 
     def step(self) -> None:
         """Apply one update from the counts gathered since the last one, then start counting afresh."""
         import torch
-        import torch.distributed as dist
 
-        counts = self.counts
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = self.routers[0].score_bias.device
-            counts = counts.to(device if dist.get_backend() != "gloo" else "cpu")
-            dist.all_reduce(counts)
-            counts = counts.cpu()
+        counts = summed_over_processes(self.meter.counts)
         if counts.sum() > 0:
             sign = torch.sign(counts.mean(dim=-1, keepdim=True) - counts).float()  # +1 underloaded, -1 overloaded
             for i, (router, delta) in enumerate(zip(self.routers, sign * self.speed)):
@@ -167,11 +222,10 @@ class BiasBalancer(TrainerCallback):
                     self.master[i] = bias.detach().float().cpu().clone()  # loaded from a checkpoint meanwhile
                 self.master[i] += delta
                 bias.data.copy_(self.master[i].to(bias.device, bias.dtype))
-        self.counts.zero_()
+        self.meter.counts.zero_()
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.meter.remove()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step()

@@ -73,8 +73,12 @@ def test_shipped_accelerate_configs():
     import yaml
 
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")}
-    assert set(configs) == {"ddp", "fsdp2", "zero3", "cpu"}
+    assert set(configs) == {"ddp", "fsdp2", "fsdp2-cpu", "zero3", "cpu"}
     assert configs["fsdp2"]["fsdp_config"]["fsdp_version"] == 2
+    # The CPU variant shards the same way; it differs in precision, loading and checkpoint format only.
+    gpu, cpu = configs["fsdp2"]["fsdp_config"], configs["fsdp2-cpu"]["fsdp_config"]
+    same = ("fsdp_version", "fsdp_auto_wrap_policy", "fsdp_transformer_layer_cls_to_wrap", "fsdp_reshard_after_forward")
+    assert all(gpu[k] == cpu[k] for k in same) and configs["fsdp2-cpu"]["mixed_precision"] == "no"
     assert configs["zero3"]["deepspeed_config"]["zero_stage"] == 3
     for path in CONFIGS.glob("*.yaml"):
         header = path.read_text().split("\ncompute_environment")[0]

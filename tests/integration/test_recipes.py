@@ -39,6 +39,29 @@ def test_shipped_recipes_are_found_by_name():
     assert load_recipe("quickstart").stages["rl_preference"].init == "rl_reasoning"
 
 
+def test_extends_merges_over_the_parent_and_model_replaces_the_first_stage_model(tmp_path):
+    parent, child = load_recipe("quickstart"), load_recipe("quickstart-v3")
+    assert child.stages["sft"].values["model"] == "tiny-v3" and parent.stages["sft"].values["model"] == "tiny"
+    assert child.stages["sft"].values["max_steps"] == parent.stages["sft"].values["max_steps"]  # inherited
+    assert child.stages["rl_preference"].values == parent.stages["rl_preference"].values
+    assert child.stages["push"].values["repo_id"].endswith("tiny-v3-arithmetic-chat")
+    assert list(child.stages) == list(parent.stages) and "extends" not in child.raw
+    overridden = load_recipe("quickstart", ["model=tiny-v3"])
+    assert overridden.stages["sft"].values == child.stages["sft"].values
+    assert overridden.stages["sft"].hash != parent.stages["sft"].hash  # a different model retrains
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(RecipeError, match="makes a loop"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: no-such-recipe\nname: c\n")
+    with pytest.raises(RecipeError, match=r"c.yaml: extends: no-such-recipe: neither"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("name: d\nmodel: tiny\nstages: {eval: {tasks: [kv_cache]}}\n")
+    with pytest.raises(RecipeError, match="no stage trains a model"):
+        load_recipe(tmp_path / "d.yaml")
+
+
 def _bad_recipe(tmp_path, mutate):
     raw = yaml.safe_load(TINY.read_text())
     mutate(raw)

@@ -25,6 +25,8 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
+    logged = [h for h in metrics["log_history"] if "loss" in h]
+    assert all(0 < h["moe/load_entropy"] <= 1 and h["moe/max_load_ratio/layer_1"] >= 1 for h in logged)
     from latentalign.data import load_rows
     from latentalign.reward.functions import pairwise_accuracy
 

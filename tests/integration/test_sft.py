@@ -73,6 +73,7 @@ def test_full_sft_trains_saves_and_evaluates(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     logged = [h for h in metrics["log_history"] if "aux_loss" in h]
     assert logged and all(h["aux_loss"] > 0 and 0 < h["moe/load_entropy"] <= 1 for h in logged)
+    assert all(any(k.startswith("moe/max_load_ratio/layer_") for k in h) for h in logged)  # per layer too
     from latentalign import load_model
     from latentalign.data import load_rows
     from latentalign.eval import exact_match

@@ -44,10 +44,18 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(mak
     assert len(model._latentalign_static_caches) == 1  # and the cache
 
 
-def test_the_model_default_and_greedy_tokens_of_a_longer_bucket(make_config, make_batch):
+V3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
+          n_group=2, topk_group=1)
+
+
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_the_model_default_and_greedy_tokens_of_a_longer_bucket(make_config, make_batch, family):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1, **(V3 if family == "v3" else {}))).eval()
+    for module in model.modules():  # V3: biases that change the choice, as a trained model's do
+        if getattr(module, "score_bias", None) is not None:
+            module.score_bias.copy_(torch.randn(module.score_bias.shape) * 0.2)
     ids, mask = make_batch((70, 66))  # 70 + 6 positions: the 80 bucket
     kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     eager = model.generate(ids, **kwargs)
