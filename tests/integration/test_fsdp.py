@@ -136,9 +136,9 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path) -> None:
     assert (checkpoint / "trainer_state.json").is_file(), "the run ended before it saved the checkpoint"
 
 
-@pytest.mark.parametrize("kind", ["sft", "rl"])
+@pytest.mark.parametrize("kind", ["sft", "reward", "rl"])
 def test_kill_9_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(kind, tmp_path, policy):
-    args = (SMALL, *STAGES["sft"], "gradient_accumulation_steps=2") if kind == "sft" else rl_args(policy)
+    args = rl_args(policy) if kind == "rl" else (SMALL, *STAGES[kind], "gradient_accumulation_steps=2")
     args = (*args, "save_steps=4")
     train(kind, tmp_path / "whole", 2, *args)
     out = tmp_path / "killed"
