@@ -30,7 +30,8 @@ import torch
 
 from common import median, setup_threads, variant_name, write_result
 
-SMOKE = ["--batches", "2", "--new-tokens", "4", "--repeats", "1", "--no-compiled", "--models", "tiny"]  # decode.py smokes compiling
+# Eager only: decode.py's smoke run compiles.
+SMOKE = ["--batches", "2", "--new-tokens", "4", "--repeats", "1", "--no-compiled", "--models", "tiny"]
 
 WORKER = r"""
 import json, sys, time
@@ -194,12 +195,13 @@ def run_model(overrides: dict, mla: bool, batches, lengths, args) -> dict:
                             row[name] = {"tokens_per_s": round(median(rates), 1),
                                          "each": [round(r, 1) for r in rates]}
                     if args.compiled:  # equal up to near-ties of a random model, where kernels' rounding decides
-                        row["compiled_same_tokens_as_eager"] = runs["ours"][0]["tokens"] == runs["ours_compiled"][0]["tokens"]
-                        row["compiled_agreement_with_eager"] = round(agreement(runs["ours"][0]["tokens"],
-                                                                               runs["ours_compiled"][0]["tokens"]), 3)
+                        eager, compiled = runs["ours"][0]["tokens"], runs["ours_compiled"][0]["tokens"]
+                        row["compiled_same_tokens_as_eager"] = eager == compiled
+                        row["compiled_agreement_with_eager"] = round(agreement(eager, compiled), 3)
                     if runs["vllm"]:
                         for name in [n for n in ("ours", "ours_compiled") if runs[n]]:
-                            ratios = [theirs["seconds"] / ours["seconds"] for ours, theirs in zip(runs[name], runs["vllm"])]
+                            ratios = [theirs["seconds"] / ours["seconds"]
+                                      for ours, theirs in zip(runs[name], runs["vllm"])]
                             row[f"{name}_over_vllm"] = round(median(ratios), 3)  # per round, then the median
                         row["greedy_agreement_with_vllm"] = round(agreement(runs["ours"][0]["tokens"],
                                                                             runs["vllm"][0]["tokens"]), 3)

@@ -641,7 +641,9 @@ def _sharded_across_processes(module: nn.Module) -> bool:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+    if not (isinstance(module, FSDPModule) and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size() > 1
 
 
 class LikelihoodScale(nn.Module):

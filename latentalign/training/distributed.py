@@ -56,8 +56,8 @@ def fsdp_on_cpu() -> None:
 
                 fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as accelerate does
             if getattr(fsdp_plugin, "fsdp_version", 1) != 2:
-                raise ConfigError("FSDP on CPU processes needs fsdp_version: 2 (FSDP1's flat parameters need "
-                                   "a GPU); use the shipped fsdp2-cpu config.")
+                raise ConfigError("FSDP on CPU processes is supported with fsdp_version: 2 only (what this path "
+                                  "was tested with); use the shipped fsdp2-cpu config.")
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 

@@ -220,7 +220,7 @@ def test_the_recipe_runner_under_fsdp2(tmp_path):
 
 
 SHARDED_GENERATE = """
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from latentalign.model import load_model
 from latentalign.training import load_tokenizer
@@ -241,7 +241,8 @@ with torch.no_grad():
     want, got = reference.generate(**batch, **kwargs), model.generate(**batch, **kwargs)
 lengths = [None, None]
 dist.all_gather_object(lengths, want.shape[1])
-print(f"rank {rank} same={torch.equal(want, got)} lengths={lengths}", flush=True)
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:  # a file each: the two processes' stdout interleave
+    json.dump({"same": torch.equal(want, got), "lengths": lengths}, f)
 """
 
 
@@ -251,9 +252,9 @@ def test_generate_on_a_sharded_policy_keeps_the_processes_in_step(tmp_path, poli
     script = tmp_path / "sharded_generate.py"
     script.write_text(SHARDED_GENERATE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                             str(policy)], capture_output=True, text=True, timeout=300)
+                             str(policy), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2 and all("same=True" in line for line in lines), result.stdout
-    lengths = eval(lines[0].split("lengths=")[1])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["same"] for r in ranks), ranks
+    lengths = ranks[0]["lengths"]
     assert lengths[0] != lengths[1]  # they did finish apart
