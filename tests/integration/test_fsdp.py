@@ -46,10 +46,11 @@ def train(kind: str, out: Path, processes: int, *args: str, config: str = "fsdp2
     return [h for h in json.loads((out / "metrics.json").read_text())["log_history"] if "loss" in h]
 
 
-def close(one: list[dict], two: list[dict], key: str, rel: float) -> float:
-    """The worst relative difference of `key` between two logs of the same steps."""
+def close(one: list[dict], two: list[dict], key: str) -> float:
+    """The worst relative difference of `key` between two logs of the same steps (relative to at least 1e-3, so
+    that figures near 0, a first step's KL, compare by their absolute difference)."""
     assert len(one) == len(two) == 8 and all(key in h for h in one + two), key
-    return max(abs(a[key] - b[key]) / max(abs(a[key]), 1e-8) for a, b in zip(one, two))
+    return max(abs(a[key] - b[key]) / max(abs(a[key]), abs(b[key]), 1e-3) for a, b in zip(one, two))
 
 
 def weights(out: Path) -> dict:
@@ -74,12 +75,12 @@ def test_two_fsdp2_processes_train_as_one_process_and_save_a_whole_model(kind, t
     args = (SMALL, *STAGES[kind], "save_steps=8")
     one = train(kind, tmp_path / "one", 1, *args, "gradient_accumulation_steps=4")
     two = train(kind, tmp_path / "two", 2, *args, "gradient_accumulation_steps=2")
-    assert close(one, two, "loss", 2e-3) < 2e-3
+    assert close(one, two, "loss") < 2e-3
     # Expert load over the step's tokens, summed across processes; the balance loss, gathered (SFT's own loss).
     for key in ("moe/load_entropy", "moe/max_load_ratio", "moe/max_load_ratio/layer_1"):
-        assert close(one, two, key, 1e-2) < 1e-2, key
+        assert close(one, two, key) < 1e-2, key
     if kind == "sft":
-        assert close(one, two, "aux_loss", 2e-3) < 2e-3
+        assert close(one, two, "aux_loss") < 2e-3
     assert one[-1]["loss"] < one[0]["loss"]  # and it trains
 
     # The model directory is whole: every tensor, full shape, and the trained weights (near one process's).
@@ -176,8 +177,8 @@ def test_grpo_under_fsdp2_generates_on_the_sharded_policy_as_ddp_does(tmp_path, 
     ddp = train("rl", tmp_path / "ddp", 2, *rl_args(policy), config="cpu")
     # The same rollouts (each process samples its prompts with the same seed in both), so the same curve.
     for key in ("reward", "kl", "moe/max_load_ratio"):
-        assert close(ddp, fsdp, key, 2e-3) < 2e-3, key
-    assert close(ddp, fsdp, "loss", 2e-2) < 2e-2 or max(abs(h["loss"]) for h in ddp) < 1e-6
+        assert close(ddp, fsdp, key) < 2e-3, key
+    assert close(ddp, fsdp, "loss") < 2e-2
     assert any(h["kl"] > 0 for h in fsdp)  # the reference model took part
     # Rollouts ended early and unevenly: each process generated until all had finished (synced_gpus), else
     # the first to finish would have left the other waiting in a layer's all-gather.
