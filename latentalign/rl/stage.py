@@ -178,28 +178,23 @@ def build_rewards(cfg: RLStageConfig):
 
 
 def _log_callback(rewards, meter, replay=None):
-    from transformers import TrainerCallback
-
     from ..reward.answers import VERIFIER
+    from ..training import ExpertLoadLog
 
-    class RewardAndLoadLog(TrainerCallback):
+    class RewardAndLoadLog(ExpertLoadLog):
         """Adds reward failures (samples scored None), math-verify's own failures, the expert load and the
         routing agreement to every log line."""
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is None or "loss" not in logs:
-                return
+        def metrics(self) -> dict:
             extra = {f"rewards/{fn.__name__}/failures": sum(fn.failures.values()) for fn in rewards}
             extra["rewards/verifier_failures"] = sum(VERIFIER.failures.values())
-            extra.update(meter.pop_metrics())
+            extra.update(super().metrics())
             agreement = replay.pop_agreement() if replay is not None else None
             if agreement is not None:
                 extra["moe/routing_agreement"] = agreement
-            logs.update(extra)  # what is printed
-            if state.log_history and "loss" in state.log_history[-1]:
-                state.log_history[-1].update(extra)  # what is kept (a copy of logs, made before this call)
+            return extra
 
-    return RewardAndLoadLog()
+    return RewardAndLoadLog(meter)
 
 
 def _freeze_routers(model) -> None:

@@ -164,18 +164,22 @@ class ExpertLoadMeter:
 
 
 class ExpertLoadLog(TrainerCallback):
-    """Adds a meter's expert-load metrics to every training log line (what is printed and what is kept)."""
+    """Adds a meter's expert-load metrics to every training log line (what is printed and what is kept); a stage
+    with more to add overrides `metrics`."""
 
     def __init__(self, meter: ExpertLoadMeter):
         self.meter = meter
 
+    def metrics(self) -> dict:
+        return self.meter.pop_metrics()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
-        metrics = self.meter.pop_metrics()
-        logs.update(metrics)
+        metrics = self.metrics()
+        logs.update(metrics)  # what is printed
         if state.log_history and "loss" in state.log_history[-1]:
-            state.log_history[-1].update(metrics)
+            state.log_history[-1].update(metrics)  # what is kept (a copy of logs, made before this call)
 
 
 class BiasBalancer(TrainerCallback):
