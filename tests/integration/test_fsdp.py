@@ -197,7 +197,8 @@ def test_lora_under_fsdp2_trains_only_adapters_and_saves_them_merged(tmp_path):
     assert set(merged) == set(start)  # a whole model, no adapter tensors
     from latentalign.training import LORA_MODULES
 
-    changed = {k for k in start if not torch.equal(merged[k], start[k])}
+    # Moved, not merely rounded apart: the start is built again in this process, not read from the run.
+    changed = {k for k in start if (merged[k] - start[k]).abs().max() > 1e-6}
     # Only the weights of LoRA's target modules moved (the adapters, merged); not the routed experts' fused
     # tensors, the router, norms or embeddings.
     assert changed and all(k.endswith(".weight") and k.rsplit(".", 2)[-2] in LORA_MODULES for k in changed), changed
