@@ -88,18 +88,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default="quickstart", help="a shipped recipe's name or a YAML file")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs")
+    parser.add_argument("--keep", default=None, help="run in (and keep) DIR/seedS: a rerun there skips the stages "
+                        "whose config is unchanged, so its wall time is that of the stages that ran")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="recipe-seeds-") as scratch:
+        root = Path(args.keep or scratch)
         runs = {}
         for seed in args.seeds:
-            runs[seed] = run_seed(args.recipe, seed, args.overrides, args.threads, Path(scratch) / f"seed{seed}")
+            runs[seed] = run_seed(args.recipe, seed, args.overrides, args.threads, root / f"seed{seed}")
             print(f"seed {seed}: {json.dumps(runs[seed]['eval'])} in {runs[seed]['wall_seconds']} s", flush=True)
     walls = [r["wall_seconds"] for r in runs.values()]
     result = {"recipe": Path(args.recipe).stem, "seeds": args.seeds, "threads": args.threads,
+              "kept_in": args.keep,  # a rerun there reuses the finished stages
               "overrides": args.overrides, "runs": runs, "summary": summarise(runs), "gains": gains(runs),
               "wall_seconds": {"mean": round(statistics.mean(walls), 1), "max": max(walls)}}
-    name = variant_name([a for a in argv or [] if a != args.recipe and a != "--recipe"])
+    kept = {"--keep", args.keep}
+    name = variant_name([a for a in argv or [] if a not in (args.recipe, "--recipe") and a not in kept])
     write_result("recipe_seeds", result, f"{Path(args.recipe).stem} {name}".strip())
     return result
 

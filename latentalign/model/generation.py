@@ -1,44 +1,59 @@
-"""Compiled decoding: `generate()` over a static latent cache with a `torch.compile`d decode step.
+"""Compiled decoding: our own decode loop over a static latent cache, with a `torch.compile`d step.
 
     model.generate(ids, attention_mask=mask, max_new_tokens=64, compiled_decode=True)
 
-transformers already knows how (a `StaticCache`, a `CompileConfig`); what it leaves to the caller, and what this
-module decides, is when and at what shapes:
+transformers can compile a decode step too (a `StaticCache`, a `CompileConfig`), but around it every step runs its
+generate loop in Python: inputs prepared anew, a 4-D mask rebuilt, the attention mask and the sequences
+concatenated, the stopping criteria, cache bookkeeping. On a CPU at batch 4 that loop cost as much as the step's
+kernels. Here the loop is ours and does per step only what decoding needs:
 - the cache length is rounded up to a bucket (four per octave: 64, 80, 96, 112, 128, 160, ...), so prompts of
-  different lengths share a compiled step, at most a quarter of the cache is spare, and the number of
-  compiled shapes grows with the log of the longest sequence rather than with every length seen;
-- one static cache per (batch, bucket, dtype, device) is kept on the model and reset between calls, so a GRPO
-  run allocates its rollout cache once;
-- the decode step compiles with `fullgraph=True` (a graph break is an error, not a slow path), in inductor's
-  default mode on CPU and with CUDA graphs on GPU ("reduce-overhead"); transformers compiles only on
-  accelerators unless told, and TRL turns compilation off in its generation config: both are overridden here,
-  for this call only;
-- what a static cache cannot do falls back to eager decoding, which stays the reference: beam search, assisted
-  decoding, a cache passed in, attention weights or hidden states asked for, and forward hooks on the model's
-  modules (a compiled step would run them once per shape, not once per step).
+  different lengths share a compiled step, at most a quarter of the cache is spare, and the number of compiled
+  shapes grows with the log of the longest sequence rather than with every length seen; a caller that knows the
+  longest it will ask for (GRPO: the longest prompt plus the completion limit) sets `model.decode_cache_floor`
+  and every call shares one bucket;
+- the prefill is the eager path's forward over the prompt (its latents then copied into the static cache), so the
+  first token is the eager one;
+- one static cache per (batch, bucket, dtype, device) is kept on the model and reset between calls, so a GRPO run
+  allocates its rollout cache once; the keys a row may attend to are one (batch, bucket) mask set in place, and
+  the token, position and cache position buffers are updated in place: the step's inputs never change shape,
+  and on a GPU the loop asks whether every row has ended only every few steps (each question waits for it);
+- the step (the model's forward for one token, last logits in fp32) compiles with `fullgraph=True` and static
+  shapes, in inductor's default mode on CPU and with CUDA graphs on GPU ("reduce-overhead"): one graph per
+  (batch, bucket), and a weight update between calls (an optimizer step) reuses it;
+- what picks the token is transformers' own: its generation config resolution, special tokens and logits
+  processors (temperature, top-k, top-p, min-p, minimum length, repetition penalty, ...; through its private
+  `_prepare_generation_config`, `_prepare_special_tokens` and `_get_logits_processor`, alike from 5.19 to
+  5.24), then argmax or `torch.multinomial` as its sampling loop does, so the same seed draws the same samples;
+- what the loop does not do goes to transformers' generate, which decodes eagerly and stays the reference:
+  beam search, assisted decoding, a cache passed in, scores, attention weights or hidden states asked for, a
+  streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, expanded MLA
+  decoding on a kernel other than SDPA, models sharded across processes, and forward hooks on the model's modules
+  (a compiled step would run them once per shape, not once per step).
 
-The prefill (the prompt's forward) is not compiled in either mode: its shape changes with every prompt batch.
-Compiling the step costs seconds (10-30 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for
-each new (batch, bucket); it pays for long or repeated generation, not for a short call. Measured speeds are in
+The prefill (the prompt's forward) is not compiled: its shape changes with every prompt batch. Compiling the step
+costs seconds (10-30 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for each new
+(batch, bucket); it pays for long or repeated generation, not for a short call. Measured speeds are in
 bench/README.md (decode and GRPO rollout sections).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
 import torch
-from transformers import CompileConfig, GenerationConfig, StaticCache
-
-from .compat import cache_kwarg
+from transformers import DynamicCache, GenerationConfig, StaticCache, StoppingCriteriaList
 
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 64
 BUCKETS_PER_OCTAVE = 4
 MAX_CACHES = 4  # static caches kept per model; the least recently used goes first
+SYNC_EVERY_ON_GPU = 8  # decode steps between checks that every row has ended (each check waits for the GPU)
+RECOMPILE_LIMIT = 64  # compiled (batch, bucket) shapes of the step, across models, before dynamo runs it eagerly
+# generate() keywords the loop serves; any other goes to transformers' generate
+LOOP_KWARGS = {"input_ids", "attention_mask", "generation_config", "logits_processor", "stopping_criteria",
+               "use_cache", "synced_gpus"}
 
 
 def bucketed_length(needed: int, limit: int | None = None) -> int:
@@ -54,13 +69,6 @@ def bucketed_length(needed: int, limit: int | None = None) -> int:
     return length if limit is None else max(min(length, limit), needed)
 
 
-def compile_config_for(device: torch.device) -> CompileConfig:
-    """fullgraph, static shapes; CUDA graphs on GPU, inductor's default mode elsewhere."""
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
-    return config
-
-
 def compile_safe(hook):
     """Mark a forward hook as one a compiled decode step may trace: it records nothing there (it checks
     `torch.compiler.is_compiling()`) and reads no Python state that changes from step to step."""
@@ -74,7 +82,7 @@ def _has_module_hooks(model: torch.nn.Module) -> bool:
 
 
 def why_not_compiled(model, kwargs: dict, generation_config: GenerationConfig) -> str | None:
-    """The reason a `generate` call decodes eagerly, or None when its decode step can compile."""
+    """The reason a `generate` call goes to transformers' eager loop, or None when the compiled loop serves it."""
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
         return "a cache was passed in"
     if kwargs.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens:
@@ -83,14 +91,23 @@ def why_not_compiled(model, kwargs: dict, generation_config: GenerationConfig) -
         return "beam search"
     if generation_config.output_attentions or generation_config.output_hidden_states:
         return "attention weights or hidden states were asked for"
+    if generation_config.return_dict_in_generate or generation_config.output_scores or generation_config.output_logits:
+        return "a dict with scores or logits was asked for"
+    if (generation_config.num_return_sequences or 1) > 1:
+        return "several sequences per prompt"
+    if generation_config.stop_strings or generation_config.max_time is not None:
+        return "stop strings or a time limit"
+    if kwargs.get("synced_gpus") or kwargs.get("streamer") is not None:
+        return "synced processes or a streamer"
+    if model.config.mla_attention == "expanded" and model.config._attn_implementation != "sdpa":
+        return f"expanded MLA on the {model.config._attn_implementation!r} kernel"  # takes no boolean mask
+    extra = sorted(k for k, v in kwargs.items() if v is not None and k not in LOOP_KWARGS
+                   and not hasattr(generation_config, k))
+    if extra:
+        return f"model inputs the loop does not pass ({', '.join(extra)})"
     if _has_module_hooks(model):
         return "forward hooks are registered on the model"
     return None
-
-
-def _prompt(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    return ids if isinstance(ids, torch.Tensor) else None
 
 
 def static_cache(model, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
@@ -108,28 +125,113 @@ def static_cache(model, batch: int, length: int, dtype: torch.dtype, device: tor
     return cache
 
 
-def compiled_generate_kwargs(model, args: tuple, kwargs: dict) -> dict:
-    """`kwargs` for `generate` with a bucketed static cache and a compile config, or unchanged (with a debug log
-    saying why) when the call cannot decode compiled."""
-    generation_config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
-    overrides = {k: kwargs[k] for k in list(kwargs) if hasattr(generation_config, k) and k != "generation_config"}
-    generation_config.update(**overrides)
-    ids = _prompt(args, kwargs)
-    reason = why_not_compiled(model, kwargs, generation_config)
-    if reason is None and ids is None:
-        reason = "no input_ids tensor"
+def _decode_step(model, cache, tokens, positions, cache_position, keys):
+    """One token per row through the model: (B, 1) tokens at (B, 1) positions, written at `cache_position`;
+    `keys` (B, L) says which cache positions each row attends to. Returns the (B, V) logits in fp32."""
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=keys[:, None, None, :], cache=cache,
+                cache_position=cache_position, use_cache=True, output_router_logits=False)
+    return out.logits[:, -1].float()
+
+
+_compiled_steps: dict = {}
+
+
+def compiled_step(device: torch.device):
+    """`_decode_step` compiled for `device`'s kind: CUDA graphs on GPU, inductor's default mode elsewhere."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_steps[mode]
+
+
+def prepare(model, args: tuple, kwargs: dict):
+    """(generation config, logits processors, stopping criteria, input ids, attention mask) for the compiled loop,
+    or None (with a debug log saying why) when the call needs transformers' generate."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or len(args) > 1:
+        log.debug("compiled_decode: decoding eagerly (no input_ids tensor)")
+        return None
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "generation_config")}
+    generation_config, model_kwargs = model._prepare_generation_config(kwargs.get("generation_config"), **rest)
+    reason = why_not_compiled(model, {**model_kwargs, **rest}, generation_config)
     if reason is not None:
         log.debug("compiled_decode: decoding eagerly (%s)", reason)
-        return kwargs
-    new_tokens = generation_config.max_new_tokens
+        return None
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    model._prepare_special_tokens(generation_config, True, device=ids.device)
+    processors = model._get_logits_processor(
+        generation_config=generation_config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
+        logits_processor=kwargs.get("logits_processor"), device=ids.device, model_kwargs=model_kwargs)
+    criteria = kwargs.get("stopping_criteria") or StoppingCriteriaList()
+    return generation_config, processors, criteria, ids, mask
+
+
+@torch.no_grad()
+def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """`generate(...)`'s sequences (prompt, then new tokens; padding after a row's end of sequence, and no
+    column after every row has ended), decoded by the compiled loop; None when the call needs transformers'."""
+    prepared = prepare(model, args, kwargs)
+    if prepared is None:
+        return None
+    config, processors, criteria, ids, mask = prepared
+    batch, prompt = ids.shape
+    new_tokens = config.max_new_tokens
     if new_tokens is None:
-        new_tokens = max((generation_config.max_length or ids.shape[1] + 1) - ids.shape[1], 1)
-    length = bucketed_length(ids.shape[1] + new_tokens, model.config.max_position_embeddings)
-    dtype = next(model.parameters()).dtype
-    cache = static_cache(model, ids.shape[0], length, dtype, ids.device)
-    for name in overrides:
-        kwargs.pop(name)
-    generation_config.cache_implementation = None  # the cache is passed in
-    generation_config.disable_compile = False
-    generation_config.compile_config = compile_config_for(ids.device)
-    return {**kwargs, "generation_config": generation_config, **cache_kwarg(cache)}
+        new_tokens = max((config.max_length or prompt + 1) - prompt, 1)
+    needed = max(prompt + new_tokens, getattr(model, "decode_cache_floor", None) or 0)
+    length = bucketed_length(needed, model.config.max_position_embeddings)
+    if prompt + new_tokens > length:
+        raise ValueError(f"{prompt} prompt + {new_tokens} new tokens exceed the model's "
+                         f"{model.config.max_position_embeddings} positions.")
+    device, dtype = ids.device, next(model.parameters()).dtype
+    cache = static_cache(model, batch, length, dtype, device)
+    pad = config._pad_token_tensor
+    eos = config._eos_token_tensor
+    step = compiled_step(device)
+
+    # The prefill is the eager path's own forward (same mask and kernels, so the same first token); its latents
+    # then move into the static cache.
+    prefill = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=kwargs.get("attention_mask"), cache=prefill, use_cache=True, output_router_logits=False,
+                   logits_to_keep=1).logits[:, -1].float()
+    for layer, filled in zip(cache.layers, prefill.layers):
+        layer.update(filled.keys, filled.values)
+    keys = torch.zeros(batch, length, dtype=torch.bool, device=device)  # what each row attends to (as the mask)
+    keys[:, :prompt] = mask
+    positions = mask.long().cumsum(-1) - 1
+
+    sequences = torch.full((batch, prompt + new_tokens), 0, dtype=ids.dtype, device=device)
+    sequences[:, :prompt] = ids
+    token = torch.zeros(batch, 1, dtype=ids.dtype, device=device)
+    position = positions[:, -1:] + 1  # the first new token's position in each row
+    cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    produced = torch.zeros((), dtype=torch.long, device=device)  # steps begun with a row unfinished
+    check_every = SYNC_EVERY_ON_GPU if device.type == "cuda" else 1  # asking "all ended?" waits for the device
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        for t in range(new_tokens):
+            if t:
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step(model, cache, token, position, cache_position, keys)
+                position += 1
+                cache_position += 1
+            produced += unfinished.any()
+            scores = processors(sequences[:, :prompt + t], logits)
+            if config.do_sample:
+                chosen = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+            else:
+                chosen = scores.argmax(dim=-1)
+            if pad is not None:
+                chosen = torch.where(unfinished, chosen, pad)
+            sequences[:, prompt + t] = chosen
+            token[:, 0] = chosen
+            keys[:, prompt + t] = True  # the next step writes this token's latent there
+            if eos is not None:
+                unfinished &= ~torch.isin(chosen, eos)
+            if criteria:
+                unfinished &= ~criteria(sequences[:, :prompt + t + 1], scores)
+            if (t + 1) % check_every == 0 and not unfinished.any():
+                break
+    return sequences[:, :prompt + int(produced)]

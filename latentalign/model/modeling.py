@@ -620,10 +620,12 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
         )
 
     compiled_decode: bool = False  # generate()'s default for `compiled_decode` (see generation.py)
+    decode_cache_floor: int | None = None  # compiled decoding's shortest static cache (one bucket for a whole run)
 
     def generate(self, *args, compiled_decode: bool | None = None, **kwargs):
-        """transformers' `generate`, plus `compiled_decode`: a bucketed static latent cache and a compiled decode
-        step (generation.py), where the call allows one; eager decoding otherwise. Same tokens either way.
+        """transformers' `generate`, plus `compiled_decode`: our decode loop over a bucketed static latent cache with
+        a compiled step (generation.py), where the call allows one; transformers' eager loop otherwise. Same greedy
+        tokens either way, and (up to rounding) the same samples for the same seed.
 
         Sharded by FSDP2 across processes (accelerate's `fully_shard`, which transformers does not recognise), every
         process keeps stepping until all have finished (`synced_gpus`): each forward gathers the layers' shards, so
@@ -631,9 +633,11 @@ class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalL
         if kwargs.get("synced_gpus") is None and _sharded_across_processes(self):
             kwargs["synced_gpus"] = True
         if self.compiled_decode if compiled_decode is None else compiled_decode:
-            from .generation import compiled_generate_kwargs
+            from .generation import compiled_generate
 
-            kwargs = compiled_generate_kwargs(self, args, kwargs)
+            sequences = compiled_generate(self, args, kwargs)
+            if sequences is not None:
+                return sequences
         return super().generate(*args, **kwargs)
 
 

@@ -205,11 +205,16 @@ def _freeze_routers(model) -> None:
             module.weight.requires_grad_(False)
 
 
-def _compile_rollouts(model, recording: bool) -> None:
+def _compile_rollouts(model, tokenizer, rows, completion_tokens: int, recording: bool) -> None:
+    """Rollouts through the compiled decode loop, every one on the static cache that the longest prompt and a
+    whole completion need: one compiled step for the run, not one per prompt-length bucket."""
     if recording:
         log.warning("compiled_decode: rollouts decode eagerly while their routing is recorded (routing_replay "
                     "or routing_metrics); set both false for compiled rollouts.")
+    from .vllm_sync import probe_prompts  # the prompts' token ids as TRL renders them
+
     model.compiled_decode = True
+    model.decode_cache_floor = max(map(len, probe_prompts(tokenizer, rows, len(rows))), default=0) + completion_tokens
 
 
 def run(cfg: RLStageConfig, callbacks=None) -> dict:
@@ -238,7 +243,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
     replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None
     if cfg.compiled_decode and not args.use_vllm:
-        _compile_rollouts(model, recording=replay is not None)
+        _compile_rollouts(model, tokenizer, rows, args.max_completion_length, recording=replay is not None)
     name_or_path = model.name_or_path
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)

@@ -39,8 +39,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(mak
             p.add_(torch.randn_like(p), alpha=0.05)
     assert torch.equal(model.generate(ids, attention_mask=mask, compiled_decode=True, **kwargs),
                        model.generate(ids, attention_mask=mask, **kwargs))
-    assert model._compiled_call is not None
-    assert counters["stats"]["unique_graphs"] - frames == 1  # the later calls reused the compiled step
+    assert counters["stats"]["unique_graphs"] - frames == 1  # one compile; the later calls reused the step
     assert len(model._latentalign_static_caches) == 1  # and the cache
 
 
@@ -63,6 +62,49 @@ def test_the_model_default_and_greedy_tokens_of_a_longer_bucket(make_config, mak
     assert torch.equal(model.generate(ids, **kwargs), eager)
     assert [key[1] for key in model._latentalign_static_caches] == [80]
     assert torch.equal(model.generate(ids, compiled_decode=False, **kwargs), eager)
+    model.decode_cache_floor = 100  # what the RL stage sets: the longest prompt plus a whole completion
+    assert torch.equal(model.generate(ids, **kwargs), eager)
+    assert [key[1] for key in model._latentalign_static_caches] == [80, 112]
+
+
+def test_sampling_ending_and_stopping_as_transformers_loop(make_config, make_batch):
+    """Sampled tokens from the same seed, rows that end at an end-of-sequence token padded, the output cut where
+    every row has ended, and a caller's stopping criteria: all as transformers' own loop does them."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    ids, mask = make_batch((9, 4, 7))
+    sample = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+                  pad_token_id=0)
+    outputs = []
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        outputs.append(model.generate(ids, compiled_decode=compiled, **sample))
+    assert torch.equal(*outputs)
+
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eos = int(greedy[0, ids.shape[1] + 2])  # row 0 ends at its third new token
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    eager = model.generate(ids, **kwargs)
+    compiled = model.generate(ids, compiled_decode=True, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert (compiled[0, ids.shape[1] + 3:] == 0).all()
+
+    class AfterFive(StoppingCriteria):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores, **_):
+            self.calls += 1
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - ids.shape[1] >= 5)
+
+    criteria = AfterFive()
+    stopped = model.generate(ids, compiled_decode=True, stopping_criteria=StoppingCriteriaList([criteria]),
+                             attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert stopped.shape[1] == ids.shape[1] + 5 and criteria.calls == 5
+    assert torch.equal(stopped, greedy[:, : ids.shape[1] + 5])
 
 
 def test_what_a_static_cache_cannot_serve_decodes_eagerly(make_config, make_batch):
@@ -74,6 +116,9 @@ def test_what_a_static_cache_cannot_serve_decodes_eagerly(make_config, make_batc
     assert why_not_compiled(model, {}, GenerationConfig(num_beams=2)) == "beam search"
     assert why_not_compiled(model, {"assistant_model": model}, plain) == "assisted decoding"
     assert "attention" in why_not_compiled(model, {}, GenerationConfig(output_attentions=True))
+    assert "scores" in why_not_compiled(model, {}, GenerationConfig(return_dict_in_generate=True))
+    assert "several" in why_not_compiled(model, {}, GenerationConfig(num_return_sequences=2, do_sample=True))
+    assert "inputs_embeds" in why_not_compiled(model, {"inputs_embeds": torch.zeros(1)}, plain)
     handle = model.model.layers[0].mlp.register_forward_hook(lambda *_: None)
     assert "hooks" in why_not_compiled(model, {}, plain)
     handle.remove()
