@@ -55,7 +55,7 @@ def summarise(runs: dict[int, dict]) -> dict:
     first = next(iter(runs.values()))
     for stage, metrics in first["eval"].items():
         for key in metrics:
-            if "/" in key and not key.startswith("reasoning_gym/") or key.endswith("/n"):
+            if "/" in key and not key.startswith("reasoning_gym/") or key.endswith(("/n", "/distinct")):
                 continue
             values = {seed: r["eval"][stage].get(key) for seed, r in runs.items()}
             if any(v is None for v in values.values()):
@@ -75,7 +75,7 @@ def gains(runs: dict[int, dict]) -> dict:
         for stage, parent in run["init"].items():
             if parent in run["eval"] and stage in run["eval"]:
                 for key in set(run["eval"][stage]) & set(run["eval"][parent]):
-                    if key.endswith("/n"):
+                    if key.endswith(("/n", "/distinct")):
                         continue
                     diff = run["eval"][stage][key] - run["eval"][parent][key]
                     out.setdefault(f"{stage} - {parent}", {}).setdefault(key, {})[seed] = round(diff, 4)

@@ -7,7 +7,7 @@
 | `pairwise`     | reward     | share of held-out preference pairs scored chosen > rejected                    |
 | `humaneval`    | causal LM  | HumanEval pass@1 (greedy), every program run in the code sandbox               |
 | `reasoning_gym`| causal LM  | mean score of greedy answers by each reasoning-gym task's own verifier, overall |
-|                |            | and per task (the dataset must be a `reasoning_gym:` source)                    |
+|                |            | and per task, with each task's distinct questions (a `reasoning_gym:` source)   |
 | `kv_cache`     | any        | bytes the decode cache holds per token (all layers), measured on a real cache  |
 | `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
 | `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
@@ -17,9 +17,14 @@ Each task returns a flat dict of metrics named `<task>/<metric>` (the headline o
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+FEW_QUESTIONS = 100  # a reasoning-gym task scored on fewer distinct held-out questions gets a warning
 
 class EvalError(ValueError):
     """An eval request that cannot run: unknown task, or a task that does not fit the model."""
@@ -141,12 +146,21 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=opts.batch_size,
                                        max_new_tokens=opts.max_new_tokens, progress=False)
     by_task: dict[str, list[float]] = {}
+    questions: dict[str, set] = {}
     for completion, row in zip(completions, rows):
         task = entry(row["reasoning_gym"])["metadata"]["source_dataset"]
         by_task.setdefault(task, []).append(score(completion, row["reasoning_gym"]))
+        questions.setdefault(task, set()).add(row["prompt"][-1]["content"])
     scores = [s for values in by_task.values() for s in values]
     metrics = {"reasoning_gym": sum(scores) / max(len(scores), 1), "reasoning_gym/n": len(scores)}
-    metrics.update({f"reasoning_gym/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())})
+    for task, values in sorted(by_task.items()):
+        metrics[f"reasoning_gym/{task}"] = sum(values) / len(values)
+        # A task with few distinct questions repeats them: its score moves in steps of one question, whatever n.
+        metrics[f"reasoning_gym/{task}/distinct"] = len(questions[task])
+        if len(questions[task]) < FEW_QUESTIONS:
+            log.warning("reasoning_gym: %s's %d held-out rows hold %d distinct questions; its score moves by "
+                        "%.1f points a question.", task, len(values), len(questions[task]),
+                        100 / len(questions[task]))
     return metrics
 
 

@@ -167,6 +167,17 @@ def prepare(model, args: tuple, kwargs: dict):
     return generation_config, processors, criteria, ids, mask
 
 
+def _prefill(model, ids: torch.Tensor, attention_mask, cache: StaticCache) -> torch.Tensor:
+    """The eager path's own forward over the prompt (same mask and kernels, so the same first token), its latents
+    then moved into the static cache; returns the last position's logits in fp32."""
+    filled = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=attention_mask, cache=filled, use_cache=True,
+                   output_router_logits=False, logits_to_keep=1).logits[:, -1].float()
+    for layer, prompt_layer in zip(cache.layers, filled.layers):
+        layer.update(prompt_layer.keys, prompt_layer.values)
+    return logits
+
+
 @torch.no_grad()
 def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """`generate(...)`'s sequences (prompt, then new tokens; padding after a row's end of sequence, and no
@@ -184,33 +195,31 @@ def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if prompt + new_tokens > length:
         raise ValueError(f"{prompt} prompt + {new_tokens} new tokens exceed the model's "
                          f"{model.config.max_position_embeddings} positions.")
-    device, dtype = ids.device, next(model.parameters()).dtype
-    cache = static_cache(model, batch, length, dtype, device)
-    pad = config._pad_token_tensor
-    eos = config._eos_token_tensor
-    step = compiled_step(device)
-
-    # The prefill is the eager path's own forward (same mask and kernels, so the same first token); its latents
-    # then move into the static cache.
-    prefill = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=kwargs.get("attention_mask"), cache=prefill, use_cache=True, output_router_logits=False,
-                   logits_to_keep=1).logits[:, -1].float()
-    for layer, filled in zip(cache.layers, prefill.layers):
-        layer.update(filled.keys, filled.values)
+    device = ids.device
+    cache = static_cache(model, batch, length, next(model.parameters()).dtype, device)
+    logits = _prefill(model, ids, kwargs.get("attention_mask"), cache)
     keys = torch.zeros(batch, length, dtype=torch.bool, device=device)  # what each row attends to (as the mask)
     keys[:, :prompt] = mask
-    positions = mask.long().cumsum(-1) - 1
-
-    sequences = torch.full((batch, prompt + new_tokens), 0, dtype=ids.dtype, device=device)
+    sequences = torch.zeros((batch, prompt + new_tokens), dtype=ids.dtype, device=device)
     sequences[:, :prompt] = ids
-    token = torch.zeros(batch, 1, dtype=ids.dtype, device=device)
-    position = positions[:, -1:] + 1  # the first new token's position in each row
+    position = mask.long().sum(-1, keepdim=True)  # each row's first new token follows its real prompt tokens
+    produced = _decode(model, cache, logits, sequences, keys, position, prompt, config, processors, criteria)
+    return sequences[:, :prompt + produced]
+
+
+def _decode(model, cache, logits, sequences, keys, position, prompt: int, config, processors, criteria) -> int:
+    """Fill `sequences` after the `prompt` columns one token per step, from the prefill's `logits` on; returns
+    how many new columns hold tokens of a row that had not ended."""
+    device, batch = sequences.device, sequences.shape[0]
+    pad, eos = config._pad_token_tensor, config._eos_token_tensor
+    step = compiled_step(device)
+    token = torch.zeros(batch, 1, dtype=sequences.dtype, device=device)
     cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     produced = torch.zeros((), dtype=torch.long, device=device)  # steps begun with a row unfinished
     check_every = SYNC_EVERY_ON_GPU if device.type == "cuda" else 1  # asking "all ended?" waits for the device
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        for t in range(new_tokens):
+        for t in range(sequences.shape[1] - prompt):
             if t:
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
@@ -234,4 +243,4 @@ def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
                 unfinished &= ~criteria(sequences[:, :prompt + t + 1], scores)
             if (t + 1) % check_every == 0 and not unfinished.any():
                 break
-    return sequences[:, :prompt + int(produced)]
+    return int(produced)

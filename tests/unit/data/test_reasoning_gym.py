@@ -111,6 +111,21 @@ def test_eval_task_scores_with_the_same_verifier(good, monkeypatch):
     assert metrics["reasoning_gym/n"] == 8
     assert set(metrics) >= {"reasoning_gym/chain_sum", "reasoning_gym/spell_backward"}
     assert (metrics["reasoning_gym"] == 1.0) if good else (metrics["reasoning_gym"] < 0.5)
+    for task in ("chain_sum", "spell_backward"):  # the distinct questions each task's score rests on
+        asked = {r["prompt"][0]["content"] for r in rows if f'"task": "{task}"' in r["reasoning_gym"]}
+        assert metrics[f"reasoning_gym/{task}/distinct"] == len(asked) > 0
+
+
+def test_eval_task_warns_when_a_task_repeats_few_questions(monkeypatch, caplog):
+    from latentalign.eval import accuracy, tasks
+
+    few = ("reasoning_gym:{basic_arithmetic: {min_terms: 2, max_terms: 2, max_digits: 1, operators: '+-', "
+           "allow_negation: false, allow_parentheses: false}}")
+    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **_: [""] * len(prompts))
+    with caplog.at_level("WARNING", logger="latentalign.eval.tasks"):
+        metrics = tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset=few, size=200))
+    assert metrics["reasoning_gym/basic_arithmetic/distinct"] < tasks.FEW_QUESTIONS  # one-digit sums: a tenth
+    assert "distinct questions" in caplog.text
 
 
 def test_eval_task_refuses_a_dataset_that_is_not_reasoning_gym():
