@@ -31,7 +31,7 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   (a compiled step would run them once per shape, not once per step).
 
 The prefill (the prompt's forward) is not compiled: its shape changes with every prompt batch. Compiling the step
-costs seconds (10-30 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for each new
+costs seconds (10-45 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for each new
 (batch, bucket); it pays for long or repeated generation, not for a short call. Measured speeds are in
 bench/README.md (decode and GRPO rollout sections).
 """
