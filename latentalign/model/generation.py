@@ -15,7 +15,7 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   first token is the eager one;
 - one static cache per (batch, bucket, dtype, device) is kept on the model and reset between calls, so a GRPO run
   allocates its rollout cache once; the keys a row may attend to are one (batch, bucket) mask set in place, and
-  the token, position and cache position buffers are updated in place: the step's inputs never change shape,
+  the token and position buffers are updated in place: the step's inputs never change shape,
   and on a GPU the loop asks whether every row has ended only every few steps (each question waits for it);
 - the step (the model's forward for one token, last logits in fp32) compiles with `fullgraph=True` and static
   shapes, in inductor's default mode on CPU and with CUDA graphs on GPU ("reduce-overhead"): one graph per
@@ -125,11 +125,12 @@ def static_cache(model, batch: int, length: int, dtype: torch.dtype, device: tor
     return cache
 
 
-def _decode_step(model, cache, tokens, positions, cache_position, keys):
-    """One token per row through the model: (B, 1) tokens at (B, 1) positions, written at `cache_position`;
-    `keys` (B, L) says which cache positions each row attends to. Returns the (B, V) logits in fp32."""
+def _decode_step(model, cache, tokens, positions, keys):
+    """One token per row through the model: (B, 1) tokens at (B, 1) positions, written where the static cache's
+    own count of held tokens points; `keys` (B, L) says which cache positions each row attends to. Returns the
+    (B, V) logits in fp32."""
     out = model(input_ids=tokens, position_ids=positions, attention_mask=keys[:, None, None, :], cache=cache,
-                cache_position=cache_position, use_cache=True, output_router_logits=False)
+                use_cache=True, output_router_logits=False)
     return out.logits[:, -1].float()
 
 
@@ -214,7 +215,6 @@ def _decode(model, cache, logits, sequences, keys, position, prompt: int, config
     pad, eos = config._pad_token_tensor, config._eos_token_tensor
     step = compiled_step(device)
     token = torch.zeros(batch, 1, dtype=sequences.dtype, device=device)
-    cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     produced = torch.zeros((), dtype=torch.long, device=device)  # steps begun with a row unfinished
     check_every = SYNC_EVERY_ON_GPU if device.type == "cuda" else 1  # asking "all ended?" waits for the device
@@ -223,9 +223,8 @@ def _decode(model, cache, logits, sequences, keys, position, prompt: int, config
             if t:
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = step(model, cache, token, position, cache_position, keys)
+                logits = step(model, cache, token, position, keys)
                 position += 1
-                cache_position += 1
             produced += unfinished.any()
             scores = processors(sequences[:, :prompt + t], logits)
             if config.do_sample:
