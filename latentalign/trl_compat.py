@@ -44,15 +44,26 @@ def wrap_forward(model, wrapper) -> None:
     model.forward = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
 
 
-@contextmanager
 def generate_wrapped(model, wrapper):
-    """Within the block, `model.generate(...)` is `wrapper(original_generate, ...)` (an instance patch)."""
+    """Within the block, `model.generate(...)` is `wrapper(original_generate, ...)` (an instance patch; blocks
+    nest, the innermost wrapper called first)."""
     original = model.generate
-    model.generate = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
+    return instance_patch(model, "generate", lambda *args, **kwargs: wrapper(original, *args, **kwargs))
+
+
+@contextmanager
+def instance_patch(obj, name: str, value):
+    """`obj.name` is `value` within the block, then what it was before (an instance attribute or the class's)."""
+    own = vars(obj)
+    had, previous = name in own, own.get(name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        del model.generate  # back to the class's method
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
 
 
 def with_train_sampler(trainer_cls, make_sampler, name: str):

@@ -58,6 +58,10 @@ class RLStageConfig(TrainingStageConfig):
     # Rollouts with `generate(compiled_decode=True)`: bucketed static cache, compiled decode step (model/generation.py).
     # Recording the rollout's routing (routing_replay, routing_metrics) needs eager decoding, which then runs.
     compiled_decode: bool = False
+    # Each completion sampled from noise keyed by (seed, step, its row in the global batch, position), not from
+    # torch's generator: the same rollouts on one process or many, under DDP or FSDP (sampling.py). The
+    # distribution sampled is unchanged. Rollouts through transformers' generate only (not vLLM's).
+    row_seeded_sampling: bool = True
     # With use_vllm: after every weight sync, vLLM's log-probs of a fixed probe (the first training prompts with
     # the policy's greedy continuations) against the policy's own; the run stops when they differ (vllm_sync.py).
     vllm_sync_check: bool = True  # false: train on vLLM's samples unchecked
@@ -238,7 +242,9 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
                                            seed=cfg.seed)
     if cfg.freeze_router:
         _freeze_routers(model)
-    meter = ExpertLoadMeter(model)
+    # The load of the tokens trained on (the loss forward's), not of the rollouts' decoding, whose steps also route
+    # rows that have ended and, under FSDP, the padding of a process whose rows have all ended.
+    meter = ExpertLoadMeter(model, grad_only=True)
     balancer = bias_balancer_for(model, cfg.bias_update_speed)
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
     replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None
@@ -252,6 +258,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
         trainer = grpo_trainer_class()(
             model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
             peft_config=peft_config, routing_replay=replay, logprob_gap=replay is not None,
+            row_seeded_sampling=cfg.row_seeded_sampling,
             callbacks=[_log_callback(rewards, meter, replay), *([balancer] if balancer else []), *(callbacks or [])])
     finally:
         model.name_or_path = name_or_path

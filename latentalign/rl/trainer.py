@@ -1,8 +1,10 @@
-"""The RL stage's GRPO trainer: TRL's GRPOTrainer with three additions, each a class of its own.
+"""The RL stage's GRPO trainer: TRL's GRPOTrainer with four additions, each a class of its own.
 
 - `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss;
 - `RolloutLogprobGap`: keeps the sampled tokens' log-probs and logs `rollout/logprob_gap` against the training
   forward's own (no extra forward; only on a batch's first use, as later iterations score moved weights);
+- `RowSeededRollouts`: samples each completion from noise keyed by (seed, step, its row in the global batch), so
+  the rollouts are the same on any number of processes (sampling.py);
 - `LengthSortedScoring`: the scoring forwards (policy and reference) on rows sorted by length, 32 at a time,
   each group cut to its own widths, instead of one forward padded to the longest prompt and completion (22% off
   a step on the embedded default, bench/README.md).
@@ -108,6 +110,23 @@ class RolloutLogprobGap:
             self._scored = None
 
 
+class RowSeededRollouts:
+    row_seeded_sampling: bool = False
+
+    @contextmanager
+    def generating(self):
+        if not self.row_seeded_sampling:
+            with super().generating():
+                yield
+            return
+        from .sampling import row_seeded_sampling
+
+        model = self.accelerator.unwrap_model(self.model)
+        with super().generating(), row_seeded_sampling(model, self.args.seed, self.state.global_step,
+                                                       self.accelerator.process_index):
+            yield
+
+
 def padded_outside(attention_mask: torch.Tensor, completion_width: int) -> bool:
     """Whether every row is left-padded prompt + right-padded completion (real tokens contiguous on both sides of
     the boundary), the layout `LengthSortedScoring` may cut."""
@@ -158,16 +177,18 @@ class LengthSortedScoring:
 
 
 def grpo_trainer_class():
-    """`LatentAlignGRPOTrainer(..., routing_replay=None, logprob_gap=False)`: GRPOTrainer with the three above."""
+    """`LatentAlignGRPOTrainer(..., routing_replay=None, logprob_gap=False, row_seeded_sampling=False)`:
+    GRPOTrainer with the four above."""
     from ..trl_compat import grpo_hook_trainer, metric_logger
 
     base = grpo_hook_trainer()
 
-    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, LengthSortedScoring, base):
+    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, RowSeededRollouts, LengthSortedScoring, base):
         def __init__(self, *args, routing_replay: RoutingReplay | None = None, logprob_gap: bool = False,
-                     **kwargs):
+                     row_seeded_sampling: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.routing_replay, self.logprob_gap = routing_replay, logprob_gap
+            self.row_seeded_sampling = row_seeded_sampling
             self.log_metric = metric_logger(self)
 
     return LatentAlignGRPOTrainer
