@@ -38,14 +38,19 @@ def row_keys(seed: int, step: int, call: int, rows: torch.Tensor) -> torch.Tenso
     return mix32(mix32(key) ^ (rows & _MASK))
 
 
-def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+def gumbel_noise(keys: torch.Tensor, position: int, vocab: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, vocab) standard Gumbel noise in fp32 for one completion position, a function of (key, position,
-    vocabulary index) only: the same for a row whatever batch holds it."""
+    vocabulary index) only: the same for a row whatever batch holds it. `tokens`: `token_hashes(vocab)`, if kept."""
     at = mix32(keys ^ (position & _MASK))[:, None]
-    tokens = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))[None, :]
-    bits = mix32(at ^ tokens) >> 8  # 24 random bits: a float32 uniform on (0, 1) without rounding to 0 or 1
+    if tokens is None:
+        tokens = token_hashes(vocab, keys.device)
+    bits = mix32(at ^ tokens[None, :]) >> 8  # 24 random bits: a float32 uniform on (0, 1) without rounding to 0 or 1
     uniform = (bits.float() + 0.5) * 2.0**-24
     return -torch.log(-torch.log(uniform))
+
+
+def token_hashes(vocab: int, device) -> torch.Tensor:
+    return mix32(torch.arange(vocab, device=device, dtype=torch.int64))
 
 
 class RowSeededSampler:
@@ -54,13 +59,16 @@ class RowSeededSampler:
 
     def __init__(self, keys: torch.Tensor, prompt_width: int):
         self.keys, self.prompt_width = keys, prompt_width
+        self._tokens: torch.Tensor | None = None  # the vocabulary's hashes, the same at every position
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] != self.keys.shape[0]:
             raise ValueError(f"RowSeededSampler holds keys for {self.keys.shape[0]} rows, got {input_ids.shape[0]} "
                              "(several sequences per prompt are separate rows here: repeat the prompts instead).")
         position = input_ids.shape[1] - self.prompt_width
-        noise = gumbel_noise(self.keys.to(scores.device), position, scores.shape[-1])
+        if self._tokens is None or self._tokens.shape[0] != scores.shape[-1] or self._tokens.device != scores.device:
+            self.keys, self._tokens = self.keys.to(scores.device), token_hashes(scores.shape[-1], scores.device)
+        noise = gumbel_noise(self.keys, position, scores.shape[-1], self._tokens)
         chosen = (scores.float() + noise).argmax(dim=-1, keepdim=True)
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
