@@ -74,17 +74,17 @@ class RowSeededSampler:
 
 
 @contextmanager
-def row_seeded_sampling(model, seed: int, step: int, process_index: int = 0):
+def row_seeded_sampling(model, seed: int, step: int, process_index: int = 0, first_call: int = 0):
     """Within the block, every sampling `model.generate(...)` call of n rows draws its row i as global row
-    `process_index * n + i` of (seed, step, the call's number in the block); every process generates the same
-    number of rows, as TRL's even batches do. The sampler is appended after transformers' own processors and
+    `process_index * n + i` of (seed, step, `first_call` + the call's number in the block); every process
+    generates the same number of rows, as TRL's even batches do. The sampler is appended after transformers' own processors and
     warpers, which `_get_logits_processor` builds for both transformers' loop and ours. A PEFT model generates
     with its base model's, which is the one patched."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     from ..trl_compat import instance_patch
 
     build = model._get_logits_processor
-    calls = [0]
+    calls = [first_call]
 
     def with_sampler(*args, **kwargs):
         processors = build(*args, **kwargs)

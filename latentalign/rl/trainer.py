@@ -112,6 +112,7 @@ class RolloutLogprobGap:
 
 class RowSeededRollouts:
     row_seeded_sampling: bool = False
+    EVAL_CALLS = 1 << 20
 
     @contextmanager
     def generating(self):
@@ -122,8 +123,9 @@ class RowSeededRollouts:
         from .sampling import row_seeded_sampling
 
         model = self.accelerator.unwrap_model(self.model)
+        first_call = 0 if self.model.training else self.EVAL_CALLS  # an evaluation's rollouts: noise of their own
         with super().generating(), row_seeded_sampling(model, self.args.seed, self.state.global_step,
-                                                       self.accelerator.process_index):
+                                                       self.accelerator.process_index, first_call):
             yield
 
 
