@@ -98,4 +98,4 @@ def row_seeded_sampling(model, seed: int, step: int, process_index: int = 0, fir
         return processors
 
     with instance_patch(model, "_get_logits_processor", with_sampler):
-        yield
+        yield calls  # [the next call's number]: where a later block of the same step goes on from

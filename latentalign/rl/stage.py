@@ -242,9 +242,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
                                            seed=cfg.seed)
     if cfg.freeze_router:
         _freeze_routers(model)
-    # The load of the tokens trained on (the loss forward's), not of the rollouts' decoding, whose steps also route
-    # rows that have ended and, under FSDP, the padding of a process whose rows have all ended.
-    meter = ExpertLoadMeter(model, grad_only=True)
+    meter = ExpertLoadMeter(model, grad_only=True)  # the tokens trained on; decoding also routes ended rows
     balancer = bias_balancer_for(model, cfg.bias_update_speed)
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
     replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None

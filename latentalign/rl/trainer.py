@@ -113,6 +113,7 @@ class RolloutLogprobGap:
 class RowSeededRollouts:
     row_seeded_sampling: bool = False
     EVAL_CALLS = 1 << 20
+    _next_call: tuple = (None, 0)  # ((step, training), the next generate call's number in that step)
 
     @contextmanager
     def generating(self):
@@ -123,10 +124,14 @@ class RowSeededRollouts:
         from .sampling import row_seeded_sampling
 
         model = self.accelerator.unwrap_model(self.model)
-        first_call = 0 if self.model.training else self.EVAL_CALLS  # an evaluation's rollouts: noise of their own
-        with super().generating(), row_seeded_sampling(model, self.args.seed, self.state.global_step,
-                                                       self.accelerator.process_index, first_call):
+        when = (self.state.global_step, self.model.training)
+        # A step's later rollouts (a multi-turn episode's next turn) go on from its earlier ones' call numbers; an
+        # evaluation's draw noise of their own.
+        first_call = self._next_call[1] if self._next_call[0] == when else 0 if when[1] else self.EVAL_CALLS
+        with super().generating(), row_seeded_sampling(model, self.args.seed, when[0],
+                                                       self.accelerator.process_index, first_call) as calls:
             yield
+        self._next_call = (when, calls[0])
 
 
 def padded_outside(attention_mask: torch.Tensor, completion_width: int) -> bool:

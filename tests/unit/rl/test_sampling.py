@@ -102,3 +102,39 @@ def test_calls_within_a_step_draw_anew_and_a_peft_model_is_seeded_through_its_ba
         runs.append((first, second))
         torch.manual_seed(len(runs))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_the_trainer_numbers_a_steps_rollout_calls_across_turns_and_evaluation_apart(make_config, make_batch):
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from latentalign.rl.trainer import RowSeededRollouts
+
+    class Hooks:
+        @contextmanager
+        def generating(self):
+            yield
+
+    class Trainer(RowSeededRollouts, Hooks):
+        pass
+
+    model, ids, mask = model_and_prompts(make_config, make_batch)
+    trainer = Trainer()
+    trainer.row_seeded_sampling, trainer.model = True, model.train()
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda m: m, process_index=0)
+    trainer.state, trainer.args = SimpleNamespace(global_step=3), SimpleNamespace(seed=0)
+
+    def rollout():
+        with trainer.generating():
+            return model.generate(ids, attention_mask=mask, **KW)
+
+    def expected(step, call):
+        with row_seeded_sampling(model, 0, step, 0, first_call=call):
+            return model.generate(ids, attention_mask=mask, **KW)
+
+    first, second = rollout(), rollout()  # two turns of one step: calls 0 and 1, not 0 twice
+    assert torch.equal(first, expected(3, 0)) and torch.equal(second, expected(3, 1))
+    trainer.state.global_step = 4
+    assert torch.equal(rollout(), expected(4, 0))
+    model.eval()  # an evaluation at step 4 draws apart from its training rollouts
+    assert torch.equal(rollout(), expected(4, Trainer.EVAL_CALLS))
