@@ -38,12 +38,10 @@ def row_keys(seed: int, step: int, call: int, rows: torch.Tensor) -> torch.Tenso
     return mix32(mix32(key) ^ (rows & _MASK))
 
 
-def gumbel_noise(keys: torch.Tensor, position: int, vocab: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+def gumbel_noise(keys: torch.Tensor, position: int, tokens: torch.Tensor) -> torch.Tensor:
     """(rows, vocab) standard Gumbel noise in fp32 for one completion position, a function of (key, position,
-    vocabulary index) only: the same for a row whatever batch holds it. `tokens`: `token_hashes(vocab)`, if kept."""
+    vocabulary index) only: the same for a row whatever batch holds it. `tokens`: `token_hashes(vocab, device)`."""
     at = mix32(keys ^ (position & _MASK))[:, None]
-    if tokens is None:
-        tokens = token_hashes(vocab, keys.device)
     bits = mix32(at ^ tokens[None, :]) >> 8  # 24 random bits: a float32 uniform on (0, 1) without rounding to 0 or 1
     uniform = (bits.float() + 0.5) * 2.0**-24
     return -torch.log(-torch.log(uniform))
@@ -68,7 +66,7 @@ class RowSeededSampler:
         position = input_ids.shape[1] - self.prompt_width
         if self._tokens is None or self._tokens.shape[0] != scores.shape[-1] or self._tokens.device != scores.device:
             self.keys, self._tokens = self.keys.to(scores.device), token_hashes(scores.shape[-1], scores.device)
-        noise = gumbel_noise(self.keys, position, scores.shape[-1], self._tokens)
+        noise = gumbel_noise(self.keys, position, self._tokens)
         chosen = (scores.float() + noise).argmax(dim=-1, keepdim=True)
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
@@ -77,9 +75,9 @@ class RowSeededSampler:
 def row_seeded_sampling(model, seed: int, step: int, process_index: int = 0, first_call: int = 0):
     """Within the block, every sampling `model.generate(...)` call of n rows draws its row i as global row
     `process_index * n + i` of (seed, step, `first_call` + the call's number in the block); every process
-    generates the same number of rows, as TRL's even batches do. The sampler is appended after transformers' own processors and
-    warpers, which `_get_logits_processor` builds for both transformers' loop and ours. A PEFT model generates
-    with its base model's, which is the one patched."""
+    generates the same number of rows, as TRL's even batches do. The sampler is appended after transformers' own
+    processors and warpers, which `_get_logits_processor` builds for both transformers' loop and ours. A PEFT
+    model generates with its base model's, which is the one patched."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     from ..trl_compat import instance_patch
 

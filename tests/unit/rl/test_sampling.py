@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from latentalign.model import LatentAlignForCausalLM
-from latentalign.rl.sampling import RowSeededSampler, gumbel_noise, mix32, row_keys, row_seeded_sampling
+from latentalign.rl.sampling import (RowSeededSampler, gumbel_noise, mix32, row_keys, row_seeded_sampling,
+                                      token_hashes)
 
 
 def test_the_hash_is_a_32_bit_bijection_and_keys_differ_by_every_part():
@@ -23,11 +24,12 @@ def test_the_hash_is_a_32_bit_bijection_and_keys_differ_by_every_part():
 
 
 def test_the_noise_is_standard_gumbel():
-    noise = gumbel_noise(row_keys(0, 0, 0, torch.arange(64)), 5, 4096).double()
+    keys, tokens = row_keys(0, 0, 0, torch.arange(64)), token_hashes(4096, "cpu")
+    noise = gumbel_noise(keys, 5, tokens).double()
     assert noise.isfinite().all()
     assert abs(noise.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni
     assert abs(noise.var().item() - math.pi**2 / 6) < 0.03
-    assert not torch.equal(noise, gumbel_noise(row_keys(0, 0, 0, torch.arange(64)), 6, 4096))  # per position
+    assert not torch.equal(noise, gumbel_noise(keys, 6, tokens))  # per position
 
 
 def test_the_sampler_draws_the_distribution_it_is_given():
