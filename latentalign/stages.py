@@ -35,7 +35,7 @@ COMMON_TRL_DEFAULTS = MappingProxyType(dict(
     dataloader_num_workers=0,
 ))
 # What a recipe reports of a training stage's inputs, where its config has them.
-INPUT_FIELDS = ("model", "dataset", "eval_dataset", "rewards")
+INPUT_FIELDS = ("model", "dataset", "eval_dataset", "rewards", "seed")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def run_training_stage(runner, name: str, stage) -> dict:
     """A training stage of a recipe: its config (model from `init:`, output_dir, seed), trained, summarised."""
     kind = STAGES[stage.type]
     values = {**stage.values, "output_dir": str(runner.stage_dir(name))}
-    values.setdefault("seed", runner.recipe.seed)
+    values.setdefault("seed", runner.recipe.stage_seed(name))
     if stage.init is not None:
         values["model"] = runner.model_dir(stage.init)
     if kind.resolve is not None:

@@ -35,7 +35,7 @@ def check(values: dict, stages: dict, where: str) -> dict:
 
 def run_in_recipe(runner, name: str, stage) -> dict:
     opts = EvalOptions(**{k: v for k, v in stage.values.items() if k in OPTION_FIELDS})
-    opts.seed = stage.values.get("seed", runner.recipe.seed)
+    opts.seed = stage.values.get("seed", runner.recipe.stage_seed(name))
     tasks = stage.values.get("tasks", ["accuracy"])
     results = {}
     for model_stage in stage.values["models"]:

@@ -3,7 +3,7 @@
 ```yaml
 name: quickstart               # the run folder defaults to runs/<name>
 output_dir: runs/quickstart    # optional
-seed: 0                        # every stage's seed unless the stage sets its own
+seed: 0                        # every stage's seed unless the stage sets its own (a later stage of a type: + 1000)
 stages:                        # run in this order
   sft:                         # a stage named after its type needs no `type:`
     model: tiny                # a preset or a checkpoint (the first stage), or `init: <earlier stage>`
@@ -34,6 +34,8 @@ from pathlib import Path
 from ..training import ConfigError
 
 TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "model", "stages"}
+# A stage of a type the recipe already ran takes the recipe's seed plus this for each earlier one (Recipe.stage_seed).
+LATER_STAGE_SEED_STEP = 1000
 SHIPPED = Path(__file__).parent
 
 
@@ -69,6 +71,14 @@ class Recipe:
 
     def model_stages(self) -> list[str]:
         return [n for n, s in self.stages.items() if s.kind.makes_model]
+
+    def stage_seed(self, name: str) -> int:
+        """The seed of stage `name` where it sets none: the recipe's for the first stage of each type, plus 1000
+        for each earlier stage of its type. Two stages of one type on one dataset with one seed would draw the
+        same rows in the same order, and GRPO's row-seeded rollouts the same noise: a second GRPO stage would
+        spend its first steps on the first stage's prompts and samples again."""
+        same_type = [n for n, s in self.stages.items() if s.type == self.stages[name].type]
+        return self.seed + LATER_STAGE_SEED_STEP * same_type.index(name)
 
 
 def find_shipped(spec, folder: Path, what: str) -> Path:
@@ -266,6 +276,6 @@ def _hash_stages(recipe: Recipe):
         upstream = [stage.init] if stage.init else []
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
-        payload = {"type": stage.type, "values": stage.values, "seed": recipe.seed,
+        payload = {"type": stage.type, "values": stage.values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

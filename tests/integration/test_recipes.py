@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from latentalign.cli import app
 from latentalign.recipes import RecipeError, load_recipe
-from latentalign.recipes.schema import SHIPPED
+from latentalign.recipes.schema import SHIPPED, validate
 
 TINY = Path(__file__).parents[1] / "data" / "tiny_recipe.yaml"
 
@@ -103,6 +103,19 @@ def test_overrides_use_the_file_keys_and_are_checked(tmp_path):
         load_recipe(TINY, ["stages.sft.max_steps=five"])
 
 
+def test_a_later_stage_of_a_type_draws_from_its_own_seed():
+    recipe = load_recipe("quickstart", ["seed=3"])
+    seeds = {name: recipe.stage_seed(name) for name in recipe.stages}
+    assert seeds == {"sft": 3, "reward": 3, "rl_reasoning": 3, "rl_preference": 1003, "eval": 3, "push": 3}
+    # rl_preference from the SFT model, behind rl_reasoning and then ahead of it: the same settings and upstream,
+    # another seed, so another hash (a run folder's stage done with one seed is not reused for the other)
+    behind = load_recipe("quickstart", ["stages.rl_preference.init=sft"])
+    order = ["sft", "reward", "rl_preference", "rl_reasoning", "eval", "push"]
+    ahead = validate({**behind.raw, "stages": {name: behind.raw["stages"][name] for name in order}}, "ahead.yaml")
+    assert (behind.stage_seed("rl_preference"), ahead.stage_seed("rl_preference")) == (1000, 0)
+    assert behind.stages["rl_preference"].hash != ahead.stages["rl_preference"].hash
+
+
 def test_stage_hash_changes_downstream_only():
     base = load_recipe(TINY)
     changed = load_recipe(TINY, ["stages.rl.max_steps=9"])
@@ -127,6 +140,7 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
         assert stage["status"] == "done" and stage["seconds"] > 0 and len(stage["hash"]) == 64
         assert (out / name / "DONE").read_text().strip() == stage["hash"]
     assert manifest["stages"]["rl_preference"]["inputs"]["rewards"] == {f"model:{out}/reward/model": 1.0}
+    assert [manifest["stages"][name]["inputs"]["seed"] for name in ("sft", "rl", "rl_preference")] == [0, 0, 1000]
     assert manifest["stages"]["sft"]["metrics"]["global_step"] == 12
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results) == {"sft", "reward", "rl", "rl_preference"}
