@@ -4,7 +4,9 @@
     dataset: "reasoning_gym:{chain_sum: {weight: 0.5, max_terms: 2}, leg_counting: 0.5}"
 
 A source names one task, or a mix as a mapping from task to its weight or to its options (the task's own
-config fields, e.g. `min_terms`, plus `weight`, 1 by default). Rows come in three formats:
+config fields, e.g. `min_terms`, plus `weight`, 1 by default; a field the config types as an enum, like aiw's
+`task_types`, takes the enum's values: `{aiw: {task_types: [siblings], task_type_weights: [1]}}`). Rows come in
+three formats:
 
 - `messages` (SFT): the question, and the answer the way reasoning-gym's prompts ask for it,
   `<answer>{answer}</answer>`;
@@ -22,9 +24,11 @@ prompts), each keeping the entries of its side. The package is an extra: `pip in
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import random
+import typing
 
 from .loading import DataError
 
@@ -88,8 +92,8 @@ def _task_spec(source: str, name, value) -> dict:
         raise ReasoningGymError(f"{source}: task {name!r} has no option {', '.join(map(repr, unknown))}; "
                                 f"its options: {', '.join(sorted(fields))}.")
     try:
-        _dataset(name, 0, 1, json.dumps(options, sort_keys=True))
-    except (AssertionError, TypeError, ValueError) as err:
+        _dataset(name, 0, 1, json.dumps(options, sort_keys=True))[0]  # some options fail only on drawing
+    except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as err:
         raise ReasoningGymError(f"{source}: task {name!r}: bad options {options}: {err or 'rejected'}.") from None
     return {"weight": float(weight), "options": options}
 
@@ -102,7 +106,31 @@ def _dataset(task: str, seed: int, size: int, options_json: str):
 
 @functools.lru_cache(maxsize=64)
 def _sized_dataset(task: str, seed: int, size: int, options_json: str):
-    return _package().create_dataset(task, seed=seed, size=size, **json.loads(options_json))
+    options = _enum_options(task, json.loads(options_json))
+    return _package().create_dataset(task, seed=seed, size=size, **options)
+
+
+def _enum_options(task: str, options: dict) -> dict:
+    """Options as the task's config types them: a recipe writes `task_types: [siblings]`, the config wants its
+    enum's members (reasoning-gym reads `.value` off them). Options stay plain strings everywhere else, so that a
+    row's `reasoning_gym` column is JSON."""
+    try:
+        hints = typing.get_type_hints(_package().factory.DATASETS[task][1])
+    except (NameError, TypeError):  # annotations that do not resolve: pass the options as written
+        return options
+    coerced = dict(options)
+    for name, value in options.items():
+        hint = hints.get(name)
+        args = typing.get_args(hint)
+        kind = args[0] if args and typing.get_origin(hint) in (list, tuple) else hint
+        if not (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+            continue
+        try:
+            coerced[name] = [kind(v) for v in value] if isinstance(value, (list, tuple)) else kind(value)
+        except (TypeError, ValueError):
+            members = ", ".join(str(m.value) for m in kind)
+            raise ValueError(f"{name} takes {members}; got {value!r}") from None
+    return coerced
 
 
 def _entries(task: str, options: dict, seed: int, count: int, start: int = 0) -> list[tuple[int, dict]]:

@@ -141,6 +141,8 @@ def test_eval_task_refuses_a_dataset_that_is_not_reasoning_gym():
     ("reasoning_gym:{chain_sum: {max_terms: 0}}", "max_terms"),
     ("reasoning_gym:{chain_sum: 0}", "weight"),
     ("reasoning_gym:{chain_sum: [1, 2", "mapping"),
+    ("reasoning_gym:{aiw: {task_types: [cousins]}}", "siblings, friends, colleagues"),  # an enum's members
+    ("reasoning_gym:{aiw: {task_types: [siblings]}}", "weights"),  # fails only when an entry is drawn
 ])
 def test_a_bad_task_or_option_is_one_error_naming_it(source, named):
     with pytest.raises(DataError) as err:
@@ -155,6 +157,15 @@ def test_a_stage_config_with_a_bad_task_fails_before_training(tmp_path):
     with pytest.raises(DataError, match="no_such_task"):
         run(cfg)
     assert not list(tmp_path.iterdir())  # nothing built or written
+
+
+def test_enum_options_are_written_as_their_values_and_stay_plain_json():
+    source = "reasoning_gym:{aiw: {task_types: [siblings], task_type_weights: [1.0]}}"
+    rows, _ = load_rows(source, formats=("rl",), size=20)
+    assert json.loads(rows[0]["reasoning_gym"])["options"]["task_types"] == ["siblings"]
+    for row in rows:  # only the siblings template, and the entry rebuilt from the plain key scores its answer
+        assert "brother" in row["prompt"][0]["content"] and "friend" not in row["prompt"][0]["content"]
+        assert rg.score(f"<answer>{row['answer']}</answer>", row["reasoning_gym"]) == 1.0
 
 
 def test_entry_keys_are_plain_json():
