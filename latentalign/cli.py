@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 
 CONFIG = typer.Option(None, "--config", "-c", help="Stage config (YAML). Keys: ours and the TRL config's.")
+SHIPPED_RECIPES = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml")))
 OVERRIDES = typer.Argument(None, help="key=value overrides, same keys as the config file.", show_default=False)
 
 
@@ -192,7 +193,7 @@ def _run_errors():
 
 @app.command("run")
 def run_command(
-    recipe: str = typer.Argument(..., help="A shipped recipe (quickstart, deepseek-v2-lite, deepseek-v2) or a YAML file."),
+    recipe: str = typer.Argument(..., help=f"A shipped recipe ({SHIPPED_RECIPES}) or a YAML file."),
     overrides: list[str] = OVERRIDES,
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's, or runs/NAME)."),
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and exit."),

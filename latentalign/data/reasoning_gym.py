@@ -9,7 +9,11 @@ config fields, e.g. `min_terms`, plus `weight`, 1 by default; a field the config
 three formats:
 
 - `messages` (SFT): the question, and the answer the way reasoning-gym's prompts ask for it,
-  `<answer>{answer}</answer>`;
+  `<answer>{answer}</answer>`; with the task option `working: true`, the answer follows its column-by-column
+  working, as the embedded arithmetic's replies do (`32 - 15: 12 - 5 = 7, 3 - 1 - 1 = 1. <answer>17</answer>`),
+  for tasks whose entries carry an integer `+`/`-` expression (basic_arithmetic and chain_sum without
+  parentheses or other operators). reasoning-gym's entries hold no working, and a small model answering with
+  none learns only the facts it saw (bench/README.md, "reasoning-gym tasks");
 - `rl` (GRPO and eval): the question as the prompt, the reference `answer`, and a `reasoning_gym` column that
   names the entry (task, seed, index, options), so that the reward and the eval rebuild the entry and score a
   completion with the task's own `score_answer`, in any process;
@@ -28,6 +32,7 @@ import enum
 import functools
 import json
 import random
+import re
 import typing
 
 from .loading import DataError
@@ -85,6 +90,9 @@ def _task_spec(source: str, name, value) -> dict:
     weight = options.pop("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise ReasoningGymError(f"{source}: task {name!r}: weight must be a positive number, got {weight!r}.")
+    working = options.pop("working", False)
+    if not isinstance(working, bool):
+        raise ReasoningGymError(f"{source}: task {name!r}: working must be true or false, got {working!r}.")
     config_cls = known[name][1]
     fields = set(config_cls.__dataclass_fields__) - {"seed", "size"}
     unknown = sorted(set(options) - fields)
@@ -95,7 +103,39 @@ def _task_spec(source: str, name, value) -> dict:
         _dataset(name, 0, 1, json.dumps(options, sort_keys=True))[0]  # some options fail only on drawing
     except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as err:
         raise ReasoningGymError(f"{source}: task {name!r}: bad options {options}: {err or 'rejected'}.") from None
-    return {"weight": float(weight), "options": options}
+    if working:
+        try:  # a task can mix expressions we can work and ones we cannot: look at several
+            for index, e in _entries(name, options, 0, 64):
+                _working_of(index, e)
+        except ReasoningGymError as err:
+            raise ReasoningGymError(f"{source}: task {name!r}: {err}") from None
+    return {"weight": float(weight), "options": options, "working": working}
+
+
+_EXPRESSION = re.compile(r"\s*(-?\d+)((?:\s*[-+]\s*\d+)+)\s*")
+
+
+def _working_of(index: int, e: dict) -> str:
+    """The column-by-column working of an entry's integer `+`/`-` expression, left to right, one pair of numbers a
+    step (`12 + 34 - 5` -> "12 + 34: 2 + 4 = 6, 1 + 3 = 4. 46 - 5: 6 - 5 = 1, 4 - 0 = 4."), in the embedded
+    arithmetic's format."""
+    from .arithmetic import worked
+
+    expression = (e.get("metadata") or {}).get("expression")
+    match = _EXPRESSION.fullmatch(expression) if isinstance(expression, str) else None
+    if match is None:
+        raise ReasoningGymError(
+            f"working: true needs entries whose metadata holds an integer + / - expression (basic_arithmetic with "
+            f"operators '+-' and no parentheses, chain_sum); entry {index} has {expression!r}.")
+    value = int(match.group(1))
+    steps = []
+    for op, number in re.findall(r"([-+])\s*(\d+)", match.group(2)):
+        steps.append(worked(f"{value}{op}{number}") + ".")
+        value = value + int(number) if op == "+" else value - int(number)
+    if str(value) != str(e["answer"]).strip():
+        raise ReasoningGymError(f"entry {index}: {expression} works out to {value}, but its answer is "
+                                f"{e['answer']!r}.")
+    return " ".join(steps)
 
 
 def _dataset(task: str, seed: int, size: int, options_json: str):
@@ -162,7 +202,8 @@ def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None
     picked = []
     for name, task in tasks.items():
         count = max(1, round(n * task["weight"] / total))
-        picked += [(name, task["options"], base, i, e) for i, e in _side(name, task["options"], base, count, held_out)]
+        picked += [(name, task["options"], task["working"], base, i, e)
+                   for i, e in _side(name, task["options"], base, count, held_out)]
     random.Random(seed).shuffle(picked)
     return [_row(fmt, *p) for p in picked[:n]]
 
@@ -183,10 +224,16 @@ def _side(task: str, options: dict, seed: int, count: int, held_out: bool) -> li
     return kept
 
 
-def _row(fmt: str, task: str, options: dict, seed: int, index: int, e: dict) -> dict:
+def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: int, e: dict) -> dict:
     user = {"role": "user", "content": e["question"]}
     if fmt == "messages":
-        return {"messages": [user, {"role": "assistant", "content": answer_text(e["answer"])}]}
+        reply = answer_text(e["answer"])
+        if working:
+            try:
+                reply = f"{_working_of(index, e)} {reply}"
+            except ReasoningGymError as err:
+                raise ReasoningGymError(f"reasoning_gym:{task} (options {options}, seed {seed}): {err}") from None
+        return {"messages": [user, {"role": "assistant", "content": reply}]}
     key = json.dumps({"task": task, "seed": seed, "index": index, "options": options}, sort_keys=True)
     row = {"prompt": [user], "reasoning_gym": key}
     if fmt == "rl":

@@ -16,6 +16,20 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
+def test_run_help_names_every_shipped_recipe():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import latentalign
+    from latentalign.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--help"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    shipped = [p.stem for p in (Path(latentalign.__file__).parent / "recipes").glob("*.yaml")]
+    assert "reasoning-gym" in shipped and all(name in result.output for name in shipped)
+
+
 def test_demo_runs_the_quickstart_recipe(monkeypatch, tmp_path):
     """`latentalign demo` reaches the recipe runner with the quickstart and the user's overrides (the runner
     itself is stubbed at its boundary: the quickstart takes minutes and has tests of its own)."""

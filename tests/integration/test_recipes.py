@@ -156,6 +156,7 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v2"
 
 
+@pytest.mark.slow  # the tiny chain on a V3 model, about a minute: `make test-slow` (CI runs it)
 def test_the_chain_on_a_deepseek_v3_model_balances_by_bias_and_exports_deepseek_v3(tmp_path):
     out = tmp_path / "v3"
     result = cli("run", str(TINY), "-o", str(out), "stages.sft.model=tiny-v3", "stages.rl.bias_update_speed=0.001")

@@ -173,3 +173,48 @@ def test_entry_keys_are_plain_json():
     key = json.loads(rows[0]["reasoning_gym"])
     assert key["task"] == "chain_sum" and key["seed"] == rg.HELD_OUT_SEED and key["options"] == {}
     assert rg.entry(rows[0]["reasoning_gym"])["question"] == rows[0]["prompt"][0]["content"]
+
+
+WORKED = ("reasoning_gym:{basic_arithmetic: {min_terms: 2, max_terms: 2, max_digits: 2, operators: '+-', "
+          "allow_negation: false, allow_parentheses: false, working: true}, "
+          "chain_sum: {min_terms: 3, max_terms: 4, max_digits: 2, working: true}}")
+
+
+def test_working_rows_work_the_expression_before_the_answer_the_verifier_scores():
+    import re
+
+    rows, _ = load_rows(WORKED, formats=("messages",), size=60)
+    plain, _ = load_rows(WORKED.replace(", working: true", ""), formats=("messages",), size=60)
+    assert [r["messages"][0] for r in rows] == [r["messages"][0] for r in plain]  # the same questions
+    for row, bare in zip(rows, plain):
+        reply, answer = row["messages"][1]["content"], bare["messages"][1]["content"]
+        assert reply.endswith(" " + answer) and len(reply) > len(answer) + 10
+        numbers = re.findall(r"\d+", row["messages"][0]["content"].split(":")[-1])
+        # one worked step per operator, and every column fact (a one-digit sum or difference with its carry) true
+        assert reply.count(". ") == len(numbers) - 1
+        facts = re.findall(r"(?<![-\d])(\d+) ([-+]) (\d+)(?: ([-+]) (\d+))? = (-?\d+)(?=[,.])", reply)
+        assert facts
+        for a, op, b, op2, c, total in facts:
+            value = int(a) + int(b) if op == "+" else int(a) - int(b)
+            if op2:
+                value = value + int(c) if op2 == "+" else value - int(c)
+            assert value == int(total), reply
+
+
+def test_working_steps_carry_the_running_value_through_a_chain():
+    e = {"metadata": {"expression": "15 - 43 - 75"}, "answer": -103}
+    assert rg._working_of(0, e) == ("15 - 43 = -(43 - 15): 13 - 5 = 8, 4 - 1 - 1 = 2. "
+                                    "-28 - 75 = -(28 + 75): 8 + 5 = 13, 2 + 7 + 1 = 10.")
+    with pytest.raises(DataError, match="works out to -103"):
+        rg._working_of(3, {"metadata": {"expression": "15 - 43 - 75"}, "answer": -102})
+
+
+@pytest.mark.parametrize("source", [
+    "reasoning_gym:{leg_counting: {working: true}}",  # no expression to work
+    "reasoning_gym:{basic_arithmetic: {working: true}}",  # *, / and parentheses among its expressions
+    "reasoning_gym:{chain_sum: {working: yes please}}",
+])
+def test_working_where_it_cannot_be_given_is_one_error_naming_the_task(source):
+    with pytest.raises(DataError) as err:
+        load_rows(source, formats=("messages",), size=2)
+    assert "working" in str(err.value) and source in str(err.value)
