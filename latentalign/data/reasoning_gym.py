@@ -117,7 +117,7 @@ _EXPRESSION = re.compile(r"\s*(-?\d+)((?:\s*[-+]\s*\d+)+)\s*")
 
 def _working_of(index: int, e: dict) -> str:
     """The column-by-column working of an entry's integer `+`/`-` expression, left to right, one pair of numbers a
-    step (`12 + 34 - 5` -> "12 + 34: 2 + 4 = 6, 1 + 3 = 4. 46 - 5: 6 - 5 = 1, 4 - 0 = 4."), in the embedded
+    step (`12 + 34 - 5` -> "12 + 34: 4 + 2 = 6, 3 + 1 = 4. 46 - 5: 6 - 5 = 1, 4 - 0 = 4."), in the embedded
     arithmetic's format."""
     from .arithmetic import worked
 

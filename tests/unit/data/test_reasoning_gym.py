@@ -218,3 +218,11 @@ def test_working_where_it_cannot_be_given_is_one_error_naming_the_task(source):
     with pytest.raises(DataError) as err:
         load_rows(source, formats=("messages",), size=2)
     assert "working" in str(err.value) and source in str(err.value)
+
+
+def test_working_puts_the_longer_number_on_top_as_the_embedded_arithmetic_does():
+    from latentalign.data.arithmetic import worked
+
+    e = {"metadata": {"expression": "12 + 34 - 5"}, "answer": "41"}
+    assert rg._working_of(0, e) == f"{worked('12+34')}. {worked('46-5')}."
+    assert rg._working_of(0, e) == "12 + 34: 4 + 2 = 6, 3 + 1 = 4. 46 - 5: 6 - 5 = 1, 4 - 0 = 4."
