@@ -60,7 +60,9 @@ def summarise(runs: dict[int, dict]) -> dict:
             values = {seed: r["eval"][stage].get(key) for seed, r in runs.items()}
             if any(v is None for v in values.values()):
                 continue
-            n = first["eval"][stage].get(f"{key.split('/')[0]}/n", 0)
+            # A per-task figure rests on that task's rows (`reasoning_gym/<task>/n`), not on all of them.
+            figures = first["eval"][stage]
+            n = figures.get(f"{key}/n", figures.get(f"{key.split('/')[0]}/n", 0))
             summary.setdefault(stage, {})[key] = {
                 "by_seed": values, "mean": round(statistics.mean(values.values()), 4),
                 "min": min(values.values()), "max": max(values.values()), "n": n,

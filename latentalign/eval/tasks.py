@@ -7,7 +7,7 @@
 | `pairwise`     | reward     | share of held-out preference pairs scored chosen > rejected                    |
 | `humaneval`    | causal LM  | HumanEval pass@1 (greedy), every program run in the code sandbox               |
 | `reasoning_gym`| causal LM  | mean score of greedy answers by each reasoning-gym task's own verifier, overall |
-|                |            | and per task, with each task's distinct questions (a `reasoning_gym:` source)   |
+|                |            | and per task, with each task's rows and distinct questions (`reasoning_gym:`)  |
 | `kv_cache`     | any        | bytes the decode cache holds per token (all layers), measured on a real cache  |
 | `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
 | `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
@@ -155,6 +155,7 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     metrics = {"reasoning_gym": sum(scores) / max(len(scores), 1), "reasoning_gym/n": len(scores)}
     for task, values in sorted(by_task.items()):
         metrics[f"reasoning_gym/{task}"] = sum(values) / len(values)
+        metrics[f"reasoning_gym/{task}/n"] = len(values)  # the rows this task's sampling error rests on
         # A task with few distinct questions repeats them: its score moves in steps of one question, whatever n.
         metrics[f"reasoning_gym/{task}/distinct"] = len(questions[task])
         if len(questions[task]) < FEW_QUESTIONS:

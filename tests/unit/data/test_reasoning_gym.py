@@ -114,6 +114,8 @@ def test_eval_task_scores_with_the_same_verifier(good, monkeypatch):
     for task in ("chain_sum", "spell_backward"):  # the distinct questions each task's score rests on
         asked = {r["prompt"][0]["content"] for r in rows if f'"task": "{task}"' in r["reasoning_gym"]}
         assert metrics[f"reasoning_gym/{task}/distinct"] == len(asked) > 0
+        assert metrics[f"reasoning_gym/{task}/n"] == sum(f'"task": "{task}"' in r["reasoning_gym"] for r in rows)
+    assert metrics["reasoning_gym/chain_sum/n"] + metrics["reasoning_gym/spell_backward/n"] == 8
 
 
 def test_eval_task_warns_when_a_task_repeats_few_questions(monkeypatch, caplog):
