@@ -61,8 +61,7 @@ def summarise(runs: dict[int, dict]) -> dict:
             if any(v is None for v in values.values()):
                 continue
             # A per-task figure rests on that task's rows (`reasoning_gym/<task>/n`), not on all of them.
-            figures = first["eval"][stage]
-            n = figures.get(f"{key}/n", figures.get(f"{key.split('/')[0]}/n", 0))
+            n = metrics.get(f"{key}/n", metrics.get(f"{key.split('/')[0]}/n", 0))
             summary.setdefault(stage, {})[key] = {
                 "by_seed": values, "mean": round(statistics.mean(values.values()), 4),
                 "min": min(values.values()), "max": max(values.values()), "n": n,

@@ -112,9 +112,9 @@ def test_eval_task_scores_with_the_same_verifier(good, monkeypatch):
     assert set(metrics) >= {"reasoning_gym/chain_sum", "reasoning_gym/spell_backward"}
     assert (metrics["reasoning_gym"] == 1.0) if good else (metrics["reasoning_gym"] < 0.5)
     for task in ("chain_sum", "spell_backward"):  # the distinct questions each task's score rests on
-        asked = {r["prompt"][0]["content"] for r in rows if f'"task": "{task}"' in r["reasoning_gym"]}
-        assert metrics[f"reasoning_gym/{task}/distinct"] == len(asked) > 0
-        assert metrics[f"reasoning_gym/{task}/n"] == sum(f'"task": "{task}"' in r["reasoning_gym"] for r in rows)
+        of_task = [r for r in rows if f'"task": "{task}"' in r["reasoning_gym"]]
+        assert metrics[f"reasoning_gym/{task}/distinct"] == len({r["prompt"][0]["content"] for r in of_task}) > 0
+        assert metrics[f"reasoning_gym/{task}/n"] == len(of_task)
     assert metrics["reasoning_gym/chain_sum/n"] + metrics["reasoning_gym/spell_backward/n"] == 8
 
 
