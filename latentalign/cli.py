@@ -234,22 +234,30 @@ def run_command(
 def eval_model(
     model_dir: Path = typer.Argument(..., help="A model directory (chat model or reward model)."),
     tasks: str = typer.Option("accuracy", "--tasks", "-t",
-                              help="Comma-separated: accuracy, maj@K, pairwise, humaneval, reasoning_gym, kv_cache, "
-                                   "decode_speed, lm_eval:TASK."),
+                              help="Comma-separated: accuracy, maj@K, pairwise, humaneval, reasoning_gym, "
+                                   "reasoning_gym@K, kv_cache, decode_speed, lm_eval:TASK."),
     dataset: str = typer.Option("arithmetic-rl", help="prompt + answer rows for accuracy, maj@K and reasoning_gym "
                                                       "(reasoning_gym:TASK or a mix)."),
     size: int = typer.Option(300, help="Rows to score."),
+    seed: int = typer.Option(None, help="Order of the held-out rows, and the samples of maj@K and reasoning_gym@K "
+                                        "[default: 0]."),
+    max_new_tokens: int = typer.Option(None, help="Tokens a completion may run to [default: 64]."),
+    temperature: float = typer.Option(None, help="Sampling temperature of maj@K and reasoning_gym@K [default: 0.7]."),
     humaneval_limit: int = typer.Option(None, help="Score only the first N HumanEval problems."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON here."),
 ):
-    """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, KV bytes, speed."""
+    """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, reasoning-gym
+    (greedy, pass@k), KV bytes, speed."""
     from latentalign.eval.tasks import EvalOptions, evaluate, format_table
     from latentalign.model.checkpoint import CheckpointError
 
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
-        metrics = evaluate(model_dir, tasks, EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit))
+        given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature)
+        opts = EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit,
+                           **{k: v for k, v in given.items() if v is not None})  # else EvalOptions' defaults
+        metrics = evaluate(model_dir, tasks, opts)
     except _run_errors() as err:
         _fail(str(err))
     typer.echo(format_table({str(model_dir): metrics}))

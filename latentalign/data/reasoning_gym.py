@@ -241,10 +241,19 @@ def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: in
     return row
 
 
+def extracted(completion: str) -> str | None:
+    """The answer a completion gives, extracted as reasoning-gym's docs say (from its `<answer>` tags; None
+    without them)."""
+    return _package().utils.extract_answer(completion)
+
+
+def score_answer(answer: str | None, key: str) -> float:
+    """The task's own `score_answer` on an extracted answer, for the entry the row's key names."""
+    e = entry(key)
+    return float(_package().get_score_answer_fn(e["metadata"]["source_dataset"])(answer, e))
+
+
 def score(completion: str, key: str) -> float:
     """The task's own verdict on a completion: its `<answer>` extracted as reasoning-gym's docs say, then
     `score_answer` on the entry the row names (0.0 for a completion without an answer tag)."""
-    package = _package()
-    e = entry(key)
-    answer = package.utils.extract_answer(completion)
-    return float(package.get_score_answer_fn(e["metadata"]["source_dataset"])(answer, e))
+    return score_answer(extracted(completion), key)

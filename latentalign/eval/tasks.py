@@ -8,6 +8,8 @@
 | `humaneval`    | causal LM  | HumanEval pass@1 (greedy), every program run in the code sandbox               |
 | `reasoning_gym`| causal LM  | mean score of greedy answers by each reasoning-gym task's own verifier, overall |
 |                |            | and per task, with each task's rows and distinct questions (`reasoning_gym:`)  |
+| `reasoning_gym@K` | causal LM | K sampled answers per entry (temperature `temperature`) by the same verifier: |
+|                |            | pass@K (one sample scores full marks), maj@K and the samples' mean score    |
 | `kv_cache`     | any        | bytes the decode cache holds per token (all layers), measured on a real cache  |
 | `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
 | `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,7 +44,7 @@ class EvalOptions:
     difficulty: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
     max_new_tokens: int = 64
-    temperature: float = 0.7  # maj@K sampling
+    temperature: float = 0.7  # maj@K and reasoning_gym@K sampling
     humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
     humaneval_max_new_tokens: int = 256
     batch_size: int = 64
@@ -136,13 +139,10 @@ def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
 def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     """Greedy answers to held-out reasoning-gym entries, each scored by its task's `score_answer` (partial credit
     where the task gives it): the mean overall and per task."""
-    from ..data.reasoning_gym import entry, is_source, score
+    from ..data.reasoning_gym import entry, score
     from .accuracy import generate_completions
 
-    if not is_source(opts.dataset):
-        raise EvalError(f"task 'reasoning_gym' scores reasoning-gym entries; set the dataset to a reasoning_gym: "
-                        f"source (e.g. --dataset reasoning_gym:chain_sum), not {opts.dataset!r}.")
-    rows = _rows(opts, opts.dataset, ("rl",))
+    rows = _reasoning_gym_rows(opts, "reasoning_gym")
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=opts.batch_size,
                                        max_new_tokens=opts.max_new_tokens, progress=False)
     by_task: dict[str, list[float]] = {}
@@ -162,6 +162,58 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
             log.warning("reasoning_gym: %s's %d held-out rows hold %d distinct questions; its score moves by "
                         "%.1f points a question.", task, len(values), len(questions[task]),
                         100 / len(questions[task]))
+    return metrics
+
+
+def _reasoning_gym_rows(opts: EvalOptions, task: str) -> list[dict]:
+    from ..data.reasoning_gym import is_source
+
+    if not is_source(opts.dataset):
+        raise EvalError(f"task {task!r} scores reasoning-gym entries; set the dataset to a reasoning_gym: source "
+                        f"(e.g. --dataset reasoning_gym:chain_sum), not {opts.dataset!r}.")
+    return _rows(opts, opts.dataset, ("rl",))
+
+
+def reasoning_gym_samples(model, tokenizer, opts: EvalOptions, k: int) -> dict:
+    """K sampled answers (temperature `temperature`) to each held-out reasoning-gym entry, each scored by its
+    task's `score_answer`: pass@K, the headline (an entry counts when one of its samples scores full marks),
+    maj@K (the score of the most common answer, among the samples that give one; ties: the first seen) and the
+    samples' mean score, overall and per task. pass@K against the greedy score is the room GRPO has: it sharpens
+    answers the model already samples."""
+    import torch
+
+    from ..data.reasoning_gym import entry, extracted, score_answer
+    from .accuracy import generate_completions
+
+    name = f"reasoning_gym@{k}"
+    rows = _reasoning_gym_rows(opts, name)
+    torch.manual_seed(opts.seed)
+    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)],
+                                       max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
+                                       do_sample=True, temperature=opts.temperature, progress=False)
+    by_task: dict[str, dict[str, list[float]]] = {}
+    for i, row in enumerate(rows):
+        answers = [extracted(c) for c in completions[i * k:(i + 1) * k]]
+        scores = {a: score_answer(a, row["reasoning_gym"]) for a in dict.fromkeys(answers)}
+        given = Counter(a for a in answers if a is not None)
+        task = by_task.setdefault(entry(row["reasoning_gym"])["metadata"]["source_dataset"],
+                                  {"pass": [], "maj": [], "mean": []})
+        task["pass"].append(float(max(scores.values()) >= 1.0))
+        task["maj"].append(scores[given.most_common(1)[0][0]] if given else 0.0)
+        task["mean"].append(sum(scores[a] for a in answers) / k)
+
+    def mean(values):
+        return sum(values) / max(len(values), 1)
+
+    metrics: dict = {}
+    for figure, suffix in (("pass", ""), ("maj", "/maj"), ("mean", "/mean")):
+        metrics[name + suffix] = mean([v for t in by_task.values() for v in t[figure]])
+    metrics[f"{name}/n"] = len(rows)
+    for task, figures in sorted(by_task.items()):
+        metrics[f"{name}/{task}"] = mean(figures["pass"])
+        metrics[f"{name}/{task}/maj"] = mean(figures["maj"])
+        metrics[f"{name}/{task}/mean"] = mean(figures["mean"])
+        metrics[f"{name}/{task}/n"] = len(figures["pass"])
     return metrics
 
 
@@ -241,10 +293,15 @@ class TaskContext:
     tokenizer: object = None
 
 
-def _majority_k(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise EvalError(f"task 'maj@{text}': write maj@K with K a positive integer, e.g. maj@8.")
-    return int(text)
+def _samples(prefix: str) -> Callable[[str], int]:
+    """The K of `<prefix>K` (maj@8, reasoning_gym@16): a positive integer, or an EvalError that shows the form."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise EvalError(f"task '{prefix}{text}': write {prefix}K with K a positive integer, e.g. {prefix}8.")
+        return int(text)
+
+    return parse
 
 
 def _harness_task(text: str) -> str:
@@ -263,10 +320,12 @@ def _any_model(ctx: TaskContext):
 
 TASKS: dict[str, Task] = {
     "accuracy": Task(lambda ctx, _: accuracy(ctx.model, ctx.tokenizer, ctx.opts)),
-    "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_majority_k),
+    "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_samples("maj@")),
     "pairwise": Task(lambda ctx, _: pairwise(ctx.model_dir, ctx.opts), needs="reward"),
     "humaneval": Task(lambda ctx, _: humaneval(ctx.model, ctx.tokenizer, ctx.opts)),
     "reasoning_gym": Task(lambda ctx, _: reasoning_gym_score(ctx.model, ctx.tokenizer, ctx.opts)),
+    "reasoning_gym@": Task(lambda ctx, k: reasoning_gym_samples(ctx.model, ctx.tokenizer, ctx.opts, k),
+                           parse_arg=_samples("reasoning_gym@")),
     "kv_cache": Task(lambda ctx, _: kv_cache_bytes(_any_model(ctx)), needs="any", format="{:,.0f} B/token"),
     "decode_speed": Task(lambda ctx, _: decode_speed(ctx.model, seed=ctx.opts.seed), format="{:,.0f} tok/s"),
     "lm_eval:": Task(lambda ctx, name: lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,
@@ -281,7 +340,7 @@ def task_of(name: str) -> tuple[str, Task, object]:
     for key, task in TASKS.items():
         if task.parse_arg is not None and name.startswith(key):
             return key, task, task.parse_arg(name[len(key):])
-    shown = ", ".join(k + ("K" if k == "maj@" else "TASK" if k.endswith(":") else "") for k in TASKS)
+    shown = ", ".join(k + ("K" if k.endswith("@") else "TASK" if k.endswith(":") else "") for k in TASKS)
     raise EvalError(f"unknown task {name!r}; choose from {shown}.")
 
 

@@ -124,3 +124,25 @@ def test_eval_cli_scores_reasoning_gym_with_its_verifier(model_dirs, tmp_path):
     assert metrics["reasoning_gym"] == 0.0
     bad = invoke("eval", lm, "--tasks", "reasoning_gym", "--dataset", "reasoning_gym:chain_summ", "--size", "2")
     assert bad.exit_code != 0 and "unknown reasoning-gym task 'chain_summ'" in bad.output
+
+
+def test_eval_cli_samples_reasoning_gym_with_the_options_given(model_dirs, tmp_path, monkeypatch):
+    pytest.importorskip("reasoning_gym")
+    lm, _ = model_dirs
+    seen = []
+    real = tasks.reasoning_gym_samples
+    monkeypatch.setattr(tasks, "reasoning_gym_samples", lambda *a: seen.append(a) or real(*a))
+    out = tmp_path / "pass.json"
+    result = invoke("eval", lm, "--tasks", "reasoning_gym@3", "--dataset", "reasoning_gym:chain_sum", "--size", "4",
+                    "--seed", "7", "--max-new-tokens", "5", "--temperature", "1.3", "-o", out)
+    assert result.exit_code == 0, result.output
+    (_, _, opts, k), = seen
+    assert (k, opts.seed, opts.max_new_tokens, opts.temperature, opts.size) == (3, 7, 5, 1.3, 4)
+    metrics = json.loads(out.read_text())
+    assert metrics["reasoning_gym@3/n"] == metrics["reasoning_gym@3/chain_sum/n"] == 4
+    # 5 tokens of an untrained model: no <answer> tags, so no sample scores
+    assert metrics["reasoning_gym@3"] == metrics["reasoning_gym@3/maj"] == metrics["reasoning_gym@3/mean"] == 0.0
+    unset = invoke("eval", lm, "--tasks", "reasoning_gym@2", "--dataset", "reasoning_gym:chain_sum", "--size", "2")
+    assert unset.exit_code == 0, unset.output
+    assert (seen[-1][2].seed, seen[-1][2].max_new_tokens, seen[-1][2].temperature) == (
+        tasks.EvalOptions.seed, tasks.EvalOptions.max_new_tokens, tasks.EvalOptions.temperature)

@@ -135,6 +135,65 @@ def test_eval_task_refuses_a_dataset_that_is_not_reasoning_gym():
 
     with pytest.raises(tasks.EvalError, match="reasoning_gym:"):
         tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset="arithmetic-rl"))
+    with pytest.raises(tasks.EvalError, match="'reasoning_gym@4'.*reasoning_gym:"):
+        tasks.reasoning_gym_samples(None, None, tasks.EvalOptions(dataset="arithmetic-rl"), 4)
+
+
+def test_sampled_eval_task_reports_pass_majority_and_mean_by_the_verifier(monkeypatch):
+    """Four samples an entry: on even rows right, wrong, right, no answer (pass, majority right, mean 1/2); on odd
+    rows wrong, wrong, right, right (pass; a tie, so the first seen, wrong, wins the vote); on every third row
+    only wrong answers (no pass). Expected figures follow from the scheme and the verifier's score of a wrong
+    answer, not from the code under test."""
+    from latentalign.eval import accuracy, tasks
+
+    source = "reasoning_gym:{chain_sum: {max_terms: 2, max_digits: 2}, basic_arithmetic: {max_terms: 2}}"
+    rows, _ = load_rows(source, split="test", formats=("rl",), size=12, seed=5)
+
+    def scheme(i: int) -> list[str]:
+        right, bad = rows[i]["answer"], wrong(rows[i]["answer"])
+        if i % 3 == 0:
+            return [bad] * 4
+        return [right, bad, right, None] if i % 2 == 0 else [bad, bad, right, right]
+
+    def scripted(model, tokenizer, prompts, *, do_sample, temperature, **_):
+        assert do_sample and temperature == 0.9
+        assert prompts == [r["prompt"] for r in rows for _ in range(4)]  # each row's samples side by side
+        answers = [answer for i in range(len(rows)) for answer in scheme(i)]
+        return ["no answer" if a is None else f"working <answer>{a}</answer>" for a in answers]
+
+    monkeypatch.setattr(accuracy, "generate_completions", scripted)
+    metrics = tasks.reasoning_gym_samples(None, None, tasks.EvalOptions(dataset=source, size=12, seed=5,
+                                                                        temperature=0.9), 4)
+
+    def expected(figure, of_rows):
+        values = []
+        for i in of_rows:
+            scores = [1.0 if a == rows[i]["answer"] else rg.score_answer(a, rows[i]["reasoning_gym"])
+                      for a in scheme(i)]
+            vote = scheme(i)[1] if i % 3 == 0 else rows[i]["answer"] if i % 2 == 0 else wrong(rows[i]["answer"])
+            values.append({"pass": float(1.0 in scores), "maj": 1.0 if vote == rows[i]["answer"] else
+                           rg.score_answer(vote, rows[i]["reasoning_gym"]), "mean": sum(scores) / 4}[figure])
+        return sum(values) / len(values)
+
+    assert metrics["reasoning_gym@4/n"] == 12
+    assert metrics["reasoning_gym@4"] == pytest.approx(expected("pass", range(12))) == 8 / 12
+    assert metrics["reasoning_gym@4/maj"] == pytest.approx(expected("maj", range(12)))
+    assert metrics["reasoning_gym@4/mean"] == pytest.approx(expected("mean", range(12)))
+    for task in ("basic_arithmetic", "chain_sum"):
+        of_task = [i for i, r in enumerate(rows) if f'"task": "{task}"' in r["reasoning_gym"]]
+        assert metrics[f"reasoning_gym@4/{task}/n"] == len(of_task) > 0
+        for figure, suffix in (("pass", ""), ("maj", "/maj"), ("mean", "/mean")):
+            assert metrics[f"reasoning_gym@4/{task}{suffix}"] == pytest.approx(expected(figure, of_task)), figure
+
+
+def test_sampled_eval_task_names_its_sample_count():
+    from latentalign.eval import tasks
+
+    assert tasks.task_of("reasoning_gym@16")[0::2] == ("reasoning_gym@", 16)
+    assert tasks.task_of("reasoning_gym")[0::2] == ("reasoning_gym", None)
+    for bad in ("reasoning_gym@", "reasoning_gym@0", "reasoning_gym@x"):
+        with pytest.raises(tasks.EvalError, match="reasoning_gym@K with K a positive integer"):
+            tasks.task_of(bad)
 
 
 @pytest.mark.parametrize("source, named", [
