@@ -202,17 +202,15 @@ def reasoning_gym_samples(model, tokenizer, opts: EvalOptions, k: int) -> dict:
         task["maj"].append(scores[given.most_common(1)[0][0]] if given else 0.0)
         task["mean"].append(sum(scores[a] for a in answers) / k)
 
-    def mean(values):
+    def average(values):
         return sum(values) / max(len(values), 1)
 
-    metrics: dict = {}
-    for figure, suffix in (("pass", ""), ("maj", "/maj"), ("mean", "/mean")):
-        metrics[name + suffix] = mean([v for t in by_task.values() for v in t[figure]])
+    suffixes = {"pass": "", "maj": "/maj", "mean": "/mean"}  # pass@K is the headline
+    metrics: dict = {name + suffix: average([v for t in by_task.values() for v in t[figure]])
+                     for figure, suffix in suffixes.items()}
     metrics[f"{name}/n"] = len(rows)
     for task, figures in sorted(by_task.items()):
-        metrics[f"{name}/{task}"] = mean(figures["pass"])
-        metrics[f"{name}/{task}/maj"] = mean(figures["maj"])
-        metrics[f"{name}/{task}/mean"] = mean(figures["mean"])
+        metrics.update({f"{name}/{task}{suffix}": average(figures[f]) for f, suffix in suffixes.items()})
         metrics[f"{name}/{task}/n"] = len(figures["pass"])
     return metrics
 
