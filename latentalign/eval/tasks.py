@@ -92,23 +92,29 @@ def accuracy(model, tokenizer, opts: EvalOptions) -> dict:
     return {"accuracy": result["accuracy"], "accuracy/n": result["n"]}
 
 
+def _samples_of(model, tokenizer, rows: list[dict], opts: EvalOptions, k: int) -> list[list[str]]:
+    """k completions of each row's prompt, sampled at `temperature` from torch's generator seeded with `seed`;
+    one list per row."""
+    import torch
+
+    from .accuracy import generate_completions
+
+    torch.manual_seed(opts.seed)
+    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)],
+                                       max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
+                                       do_sample=True, temperature=opts.temperature, progress=False)
+    return [completions[i * k:(i + 1) * k] for i in range(len(rows))]
+
+
 def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
     """maj@k: the most common final answer of k samples per prompt (equivalent answers vote together; ties: the
     first seen) vs the answer, judged by the one answer checker."""
-    import torch
-
     from ..reward.answers import answers_match, final_answer, majority_answer, reference_answer
-    from .accuracy import generate_completions
 
     rows = _rows(opts, opts.dataset, ("rl",))
-    torch.manual_seed(opts.seed)
-    prompts = [r["prompt"] for r in rows for _ in range(k)]
-    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
-                                       batch_size=opts.batch_size, do_sample=True, temperature=opts.temperature,
-                                       progress=False)
     correct = 0
-    for i, row in enumerate(rows):
-        voted = majority_answer([final_answer(c) for c in completions[i * k:(i + 1) * k]])
+    for row, samples in zip(rows, _samples_of(model, tokenizer, rows, opts, k)):
+        voted = majority_answer([final_answer(c) for c in samples])
         correct += answers_match(voted, reference_answer(row["answer"]))
     return {f"maj@{k}": correct / max(len(rows), 1), f"maj@{k}/n": len(rows)}
 
@@ -180,20 +186,13 @@ def reasoning_gym_samples(model, tokenizer, opts: EvalOptions, k: int) -> dict:
     maj@K (the score of the most common answer, among the samples that give one; ties: the first seen) and the
     samples' mean score, overall and per task. pass@K against the greedy score is the room GRPO has: it sharpens
     answers the model already samples."""
-    import torch
-
     from ..data.reasoning_gym import entry, extracted, score_answer
-    from .accuracy import generate_completions
 
     name = f"reasoning_gym@{k}"
     rows = _reasoning_gym_rows(opts, name)
-    torch.manual_seed(opts.seed)
-    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)],
-                                       max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
-                                       do_sample=True, temperature=opts.temperature, progress=False)
     by_task: dict[str, dict[str, list[float]]] = {}
-    for i, row in enumerate(rows):
-        answers = [extracted(c) for c in completions[i * k:(i + 1) * k]]
+    for row, samples in zip(rows, _samples_of(model, tokenizer, rows, opts, k)):
+        answers = [extracted(c) for c in samples]
         scores = {a: score_answer(a, row["reasoning_gym"]) for a in dict.fromkeys(answers)}
         given = Counter(a for a in answers if a is not None)
         task = by_task.setdefault(entry(row["reasoning_gym"])["metadata"]["source_dataset"],
