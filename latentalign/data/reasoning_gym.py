@@ -187,6 +187,11 @@ def entry(key: str) -> dict:
     return dataset[ref["index"]]
 
 
+def task_of(key: str) -> str:
+    """The reasoning-gym task (its dataset name) of the entry a row's `reasoning_gym` column names."""
+    return entry(key)["metadata"]["source_dataset"]
+
+
 def answer_text(answer) -> str:
     return f"<answer>{answer}</answer>"
 
@@ -249,8 +254,7 @@ def extracted(completion: str) -> str | None:
 
 def score_answer(answer: str | None, key: str) -> float:
     """The task's own `score_answer` on an extracted answer, for the entry the row's key names."""
-    e = entry(key)
-    return float(_package().get_score_answer_fn(e["metadata"]["source_dataset"])(answer, e))
+    return float(_package().get_score_answer_fn(task_of(key))(answer, entry(key)))
 
 
 def score(completion: str, key: str) -> float:

@@ -145,7 +145,7 @@ def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
 def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     """Greedy answers to held-out reasoning-gym entries, each scored by its task's `score_answer` (partial credit
     where the task gives it): the mean overall and per task."""
-    from ..data.reasoning_gym import entry, score
+    from ..data.reasoning_gym import score, task_of
     from .accuracy import generate_completions
 
     rows = _reasoning_gym_rows(opts, "reasoning_gym")
@@ -154,7 +154,7 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     by_task: dict[str, list[float]] = {}
     questions: dict[str, set] = {}
     for completion, row in zip(completions, rows):
-        task = entry(row["reasoning_gym"])["metadata"]["source_dataset"]
+        task = task_of(row["reasoning_gym"])
         by_task.setdefault(task, []).append(score(completion, row["reasoning_gym"]))
         questions.setdefault(task, set()).add(row["prompt"][-1]["content"])
     scores = [s for values in by_task.values() for s in values]
@@ -186,7 +186,7 @@ def reasoning_gym_samples(model, tokenizer, opts: EvalOptions, k: int) -> dict:
     maj@K (the score of the most common answer, among the samples that give one; ties: the first seen) and the
     samples' mean score, overall and per task. pass@K against the greedy score is the room GRPO has: it sharpens
     answers the model already samples."""
-    from ..data.reasoning_gym import entry, extracted, score_answer
+    from ..data.reasoning_gym import extracted, score_answer, task_of
 
     name = f"reasoning_gym@{k}"
     rows = _reasoning_gym_rows(opts, name)
@@ -195,8 +195,7 @@ def reasoning_gym_samples(model, tokenizer, opts: EvalOptions, k: int) -> dict:
         answers = [extracted(c) for c in samples]
         scores = {a: score_answer(a, row["reasoning_gym"]) for a in dict.fromkeys(answers)}
         given = Counter(a for a in answers if a is not None)
-        task = by_task.setdefault(entry(row["reasoning_gym"])["metadata"]["source_dataset"],
-                                  {"pass": [], "maj": [], "mean": []})
+        task = by_task.setdefault(task_of(row["reasoning_gym"]), {"pass": [], "maj": [], "mean": []})
         task["pass"].append(float(max(scores.values()) >= 1.0))
         task["maj"].append(scores[given.most_common(1)[0][0]] if given else 0.0)
         task["mean"].append(sum(scores[a] for a in answers) / k)
