@@ -81,6 +81,8 @@ def _columns(a: int, op: str, b: int) -> str:
     `4 * 37` -> "4 * 7 = 28, 4 * 3 = 12, 12 + 2 = 14". Each step is a one-digit fact with the carry or borrow,
     so a problem never seen in training is made of steps that were."""
     steps, carry = [], 0
+    if op == "+" and len(str(a)) < len(str(b)):  # the columns run over the top number's digits: the longer on top
+        a, b = b, a
     if op == "*":  # the product and the carry in separate steps: each one a fact that recurs across problems
         for digit in reversed(str(b)):
             value = a * int(digit)

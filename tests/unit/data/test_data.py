@@ -82,6 +82,19 @@ def test_worked_replies_are_true_step_by_step_and_end_in_the_answer():
             assert reply.endswith(f"The answer is {eval(head)}."), reply
 
 
+@pytest.mark.parametrize("op", "+-")
+def test_column_values_spell_the_answer(op):
+    """The columns' values, last column first (each column's last digit, the last column's whole value), spell the
+    answer's magnitude whatever the operands' signs and lengths: the working leads to the answer ("-6 - 77" once
+    stopped after its units column, the shorter number on top)."""
+    for a in range(-120, 121):
+        for b in range(121):
+            work = arithmetic.worked(f"{a}{op}{b}").split(": ", 1)[1]
+            values = [int(step.split(" = ")[1]) for step in work.split(", ")]
+            spelled = int(str(values[-1]) + "".join(str(v % 10) for v in reversed(values[:-1])))
+            assert spelled == abs(eval(f"{a}{op}{b}")), (a, op, b, work)
+
+
 def test_held_out_problems_are_made_of_steps_seen_in_training():
     """What lets a small model answer problems it never saw: the column steps of a held-out answer occur in the
     training conversations, all but a few carries added to a product ("27 + 4", 1-2%)."""
