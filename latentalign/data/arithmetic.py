@@ -138,7 +138,10 @@ def _reply(problem: str, answer: int, d: Difficulty) -> str:
     return f"{worked(problem)}. The answer is {answer}."
 
 
-def is_held_out(problem: str, fraction: float = 0.1) -> bool:
+HELD_OUT_FRACTION = 0.1  # of the distinct problems (questions), held out from every training split
+
+
+def is_held_out(problem: str, fraction: float = HELD_OUT_FRACTION) -> bool:
     """Held-out membership is a property of the problem ("12+7"), not of its wording or of the seed, so no
     problem is ever in both splits."""
     digest = hashlib.sha256(problem.encode()).digest()

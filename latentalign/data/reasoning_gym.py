@@ -16,7 +16,9 @@ three formats:
   none learns only the facts it saw (bench/README.md, "reasoning-gym tasks");
 - `rl` (GRPO and eval): the question as the prompt, the reference `answer`, and a `reasoning_gym` column that
   names the entry (task, seed, index, options), so that the reward and the eval rebuild the entry and score a
-  completion with the task's own `score_answer`, in any process;
+  completion with the task's own `score_answer`, in any process. A few tasks keep no reference answer, their
+  verifier judging any valid solution (graph_color, propositional_logic, rubiks_cube, ...): their `answer` is
+  "", and they make no `messages` rows (an error names the task);
 - `prompt`: the `rl` rows without using the answer.
 
 A question belongs to the held-out split or to training by a hash of its text, as for the built-in data
@@ -215,11 +217,12 @@ def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None
 
 def _side(task: str, options: dict, seed: int, count: int, held_out: bool) -> list[tuple[int, dict]]:
     """The first `count` entries of the stream `seed` whose question is on the `held_out` side."""
-    from .arithmetic import is_held_out
+    from .arithmetic import HELD_OUT_FRACTION, is_held_out
 
+    share = HELD_OUT_FRACTION if held_out else 1 - HELD_OUT_FRACTION
     kept, start = [], 0
-    while len(kept) < count:
-        batch = _entries(task, options, seed, 2 * (count - len(kept)) + 64, start)
+    while len(kept) < count:  # draw about what the side's share needs: some tasks take a second an entry
+        batch = _entries(task, options, seed, int(1.25 * (count - len(kept)) / share) + 8, start)
         start += len(batch)
         kept += [(i, e) for i, e in batch if is_held_out(e["question"]) == held_out][:count - len(kept)]
         if start > 100 * count + 10_000 and len(kept) < count:
@@ -232,6 +235,11 @@ def _side(task: str, options: dict, seed: int, count: int, held_out: bool) -> li
 def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: int, e: dict) -> dict:
     user = {"role": "user", "content": e["question"]}
     if fmt == "messages":
+        if e["answer"] is None:
+            raise ReasoningGymError(
+                f"reasoning_gym:{task}: entry {index} holds no reference answer (the task's verifier judges a "
+                f"solution, any valid one), so it makes no SFT rows; use the task for GRPO and eval, where its "
+                f"score_answer is the reward.")
         reply = answer_text(e["answer"])
         if working:
             try:
@@ -241,8 +249,8 @@ def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: in
         return {"messages": [user, {"role": "assistant", "content": reply}]}
     key = json.dumps({"task": task, "seed": seed, "index": index, "options": options}, sort_keys=True)
     row = {"prompt": [user], "reasoning_gym": key}
-    if fmt == "rl":
-        row["answer"] = str(e["answer"])
+    if fmt == "rl":  # "" where the task keeps no reference answer: only its verifier can judge one
+        row["answer"] = "" if e["answer"] is None else str(e["answer"])
     return row
 
 
@@ -253,8 +261,21 @@ def extracted(completion: str) -> str | None:
 
 
 def score_answer(answer: str | None, key: str) -> float:
-    """The task's own `score_answer` on an extracted answer, for the entry the row's key names."""
-    return float(_package().get_score_answer_fn(task_of(key))(answer, entry(key)))
+    """The task's own `score_answer` on an extracted answer, for the entry the row's key names. Some verifiers raise
+    on an answer they cannot read (prime_factorization on `None`, boxnet on a number): such an answer scores 0.0,
+    and the error is counted with the other verifiers' failures (`rewards/verifier_failures` in GRPO's logs), so
+    that one malformed completion neither stops an eval nor hides a verifier that fails on every answer."""
+    from ..reward.answers import VERIFIER
+
+    task = task_of(key)
+    try:
+        return float(_package().get_score_answer_fn(task)(answer, entry(key)))
+    except Exception as err:  # noqa: BLE001 -- counted and logged, and the answer is not a right one
+        shown = answer if answer is None or len(answer) <= 80 else answer[:80] + "..."
+        VERIFIER.record_failure(f"reasoning_gym/{task}/{type(err).__name__}",
+                                f"reasoning_gym:{task}'s score_answer raised {type(err).__name__} on {shown!r}: "
+                                f"{err}; scored 0.0")
+        return 0.0
 
 
 def score(completion: str, key: str) -> float:

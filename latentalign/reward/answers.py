@@ -181,7 +181,7 @@ class Verifier:
         try:
             from math_verify import parse, verify
         except ImportError:
-            self._failed("ImportError", "math-verify is not installed; LaTeX answers are compared as strings")
+            self.record_failure("ImportError", "math-verify is not installed; LaTeX answers are compared as strings")
             return None
         main = threading.current_thread() is threading.main_thread()
         parse_timeout, verify_timeout = (5, 5) if main else (None, None)
@@ -197,10 +197,11 @@ class Verifier:
                 return False
             return bool(verify(gold, guess, timeout_seconds=verify_timeout, raise_on_error=True))
         except Exception as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
-            self._failed(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
+            self.record_failure(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
             return None
 
-    def _failed(self, kind: str, message: str) -> None:
+    def record_failure(self, kind: str, message: str) -> None:
+        """Count a failure of a verifier by kind, logging the first of each kind (reasoning-gym's count here too)."""
         with self._lock:
             self.failures[kind] += 1
             first = self.failures[kind] == 1

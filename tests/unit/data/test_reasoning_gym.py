@@ -91,6 +91,52 @@ def test_the_tasks_own_verifier_scores_generated_answers_bare_and_guarded():
     assert sum(guarded.failures.values()) == 0
 
 
+def test_a_task_without_reference_answers_trains_rl_not_sft():
+    """graph_color keeps no answer (any valid coloring is right): its SFT rows would teach `<answer>None</answer>`,
+    so they are an error naming the task; its RL rows carry an empty answer and its verifier judges a coloring."""
+    with pytest.raises(DataError, match="graph_color.*no reference answer"):
+        load_rows("reasoning_gym:{chain_sum: 1, graph_color: 1}", formats=("messages", "completion"), size=6)
+    rows, _ = load_rows("reasoning_gym:graph_color", formats=("rl",), size=3)
+    colorings = [rg.entry(r["reasoning_gym"])["metadata"]["possible_answer"] for r in rows]
+    right = [f"<answer>{json.dumps(c)}</answer>" for c in colorings]
+    same = [f"<answer>{json.dumps(dict.fromkeys(c, 1))}</answer>" for c in colorings]  # every vertex one color
+    assert [r["answer"] for r in rows] == [""] * 3
+    reward = get_reward("reasoning_gym")
+    prompts, completions, columns = reward_inputs(rows, right)
+    assert reward(prompts, completions, **columns) == [1.0] * 3
+    prompts, completions, columns = reward_inputs(rows, same)
+    assert all(score < 1.0 for score in reward(prompts, completions, **columns))
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_a_side_keeps_the_first_entries_of_the_stream_that_fall_on_it(held_out):
+    """Entries are drawn in batches sized to the side's share; which entries a side keeps must not depend on it."""
+    from latentalign.data.arithmetic import is_held_out
+
+    options = {"max_terms": 2, "max_digits": 2}
+    kept = rg._side("chain_sum", options, 5, 37, held_out)
+    stream = rg._entries("chain_sum", options, 5, 2000)
+    expected = [(i, e) for i, e in stream if is_held_out(e["question"]) == held_out][:37]
+    assert [i for i, _ in kept] == [i for i, _ in expected]
+
+
+@pytest.mark.parametrize("task, unreadable", [("prime_factorization", "None"), ("prime_factorization", "{{[("),
+                                               ("boxnet", "-1e309"), ("coin_flip", "-1e309")])
+def test_an_answer_the_verifier_raises_on_scores_zero_and_is_counted(task, unreadable):
+    """reasoning-gym's own verifiers raise on some malformed answers: a model's garbage must score 0.0 in the reward
+    and in the eval, not stop either, and the failure must be counted where the other verifiers' are."""
+    from latentalign.reward.answers import VERIFIER
+
+    rows, _ = load_rows(f"reasoning_gym:{task}", split="test", formats=("rl",), size=2)
+    before = sum(VERIFIER.failures.values())
+    completions = [f"<answer>{unreadable}</answer>"] * 2
+    assert [rg.score(c, r["reasoning_gym"]) for c, r in zip(completions, rows)] == [0.0, 0.0]
+    prompts, completions, columns = reward_inputs(rows, completions)
+    assert get_reward("reasoning_gym")(prompts, completions, **columns) == [0.0, 0.0]
+    assert sum(VERIFIER.failures.values()) == before + 4
+    assert any(kind.startswith(f"reasoning_gym/{task}/") for kind in VERIFIER.failures)
+
+
 def test_reward_without_the_column_is_an_error_naming_it():
     with pytest.raises(ValueError, match="reasoning_gym: source"):
         get_reward("reasoning_gym")(["q"], ["<answer>1</answer>"], answer=["1"])
