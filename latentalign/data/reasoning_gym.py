@@ -3,10 +3,11 @@
     dataset: reasoning_gym:chain_sum
     dataset: "reasoning_gym:{chain_sum: {weight: 0.5, max_terms: 2}, leg_counting: 0.5}"
 
-A source names one task, or a mix as a mapping from task to its weight or to its options (the task's own
-config fields, e.g. `min_terms`, plus `weight`, 1 by default; a field the config types as an enum, like aiw's
-`task_types`, takes the enum's values: `{aiw: {task_types: [siblings], task_type_weights: [1]}}`). Rows come in
-three formats:
+A source names one task, or a mix as a mapping from task to its weight or to its options: the task's own config
+fields, e.g. `min_terms`, plus `weight` (1 by default) and `seed` (the task's training entries drawn from this
+seed's stream instead of the stage's: `{chain_sum: {seed: 7}}`; held-out entries are the same whatever the seed).
+A field the config types as an enum, like aiw's `task_types`, takes the enum's values:
+`{aiw: {task_types: [siblings], task_type_weights: [1]}}`. Rows come in three formats:
 
 - `messages` (SFT): the question, and the answer the way reasoning-gym's prompts ask for it,
   `<answer>{answer}</answer>`; with the task option `working: true`, the answer follows its column-by-column
@@ -95,12 +96,15 @@ def _task_spec(source: str, name, value) -> dict:
     working = options.pop("working", False)
     if not isinstance(working, bool):
         raise ReasoningGymError(f"{source}: task {name!r}: working must be true or false, got {working!r}.")
+    seed = options.pop("seed", None)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ReasoningGymError(f"{source}: task {name!r}: seed must be a whole number >= 0, got {seed!r}.")
     config_cls = known[name][1]
     fields = set(config_cls.__dataclass_fields__) - {"seed", "size"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ReasoningGymError(f"{source}: task {name!r} has no option {', '.join(map(repr, unknown))}; "
-                                f"its options: {', '.join(sorted(fields))}.")
+                                f"its options: {', '.join(sorted(fields))} (and ours: weight, seed, working).")
     try:
         _dataset(name, 0, 1, json.dumps(options, sort_keys=True))[0]  # some options fail only on drawing
     except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as err:
@@ -111,7 +115,7 @@ def _task_spec(source: str, name, value) -> dict:
                 _working_of(index, e)
         except ReasoningGymError as err:
             raise ReasoningGymError(f"{source}: task {name!r}: {err}") from None
-    return {"weight": float(weight), "options": options, "working": working}
+    return {"weight": float(weight), "options": options, "working": working, "seed": seed}
 
 
 _EXPRESSION = re.compile(r"\s*(-?\d+)((?:\s*[-+]\s*\d+)+)\s*")
@@ -209,8 +213,9 @@ def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None
     picked = []
     for name, task in tasks.items():
         count = max(1, round(n * task["weight"] / total))
-        picked += [(name, task["options"], task["working"], base, i, e)
-                   for i, e in _side(name, task["options"], base, count, held_out)]
+        stream = base if held_out or task["seed"] is None else task["seed"] * SEED_STRIDE  # the task's own seed
+        picked += [(name, task["options"], task["working"], stream, i, e)
+                   for i, e in _side(name, task["options"], stream, count, held_out)]
     random.Random(seed).shuffle(picked)
     return [_row(fmt, *p) for p in picked[:n]]
 

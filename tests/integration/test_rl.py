@@ -63,6 +63,24 @@ def test_grpo_trains_through_a_reward_that_raises_on_30_percent(tmp_path, policy
         assert metrics[key] == again["accuracy"], key  # before: the policy as loaded; after: the saved model
 
 
+def test_grpo_scores_reasoning_gym_rows_by_the_entry_they_carry(tmp_path, policy_dir, monkeypatch):
+    """RL rows from a reasoning-gym mix carry their entry as a column through TRL to the reward, which scores each
+    completion with its own task's verifier, a task without reference answers (graph_color) included."""
+    pytest.importorskip("reasoning_gym")
+    from latentalign.data import reasoning_gym as rg
+
+    scored, real = [], rg.score
+    monkeypatch.setattr(rg, "score", lambda completion, key: scored.append(rg.task_of(key)) or real(completion, key))
+    cfg = small_cfg(tmp_path, policy_dir, "dataset=reasoning_gym:{chain_sum: {max_terms: 2}, graph_color: 1}",
+                    'rewards={"reasoning_gym": 1.0}', "eval_dataset=null")
+    metrics = run(cfg)
+    assert metrics["global_step"] == 3
+    assert len(scored) == 3 * 8 and set(scored) == {"chain_sum", "graph_color"}
+    assert sum(metrics["reward_failures"]["reasoning_gym_reward"].values()) == 0
+    logs = [h for h in metrics["log_history"] if "loss" in h]
+    assert all(0.0 <= h["rewards/reasoning_gym_reward/mean"] <= 1.0 for h in logs), logs
+
+
 def test_router_can_be_frozen_and_balance_loss_is_off_by_default(tmp_path, policy_dir):
     from latentalign import load_model
 

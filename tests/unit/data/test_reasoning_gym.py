@@ -91,6 +91,20 @@ def test_the_tasks_own_verifier_scores_generated_answers_bare_and_guarded():
     assert sum(guarded.failures.values()) == 0
 
 
+def test_a_tasks_own_seed_picks_its_training_entries_and_leaves_held_out_ones_alone():
+    def questions(source, **kw):
+        rows, _ = load_rows(source, formats=("rl",), **kw)
+        return {r["prompt"][0]["content"] for r in rows}
+
+    seeded = "reasoning_gym:{chain_sum: {seed: 7, max_terms: 2}, spell_backward: 1}"
+    plain = "reasoning_gym:{chain_sum: {max_terms: 2}, spell_backward: 1}"
+    mix = questions(seeded, size=40)
+    assert questions("reasoning_gym:{chain_sum: {max_terms: 2}}", size=20, seed=7) <= mix  # chain_sum from seed 7
+    assert questions("reasoning_gym:spell_backward", size=20, seed=0) <= mix  # the other task from the stage's
+    assert mix != questions(plain, size=40)
+    assert questions(seeded, size=40, split="test") == questions(plain, size=40, split="test")
+
+
 def test_a_task_without_reference_answers_trains_rl_not_sft():
     """graph_color keeps no answer (any valid coloring is right): its SFT rows would teach `<answer>None</answer>`,
     so they are an error naming the task; its RL rows carry an empty answer and its verifier judges a coloring."""
@@ -250,6 +264,8 @@ def test_sampled_eval_task_names_its_sample_count():
     ("reasoning_gym:{chain_sum: [1, 2", "mapping"),
     ("reasoning_gym:{aiw: {task_types: [cousins]}}", "siblings, friends, colleagues"),  # an enum's members
     ("reasoning_gym:{aiw: {task_types: [siblings]}}", "weights"),  # fails only when an entry is drawn
+    ("reasoning_gym:{chain_sum: {seed: -1}}", "seed must be"),
+    ("reasoning_gym:{chain_sum: {seed: two}}", "seed must be"),
 ])
 def test_a_bad_task_or_option_is_one_error_naming_it(source, named):
     with pytest.raises(DataError) as err:
