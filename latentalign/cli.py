@@ -313,13 +313,28 @@ def demo(overrides: list[str] = OVERRIDES,
                 accelerate_config=None, num_processes=None)
 
 
+def _close_process_group() -> None:
+    """A worker of a multi-process run closes its process group before the interpreter exits: left open, gloo's
+    threads are torn down by static destructors after the work is done, which can abort the process ("terminate
+    called without an active exception") and fail a run that finished and saved."""
+    if "torch.distributed" not in sys.modules:  # no run started one (and `--help` does not import torch)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     import warnings
 
     # Deprecation notices from the libraries below us are for their developers, not for a user's run log.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    app()
+    try:
+        app()
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":

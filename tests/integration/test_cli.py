@@ -16,6 +16,16 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
+def test_the_command_closes_an_open_process_group_when_it_exits(tmp_path):
+    """A worker's gloo group left open at exit can abort the finished process from a static destructor."""
+    script = ("import sys, torch.distributed as dist; from latentalign import cli; "
+              f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1); "
+              "sys.argv = ['latentalign', '--help']\n"
+              "try:\n    cli.main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+              "assert not dist.is_initialized()")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
 def test_run_help_names_every_shipped_recipe():
     from pathlib import Path
 
