@@ -271,10 +271,13 @@ def score_answer(answer: str | None, key: str) -> float:
     and the error is counted with the other verifiers' failures (`rewards/verifier_failures` in GRPO's logs), so
     that one malformed completion neither stops an eval nor hides a verifier that fails on every answer."""
     from ..reward.answers import VERIFIER
+    from ..reward.untrusted import untrusted_answers
 
     task = task_of(key)
+    verifier, e = _package().get_score_answer_fn(task), entry(key)
     try:
-        return float(_package().get_score_answer_fn(task)(answer, entry(key)))
+        with untrusted_answers(f"reasoning_gym/{task}"):  # some verifiers eval the answer (reward/untrusted.py)
+            return float(verifier(answer, e))
     except Exception as err:  # noqa: BLE001 -- counted and logged, and the answer is not a right one
         shown = answer if answer is None or len(answer) <= 80 else answer[:80] + "..."
         VERIFIER.record_failure(f"reasoning_gym/{task}/{type(err).__name__}",

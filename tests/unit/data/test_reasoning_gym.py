@@ -349,3 +349,71 @@ def test_working_puts_the_longer_number_on_top_as_the_embedded_arithmetic_does()
     e = {"metadata": {"expression": "12 + 34 - 5"}, "answer": "41"}
     assert rg._working_of(0, e) == f"{worked('12+34')}. {worked('46-5')}."
     assert rg._working_of(0, e) == "12 + 34: 4 + 2 = 6, 3 + 1 = 4. 46 - 5: 6 - 5 = 1, 4 - 0 = 4."
+
+
+# Tasks whose verifiers evaluate the answer as Python: with `eval` (a list of characters, a matrix, a board) or
+# with sympy's `parse_expr` (an expression).
+EVALUATING = ["string_insertion", "spiral_matrix", "binary_matrix", "n_queens", "countdown", "puzzle24",
+              "polynomial_multiplication", "simple_integration"]
+
+
+@pytest.mark.parametrize("task", EVALUATING)
+def test_an_answer_that_is_code_is_not_run_by_the_tasks_verifier(task, tmp_path):
+    """A completion is untrusted text: the verifiers that eval it must not run it, in the reward or the eval."""
+    from latentalign.reward.answers import VERIFIER
+
+    rows, _ = load_rows(f"reasoning_gym:{task}", split="test", formats=("rl",), size=2)
+    marker = tmp_path / "ran"
+    attacks = [f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w').write('x')",
+               f"(lambda: __import__('pathlib').Path('{marker}').touch())()"]
+    before = sum(v for k, v in VERIFIER.failures.items() if k == f"reasoning_gym/{task}/refused")
+    for attack in attacks:
+        completions = [f"<answer>{attack}</answer>"] * 2
+        assert all(s < 1.0 for s in (rg.score(c, r["reasoning_gym"]) for c, r in zip(completions, rows)))
+        prompts, completions, columns = reward_inputs(rows, completions)
+        assert all(s < 1.0 for s in get_reward("reasoning_gym")(prompts, completions, **columns))
+    assert not marker.exists()
+    assert VERIFIER.failures[f"reasoning_gym/{task}/refused"] >= before + 2 * len(attacks)
+    # and the answers these verifiers exist for still score
+    assert [rg.score(f"<answer>{r['answer']}</answer>", r["reasoning_gym"]) for r in rows] == [1.0, 1.0]
+
+
+def test_the_python_list_forms_those_verifiers_accept_still_score():
+    rows, _ = load_rows("reasoning_gym:string_insertion", split="test", formats=("rl",), size=2)
+    assert [rg.score(f"<answer>{list(r['answer'])!r}</answer>", r["reasoning_gym"]) for r in rows] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("source", ["9**9**9**9", "Integer (9 )**Integer (9 )**Integer (9 )", "x**(10**9)",
+                                    "factorial(10**8)", "factorial(factorial(20))", "[0]*10**10", "'a'*10**10",
+                                    "Symbol('x').__class__", "().__class__.__bases__", "[c for c in ()]",
+                                    "__import__('os')", "getattr(x, 'y')()", "f(**{'a': 1})",
+                                    "import os", "from os import system"])
+def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source):
+    import ast
+
+    from latentalign.reward.untrusted import _why_refused
+
+    assert _why_refused(ast.parse(source)) is not None
+
+
+@pytest.mark.parametrize("source", ["['a', 'b', 'c']", "[[1, 0], [0, 1]]", "-417560*y**6 + 295723*y**5",
+                                    "Integer (3 )*Symbol ('x' )**Integer (2 )+Symbol ('C' )", "2**10000",
+                                    "Function ('f' )(Symbol ('x' ))", "sin(x)/cos(x) - exp(2*x)", "(x + 1)**3",
+                                    "factorial(20)", "[-91.9, '17.0']", "from sympy import *"])
+def test_answers_that_are_expressions_of_literals_and_names_pass(source):
+    import ast
+
+    from latentalign.reward.untrusted import _why_refused
+
+    assert _why_refused(ast.parse(source)) is None
+
+
+def test_the_guard_checks_only_inside_its_scope(tmp_path):
+    from latentalign.reward.untrusted import UntrustedCodeError, untrusted_answers
+
+    with untrusted_answers("test"):
+        assert eval("[1, 2]") == [1, 2]  # compiled by no reasoning-gym or sympy code: not the answer's path
+        with pytest.raises(UntrustedCodeError):
+            open(tmp_path / "written", "w")
+    assert not (tmp_path / "written").exists()
+    assert eval("__import__('os').getpid()") > 0  # outside the scope the hook does nothing
