@@ -20,13 +20,17 @@ thing everywhere:
 
 math-verify's own timeouts use `signal.alarm`, which works in the main thread only; elsewhere (a reward under
 `guarded(..., timeout_s=...)` runs in a worker thread) they are switched off and the caller's timeout does the
-job, as TRL's accuracy reward does. An error of the verifier itself is counted in `VERIFIER.failures` by type
-and logged once per type; the comparison then falls back to comparing the normalised strings.
+job, as TRL's accuracy reward does. An error of the verifier itself (its timeout included, a BaseException) is
+counted in `VERIFIER.failures` by type and logged once per type; the comparison then falls back to comparing the
+normalised strings. An answer whose value could not be computed in a lifetime (`9^{9^{9^{9}}}`, `(10!)!`) is
+wrong without asking math-verify (`too_large` in the counts): Python computes a power in one call that holds the
+GIL, which no timeout in any thread interrupts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections import Counter
@@ -190,13 +194,20 @@ class Verifier:
                 logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled", said on every call
         with self._lock:
             self.calls += 1
+        from math_verify.errors import TimeoutException  # a BaseException: `except Exception` lets it through
+
         try:
             gold = parse(f"${reference}$", parsing_timeout=parse_timeout, raise_on_error=True)
             guess = parse(f"${answer}$", parsing_timeout=parse_timeout, raise_on_error=True)
             if not gold or not guess:
                 return False
+            huge = next((g for g in guess if too_large_to_evaluate(g)), None)
+            if huge is not None:  # sympy would compute it for hours, holding the GIL (no timeout stops that)
+                self.record_failure("too_large", f"math-verify not asked about {answer!r}: {huge} has more than "
+                                    f"{MAX_ANSWER_DIGITS} digits or an exponent over {MAX_EXPONENT}; scored wrong")
+                return False
             return bool(verify(gold, guess, timeout_seconds=verify_timeout, raise_on_error=True))
-        except Exception as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
+        except (Exception, TimeoutException) as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
             self.record_failure(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
             return None
 
@@ -210,6 +221,58 @@ class Verifier:
 
 
 VERIFIER = Verifier()
+
+# An answer math-verify is not asked about: its value would have more digits than this, or an exponent above this
+# (`9^{9^{9^{9}}}`, `(10!)!`, `(x+1)^{10^{9}}`). Python computes big powers in one C call that holds the GIL, so
+# neither math-verify's alarm (main thread only) nor the reward's thread timeout would stop it.
+MAX_ANSWER_DIGITS = 100_000
+MAX_EXPONENT = 1_000_000
+
+
+def too_large_to_evaluate(expr) -> bool:
+    """Whether a parsed answer (a sympy expression, unevaluated) holds a number too large to compute, or a power
+    whose exponent is; found by bounding each constant subexpression's number of digits, evaluating nothing."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return False
+    digits: dict = {}
+    for node in sympy.postorder_traversal(expr):
+        digits[node] = bound = _digits_bound(node, digits)
+        if bound is not None and bound > MAX_ANSWER_DIGITS:
+            return True
+        if isinstance(node, sympy.Pow) and digits.get(node.exp) is not None \
+                and digits[node.exp] > math.log10(MAX_EXPONENT):
+            return True
+    return False
+
+
+def _digits_bound(node, known: dict) -> float | None:
+    """An upper bound on log10 |value| + 1 of a constant node, from its children's bounds; None if not constant."""
+    import sympy
+
+    if isinstance(node, sympy.Rational):  # integers too
+        return max(abs(node.p).bit_length(), node.q.bit_length()) * math.log10(2) + 1
+    if isinstance(node, sympy.Float):
+        value = abs(float(node))
+        return math.log10(value + 1) + 1 if math.isfinite(value) else math.inf
+    if node in (sympy.pi, sympy.E, sympy.I, sympy.EulerGamma, sympy.GoldenRatio):
+        return 1.0
+    children = [known.get(arg) for arg in node.args]
+    if not children or any(c is None for c in children):
+        return None
+    if isinstance(node, sympy.Pow):
+        base, exp = children
+        return base * 10.0 ** exp if exp < 300 else math.inf
+    if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.gamma, sympy.subfactorial)):
+        arg = node.args[0]
+        n = float(abs(arg)) if isinstance(arg, sympy.Integer) else 10.0 ** min(children[0], 300)
+        return n * math.log10(n + 1) + 1  # n! < n^n
+    if isinstance(node, sympy.Mul):
+        return sum(children)
+    if isinstance(node, sympy.Add):
+        return max(children) + 1
+    return max(children)  # other functions of constants (sqrt, sin, log, ...) do not outgrow their arguments
 
 
 def _normalised(text: str) -> str:

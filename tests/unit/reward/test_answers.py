@@ -1,6 +1,8 @@
 """The one answer checker, on answers in the forms real models and datasets write, judged three ways alike."""
 
 import logging
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -62,6 +64,56 @@ def test_a_failing_verifier_is_counted_and_logged(monkeypatch, caplog):
     assert answers.VERIFIER.failures == {"RuntimeError": 2}
     assert sum("parser crashed" in r.message for r in caplog.records) == 1  # once per kind
     assert answers_match("1,234", "1234")  # plain numbers never need it
+
+
+def test_a_verifier_timeout_is_a_failure_not_an_escape(monkeypatch):
+    """math-verify's TimeoutException is a BaseException: it must not pass `except Exception` and stop an eval."""
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def slow(*args, **kwargs):
+        raise TimeoutException("Timeout during comparison")
+
+    monkeypatch.setattr(math_verify, "verify", slow)
+    monkeypatch.setattr(answers, "VERIFIER", answers.Verifier())
+    assert not answers_match("\\sqrt{4}", "2")
+    assert answers.VERIFIER.failures == {"TimeoutException": 1}
+
+
+TOWERS = ["9^{9^{9^{9}}}", "2^{2^{40}}", "(10!)!", "(x+1)^{10^{9}}", "\\boxed{10^{10^{10}}}"]
+
+
+@pytest.mark.parametrize("answer", TOWERS)
+def test_an_answer_too_large_to_compute_is_found_without_computing_it(answer):
+    from math_verify import parse
+
+    assert any(answers.too_large_to_evaluate(g) for g in parse(f"${answer}$"))
+
+
+def test_an_answer_too_large_to_compute_is_wrong_in_any_thread():
+    """Python computes a big power in one C call holding the GIL, which no timeout stops: a regression would hang
+    the process, so it runs in a child with a deadline."""
+    script = ("import threading; from latentalign.reward import answers\n"
+              f"towers = {TOWERS!r}\n"
+              "main = [answers.answers_match(a, '1') for a in towers]\n"
+              "out = {}\n"
+              "t = threading.Thread(target=lambda: out.update(v=[answers.answers_match(a, '1') for a in towers]))\n"
+              "t.start(); t.join()\n"
+              "print(main, out['v'], answers.VERIFIER.failures['too_large'])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    n = len(TOWERS)
+    assert result.stdout.split("\n")[-2] == f"{[False] * n} {[False] * n} {2 * n}"
+
+
+@pytest.mark.parametrize("answer, reference", [("2^{10}", "1024"), ("10^{100}", "10^{100}"), ("100!", "100!"),
+                                               ("\\frac{2^{20}}{4}", "262144"), ("e^{-x^{2}}", "e^{-x^{2}}"),
+                                               ("(x+1)^{3}", "(x+1)^{3}"), ("3.5\\times 10^{8}", "350000000")])
+def test_large_but_computable_answers_are_still_compared(answer, reference):
+    from math_verify import parse
+
+    assert not any(answers.too_large_to_evaluate(g) for g in parse(f"${answer}$"))
+    assert answers_match(answer, reference)
 
 
 def test_extraction_and_references():
