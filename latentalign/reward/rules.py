@@ -46,6 +46,8 @@ _EQUATION = re.compile(r"(?<![\d.)])(-?\d+) ?([-+*]) ?(\d+)(?: ?([-+]) ?(\d+))? 
 
 def _holds(match: re.Match) -> bool:
     a, op, b, op2, c, result = match.groups()
+    if max(len(a), len(b), len(c or ""), len(result)) > 1000:  # past Python's int limit of 4,300 digits soon
+        return False
     value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
     if op2:
         value = value + int(c) if op2 == "+" else value - int(c)

@@ -56,6 +56,9 @@ def test_equations_reward_scores_the_share_of_true_steps():
              "3.5 + 2 = 5.5, so 2 + 2 = 4."]  # decimals are not misread as integer equations
     assert equations_reward(None, slips) == [0.5, pytest.approx(2 / 3), 0.25, 1.0, 0.0, 1.0]
     assert get_reward("equations")(None, ["3 + 4 = 7"]) == [1.0]
+    # numbers past Python's 4,300-digit conversion limit are a wrong step, not an error that voids the batch
+    huge = "9" * 5000
+    assert equations_reward(None, [f"{huge} * {huge} = 1, 2 + 2 = 4", "1 + 1 = 2"]) == [0.5, 1.0]
 
 
 def test_registry_dotted_paths_and_unknown_names():
