@@ -417,3 +417,24 @@ def test_the_guard_checks_only_inside_its_scope(tmp_path):
             open(tmp_path / "written", "w")
     assert not (tmp_path / "written").exists()
     assert eval("__import__('os').getpid()") > 0  # outside the scope the hook does nothing
+
+
+@pytest.mark.parametrize("completion", ["<answer>1</answer>", "<answer> 2 </answer> then <answer>\n3\n</answer>",
+                                        "<answer>4", "<answer><answer>5</answer>", "<answer>6</answer></answer>",
+                                        "no tags", "<answer></answer>", "</answer><answer>7</answer><answer>",
+                                        "<answer>a</answer> <answer >b</answer>", "<answer>\t \n</answer>"])
+def test_the_answer_is_extracted_as_reasoning_gym_extracts_it(completion):
+    from reasoning_gym.utils import extract_answer
+
+    assert rg.extracted(completion) == extract_answer(completion)
+
+
+def test_a_completion_of_unclosed_answer_tags_is_read_in_one_pass():
+    """reasoning-gym's regex, tried from each `<answer>`, is quadratic: 20,000 unclosed tags took 34 s. A deadline
+    guards the regression; the figure is in no assertion."""
+    import subprocess
+    import sys
+
+    script = "from latentalign.data import reasoning_gym as rg; print(rg.extracted('<answer>1' * 200000))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr[-2000:]
