@@ -241,31 +241,32 @@ MAX_EXPONENT = 1_000_000
 
 def too_large_to_evaluate(expr) -> bool:
     """Whether a parsed answer (a sympy expression, unevaluated) holds a number too large to compute, or a power
-    whose exponent is; found by bounding each constant subexpression's number of digits, evaluating nothing."""
+    whose exponent is; found by bounding each constant subexpression's size, evaluating nothing."""
     import sympy
 
     if not isinstance(expr, sympy.Basic):
         return False
-    digits: dict = {}
+    sizes: dict = {}
     for node in sympy.postorder_traversal(expr):
-        digits[node] = bound = _digits_bound(node, digits)
-        if bound is not None and bound > MAX_ANSWER_DIGITS:
+        sizes[node] = size = _log10_bound(node, sizes)
+        if size is not None and size > MAX_ANSWER_DIGITS:
             return True
-        if isinstance(node, sympy.Pow) and digits.get(node.exp) is not None \
-                and digits[node.exp] > math.log10(MAX_EXPONENT):
+        if isinstance(node, sympy.Pow) and sizes.get(node.exp) is not None \
+                and sizes[node.exp] > math.log10(MAX_EXPONENT + 1):
             return True
     return False
 
 
-def _digits_bound(node, known: dict) -> float | None:
-    """An upper bound on log10 |value| + 1 of a constant node, from its children's bounds; None if not constant."""
+def _log10_bound(node, known: dict) -> float | None:
+    """An upper bound on log10(|value| + 1) of a constant node (about its number of digits), from its children's
+    bounds; None where the node holds a symbol or anything else that is not a number."""
     import sympy
 
-    if isinstance(node, sympy.Rational):  # integers too
-        return max(abs(node.p).bit_length(), node.q.bit_length()) * math.log10(2) + 1
+    if isinstance(node, sympy.Rational):  # integers too; log10 of a Python int of any size is exact enough
+        return max(math.log10(abs(node.p) + 1), math.log10(node.q + 1))
     if isinstance(node, sympy.Float):
         value = abs(float(node))
-        return math.log10(value + 1) + 1 if math.isfinite(value) else math.inf
+        return math.log10(value + 1) if math.isfinite(value) else math.inf
     if node in (sympy.pi, sympy.E, sympy.I, sympy.EulerGamma, sympy.GoldenRatio):
         return 1.0
     children = [known.get(arg) for arg in node.args]
@@ -273,15 +274,16 @@ def _digits_bound(node, known: dict) -> float | None:
         return None
     if isinstance(node, sympy.Pow):
         base, exp = children
-        return base * 10.0 ** exp if exp < 300 else math.inf
+        power = abs(int(node.exp)) if isinstance(node.exp, sympy.Integer) else 10.0 ** min(exp, 308.0)
+        return max(base, math.log10(2)) * power  # |b|^e + 1 <= (|b| + 1)^e, and 1^e + 1 = 2
     if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.gamma, sympy.subfactorial)):
         arg = node.args[0]
-        n = float(abs(arg)) if isinstance(arg, sympy.Integer) else 10.0 ** min(children[0], 300)
-        return n * math.log10(n + 1) + 1  # n! < n^n
+        n = float(abs(arg)) if isinstance(arg, sympy.Integer) else 10.0 ** min(children[0], 308.0)
+        return n * math.log10(n + 1) + 1  # n! <= n^n
     if isinstance(node, sympy.Mul):
         return sum(children)
     if isinstance(node, sympy.Add):
-        return max(children) + 1
+        return max(children) + math.log10(len(children))
     return max(children)  # other functions of constants (sqrt, sin, log, ...) do not outgrow their arguments
 
 
