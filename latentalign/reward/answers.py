@@ -188,6 +188,7 @@ class Verifier:
         """True/False from math-verify, None when it is missing or failed (counted and logged)."""
         try:
             from math_verify import parse, verify
+            from math_verify.errors import TimeoutException  # a BaseException: `except Exception` lets it through
         except ImportError:
             self.record_failure("ImportError", "math-verify is not installed; LaTeX answers are compared as strings")
             return None
@@ -198,8 +199,6 @@ class Verifier:
                 logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled", said on every call
         with self._lock:
             self.calls += 1
-        from math_verify.errors import TimeoutException  # a BaseException: `except Exception` lets it through
-
         if len(answer) > MAX_VERIFIED_CHARS:  # parsing grows faster than the text; no reference answer is this long
             self.record_failure("too_long", f"math-verify not asked about an answer of {len(answer)} characters "
                                 f"(at most {MAX_VERIFIED_CHARS}); compared as a string")

@@ -43,12 +43,12 @@ _INSTALL_LOCK = threading.Lock()
 CHECKED_MODULES = ("reasoning_gym", "sympy")
 MAX_SOURCE = 20_000  # characters; a spiral matrix of 10 x 10 as a Python list is about 400
 MAX_EXPONENT, MAX_FACTORIAL = 10_000, 10_000  # sympy computes 2**10000 or 10000! in milliseconds
-MAX_EXPONENT_DIGITS = MAX_FACTORIAL_DIGITS = math.log10(10_000 + 1.0)
+MAX_EXPONENT_DIGITS, MAX_FACTORIAL_DIGITS = math.log10(MAX_EXPONENT + 1.0), math.log10(MAX_FACTORIAL + 1.0)
 MAX_VALUE_DIGITS = 10_000  # a constant expression's value; a power tower's is astronomical
 MAX_INT_DIGITS = 100
 HEAVY_CALLS = frozenset({"factorial", "factorial2", "subfactorial", "gamma", "binomial", "fibonacci", "lucas",
                          "prime", "primorial", "isprime", "factorint", "divisors", "totient"})
-_SEQUENCES = (ast.List, ast.Tuple, ast.Set, ast.ListComp, ast.JoinedStr)
+_SEQUENCES = (ast.List, ast.Tuple, ast.Set)  # the sequences an allowed expression can hold
 _ALLOWED_NODES = (ast.Module, ast.Expression, ast.Expr, ast.Constant, ast.Name, ast.Load, ast.List, ast.Tuple,
                   ast.Set, ast.Dict, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call, ast.keyword,
                   ast.operator, ast.unaryop, ast.boolop, ast.cmpop)
