@@ -261,15 +261,11 @@ def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: in
 
 def extracted(completion: str) -> str | None:
     """The answer a completion gives, extracted as reasoning-gym's docs say: what its last `<answer>...</answer>`
-    holds, stripped (`reasoning_gym.utils.extract_answer`), None without one. The same matches found in one pass:
-    its regex, tried from every `<answer>`, is quadratic in a completion of unclosed tags (20,000 took 34 s)."""
-    found, pos = None, 0
-    while (start := completion.find("<answer>", pos)) >= 0:
-        end = completion.find("</answer>", start + len("<answer>"))
-        if end < 0:
-            break  # no later tag can close either
-        found, pos = completion[start + len("<answer>"):end], end + len("</answer>")
-    return None if found is None else found.strip()
+    holds, stripped (`reasoning_gym.utils.extract_answer`, in one pass: `reward.answers.tagged_answer`), None
+    without one."""
+    from ..reward.answers import tagged_answer
+
+    return tagged_answer(completion)
 
 
 def score_answer(answer: str | None, key: str) -> float:

@@ -37,6 +37,45 @@ def test_extraction_order():
     assert extract_answer("x = 3, y = 4") == "4"
 
 
+@pytest.mark.parametrize("completion, right, wrong", [
+    ("<think>12 - 5</think> <answer>12 - 5</answer>", "7", "-5"),  # an expression: its value, not its last number
+    ("<answer>1+1</answer>", "2", "1"),
+    ("<answer>3*5</answer>", "15", "5"),
+    ("<answer>x = 7</answer>", "7", "x"),
+    ("<answer>$\\frac{1}{2}$</answer>", "0.5", "2"),
+    ("<answer>7 \\text{ apples}</answer>", "7", "8"),
+    ("<answer>The total is 42 apples.</answer>", "42", "41"),  # prose in the tag: its last number, as outside
+    ("<answer>The answer is 9. Not 8.</answer>", "9", "8"),
+    ("Maybe \\boxed{6}? No: <answer>\\boxed{7}</answer>", "7", "6"),  # the tag, not a box before it
+    ("<answer>1</answer> then <answer>2</answer>", "2", "1"),  # the last closed tag
+    ("2 apples, so <answer>3", "3", "2"),  # an unclosed tag: the rules without it
+])
+def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
+    assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
+    assert math_accuracy(["q"], [completion], answer=[wrong]) == [0.0]
+
+
+@pytest.mark.parametrize("completion, right, wrong", [
+    ("The answer is 4 * 2", "8", "42"),  # a product, not the digits run together
+    ("answer: 2*3", "6", "23"),
+    ("The answer is: **42**.", "42", "4"),  # markdown's bold around a number still reads
+    ("Final Answer: The final answer is $42$. I hope it is correct.", "42", "4"),
+    ("The answer is 1 000 000", "1000000", "1000"),  # thousands spaced as SI writes them
+    ("The answer is 12 345.5", "12345.5", "345.5"),
+    ("The answer is 5 cm^2", "5", "2"),
+])
+def test_written_answers_a_grader_would_read(completion, right, wrong):
+    assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
+    assert math_accuracy(["q"], [completion], answer=[wrong]) == [0.0]
+    assert math_accuracy(["q"], ["The answer is 1 2"], answer=["12"]) == [0.0]  # two numbers, not 12 spaced
+
+
+def test_an_empty_answer_tag_is_no_answer():
+    assert extract_answer("I think 5. <answer> </answer>") is None
+    assert format_reward(["q"], ["I think 5. <answer></answer>"]) == [0.0]
+    assert extract_answer("<answer>3 or 4</answer>") == "3, 4"  # a hedge in the tag is both, as outside it
+
+
 def test_format_and_length():
     assert format_reward([""] * 3, [" 12", "User: 5", "no digits"]) == [1.0, 0.0, 0.0]
     assert length_reward([""] * 3, ["a", "b", "c"], completion_ids=[[0] * 10, [0] * 90, [0] * 100],
