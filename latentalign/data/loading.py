@@ -20,6 +20,7 @@ what is wrong.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -39,6 +40,16 @@ class DataError(ValueError):
     """Bad data: the message names the source, the row and the problem."""
 
 
+def _text_problem(text: str) -> str | None:
+    """What makes a string unusable as text: a lone surrogate (JSON's "\\ud800" decodes to one), which neither the
+    tokenizer nor Arrow can encode; found here rather than as an encoding error deep in training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"holds {text[err.start]!r} at character {err.start}, not a Unicode character (a lone surrogate)"
+    return None
+
+
 def _conversation_problem(value, *, final_role: str | None = None) -> str | None:
     if not isinstance(value, list) or not value:
         return f"expected a non-empty list of messages, got {type(value).__name__}"
@@ -50,6 +61,8 @@ def _conversation_problem(value, *, final_role: str | None = None) -> str | None
             return f"message {i} has role {role!r}; expected one of {ROLES}"
         if not isinstance(content, str):
             return f"message {i} ({role}) has content of type {type(content).__name__}, expected a string"
+        if problem := _text_problem(content):
+            return f"message {i} ({role}) {problem}"
     if final_role and value[-1]["role"] != final_role:
         return f"the last message is from {value[-1]['role']!r}, expected {final_role!r}"
     return None
@@ -57,7 +70,9 @@ def _conversation_problem(value, *, final_role: str | None = None) -> str | None
 
 def _text_or_conversation(value, final_role: str | None) -> str | None:
     if isinstance(value, str):
-        return None if value.strip() else "is an empty string"
+        return (_text_problem(value) if value.strip() else "is an empty string")
+    if not isinstance(value, list):
+        return f"expected a string or a non-empty list of messages, got {type(value).__name__}"
     return _conversation_problem(value, final_role=final_role)
 
 
@@ -67,7 +82,9 @@ def row_problem(row: dict, fmt: str) -> str | None:
         problem = _conversation_problem(row["messages"], final_role="assistant")
         return problem and f"'messages': {problem}"
     if fmt == "text":
-        return None if isinstance(row["text"], str) and row["text"] else "'text' must be a non-empty string"
+        if not isinstance(row["text"], str) or not row["text"]:
+            return "'text' must be a non-empty string"
+        return (problem := _text_problem(row["text"])) and f"'text' {problem}"
     checks = {
         "completion": [("prompt", "user"), ("completion", None)],
         "preference": [("chosen", None), ("rejected", None)] + ([("prompt", "user")] if "prompt" in row else []),
@@ -80,8 +97,14 @@ def row_problem(row: dict, fmt: str) -> str | None:
             return f"{column!r}: {problem}"
     if fmt == "preference" and isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
         return "'chosen' and 'rejected' must both be strings or both be conversations"
-    if fmt == "rl" and not isinstance(row["answer"], (str, int, float)):
-        return f"'answer' must be a string or a number, got {type(row['answer']).__name__}"
+    if fmt == "rl":
+        answer = row["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            return f"'answer' must be a string or a number, got {type(answer).__name__}"
+        if isinstance(answer, float) and not math.isfinite(answer):
+            return f"'answer' is {answer}, not a number an answer can equal"
+        if isinstance(answer, str) and (problem := _text_problem(answer)):
+            return f"'answer' {problem}"
     return None
 
 
@@ -94,10 +117,20 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
     raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}.")
 
 
+def _decoded(path: Path, raw: bytes, where: str) -> str:
+    """UTF-8 text (a byte-order mark, as Windows tools write one, dropped), or a DataError naming the byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        f"save the file as UTF-8.") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decoded(path, raw, f"line {line_no}")
             if not line.strip():
                 continue
             try:
@@ -116,7 +149,7 @@ def _read_local(path: Path) -> list[dict]:
         return _read_jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_decoded(path, path.read_bytes(), "the file"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err}).") from None
         if isinstance(data, dict) and "data" in data:

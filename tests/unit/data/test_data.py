@@ -174,6 +174,44 @@ def test_malformed_rows_name_file_row_and_problem(tmp_path, bad, message):
         load_rows(path)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',
+     "row 0: 'messages': message 0 \\(user\\) holds '\\\\ud800' at character 0, not a Unicode character"),
+    ('{"prompt": "a\\udc00", "completion": "b"}', "row 0: 'prompt': holds '\\\\udc00' at character 1"),
+    ('{"prompt": 7, "completion": "b"}', "row 0: 'prompt': expected a string or a non-empty list of messages, got int"),
+])
+def test_text_no_tokenizer_can_encode_is_a_bad_row(tmp_path, bad, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(bad + "\n")
+    with pytest.raises(DataError, match=f"{tmp_path}/data.jsonl: {message}"):
+        load_rows(path)
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("NaN", "'answer' is nan"), ("true", "'answer' must be a string or a number, got bool"),
+    ('"\\ud800"', "'answer' holds"),
+])
+def test_rl_answers_must_be_answers(tmp_path, answer, message):
+    path = tmp_path / "rl.jsonl"
+    path.write_text('{"prompt": "q", "answer": 1}\n{"prompt": "q", "answer": %s}\n' % answer)
+    with pytest.raises(DataError, match=f"row 1: {message}"):
+        load_rows(path, formats=("rl",))
+
+
+def test_file_encodings(tmp_path):
+    row = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + row + b"\n")  # a byte-order mark: Windows tools write one
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf[" + row + b"]")
+    expected = [{"prompt": "p", "completion": "c"}]
+    assert load_rows(tmp_path / "bom.jsonl")[0] == load_rows(tmp_path / "bom.json")[0] == expected
+    (tmp_path / "latin1.jsonl").write_bytes(row + b"\n" + row.replace(b"p", b"caf\xe9") + b"\n")
+    with pytest.raises(DataError, match="latin1.jsonl: line 2: not UTF-8 text \\(byte 0xe9 at offset"):
+        load_rows(tmp_path / "latin1.jsonl")
+    (tmp_path / "latin1.json").write_bytes(b"[" + row.replace(b"p", b"caf\xe9") + b"]")
+    with pytest.raises(DataError, match="latin1.json: the file: not UTF-8 text"):
+        load_rows(tmp_path / "latin1.json")
+
+
 def test_missing_columns_and_missing_files(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q"}])
     with pytest.raises(DataError, match="missing columns: expected messages or prompt\\+completion.*'question'"):
