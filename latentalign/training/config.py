@@ -66,6 +66,9 @@ def load_yaml(path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise ConfigError(f"{path}: not UTF-8 text (byte {byte:#04x} at offset {err.start}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
     return data
@@ -107,6 +110,28 @@ def check_type(value, annotation, key: str, source: str):
         return value
 
 
+# Ranges of TRL and transformers options that their configs take without a word and that fail later, in the
+# optimizer or the first step, after the model is built: (lowest, lowest allowed?, highest or None).
+TRL_RANGES = {
+    "learning_rate": (0, True, None), "weight_decay": (0, True, None), "max_grad_norm": (0, True, None),
+    "per_device_train_batch_size": (1, True, None), "per_device_eval_batch_size": (1, True, None),
+    "gradient_accumulation_steps": (1, True, None), "num_train_epochs": (0, False, None),
+    "warmup_ratio": (0, True, 1), "warmup_steps": (0, True, None), "logging_steps": (0, False, None),
+    "save_steps": (0, False, None), "num_generations": (2, True, None), "num_iterations": (1, True, None),
+    "temperature": (0, False, None), "top_p": (0, False, 1), "beta": (0, True, None), "epsilon": (0, True, None),
+    "max_completion_length": (1, True, None), "max_prompt_length": (1, True, None), "max_length": (1, True, None),
+}
+
+
+def check_range(key: str, value, source: str):
+    if key not in TRL_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, inclusive, high = TRL_RANGES[key]
+    if value < low or (value == low and not inclusive) or (high is not None and value > high):
+        allowed = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{source}: {key}: {value!r} must be {allowed}.")
+
+
 def build(stage_cls, trl_cls, values: dict, source: str):
     """A `stage_cls` instance from flat `values`: our fields typed, the TRL ones collected into `.trl`."""
     ours = {f.name: f for f in dataclasses.fields(stage_cls) if f.name != "trl"}
@@ -119,6 +144,7 @@ def build(stage_cls, trl_cls, values: dict, source: str):
             kwargs[key] = check_type(value, our_types[key], key, source)
         elif key in theirs:
             trl[key] = check_type(value, trl_types[key], key, source)
+            check_range(key, trl[key], source)
         else:
             close = difflib.get_close_matches(key, [*ours, *theirs], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -74,6 +74,9 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r.update(stagez={}), "unknown top-level key(s) ['stagez']"),
     (lambda r: r["stages"]["sft"].update(max_stpes=3), "did you mean 'max_steps'"),
     (lambda r: r["stages"]["sft"].update(max_steps="many"), "stages.sft: max_steps: 'many' is not a valid int"),
+    (lambda r: r["stages"]["sft"].update(learning_rate=-1e-4), "stages.sft: learning_rate: -0.0001 must be >= 0"),
+    (lambda r: r["stages"]["rl"].update(num_generations=1), "stages.rl: num_generations: 1 must be >= 2"),
+    (lambda r: r["stages"]["rl"].update(temperature=0), "stages.rl: temperature: 0.0 must be > 0"),
     (lambda r: r["stages"]["sft"].update(dataset="missing.jsonl"), "dataset file 'missing.jsonl' does not exist"),
     (lambda r: r["stages"]["reward"].update(init="sftt"), "init 'sftt' is not an earlier stage"),
     (lambda r: r["stages"]["reward"].update(init="rl"), "(it comes later; stages run in order)"),
@@ -94,6 +97,15 @@ def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, messag
     result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_recipe_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(TINY.read_bytes() + b"# caf\xe9\n")
+    from latentalign.training import ConfigError  # the file itself, before it is read as a recipe
+
+    with pytest.raises(ConfigError, match=f"{path}: not UTF-8 text \\(byte 0xe9"):
+        load_recipe(path)
 
 
 def test_overrides_use_the_file_keys_and_are_checked(tmp_path):
