@@ -151,7 +151,13 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
         raise CheckpointError(f"{local}: no weights found (looked for {', '.join(WEIGHT_FILES)}).")
     # Mismatches are collected rather than raised, so that the error below names them in one line.
     kwargs.setdefault("ignore_mismatched_sizes", True)
-    model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True, **kwargs)
+    try:
+        model, info = cls.from_pretrained(str(path), config=config, output_loading_info=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 -- narrowed below to a local directory's unreadable weight files
+        if local is None or not _unreadable_weights(err):
+            raise
+        raise CheckpointError(f"{local}: its weight files cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+                              f"a copy or download cut short? Copy the checkpoint again.") from None
     unexpected = list(info.get("unexpected_keys") or [])
     if any(k.endswith("weight_scale_inv") for k in unexpected):
         raise CheckpointError(f"{path}: holds FP8 block scales (`weight_scale_inv`) but its config.json declares no "
@@ -177,6 +183,16 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}.")
     return model
+
+
+def _unreadable_weights(err: Exception) -> bool:
+    """Whether loading failed on the weight files themselves: a truncated or corrupt safetensors or torch file, a
+    shard the index names that is not there, an index that is not JSON."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, (SafetensorError, FileNotFoundError, json.JSONDecodeError, EOFError)):
+        return True
+    return isinstance(err, RuntimeError) and "PytorchStreamReader" in str(err)
 
 
 def load_model(path, *, dtype: torch.dtype | str | None = None, **kwargs) -> LatentAlignForCausalLM:

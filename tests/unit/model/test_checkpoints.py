@@ -163,6 +163,26 @@ def test_missing_weights(tmp_path):
         latentalign.load_model(path)
 
 
+def _truncated(path):
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _shard_gone(path):
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("damage, detail", [(_truncated, "SafetensorError"),
+                                             (_shard_gone, "model-00002-of-00002.safetensors")])
+def test_weight_files_cut_short_name_the_checkpoint(tmp_path, damage, detail):
+    path = _saved(tmp_path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=f"{path}: its weight files cannot be read .*{detail}"):
+        latentalign.load_model(path)
+
+
 def test_other_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2/V3 architecture"):
