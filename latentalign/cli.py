@@ -99,8 +99,8 @@ def chat(
     model_dir: Path = typer.Argument(..., help="A model directory (a stage's model/ or an export)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     system: str = typer.Option(None, "--system", help="A system prompt for the conversation."),
-    max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
-    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 decodes greedily; above 0 samples."),
 ):
     """Chat with a model through its chat template (interactive, or one answer with --prompt)."""
     from latentalign.eval.accuracy import generate_completions
@@ -135,24 +135,31 @@ def chat(
 
 
 def _read_prompts(path: Path) -> list:
-    from latentalign.data.loading import DataError
+    from latentalign.data.loading import DataError, decoded, prompt_problem
 
     if not path.is_file():
         raise DataError(f"{path}: no such prompts file.")
-    if path.suffix != ".jsonl":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = decoded(path, path.read_bytes(), "the file").splitlines()
     prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg}).") from None
-        prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
-        if not isinstance(prompt, (str, list)):
-            raise DataError(f"{path}: line {line_no}: expected a 'prompt' (text or messages) or 'messages'.")
+        if path.suffix != ".jsonl":
+            prompt = line
+        else:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg}).") from None
+            prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
+            if not isinstance(prompt, (str, list)):
+                raise DataError(f"{path}: line {line_no}: expected a 'prompt' (text or messages) or 'messages'.")
+        problem = prompt_problem(prompt)
+        if problem:
+            raise DataError(f"{path}: line {line_no}: prompt: {problem}.")
         prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts.")
     return prompts
 
 
@@ -161,9 +168,9 @@ def generate(
     model_dir: Path = typer.Argument(..., help="A model directory."),
     prompts: Path = typer.Option(..., "--prompts", help="A .txt file (one prompt a line) or .jsonl with 'prompt'."),
     output: Path = typer.Option(None, "--output", "-o", help="Write JSON Lines here instead of stdout."),
-    max_new_tokens: int = typer.Option(256, help="Longest completion, in tokens."),
-    temperature: float = typer.Option(0.0, help="0 decodes greedily; above 0 samples."),
-    batch_size: int = typer.Option(32, help="Prompts per generate() call."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Longest completion, in tokens."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 decodes greedily; above 0 samples."),
+    batch_size: int = typer.Option(32, min=1, help="Prompts per generate() call."),
 ):
     """Complete every prompt of a file with the chat template; one JSON line per prompt."""
     from latentalign.eval.accuracy import generate_completions
@@ -292,8 +299,9 @@ def push(
 @app.command()
 def memory(
     preset: str = typer.Argument(..., help="A model preset: deepseek-v2-lite, deepseek-v2, deepseek-v3, moonlight, ..."),
-    gpus: list[int] = typer.Option([8, 64], "--gpus", help="GPU counts for the sharded strategies (repeatable)."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank for the LoRA rows."),
+    gpus: list[int] = typer.Option([8, 64], "--gpus", min=1,
+                                   help="GPU counts for the sharded strategies (repeatable)."),
+    lora_r: int = typer.Option(16, "--lora-r", min=1, help="LoRA rank for the LoRA rows."),
 ):
     """GiB per GPU of weights, gradients and optimizer state under DDP, FSDP2 and ZeRO-3 (full and LoRA)."""
     from latentalign.training.memory import memory_table

@@ -76,6 +76,11 @@ def _text_or_conversation(value, final_role: str | None) -> str | None:
     return _conversation_problem(value, final_role=final_role)
 
 
+def prompt_problem(value) -> str | None:
+    """What is wrong with a prompt to complete (text, or a conversation ending with the user), or None."""
+    return _text_or_conversation(value, "user")
+
+
 def row_problem(row: dict, fmt: str) -> str | None:
     """What is wrong with one row of format `fmt`, or None."""
     if fmt == "messages":
@@ -117,7 +122,7 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
     raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}.")
 
 
-def _decoded(path: Path, raw: bytes, where: str) -> str:
+def decoded(path: Path, raw: bytes, where: str) -> str:
     """UTF-8 text (a byte-order mark, as Windows tools write one, dropped), or a DataError naming the byte."""
     try:
         return raw.decode("utf-8-sig")
@@ -130,7 +135,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            line = _decoded(path, raw, f"line {line_no}")
+            line = decoded(path, raw, f"line {line_no}")
             if not line.strip():
                 continue
             try:
@@ -149,7 +154,7 @@ def _read_local(path: Path) -> list[dict]:
         return _read_jsonl(path)
     if path.suffix == ".json":
         try:
-            data = json.loads(_decoded(path, path.read_bytes(), "the file"))
+            data = json.loads(decoded(path, path.read_bytes(), "the file"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err}).") from None
         if isinstance(data, dict) and "data" in data:

@@ -28,7 +28,7 @@ def check(values: dict, stages: dict, where: str) -> dict:
             raise ConfigError(f"{where}: models: {model!r} is not an earlier sft/reward/rl stage.")
     try:
         EvalOptions(**{k: v for k, v in values.items() if k in OPTION_FIELDS})
-    except TypeError as err:
+    except (TypeError, EvalError) as err:
         raise ConfigError(f"{where}: {err}") from None
     return {**values, "models": models}
 

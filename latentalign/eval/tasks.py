@@ -49,6 +49,17 @@ class EvalOptions:
     humaneval_max_new_tokens: int = 256
     batch_size: int = 64
 
+    def __post_init__(self):
+        counts = {"size": self.size, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                  "humaneval_max_new_tokens": self.humaneval_max_new_tokens, "humaneval_limit": self.humaneval_limit}
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EvalError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0:
+            raise EvalError(f"temperature (the sampling temperature of maj@K and reasoning_gym@K) must be > 0, "
+                            f"got {self.temperature!r}.")
+
 
 def parse_tasks(spec) -> list[str]:
     """`"accuracy,maj@8"` or a list -> checked task names."""

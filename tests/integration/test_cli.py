@@ -59,3 +59,49 @@ def test_demo_runs_the_quickstart_recipe(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert calls == [("quickstart", ["sft.max_steps=2"], tmp_path)]
     assert "| stage | accuracy |" in result.output
+
+
+def _chat_model(path):
+    import latentalign
+    from latentalign.data.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    config = latentalign.model_config("tiny", vocab_size=len(tokenizer))
+    latentalign.LatentAlignForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from latentalign.cli import app
+
+    model = _chat_model(tmp_path / "model")
+    (tmp_path / "p.txt").write_text("What is 2 + 3?\n\nWhat is 7 - 4?\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
+    for prompts, expected in (("p.txt", ["What is 2 + 3?", "What is 7 - 4?"]),
+                              ("p.jsonl", [[{"role": "user", "content": "Hi"}]])):
+        out = tmp_path / f"{prompts}.out"
+        result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / prompts),
+                                          "--max-new-tokens", "3", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == expected and all(isinstance(r["completion"], str) for r in rows)
+
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9?\n")
+    (tmp_path / "surrogate.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "\\ud800"}\n')
+    (tmp_path / "answered.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                                      {"role": "assistant", "content": "a"}]}))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for prompts, message in (("latin1.txt", "the file: not UTF-8 text (byte 0xe9"),
+                             ("surrogate.jsonl", "line 2: prompt: holds '\\ud800'"),
+                             ("answered.jsonl", "line 1: prompt: the last message is from 'assistant'"),
+                             ("empty.txt", "no prompts")):
+        result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / prompts)])
+        assert result.exit_code == 2 and f"{tmp_path / prompts}: {message}" in result.output, result.output
+    result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / "p.txt"),
+                                      "--batch-size", "0"])
+    assert result.exit_code == 2 and "--batch-size" in result.output

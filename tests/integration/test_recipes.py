@@ -84,6 +84,8 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"]["rl_preference"].update(rewards={"model:sft": 1.0}), "names a sft stage, not a reward"),
     (lambda r: r["stages"]["eval"].update(tasks=["accuracy", "bleu"]), "unknown task 'bleu'"),
     (lambda r: r["stages"]["eval"].update(models=["nope"]), "models: 'nope' is not an earlier"),
+    (lambda r: r["stages"]["eval"].update(size=0), "stages.eval: size must be a whole number >= 1, got 0"),
+    (lambda r: r["stages"]["eval"].update(temperature=0), "stages.eval: temperature (the sampling temperature"),
     (lambda r: r["stages"]["push"].update(repo_id="no-slash"), "repo_id must look like ORG/NAME"),
     (lambda r: r["stages"].update(distill={"init": "sft"}), "no `type:`, and the name is not a stage type"),
     (lambda r: r["stages"]["sft"].update(output_dir="x"), "output_dir is set by the runner"),
