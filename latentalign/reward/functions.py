@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import threading
 from collections import Counter
 
@@ -125,7 +126,8 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     """Wrap a reward so that an exception or a timeout scores `None` instead of stopping training.
 
     When a batch call fails, the samples are scored one by one and only those that fail again score `None`.
-    Samples scored `None` are counted in `.failures` by cause ("none" when the function itself said None). A wrong number of returned values raises a
+    Samples scored `None` are counted in `.failures` by cause ("none" when the function itself said None,
+    "nonfinite" for a NaN or infinite score, which scores None too). A wrong number of returned values raises a
     `RewardError` naming the function: that is a bug, not a flaky reward. With `timeout_s`, the call runs in a
     worker thread; past the timeout its result is discarded (Python cannot stop a running thread: keep CPU-bound
     work in subprocesses, as the code reward does).
@@ -161,27 +163,31 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         self.calls += 1
         n = len(completions)
         try:
-            values = self._checked(self._call(prompts, completions, **kwargs), n)
+            return self._checked(self._call(prompts, completions, **kwargs), n)
         except RewardError:
             raise
         except Exception:  # noqa: BLE001 -- the batch failed: score sample by sample, None where that fails
             return [self._one(i, prompts, completions, kwargs) for i in range(n)]
-        self.failures["none"] += sum(v is None for v in values)
-        return values
 
     def _checked(self, values, n: int) -> list[float | None]:
         values = list(values) if values is not None else None
         if values is None or len(values) != n:
             got = "None" if values is None else f"{len(values)} values"
             raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions.")
-        return [None if v is None else float(v) for v in values]
+        scores = [None if v is None else float(v) for v in values]
+        self.failures["none"] += scores.count(None)
+        # NaN or inf would reach every advantage of its group (TRL's sum over rewards skips only NaN, and only
+        # where another reward scored the sample): a score the function could not give, counted as such.
+        nonfinite = sum(v is not None and not math.isfinite(v) for v in scores)
+        if nonfinite:
+            self.failures["nonfinite"] += nonfinite
+            scores = [v if v is None or math.isfinite(v) else None for v in scores]
+        return scores
 
     def _one(self, i: int, prompts, completions, columns: dict) -> float | None:
         one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in columns.items()}
         try:
-            value = self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1)[0]
-            self.failures["none"] += value is None
-            return value
+            return self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1)[0]
         except RewardError:
             raise
         except Exception as err:  # noqa: BLE001 -- this sample could not be scored

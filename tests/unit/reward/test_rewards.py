@@ -142,6 +142,16 @@ def test_guarded_reward_turns_failures_into_none_and_counts_them():
     assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 1
 
 
+def test_a_nan_or_infinite_score_is_no_score():
+    """NaN or inf would reach every advantage of the sample's group."""
+    def broken(prompts, completions, **_):
+        return [float("nan"), 1.0, float("inf"), None]
+
+    g = guarded(broken)
+    assert g([""] * 4, ["a", "b", "c", "d"]) == [None, 1.0, None, None]
+    assert g.failures == {"nonfinite": 2, "none": 1}
+
+
 def test_wrong_number_of_values_names_the_function():
     def short(prompts, completions, **_):
         return [1.0]
