@@ -3,9 +3,57 @@ directory (gathered from every process), and write its metrics."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from .config import TrainingStageConfig
+from .config import ConfigError, TrainingStageConfig
+
+
+class TrainingDiverged(ConfigError):
+    """The weights stopped being finite: bad settings (most often the learning rate) or data, not a bug."""
+
+
+def _diverged(args, step: int, finding: str) -> TrainingDiverged:
+    newest = newest_checkpoint(args.output_dir)
+    saved = f"the newest checkpoint, {newest}, was saved before it" if newest else "no checkpoint was saved before it"
+    return TrainingDiverged(f"training diverged at step {step}: {finding}. The stage stops without writing its model "
+                            f"({saved}). Lower learning_rate (now {args.learning_rate:g}) or warm it up, or look at "
+                            f"the data of that step.")
+
+
+def finite_weights_callback():
+    """A `TrainerCallback` that stops training at the first step whose update left a weight NaN or infinite.
+
+    transformers' Trainer goes on: it filters NaN losses out of its logs (`logging_nan_inf_filter`), so a diverged
+    run logs a loss of 0, trains to the end, overwrites its checkpoints and saves a model of NaNs. Two checks:
+    - after each step (one process): one small trainable tensor. With gradient clipping (the default), a NaN
+      gradient anywhere makes every update NaN, this tensor's too;
+    - at each logging step: the logged gradient norm and loss, the same on every rank (under several processes a
+      rank stopping alone would leave the others waiting). An infinite norm zeroes the finite gradients and turns
+      the infinite ones into NaN, which the tensor above may not hold. Not the norm under fp16 mixed precision,
+      whose loss scaler skips a step with infinite gradients by design."""
+    from transformers import TrainerCallback
+
+    class FiniteWeights(TrainerCallback):
+        sentinel = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+            if args.world_size == 1 and trainable:
+                self.sentinel = min(trainable, key=lambda p: p.numel())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.sentinel is not None and not bool(self.sentinel.detach().isfinite().all()):
+                raise _diverged(args, state.global_step, "a weight it updated is NaN or infinite")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss",) if args.fp16 else ("grad_norm", "loss"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise _diverged(args, state.global_step, f"the logged {key.replace('_', ' ')} is {value}")
+
+    return FiniteWeights()
+
 
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
     """(training rows, their format, held-out rows or None), every row checked before anything is built."""
@@ -35,6 +83,7 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     from .model_dir import save_model_dir
 
     resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    trainer.add_callback(finite_weights_callback())
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start

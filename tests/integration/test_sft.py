@@ -214,3 +214,40 @@ def test_bad_input_one_message_nonzero_exit_nothing_written(tmp_path, content, e
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.output[-2000:]
     assert not out.exists()
+
+
+def test_a_diverging_run_stops_at_the_step_and_writes_no_model(tmp_path):
+    """transformers' Trainer hides NaN losses from its logs and would train on, saving a model of NaNs."""
+    from safetensors.torch import load_file
+
+    from latentalign.training import TrainingDiverged
+
+    cfg = small_cfg(tmp_path, "learning_rate=1e4", "max_steps=12", "save_steps=1")
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step (\d+): a weight it updated is NaN") as err:
+        run(cfg)
+    step = int(__import__("re").search(r"step (\d+)", str(err.value)).group(1))
+    assert step < 12 and "learning_rate (now 10000)" in str(err.value)
+    assert not (tmp_path / "sft" / "model").exists()
+    checkpoints = sorted((tmp_path / "sft").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert all(int(c.name.split("-")[1]) < step for c in checkpoints)  # nothing saved from the diverged step on
+    for checkpoint in checkpoints:
+        assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values()), checkpoint
+
+
+def test_a_nan_in_the_logs_stops_training_too(tmp_path):
+    """Under several processes the logged gradient norm and loss are what every rank sees alike."""
+    from types import SimpleNamespace
+
+    from latentalign.training import TrainingDiverged, finite_weights_callback
+
+    callback = finite_weights_callback()
+    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=0.1, world_size=2, fp16=False)
+    state = SimpleNamespace(global_step=7)
+    callback.on_log(args, state, None, logs={"loss": 1.5, "grad_norm": 3.0})
+    with pytest.raises(TrainingDiverged, match="step 7: the logged grad norm is nan.*no checkpoint was saved"):
+        callback.on_log(args, state, None, logs={"loss": 1.5, "grad_norm": float("nan")})
+    callback.on_log(SimpleNamespace(**{**vars(args), "fp16": True}), state, None,
+                    logs={"loss": 1.5, "grad_norm": float("inf")})  # fp16's loss scaler skips such a step
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(TrainingDiverged, match="the logged loss is inf.*checkpoint-5, was saved before it"):
+        callback.on_log(args, state, None, logs={"loss": float("inf")})
