@@ -4,7 +4,8 @@ Layout of a run folder:
 
     runs/quickstart/
       recipe.yaml          the recipe as run (overrides applied)
-      manifest.json        per stage: type, config hash, inputs, outputs, metrics, duration, status
+      manifest.json        per stage: type, config hash, inputs, outputs, metrics, duration, status (running,
+                           done, or failed with its error)
       sft/  reward/  ...   one folder per stage (checkpoints, model/, metrics.json) and its DONE marker
       report.md  report.html  plots/*.png
 
@@ -126,8 +127,14 @@ class Runner:
                          started=time.strftime("%Y-%m-%dT%H:%M:%S"), skipped_last_run=False)
             self._save_manifest()
             start = time.perf_counter()
-            # training kinds run in every process (they train together); eval and push in the main one
-            result = stage.kind.execute(self, name, stage) if stage.kind.every_process or is_main_process() else {}
+            try:
+                # training kinds run in every process (they train together); eval and push in the main one
+                result = stage.kind.execute(self, name, stage) if stage.kind.every_process or is_main_process() else {}
+            except BaseException as err:  # the manifest says which stage stopped and why; a rerun resumes it
+                entry.update(status="failed", error=f"{type(err).__name__}: {err}"[:1000],
+                             seconds=round(time.perf_counter() - start, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                self._save_manifest()
+                raise
             entry.update(result, status="done", seconds=round(time.perf_counter() - start, 1),
                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             if stage.kind.makes_model == "chat":

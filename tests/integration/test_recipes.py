@@ -170,6 +170,16 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v2"
 
 
+def test_a_stage_that_fails_is_marked_failed_with_its_error(tmp_path):
+    out = tmp_path / "run"
+    result = cli("run", str(TINY), "-o", str(out), "stages.sft.learning_rate=1e4", "stages.sft.save_steps=1")
+    assert result.returncode == 2 and "error: training diverged at step" in result.stderr, result.stderr[-2000:]
+    sft = json.loads((out / "manifest.json").read_text())["stages"]["sft"]
+    assert sft["status"] == "failed" and sft["error"].startswith("TrainingDiverged: training diverged at step")
+    assert not (out / "sft" / "DONE").exists() and not (out / "sft" / "model").exists()
+    assert list((out / "sft").glob("checkpoint-*"))  # the steps before it, for a rerun with a lower rate
+
+
 @pytest.mark.slow  # the tiny chain on a V3 model, about a minute: `make test-slow` (CI runs it)
 def test_the_chain_on_a_deepseek_v3_model_balances_by_bias_and_exports_deepseek_v3(tmp_path):
     out = tmp_path / "v3"
