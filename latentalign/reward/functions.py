@@ -86,6 +86,9 @@ class RewardModelFunction:
         if device:
             self.model.to(device)
         self.tokenizer = load_tokenizer(path)
+        # Past max_length, drop the conversation's start, not the completion's end: the score is read at the last
+        # token, and a cut-off completion would score the same whatever it answered.
+        self.tokenizer.truncation_side = "left"
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = f"rm_{str(path).rstrip('/').rsplit('/', 1)[-1]}"
 

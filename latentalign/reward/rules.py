@@ -28,12 +28,12 @@ def completion_text(completion) -> str:
 
 def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
     """1.0 when the completion's final answer equals the reference `answer` column, else 0.0; None where a row
-    has no reference."""
+    has no reference (None or empty: reasoning-gym's rows for tasks only their verifier can judge hold "")."""
     if answer is None:
         raise ValueError("math_accuracy needs the dataset's reference answers in an 'answer' column.")
     rewards = []
     for completion, reference in zip(completions, answer):
-        if reference is None:
+        if reference is None or not str(reference).strip():
             rewards.append(None)
             continue
         rewards.append(float(is_correct(completion_text(completion), reference)))

@@ -43,6 +43,11 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
     assert len(batched) == 5 and max(abs(a - b) for a, b in zip(batched, alone)) < 1e-4
     text = rm.texts(prompts[:1], completions[:1])[0]
     assert text.endswith("User: What is 2 + 3?\n\nAssistant: 5" + rm.tokenizer.eos_token)
+    # A conversation longer than max_length keeps its end, the answer the score is read after.
+    short = RewardModelFunction(metrics["model_dir"], max_length=24)
+    long_prompt = "Add these up: " + " + ".join(["1"] * 60)
+    right, wrong = short([long_prompt] * 2, [" 60", " 16"])
+    assert right != wrong
 
 
 def test_lora_reward_model_from_an_sft_style_checkpoint(tmp_path):

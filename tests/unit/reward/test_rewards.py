@@ -29,6 +29,7 @@ def test_integers_and_conversational_completions():
     completions = [" 42", [{"role": "assistant", "content": "It is 42."}], " -7", "1,234"]
     assert math_accuracy([""] * 4, completions, answer=["42", "42", "-7", "1234"]) == [1.0, 1.0, 1.0, 1.0]
     assert math_accuracy(["", ""], ["41", "42"], answer=[None, "41"]) == [None, 0.0]
+    assert math_accuracy(["", ""], ["41", "42"], answer=["", " "]) == [None, None]  # no reference to be wrong against
 
 
 def test_extraction_order():
