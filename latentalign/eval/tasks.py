@@ -95,10 +95,24 @@ def _rows(opts: EvalOptions, source: str, formats):
     return rows
 
 
+def _answered_rows(opts: EvalOptions) -> list[dict]:
+    """The held-out rows with a reference answer: a row of a reasoning-gym task that only its verifier can judge
+    holds an empty one, which no answer equals (`--tasks reasoning_gym` scores those)."""
+    rows = _rows(opts, opts.dataset, ("rl",))
+    answered = [r for r in rows if str(r["answer"]).strip()]
+    if not answered:
+        raise EvalError(f"{opts.dataset}: no held-out row holds a reference answer to compare with; score these "
+                        f"rows with their verifier (--tasks reasoning_gym).")
+    if len(answered) < len(rows):
+        log.warning("%s: %d of %d held-out rows hold no reference answer and are left out of accuracy and maj@K "
+                    "(--tasks reasoning_gym scores them)", opts.dataset, len(rows) - len(answered), len(rows))
+    return answered
+
+
 def accuracy(model, tokenizer, opts: EvalOptions) -> dict:
     from .accuracy import exact_match
 
-    result = exact_match(model, tokenizer, _rows(opts, opts.dataset, ("rl",)), batch_size=opts.batch_size,
+    result = exact_match(model, tokenizer, _answered_rows(opts), batch_size=opts.batch_size,
                          max_new_tokens=opts.max_new_tokens, progress=False)
     return {"accuracy": result["accuracy"], "accuracy/n": result["n"]}
 
@@ -122,7 +136,7 @@ def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
     first seen) vs the answer, judged by the one answer checker."""
     from ..reward.answers import answers_match, final_answer, majority_answer, reference_answer
 
-    rows = _rows(opts, opts.dataset, ("rl",))
+    rows = _answered_rows(opts)
     correct = 0
     for row, samples in zip(rows, _samples_of(model, tokenizer, rows, opts, k)):
         voted = majority_answer([final_answer(c) for c in samples])

@@ -51,6 +51,19 @@ def test_majority_vote_counts_the_most_common_extracted_answer(model_dirs, monke
     assert tasks.majority(None, None, tasks.EvalOptions(), k=3)["maj@3"] == 0.5
 
 
+def test_rows_without_a_reference_answer_are_left_to_their_verifier(model_dirs, monkeypatch):
+    from latentalign.eval import accuracy
+
+    rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Solve the cube.", "answer": ""}]
+    monkeypatch.setattr(tasks, "_rows", lambda *a, **k: rows)
+    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **k: ["2"] * len(prompts))
+    assert tasks.accuracy(None, None, tasks.EvalOptions()) == {"accuracy": 1.0, "accuracy/n": 1}
+    assert tasks.majority(None, None, tasks.EvalOptions(), k=3)["maj@3"] == 1.0
+    rows[0]["answer"] = " "
+    with pytest.raises(tasks.EvalError, match="no held-out row holds a reference answer.*--tasks reasoning_gym"):
+        tasks.accuracy(None, None, tasks.EvalOptions())
+
+
 def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     lm, rm = model_dirs
     metrics = tasks.evaluate(rm, ["pairwise", "kv_cache"], tasks.EvalOptions(size=8), progress=False)
