@@ -80,7 +80,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     from ..data import to_dataset
     from ..stages import trl_args
-    from ..training import ExpertLoadLog, ExpertLoadMeter, load_stage_data, make_peft_config, train_and_save, write_metrics
+    from ..training import (ExpertLoadLog, ExpertLoadMeter, check_rows_kept, load_stage_data, make_peft_config,
+                            train_and_save, write_metrics)
     from .functions import RewardModelFunction, pairwise_accuracy
 
     args = trl_args(cfg)
@@ -92,6 +93,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                             peft_config=peft_config, callbacks=callbacks)
+    check_rows_kept(trainer, len(rows), cfg, f"TRL drops a pair whose chosen or rejected conversation is longer than "
+                                             f"max_length ({args.max_length} tokens); raise max_length or shorten them")
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     trainer.add_callback(ExpertLoadLog(ExpertLoadMeter(base)))  # logged as for the other stages
     metrics = train_and_save(trainer, tokenizer, cfg)

@@ -87,8 +87,9 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     from ..data.tokenizer import training_template_for
     from ..eval import exact_match
     from ..stages import trl_args
-    from ..training import (ExpertLoadLog, ExpertLoadMeter, bias_balancer_for, load_stage_data, load_starting_point,
-                            make_peft_config, train_and_save, use_deepseek_balance_loss, write_metrics)
+    from ..training import (ExpertLoadLog, ExpertLoadMeter, bias_balancer_for, check_rows_kept, load_stage_data,
+                            load_starting_point, make_peft_config, train_and_save, use_deepseek_balance_loss,
+                            write_metrics)
 
     # Everything that can fail on bad input fails here, before a model is built or a file written.
     args = trl_args(cfg)
@@ -109,6 +110,9 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
         trainer_cls = sorted_micro_batch_trainer(SFTTrainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=callbacks)
+    if not args.packing:
+        check_rows_kept(trainer, len(rows), cfg, f"TRL drops a row whose trained tokens all lie past max_length "
+                                                 f"({args.max_length} tokens); raise max_length or shorten the prompts")
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     meter = ExpertLoadMeter(base, hooks=False)  # fed by the balance loss's forward: real tokens only
     use_deepseek_balance_loss(base, meter)

@@ -3,6 +3,7 @@ directory (gathered from every process), and write its metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def finite_weights_callback():
                     raise _diverged(args, state.global_step, f"the logged {key.replace('_', ' ')} is {value}")
 
     return FiniteWeights()
+
+
+def check_rows_kept(trainer, n_rows: int, cfg: TrainingStageConfig, why: str) -> None:
+    """After the TRL trainer prepared its data: none of `n_rows` left is an error (TRL would train 0 steps and save
+    the starting model, or fail in the sampler), some left out a warning; `why` says which rows TRL drops."""
+    import logging
+
+    from ..data import DataError
+
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        with contextlib.suppress(OSError):  # the trainer made the output folder; nothing was written to it
+            Path(cfg.output_dir).rmdir()
+        raise DataError(f"{cfg.dataset}: no row of {n_rows} is left to train on: {why}.")
+    if kept < n_rows:
+        logging.getLogger(__name__).warning("%s: %d of %d rows left out: %s", cfg.dataset, n_rows - kept, n_rows, why)
 
 
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:

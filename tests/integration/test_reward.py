@@ -74,3 +74,20 @@ def test_cli_reward_rejects_bad_config_before_writing(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown key 'margn' for a reward stage; did you mean 'margin'" in result.stderr
     assert not out.exists()
+
+
+def test_pairs_longer_than_max_length_are_named_not_a_sampler_error(tmp_path, caplog):
+    import pytest
+
+    from latentalign.data import DataError
+
+    long_pair = {"prompt": "Add " + " + ".join(["1"] * 40), "chosen": " 40", "rejected": " 39"}
+    short_pair = {"prompt": "Add 1 + 1", "chosen": " 2", "rejected": " 3"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [long_pair, long_pair]) + "\n")
+    with pytest.raises(DataError, match=f"{data}: no row of 2 is left to train on: TRL drops a pair .*max_length "
+                                        f"\\(24 tokens\\)"):
+        run(small_cfg(tmp_path, f"dataset={data}", "max_length=24", "eval_dataset=null"))
+    data.write_text("\n".join(json.dumps(r) for r in [long_pair] + [short_pair] * 15) + "\n")
+    metrics = run(small_cfg(tmp_path, f"dataset={data}", "max_length=24", "eval_dataset=null", "max_steps=1"))
+    assert metrics["global_step"] == 1 and "1 of 16 rows left out" in caplog.text
