@@ -205,6 +205,10 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         if missing:
             raise DataError(f"{label}: dataset_columns renames {missing}, which the data does not have "
                             f"(columns: {sorted(rows[0])}).")
+        clashes = [f"{old!r} -> {new!r}" for old, new in columns.items() if new in rows[0] and new not in columns]
+        if clashes:
+            raise DataError(f"{label}: dataset_columns renames {', '.join(clashes)}, a column the data already has; "
+                            f"rename that one too (or away), or it would be overwritten.")
         rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
     required = FORMATS[fmt]

@@ -220,6 +220,19 @@ def test_missing_columns_and_missing_files(tmp_path):
         load_rows(tmp_path / "absent.jsonl")
 
 
+def test_dataset_columns_rename_and_refuse_to_overwrite(tmp_path):
+    """GSM8K's `question` is our `prompt`; a rename onto a column the data has would silently drop one of them."""
+    path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "1 + 1?", "answer": "#### 2", "id": 7}])
+    rows, fmt = load_rows(path, formats=("rl",), columns={"question": "prompt"})
+    assert fmt == "rl" and rows == [{"prompt": "1 + 1?", "answer": "#### 2", "id": 7}]
+    with pytest.raises(DataError, match="dataset_columns renames \\['query'\\], which the data does not have"):
+        load_rows(path, formats=("rl",), columns={"query": "prompt"})
+    with pytest.raises(DataError, match="renames 'question' -> 'id', a column the data already has"):
+        load_rows(path, formats=("rl",), columns={"question": "id"})
+    swapped, _ = load_rows(path, formats=("prompt",), columns={"question": "prompt", "id": "question"})
+    assert swapped == [{"prompt": "1 + 1?", "answer": "#### 2", "question": 7}]
+
+
 def test_one_hub_id_rule():
     from latentalign.hub_id import is_hub_id
 
