@@ -66,7 +66,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the path and what is wrong."""
 
 
-def _local_dir(path) -> Path | None:
+def local_checkpoint_dir(path) -> Path | None:
+    """The checkpoint directory `path` names, None for a hub id; a CheckpointError for anything else."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -82,7 +83,7 @@ def _local_dir(path) -> Path | None:
 
 def read_config(path, **overrides) -> LatentAlignConfig:
     """Our config from any of the three formats (a directory or a hub id)."""
-    local = _local_dir(path)
+    local = local_checkpoint_dir(path)
     if local is None:
         from huggingface_hub import hf_hub_download
 
@@ -146,7 +147,7 @@ def _skipped_mtp_layers(unexpected: list[str], config: LatentAlignConfig) -> lis
 
 
 def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
-    local = _local_dir(path)
+    local = local_checkpoint_dir(path)
     if local is not None and not any((local / f).is_file() for f in WEIGHT_FILES):
         raise CheckpointError(f"{local}: no weights found (looked for {', '.join(WEIGHT_FILES)}).")
     # Mismatches are collected rather than raised, so that the error below names them in one line.

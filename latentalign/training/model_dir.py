@@ -42,6 +42,8 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
     from ..model import LatentAlignForCausalLM, LatentAlignForSequenceClassification, load_model, load_reward_model
     from ..model.config import PRESETS, model_config
 
+    if model_spec not in PRESETS:
+        _check_checkpoint(model_spec, PRESETS)  # before the tokenizer, whose error would hide what is wrong
     tokenizer = load_tokenizer(model_spec, tokenizer_spec)
     overrides = dict(overrides or {})
     if model_spec in PRESETS:
@@ -64,6 +66,19 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
             model.config.pad_token_id = tokenizer.pad_token_id
     mark_moe_leaves_for_zero3(model)
     return model, tokenizer
+
+
+def _check_checkpoint(model_spec: str, presets) -> None:
+    import difflib
+
+    from ..model.checkpoint import local_checkpoint_dir
+
+    try:
+        local_checkpoint_dir(model_spec)
+    except CheckpointError as err:
+        close = difflib.get_close_matches(str(model_spec), list(presets), n=1)
+        hint = f"did you mean the preset {close[0]!r}?" if close else f"presets: {', '.join(presets)}"
+        raise CheckpointError(f"{str(err).rstrip('.')}; {hint}") from None
 
 
 def mark_moe_leaves_for_zero3(model) -> bool:

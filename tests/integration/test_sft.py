@@ -199,6 +199,8 @@ def test_cli_sft_then_chat_answers_correctly(tmp_path):
     (None, ["learning_rte=0.1"], "unknown key 'learning_rte' for a sft stage; did you mean 'learning_rate'"),
     (None, ["max_steps=lots"], "max_steps: 'lots' is not a valid int"),
     (None, ["lora_r=[1]"], "lora_r: \\[1\\] is not a valid int"),
+    (None, ["model=tinyy"], "tinyy: no such checkpoint directory; did you mean the preset 'tiny'\\?"),
+    (None, ["model=runs/nowhere/model"], "runs/nowhere/model: no such checkpoint directory; presets: tiny, "),
     ('{"prompt": "Add ' + " + ".join(["1"] * 40) + '", "completion": " 40"}', ["max_length=24"],
      "no row of 1 is left to train on: TRL drops a row whose trained tokens all lie past max_length \\(24 tokens\\)"),
 ])
