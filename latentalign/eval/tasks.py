@@ -65,7 +65,7 @@ def parse_tasks(spec) -> list[str]:
     """`"accuracy,maj@8"` or a list -> checked task names."""
     names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
     if not names:
-        raise EvalError(f"no tasks given; choose from {', '.join(TASKS)}.")
+        raise EvalError(f"no tasks given; choose from {_task_names()}.")
     for name in names:
         task_of(name)
     return names
@@ -361,8 +361,11 @@ def task_of(name: str) -> tuple[str, Task, object]:
     for key, task in TASKS.items():
         if task.parse_arg is not None and name.startswith(key):
             return key, task, task.parse_arg(name[len(key):])
-    shown = ", ".join(k + ("K" if k.endswith("@") else "TASK" if k.endswith(":") else "") for k in TASKS)
-    raise EvalError(f"unknown task {name!r}; choose from {shown}.")
+    raise EvalError(f"unknown task {name!r}; choose from {_task_names()}.")
+
+
+def _task_names() -> str:
+    return ", ".join(k + ("K" if k.endswith("@") else "TASK" if k.endswith(":") else "") for k in TASKS)
 
 
 def usable_tasks(tasks, reward: bool) -> list[str]:

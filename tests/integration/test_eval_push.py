@@ -74,7 +74,8 @@ def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     assert metrics["pairwise/n"] == 8 and metrics["pairwise"] == expected["accuracy"]
     assert metrics["pairwise/mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
     for model, task, message in [(rm, "accuracy", "is a reward model"), (lm, "pairwise", "needs a reward model"),
-                                 (lm, "bleu", "unknown task 'bleu'"), (lm, "maj@x", "maj@K")]:
+                                 (lm, "bleu", "unknown task 'bleu'"), (lm, "maj@x", "maj@K"),
+                                 (lm, ",", "no tasks given; choose from accuracy, maj@K,")]:
         result = invoke("eval", model, "--tasks", task)
         assert result.exit_code == 2 and message in result.output, result.output
 
