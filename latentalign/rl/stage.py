@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from ..training import ConfigError, TrainingStageConfig
@@ -201,6 +202,26 @@ def _log_callback(rewards, meter, replay=None):
     return RewardAndLoadLog(meter)
 
 
+def _reference_dir(model, tokenizer, output_dir) -> Path:
+    """`output_dir/reference-start`: the starting weights of a policy built from a preset (random init, never
+    saved), from which TRL loads the reference model of the KL term. Rewritten at each start (a rerun rebuilds the
+    same weights from the stage's seed); written aside and renamed, so a crash leaves no half copy."""
+    import shutil
+
+    from accelerate import PartialState
+
+    out = Path(output_dir) / "reference-start"
+    with PartialState().main_process_first():
+        if PartialState().is_main_process:
+            partial = out.with_name("reference-start.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            shutil.rmtree(out, ignore_errors=True)
+            partial.rename(out)
+    return out
+
+
 def _freeze_routers(model) -> None:
     from ..model.modeling import DeepseekRouter
 
@@ -252,6 +273,8 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
         model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
+    elif not name_or_path and args.beta != 0:  # a preset: TRL builds the KL term's reference from the config's path
+        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
     try:
         trainer = grpo_trainer_class()(
             model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
@@ -259,7 +282,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
             row_seeded_sampling=cfg.row_seeded_sampling,
             callbacks=[_log_callback(rewards, meter, replay), *([balancer] if balancer else []), *(callbacks or [])])
     finally:
-        model.name_or_path = name_or_path
+        model.name_or_path = model.config._name_or_path = name_or_path
     if args.use_vllm:
         wrap_vllm_weights(trainer, native_named_weights)  # fused experts -> vLLM's per-expert names at each sync
         if cfg.vllm_sync_check:

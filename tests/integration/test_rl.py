@@ -347,3 +347,15 @@ def test_compiled_rollouts_decode_through_a_static_cache_unless_routing_is_recor
         run(small_cfg(tmp_path / "recorded", policy_dir, "compiled_decode=true", "max_steps=1", "eval_dataset=null"))
     assert not caches  # the routing recorder's hooks sent every rollout down the eager path ...
     assert "decode eagerly" in caplog.text  # ... and the stage said so
+
+
+def test_grpo_from_a_preset_draws_its_reference_from_the_starting_weights(tmp_path):
+    """A preset is built at random init and never saved; TRL loads the KL term's reference model from a path."""
+    import json
+
+    cfg = small_cfg(tmp_path, "tiny", f"model_overrides={json.dumps(SMALL)}", "max_steps=1", "beta=0.04")
+    metrics = run(cfg)
+    first = [h for h in metrics["log_history"] if "kl" in h][0]
+    assert metrics["global_step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the start
+    saved = json.loads((tmp_path / "rl" / "model" / "config.json").read_text())
+    assert "reference-start" not in saved.get("_name_or_path", "")  # the trained model does not point at it
