@@ -32,6 +32,23 @@ REGISTRY = {
     "code": code.code_reward,
     "reasoning_gym": rules.reasoning_gym_reward,
 }
+# The dataset column each registered reward scores against, and the rows that have it. Without it every sample
+# scores None and GRPO trains on nothing (TRL only warns).
+NEEDS_COLUMN = {
+    "math": ("answer", "rows with a reference answer (prompt + answer)"),
+    "code": ("test", "rows with tests (HumanEval's test, entry_point)"),
+    "reasoning_gym": ("reasoning_gym", "rows from a reasoning_gym: source"),
+}
+
+
+def missing_reward_columns(rewards, columns) -> list[str]:
+    """One line per registered reward in `rewards` whose column is not among the dataset's `columns`."""
+    out = []
+    for name in rewards:
+        column, rows = NEEDS_COLUMN.get(name, (None, None))
+        if column is not None and column not in columns:
+            out.append(f"{name!r} scores against the {column!r} column, which these rows lack; it needs {rows}")
+    return out
 
 
 class RewardError(ValueError):

@@ -258,6 +258,10 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     rewards, _ = build_rewards(cfg)
     args = trl_args(cfg)
     rows, _, eval_rows = load_stage_data(cfg, ("rl", "prompt"), ("rl",))
+    from ..reward.functions import missing_reward_columns
+
+    if missing := missing_reward_columns(cfg.rewards, rows[0].keys()):
+        raise ConfigError(f"rewards: {'; '.join(missing)} (dataset {cfg.dataset}, columns {sorted(rows[0])}).")
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)

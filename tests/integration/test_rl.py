@@ -127,6 +127,10 @@ def test_bad_rewards_and_presets_are_config_errors(tmp_path, policy_dir):
         run(small_cfg(tmp_path, policy_dir, 'rewards={"mathh": 1.0}'))
     with pytest.raises(ConfigError, match="unknown preset 'r1'"):
         small_cfg(tmp_path, policy_dir, "preset=r1")
+    # a reward whose column the rows lack would score every sample None: GRPO would train on nothing
+    with pytest.raises(ConfigError, match="rewards: 'code' scores against the 'test' column, which these rows lack.*"
+                                          "dataset arithmetic-rl, columns \\['answer', 'prompt'\\]"):
+        run(small_cfg(tmp_path, policy_dir, 'rewards={"math": 1.0, "code": 1.0}'))
     assert not (tmp_path / "rl").exists()
 
 
