@@ -56,6 +56,28 @@ def finite_weights_callback():
     return FiniteWeights()
 
 
+# Config keys that fix the weights' shapes: a checkpoint differing in one cannot be resumed by this model.
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
+               "num_attention_heads", "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "kv_lora_rank",
+               "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_labels")
+
+
+def _check_same_model(checkpoint: str, config) -> None:
+    """A stage resuming into a folder whose checkpoints are of another model would fail deep in the optimizer's
+    state ("a parameter group that doesn't match the size"); name the difference instead."""
+    import json
+
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():  # a LoRA checkpoint holds its adapter only
+        return
+    saved = json.loads(path.read_text())
+    differ = [f"{k} {saved[k]} there, {getattr(config, k)} here" for k in _SHAPE_KEYS
+              if k in saved and hasattr(config, k) and saved[k] != getattr(config, k)]
+    if differ:
+        raise ConfigError(f"{checkpoint} is a checkpoint of another model ({'; '.join(differ)}), and this stage "
+                          f"would resume from it: set resume: false to start over, or another output_dir.")
+
+
 def check_rows_kept(trainer, n_rows: int, cfg: TrainingStageConfig, why: str) -> None:
     """After the TRL trainer prepared its data: none of `n_rows` left is an error (TRL would train 0 steps and save
     the starting model, or fail in the sampler), some left out a warning; `why` says which rows TRL drops."""
@@ -100,6 +122,8 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     from .model_dir import save_model_dir
 
     resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if resume_from:
+        _check_same_model(resume_from, trainer.model.config)
     trainer.add_callback(finite_weights_callback())
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)

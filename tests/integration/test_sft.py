@@ -255,3 +255,15 @@ def test_a_nan_in_the_logs_stops_training_too(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     with pytest.raises(TrainingDiverged, match="the logged loss is inf.*checkpoint-5, was saved before it"):
         callback.on_log(args, state, None, logs={"loss": float("inf")})
+
+
+def test_resuming_into_the_checkpoints_of_another_model_is_one_error(tmp_path):
+    from latentalign.training import ConfigError
+
+    run(small_cfg(tmp_path, "max_steps=2", "save_steps=1", "eval_dataset=null"))
+    deeper = json.dumps({**SMALL, "num_hidden_layers": 3})
+    with pytest.raises(ConfigError, match="checkpoint-2 is a checkpoint of another model \\(num_hidden_layers 2 "
+                                          "there, 3 here\\).*resume: false"):
+        run(small_cfg(tmp_path, "max_steps=4", "save_steps=1", "eval_dataset=null", f"model_overrides={deeper}"))
+    metrics = run(small_cfg(tmp_path, "max_steps=4", "save_steps=1", "eval_dataset=null"))  # the same model resumes
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["global_step"] == 4
