@@ -204,6 +204,12 @@ def load_model(path, *, dtype: torch.dtype | str | None = None, **kwargs) -> Lat
     """
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in LatentAlignConfig.__dataclass_fields__}
     config = read_config(path, **overrides)
+    local = local_checkpoint_dir(path)
+    saved = json.loads((local / "config.json").read_text()) if local and (local / "config.json").is_file() else {}
+    heads = [a for a in saved.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
+    if heads:  # its LM head was never saved: "weights missing: lm_head.weight" would not say why
+        raise CheckpointError(f"{path}: a reward model ({heads[0]}: one score per sequence, no language-model "
+                              f"head); this needs a chat model, such as an SFT stage's model directory.")
     if dtype is not None:
         kwargs["dtype"] = dtype
     return _from_pretrained(LatentAlignForCausalLM, path, config, kwargs)

@@ -183,6 +183,16 @@ def test_weight_files_cut_short_name_the_checkpoint(tmp_path, damage, detail):
         latentalign.load_model(path)
 
 
+def test_a_reward_model_is_not_a_chat_model(tmp_path):
+    from latentalign.data.tokenizer import default_tokenizer
+
+    config = latentalign.model_config("tiny", vocab_size=len(default_tokenizer()), num_labels=1)
+    latentalign.LatentAlignForSequenceClassification(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="a reward model \\(LatentAlignForSequenceClassification.*needs a chat"):
+        latentalign.load_model(tmp_path)
+    assert latentalign.load_reward_model(tmp_path).config.num_labels == 1
+
+
 def test_other_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2/V3 architecture"):
