@@ -134,6 +134,18 @@ def chat(
             typer.echo(f"assistant> {answer(text)}")
 
 
+def _prepare_output(path: Path | None) -> None:
+    """The folder of an --output file, made (or refused) before the work whose result it will hold."""
+    if path is None:
+        return
+    if path.is_dir():
+        _fail(f"--output {path} is a folder; name a file in it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"--output {path}: its folder cannot be made ({err.strerror}).")
+
+
 def _read_prompts(path: Path) -> list:
     from latentalign.data.loading import DataError, decoded, prompt_problem
 
@@ -179,6 +191,7 @@ def generate(
         items = _read_prompts(prompts)
     except _user_errors() as err:
         _fail(str(err))
+    _prepare_output(output)
     model, tokenizer = _load_chat_model(model_dir)
     completions = generate_completions(model, tokenizer, items, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, do_sample=temperature > 0,
@@ -258,6 +271,7 @@ def eval_model(
     from latentalign.eval.tasks import EvalOptions, evaluate, format_table
     from latentalign.model.checkpoint import CheckpointError
 
+    _prepare_output(output)
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")

@@ -84,7 +84,7 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
     for prompts, expected in (("p.txt", ["What is 2 + 3?", "What is 7 - 4?"]),
                               ("p.jsonl", [[{"role": "user", "content": "Hi"}]])):
-        out = tmp_path / f"{prompts}.out"
+        out = tmp_path / "not" / "made" / "yet" / f"{prompts}.out"  # the folders are made, before the work
         result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / prompts),
                                           "--max-new-tokens", "3", "-o", str(out)])
         assert result.exit_code == 0, result.output
