@@ -35,6 +35,17 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict | None:
+    """A bookkeeping file's contents: {} when there is none, None when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _barrier() -> None:
     """Under `accelerate launch`, every process waits here until the main one has written what follows."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -52,7 +63,10 @@ class Runner:
         self.run_dir = Path(output_dir or recipe.output_dir or f"runs/{recipe.name}")
         self.log = log if is_main_process() else (lambda *_: None)
         self.manifest_path = self.run_dir / "manifest.json"
-        manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+        manifest = _read_json(self.manifest_path)
+        if manifest is None:
+            raise RecipeError(f"{self.manifest_path}: not valid JSON; this run folder's record of its stages is "
+                              f"damaged. Restore it, or rerun into another folder (-o).")
         self.recipe_yaml = yaml.safe_dump(recipe.raw, sort_keys=False)
         self.manifest = {
             "recipe": recipe.name, "recipe_source": recipe.source, "recipe_yaml": self.recipe_yaml,
@@ -90,8 +104,9 @@ class Runner:
         folder = self.stage_dir(name)
         stamp = folder / "STAGE.json"
         stage = self.recipe.stages[name]
-        if folder.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("hash") != stage.hash):
-            old = json.loads(stamp.read_text()).get("hash", "unknown")[:12] if stamp.is_file() else "unknown"
+        made_by = _read_json(stamp) or {}  # a damaged stamp: settings unknown, the folder goes aside
+        if folder.exists() and made_by.get("hash") != stage.hash:
+            old = str(made_by.get("hash", "unknown"))[:12]
             aside = folder.with_name(f"{name}.superseded-{old}")
             n = 1
             while aside.exists():
@@ -119,7 +134,7 @@ class Runner:
                 self.log(f"[{i}/{total}] {name} ({stage.type}): done earlier, skipped")
                 entry["skipped_last_run"] = True
                 continue
-            resuming = (self.stage_dir(name) / "STAGE.json").is_file()
+            resuming = (_read_json(self.stage_dir(name) / "STAGE.json") or {}).get("hash") == stage.hash
             self._prepare_dir(name)
             self.log(f"[{i}/{total}] {name} ({stage.type})" + (": resuming" if resuming else ""))
             entry.clear()

@@ -170,6 +170,23 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert json.loads((export / "config.json").read_text())["model_type"] == "deepseek_v2"
 
 
+def test_damaged_bookkeeping_is_named_or_set_aside(tmp_path):
+    from latentalign.recipes.runner import Runner
+
+    recipe = load_recipe(TINY)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text("{oops")
+    with pytest.raises(RecipeError, match="manifest.json: not valid JSON; this run folder's record"):
+        Runner(recipe, tmp_path / "a")
+    (tmp_path / "b" / "sft").mkdir(parents=True)
+    (tmp_path / "b" / "sft" / "STAGE.json").write_text("{oops")  # settings unknown: kept aside, not resumed
+    (tmp_path / "b" / "sft" / "checkpoint-6").mkdir()
+    runner = Runner(recipe, tmp_path / "b", log=lambda *_: None)
+    runner._prepare_dir("sft")
+    assert (tmp_path / "b" / "sft.superseded-unknown" / "checkpoint-6").is_dir()
+    assert json.loads((tmp_path / "b" / "sft" / "STAGE.json").read_text())["hash"] == recipe.stages["sft"].hash
+
+
 def test_a_stage_that_fails_is_marked_failed_with_its_error(tmp_path):
     out = tmp_path / "run"
     result = cli("run", str(TINY), "-o", str(out), "stages.sft.learning_rate=1e4", "stages.sft.save_steps=1")
