@@ -11,7 +11,8 @@ thing everywhere:
 
 - `final_answer(text)`: what the last closed `<answer>...</answer>` holds (the R1 template's answer tag), read by
   the rules below with one change: a tag that holds math rather than prose ("12 - 5", "x = 7", "\\sqrt{2}") is
-  the answer whole, where the rules would take its last number (-5, 7, 2). Without a tag: the last `\\boxed{}`
+  the answer whole, where the rules would take its last number (-5, 7, 2). Without a tag, the rules read what
+  follows the last `</think>` where that holds an answer, else the whole text: the last `\\boxed{}`
   (braces balanced; "\\boxed{3} or \\boxed{4}" is both), else the last "#### N", else what follows the last "the
   answer is" / "answer:", else the last number ("3 or 4" is both).
 - `reference_answer(ref)`: a GSM8K solution's `#### N`, a MATH solution's last `\\boxed{}`, else the reference.
@@ -92,6 +93,9 @@ def final_answer(text: str) -> str | None:
     tagged = tagged_answer(text)
     if tagged is not None:
         return _untagged_answer(tagged, whole=not _PROSE.search(_TEXT.sub(" ", tagged))) or None
+    _, thought, after = text.rpartition("</think>")
+    if thought and (answer := _untagged_answer(after)) is not None:  # a box tried while thinking is not the answer
+        return answer
     return _untagged_answer(text)
 
 

@@ -50,6 +50,8 @@ def test_extraction_order():
     ("Maybe \\boxed{6}? No: <answer>\\boxed{7}</answer>", "7", "6"),  # the tag, not a box before it
     ("<answer>1</answer> then <answer>2</answer>", "2", "1"),  # the last closed tag
     ("2 apples, so <answer>3", "3", "2"),  # an unclosed tag: the rules without it
+    ("<think>Is it \\boxed{6}? No.</think> The answer is 7.", "7", "6"),  # after the thinking, not a box in it
+    ("<think>3 + 4 = 7</think>", "7", "4"),  # nothing after it: the rules over the whole text
 ])
 def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
     assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
