@@ -312,7 +312,8 @@ def push(
 
 @app.command()
 def memory(
-    preset: str = typer.Argument(..., help="A model preset: deepseek-v2-lite, deepseek-v2, deepseek-v3, moonlight, ..."),
+    preset: str = typer.Argument(..., help="A model preset (deepseek-v2-lite, deepseek-v2, deepseek-v3, moonlight, "
+                                           "...) or a checkpoint directory (its config.json; no weights read)."),
     gpus: list[int] = typer.Option([8, 64], "--gpus", min=1,
                                    help="GPU counts for the sharded strategies (repeatable)."),
     lora_r: int = typer.Option(16, "--lora-r", min=1, help="LoRA rank for the LoRA rows."),

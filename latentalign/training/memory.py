@@ -32,17 +32,26 @@ class ParameterCounts:
 
 
 def parameter_counts(model_or_preset, lora_r: int = 16, targets=None) -> ParameterCounts:
-    """Counts for a model, or a preset built on the meta device (no memory, no download)."""
+    """Counts for a model, or for a preset or a checkpoint's config built on the meta device (no memory, no
+    weights read)."""
     import torch
 
     from .lora import LORA_MODULES
 
     model = model_or_preset
     if isinstance(model_or_preset, str):
-        from ..model import LatentAlignForCausalLM, model_config
+        from ..model import CheckpointError, LatentAlignForCausalLM, model_config, read_config
+        from ..model.config import PRESETS
 
+        if model_or_preset in PRESETS:
+            config = model_config(model_or_preset)
+        else:  # a checkpoint's config.json: its architecture, no weights read
+            try:
+                config = read_config(model_or_preset)
+            except CheckpointError as err:
+                raise CheckpointError(f"{str(err).rstrip('.')}; nor a preset ({', '.join(sorted(PRESETS))}).") from None
         with torch.device("meta"):
-            model = LatentAlignForCausalLM(model_config(model_or_preset))
+            model = LatentAlignForCausalLM(config)
     targets = set(targets or LORA_MODULES)
     lora = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)

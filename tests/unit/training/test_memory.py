@@ -43,3 +43,13 @@ def test_bytes_per_gpu_of_each_strategy():
         per_gpu(counts, "zero2", 8, lora=False)
     table = memory_table("deepseek-v2-lite")
     assert f"| full | ddp | any | {4 * p / GIB:,.1f} |" in table and table.count("| LoRA |") == 5
+
+
+def test_a_checkpoint_directory_is_counted_from_its_config(tmp_path):
+    """A real checkpoint's architecture, without reading (or having) its weights."""
+    from latentalign.model import CheckpointError, model_config
+
+    model_config("deepseek-v2-lite").save_pretrained(tmp_path)  # config.json only
+    assert parameter_counts(str(tmp_path)) == parameter_counts("deepseek-v2-lite")
+    with pytest.raises(CheckpointError, match="no such checkpoint directory; nor a preset \\(deepseek-v2, "):
+        parameter_counts("deepseek-v2-lyte")
