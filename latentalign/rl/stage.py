@@ -202,6 +202,29 @@ def _log_callback(rewards, meter, replay=None):
     return RewardAndLoadLog(meter)
 
 
+def _stage_rows(cfg: RLStageConfig) -> tuple[list, list | None]:
+    """(training rows, held-out rows), with the column each registered reward scores against checked: without it
+    every sample would score None and GRPO would train on nothing (TRL only warns)."""
+    from ..reward.functions import missing_reward_columns
+    from ..training import load_stage_data
+
+    rows, _, eval_rows = load_stage_data(cfg, ("rl", "prompt"), ("rl",))
+    if missing := missing_reward_columns(cfg.rewards, rows[0].keys()):
+        raise ConfigError(f"rewards: {'; '.join(missing)} (dataset {cfg.dataset}, columns {sorted(rows[0])}).")
+    return rows, eval_rows
+
+
+def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
+    """What TRL reads the starting weights from while the trainer is built (the caller restores the names)."""
+    from .vllm import vllm_start_dir
+
+    if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
+        source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
+        model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
+    elif not model.name_or_path and args.beta != 0:  # a preset: TRL builds the KL term's reference from the config
+        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
+
+
 def _reference_dir(model, tokenizer, output_dir) -> Path:
     """`output_dir/reference-start`: the starting weights of a policy built from a preset (random init, never
     saved), from which TRL loads the reference model of the KL term. Rewritten at each start (a rerun rebuilds the
@@ -247,21 +270,17 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from ..eval import exact_match
     from ..reward.answers import VERIFIER
     from ..stages import trl_args
-    from ..training import (ExpertLoadMeter, bias_balancer_for, load_stage_data, load_starting_point, make_peft_config,
+    from ..training import (ExpertLoadMeter, bias_balancer_for, load_starting_point, make_peft_config,
                             newest_checkpoint, train_and_save, use_deepseek_balance_loss, write_metrics)
     from ..trl_compat import wrap_vllm_weights
     from .replay import RoutingReplay
     from .trainer import grpo_trainer_class
-    from .vllm import native_named_weights, vllm_start_dir
+    from .vllm import native_named_weights
     from .vllm_sync import SyncCheck, probe_prompts, watch
 
     rewards, _ = build_rewards(cfg)
     args = trl_args(cfg)
-    rows, _, eval_rows = load_stage_data(cfg, ("rl", "prompt"), ("rl",))
-    from ..reward.functions import missing_reward_columns
-
-    if missing := missing_reward_columns(cfg.rewards, rows[0].keys()):
-        raise ConfigError(f"rewards: {'; '.join(missing)} (dataset {cfg.dataset}, columns {sorted(rows[0])}).")
+    rows, eval_rows = _stage_rows(cfg)
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)
@@ -274,11 +293,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     if cfg.compiled_decode and not args.use_vllm:
         _compile_rollouts(model, tokenizer, rows, args.max_completion_length, recording=replay is not None)
     name_or_path = model.name_or_path
-    if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
-        source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
-        model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
-    elif not name_or_path and args.beta != 0:  # a preset: TRL builds the KL term's reference from the config's path
-        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
+    _point_trl_at_the_start(model, tokenizer, cfg, args)
     try:
         trainer = grpo_trainer_class()(
             model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
