@@ -264,18 +264,23 @@ def eval_model(
     max_new_tokens: int = typer.Option(None, help="Tokens a completion may run to [default: 64]."),
     temperature: float = typer.Option(None, help="Sampling temperature of maj@K and reasoning_gym@K [default: 0.7]."),
     humaneval_limit: int = typer.Option(None, help="Score only the first N HumanEval problems."),
+    columns: list[str] = typer.Option(None, "--columns", help="Rename a column of the dataset to ours, OLD=NEW "
+                                                              "(repeatable): question=prompt for GSM8K."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the metrics as JSON here."),
 ):
     """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, reasoning-gym
     (greedy, pass@k), KV bytes, speed."""
-    from latentalign.eval.tasks import EvalOptions, evaluate, format_table
+    from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table
     from latentalign.model.checkpoint import CheckpointError
 
     _prepare_output(output)
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
-        given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature)
+        renames = dict(item.split("=", 1) for item in columns or [] if "=" in item)
+        if len(renames) != len(columns or []):
+            raise EvalError(f"--columns takes OLD=NEW (e.g. question=prompt), got {columns}.")
+        given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, columns=renames or None)
         opts = EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit,
                            **{k: v for k, v in given.items() if v is not None})  # else EvalOptions' defaults
         metrics = evaluate(model_dir, tasks, opts)

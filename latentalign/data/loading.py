@@ -119,7 +119,10 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
         if set(FORMATS[fmt]) <= columns:
             return fmt
     wanted = " or ".join("+".join(FORMATS[f]) for f in allowed)
-    raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}.")
+    named = next((c for c in ("question", "problem", "instruction", "query", "input") if c in columns), None)
+    hint = (f"; to read {named!r} as the prompt, rename it: dataset_columns: {{{named}: prompt}} in a stage, "
+            f"--columns {named}=prompt for eval" if named and "prompt" not in columns else "")
+    raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}{hint}.")
 
 
 def decoded(path: Path, raw: bytes, where: str) -> str:

@@ -51,6 +51,19 @@ def test_majority_vote_counts_the_most_common_extracted_answer(model_dirs, monke
     assert tasks.majority(None, None, tasks.EvalOptions(), k=3)["maj@3"] == 0.5
 
 
+def test_gsm8k_columns_are_renamed_from_the_command_line(model_dirs, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(3)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = invoke("eval", model_dirs[0], "--dataset", str(data), "--max-new-tokens", "2")
+    assert result.exit_code == 2 and "--columns question=prompt for eval" in result.output, result.output
+    out = tmp_path / "m.json"
+    result = invoke("eval", model_dirs[0], "--dataset", str(data), "--max-new-tokens", "2", "--columns",
+                    "question=prompt", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["accuracy/n"] == 3
+
+
 def test_rows_without_a_reference_answer_are_left_to_their_verifier(model_dirs, monkeypatch):
     from latentalign.eval import accuracy
 
