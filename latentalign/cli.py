@@ -277,9 +277,10 @@ def eval_model(
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
-        renames = dict(item.split("=", 1) for item in columns or [] if "=" in item)
-        if len(renames) != len(columns or []):
-            raise EvalError(f"--columns takes OLD=NEW (e.g. question=prompt), got {columns}.")
+        pairs = [item.partition("=") for item in columns or []]
+        renames = {old.strip(): new.strip() for old, _, new in pairs}
+        if any(not (old.strip() and eq and new.strip()) for old, eq, new in pairs) or len(renames) != len(pairs):
+            raise EvalError(f"--columns takes OLD=NEW once per column (e.g. question=prompt), got {columns}.")
         given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, columns=renames or None)
         opts = EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit,
                            **{k: v for k, v in given.items() if v is not None})  # else EvalOptions' defaults

@@ -104,7 +104,7 @@ def row_problem(row: dict, fmt: str) -> str | None:
         return "'chosen' and 'rejected' must both be strings or both be conversations"
     if fmt == "rl":
         answer = row["answer"]
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        if not isinstance(answer, (str, int, float)):  # a bool too (an int): BoolQ's true reads as "True"
             return f"'answer' must be a string or a number, got {type(answer).__name__}"
         if isinstance(answer, float) and not math.isfinite(answer):
             return f"'answer' is {answer}, not a number an answer can equal"

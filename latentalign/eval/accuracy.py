@@ -48,7 +48,11 @@ def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16,
 def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True
                 ) -> dict:
     """Greedy pass@1: the share of rows whose final answer equals `row["answer"]`, judged by the one answer
-    checker the math reward uses (`latentalign.reward.answers`)."""
+    checker the math reward uses (`latentalign.reward.answers`). Rows with an empty answer (reasoning-gym's tasks
+    that only their verifier judges) are left out: no answer equals none."""
+    rows = [r for r in rows if str(r["answer"]).strip()]
+    if not rows:
+        return {"accuracy": 0.0, "correct": 0, "n": 0, "examples": []}
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress, desc="eval")
     correct = [is_correct(c, r["answer"]) for c, r in zip(completions, rows)]

@@ -55,10 +55,9 @@ class EvalOptions:
         for name, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise EvalError(f"{name} must be a whole number >= 1, got {value!r}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise EvalError(f"temperature (the sampling temperature of maj@K and reasoning_gym@K) must be > 0, "
-                            f"got {self.temperature!r}.")
+        if type(self.temperature) not in (int, float) or not self.temperature >= 0:  # bool and NaN refused too
+            raise EvalError(f"temperature (maj@K's and reasoning_gym@K's) must be a number >= 0, got "
+                            f"{self.temperature!r}.")
 
 
 def parse_tasks(spec) -> list[str]:
@@ -124,6 +123,8 @@ def _samples_of(model, tokenizer, rows: list[dict], opts: EvalOptions, k: int) -
 
     from .accuracy import generate_completions
 
+    if not opts.temperature > 0:
+        raise EvalError(f"maj@{k} and reasoning_gym@{k} sample at temperature > 0; got {opts.temperature}.")
     torch.manual_seed(opts.seed)
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)],
                                        max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,

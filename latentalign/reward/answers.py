@@ -9,17 +9,18 @@ thing everywhere:
     >>> is_correct("The answer is 0.51.", "0.5")
     False
 
-- `final_answer(text)`: what the last closed `<answer>...</answer>` holds (the R1 template's answer tag), read by
-  the rules below with one change: a tag that holds math rather than prose ("12 - 5", "x = 7", "\\sqrt{2}") is
-  the answer whole, where the rules would take its last number (-5, 7, 2). Without a tag, the rules read what
-  follows the last `</think>` where that holds an answer, else the whole text: the last `\\boxed{}`
-  (braces balanced; "\\boxed{3} or \\boxed{4}" is both), else the last "#### N", else what follows the last "the
-  answer is" / "answer:", else the last number ("3 or 4" is both).
+- `final_answer(text)`: what the last closed `<answer>...</answer>` holds (the R1 template's answer tag; after the
+  last `</think>` when there is one), read by the rules below, except that a tag holding math rather than prose
+  is the right side of its last equation or the content whole ("12 - 5", "x = 7": 7, "\\sqrt{2}", "Monday"),
+  where the rules would take its last number. Without a tag, a box, "####" or "the answer is" after the last
+  `</think>`, else over the whole text: the last `\\boxed{}` (braces balanced; "\\boxed{3} or \\boxed{4}" is
+  both), else the last "#### N", else what follows the last "the answer is" / "answer:", else the last number
+  ("3 or 4" is both).
 - `reference_answer(ref)`: a GSM8K solution's `#### N`, a MATH solution's last `\\boxed{}`, else the reference.
 - `answers_match(answer, reference)`: plain numbers are compared exactly here (thousands separators, `1{,}234`, `1 234`,
   `1\\,234`, percentages, `a/b`, `\\frac`, decimals, `1e3`, negatives with ASCII or Unicode minus, currency and
   trailing units, rounding to 6 decimals as math-verify does); everything else (`\\sqrt{4}`, `2^{3}`, sets,
-  intervals, expressions) goes to math-verify. Numbers never reach math-verify: it costs tens of
+  intervals, expressions) goes to math-verify. Plain numbers never reach math-verify: it costs tens of
   milliseconds a call, and a GRPO step scores hundreds of completions.
 
 math-verify's own timeouts use `signal.alarm`, which works in the main thread only; elsewhere (a reward under
@@ -90,12 +91,12 @@ def tagged_answer(text: str) -> str | None:
 
 def final_answer(text: str) -> str | None:
     """The final answer of a completion (see the module docstring for the order), or None if it has none."""
-    tagged = tagged_answer(text)
-    if tagged is not None:
-        return _untagged_answer(tagged, whole=not _PROSE.search(_TEXT.sub(" ", tagged))) or None
     _, thought, after = text.rpartition("</think>")
-    if thought and (answer := _untagged_answer(after)) is not None:  # a box tried while thinking is not the answer
-        return answer
+    tagged = tagged_answer(after if thought else text)  # a tag written while thinking is not the answer
+    if tagged is not None:
+        return _tag_answer(tagged)
+    if thought and (answer := _untagged_answer(after, numbers=False)) is not None:
+        return answer  # a box, "####" or "the answer is" after the thinking, not a box tried while thinking
     return _untagged_answer(text)
 
 
@@ -103,10 +104,24 @@ def final_answer(text: str) -> str | None:
 _PROSE = re.compile(r"(?<![\\a-zA-Z])(?!(?:sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|sinh|cosh|tanh|log|ln|exp|sqrt"
                     r"|pi|inf|infty|oo|max|min|gcd|lcm|mod|det|lim)(?![a-zA-Z]))"
                     r"(?:[a-zA-Z]{3,}|(?:is|or|so|it|of|to|be|we|as|at|by|an|if)(?![a-zA-Z]))")
+_EQUALS = re.compile(r"(?<![<>!=])=(?!=)")  # not <=, >=, != or ==
 
 
-def _untagged_answer(text: str, whole: bool = False) -> str | None:
-    """`final_answer`'s rules after the tag; `whole`: the text itself, not its last number, when no rule applies."""
+def _tag_answer(tagged: str) -> str | None:
+    """What an `<answer>` tag's content answers: by the rules where it holds prose ("The total is 42 apples."), a
+    box or "the answer is"; else the right side of its last equation ("16 - 3 - 4 = 9, 9 * 2 = 18": 18) or the
+    content whole ("12 - 5", "\\sqrt{2}", "Monday"), where the rules would take its last number. Empty: none."""
+    if not tagged:
+        return None
+    prose = len(tagged.split()) > 1 and _PROSE.search(_TEXT.sub(" ", tagged)) is not None
+    ruled = _untagged_answer(tagged, numbers=prose)
+    if ruled is not None or prose:
+        return ruled
+    return _EQUALS.split(tagged)[-1].strip() or tagged
+
+
+def _untagged_answer(text: str, numbers: bool = True) -> str | None:
+    """`final_answer`'s rules after the tag; without `numbers`, not the last number."""
     spans = _boxed_spans(text)
     if spans:
         answers = [text[spans[-1][1]:spans[-1][2]].strip()]
@@ -123,12 +138,10 @@ def _untagged_answer(text: str, whole: bool = False) -> str | None:
         span = _clip_sentence(found[-1].replace("$", " "))
         if span:
             return span
-    if whole:
-        return text.strip()
-    numbers = _LAST_NUMBER.findall(text)
-    if not numbers:
+    found = _LAST_NUMBER.findall(text) if numbers else []
+    if not found:
         return None
-    hedge, last = numbers[-1]
+    hedge, last = found[-1]
     return f"{hedge}, {last}" if hedge else last
 
 
@@ -148,7 +161,9 @@ def reference_answer(reference) -> str:
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"^([-+]?)\\[dt]?frac(?:\{\s*([-+]?[\d.]+)\s*\}\{\s*([\d.]+)\s*\}|(\d)(\d))$")
 _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
-_UNITS = re.compile(r"^(.*?\d%?)\s*(?:[a-zA-Z][a-zA-Z .]*(?:\^\s*\{?[23]\}?)?|\^?\s*\\circ|°)$")  # 5 cm^2
+# Units after a number: "5 km/h", "7 apples", "5 cm^2" and "5 m^2" (not "2x^3", a variable's power), degrees.
+_UNITS = re.compile(r"^(.*?\d%?)\s*(?:[a-zA-Z][a-zA-Z ./]*|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?"
+                    r"|\^?\s*\\circ|°)$")
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)?$")  # 1 000 000 (SI)
 
 
@@ -156,9 +171,10 @@ def _strip_number(text: str) -> str:
     text = _TEXT.sub(lambda m: f" {m.group(1)} ", text)
     for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\u2212", "-"),
                      ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
-                     (" percent", "%"), ("€", ""), ("£", "")):
+                     (" percent", "%"), ("€", ""), ("£", ""), ("\\[", ""), ("\\]", ""), ("\\(", ""), ("\\)", "")):
         text = text.replace(old, new)
-    text = re.sub(r"^[\s*]+|[\s*.]+$", "", text)  # markdown's **bold** and a full stop; "3*5" is not 35
+    text = re.sub(r"(?<!\d)\*{2,}|\*{2,}(?!\d)", "", text)  # markdown's **bold**, not 2**3; and "3*5" is not 35
+    text = re.sub(r"^[\s*]+|[\s*.]+$", "", text)  # and a full stop
     text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
     units = _UNITS.match(text)
     if units and not re.search(r"[a-zA-Z]", units.group(1)):

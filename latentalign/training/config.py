@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,8 @@ def check_range(key: str, value, source: str):
     if key not in TRL_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     low, inclusive, high = TRL_RANGES[key]
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}: {value!r} must be finite.")
     if value < low or (value == low and not inclusive) or (high is not None and value > high):
         allowed = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
         raise ConfigError(f"{source}: {key}: {value!r} must be {allowed}.")

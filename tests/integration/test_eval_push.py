@@ -57,11 +57,24 @@ def test_gsm8k_columns_are_renamed_from_the_command_line(model_dirs, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = invoke("eval", model_dirs[0], "--dataset", str(data), "--max-new-tokens", "2")
     assert result.exit_code == 2 and "--columns question=prompt for eval" in result.output, result.output
+    for bad in (["question="], ["question"], ["question=prompt", "question=text"]):
+        result = invoke("eval", model_dirs[0], "--dataset", str(data), *[a for b in bad for a in ("--columns", b)])
+        assert result.exit_code == 2 and "--columns takes OLD=NEW once per column" in result.output, result.output
     out = tmp_path / "m.json"
     result = invoke("eval", model_dirs[0], "--dataset", str(data), "--max-new-tokens", "2", "--columns",
                     "question=prompt", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["accuracy/n"] == 3
+
+
+def test_temperature_zero_is_greedy_accuracy_but_no_sampling(model_dirs, monkeypatch):
+    from latentalign.eval import accuracy
+
+    monkeypatch.setattr(tasks, "_rows", lambda *a, **k: [{"prompt": "What is 1 + 1?", "answer": "2"}])
+    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **k: ["2"] * len(prompts))
+    assert tasks.accuracy(None, None, tasks.EvalOptions(temperature=0))["accuracy"] == 1.0
+    with pytest.raises(tasks.EvalError, match="maj@3 and reasoning_gym@3 sample at temperature > 0"):
+        tasks.majority(None, None, tasks.EvalOptions(temperature=0), k=3)
 
 
 def test_rows_without_a_reference_answer_are_left_to_their_verifier(model_dirs, monkeypatch):

@@ -188,7 +188,7 @@ def test_text_no_tokenizer_can_encode_is_a_bad_row(tmp_path, bad, message):
 
 
 @pytest.mark.parametrize("answer, message", [
-    ("NaN", "'answer' is nan"), ("true", "'answer' must be a string or a number, got bool"),
+    ("NaN", "'answer' is nan"), ("[1, 2]", "'answer' must be a string or a number, got list"),
     ('"\\ud800"', "'answer' holds"),
 ])
 def test_rl_answers_must_be_answers(tmp_path, answer, message):
@@ -196,6 +196,12 @@ def test_rl_answers_must_be_answers(tmp_path, answer, message):
     path.write_text('{"prompt": "q", "answer": 1}\n{"prompt": "q", "answer": %s}\n' % answer)
     with pytest.raises(DataError, match=f"row 1: {message}"):
         load_rows(path, formats=("rl",))
+
+
+def test_a_yes_no_answer_is_a_reference(tmp_path):
+    path = tmp_path / "boolq.jsonl"
+    path.write_text('{"prompt": "Is 7 prime?", "answer": true}\n')
+    assert load_rows(path, formats=("rl",))[0][0]["answer"] == "True"  # as before: a bool is no bad row
 
 
 def test_file_encodings(tmp_path):

@@ -52,6 +52,12 @@ def test_extraction_order():
     ("2 apples, so <answer>3", "3", "2"),  # an unclosed tag: the rules without it
     ("<think>Is it \\boxed{6}? No.</think> The answer is 7.", "7", "6"),  # after the thinking, not a box in it
     ("<think>3 + 4 = 7</think>", "7", "4"),  # nothing after it: the rules over the whole text
+    ("<think>Write <answer>x</answer> at the end.</think> \\boxed{5}", "5", "x"),  # a tag while thinking
+    ("<think>So \\boxed{12}.</think> This was step 3.", "12", "3"),  # a stray number after it is not the answer
+    ("<answer>16 - 3 - 4 = 9, 9 * 2 = 18</answer>", "18", "9"),  # working in the tag: its last equation's result
+    ("<answer>5 km/h</answer>", "5", "7"),
+    ("<answer>\\[36\\]</answer>", "36", "3"),
+    ("<answer>Monday</answer>", "Monday", "Tuesday"),
 ])
 def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
     assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
@@ -66,6 +72,8 @@ def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
     ("The answer is 1 000 000", "1000000", "1000"),  # thousands spaced as SI writes them
     ("The answer is 12 345.5", "12345.5", "345.5"),
     ("The answer is 5 cm^2", "5", "2"),
+    ("\\boxed{2x^3}", "2x^3", "2"),  # a variable's power is not a unit
+    ("The answer is **18** apples.", "18", "1"),
 ])
 def test_written_answers_a_grader_would_read(completion, right, wrong):
     assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
