@@ -340,6 +340,10 @@ def _log10_bound(node, known: dict) -> float | None:
     return max(children)  # other functions of constants (sqrt, sin, log, ...) do not outgrow their arguments
 
 
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_CONSTANTS = {"pi", "inf", "infty", "infinity", "oo", "nan"}  # words math-verify equates with symbols
+
+
 def _normalised(text: str) -> str:
     return re.sub(r"\s+", "", _TEXT.sub(r"\1", text)).strip("$.").lower()
 
@@ -354,6 +358,8 @@ def answers_match(answer: str | None, reference) -> bool:
     a, b = parse_number(answer), parse_number(reference)
     if a is not None and b is not None:
         return numbers_match(a, b)
+    if _WORD.fullmatch(answer) and _WORD.fullmatch(reference) and not {answer.lower(), reference.lower()} & _CONSTANTS:
+        return answer.lower() == reference.lower()  # yes/no, true/false, names: sympy reads True as a boolean
     verdict = VERIFIER(answer, reference)
     return _normalised(answer) == _normalised(reference) if verdict is None else verdict
 

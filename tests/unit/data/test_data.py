@@ -201,7 +201,7 @@ def test_rl_answers_must_be_answers(tmp_path, answer, message):
 def test_a_yes_no_answer_is_a_reference(tmp_path):
     path = tmp_path / "boolq.jsonl"
     path.write_text('{"prompt": "Is 7 prime?", "answer": true}\n')
-    assert load_rows(path, formats=("rl",))[0][0]["answer"] == "True"  # as before: a bool is no bad row
+    assert load_rows(path, formats=("rl",))[0][0]["answer"] == "True"  # which "true" in a completion matches
 
 
 def test_file_encodings(tmp_path):

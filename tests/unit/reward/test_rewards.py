@@ -73,6 +73,8 @@ def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
     ("The answer is 12 345.5", "12345.5", "345.5"),
     ("The answer is 5 cm^2", "5", "2"),
     ("\\boxed{2x^3}", "2x^3", "2"),  # a variable's power is not a unit
+    ("The answer is true.", "True", "False"),  # a bool reference (BoolQ's true): words, not sympy's boolean
+    ("<answer>No</answer>", "no", "yes"),
     ("The answer is **18** apples.", "18", "1"),
 ])
 def test_written_answers_a_grader_would_read(completion, right, wrong):
