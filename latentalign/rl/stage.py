@@ -218,11 +218,12 @@ def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
     """What TRL reads the starting weights from while the trainer is built (the caller restores the names)."""
     from .vllm import vllm_start_dir
 
+    preset = not model.name_or_path
+    if preset and args.beta != 0:  # TRL builds the KL term's reference from the config's path; a preset has none
+        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
         model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
-    elif not model.name_or_path and args.beta != 0:  # a preset: TRL builds the KL term's reference from the config
-        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
 
 
 def _reference_dir(model, tokenizer, output_dir) -> Path:

@@ -363,3 +363,19 @@ def test_grpo_from_a_preset_draws_its_reference_from_the_starting_weights(tmp_pa
     assert metrics["global_step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the start
     saved = json.loads((tmp_path / "rl" / "model" / "config.json").read_text())
     assert "reference-start" not in saved.get("_name_or_path", "")  # the trained model does not point at it
+
+
+def test_a_preset_under_vllm_gets_both_paths(tmp_path, monkeypatch):
+    """vLLM starts from an export (the model's name_or_path); TRL's reference loads from the config's path."""
+    from types import SimpleNamespace
+
+    from latentalign.rl import stage, vllm
+    from latentalign.training import load_starting_point
+
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    monkeypatch.setattr(vllm, "vllm_start_dir", lambda *a, **k: tmp_path / "vllm-start")
+    cfg = SimpleNamespace(model="tiny", model_overrides=SMALL, output_dir=str(tmp_path))
+    stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(use_vllm=True, beta=0.04))
+    assert model.name_or_path == str(tmp_path / "vllm-start")
+    assert model.config._name_or_path == str(tmp_path / "reference-start")
+    assert (tmp_path / "reference-start" / "config.json").is_file()
