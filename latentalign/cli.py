@@ -147,7 +147,7 @@ def _prepare_output(path: Path | None) -> None:
 
 
 def _read_prompts(path: Path) -> list:
-    from latentalign.data.loading import DataError, decoded, prompt_problem
+    from latentalign.data.loading import DataError, decoded, prompt_problem, text_parts_joined
 
     if not path.is_file():
         raise DataError(f"{path}: no such prompts file.")
@@ -169,7 +169,7 @@ def _read_prompts(path: Path) -> list:
         problem = prompt_problem(prompt)
         if problem:
             raise DataError(f"{path}: line {line_no}: prompt: {problem}.")
-        prompts.append(prompt)
+        prompts.append(text_parts_joined(prompt) if isinstance(prompt, list) else prompt)
     if not prompts:
         raise DataError(f"{path}: no prompts.")
     return prompts

@@ -59,6 +59,11 @@ def _conversation_problem(value, *, final_role: str | None = None) -> str | None
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             return f"message {i} has role {role!r}; expected one of {ROLES}"
+        if isinstance(content, list):  # OpenAI's parts: text only, joined when the rows are read
+            kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
+            if kinds != ["text"] or not all(isinstance(p.get("text"), str) for p in content):
+                return f"message {i} ({role}) has content parts of kinds {kinds}; only text parts can be read"
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             return f"message {i} ({role}) has content of type {type(content).__name__}, expected a string"
         if problem := _text_problem(content):
@@ -222,9 +227,24 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         problem = row_problem(row, fmt)
         if problem:
             raise DataError(f"{label}: row {i}: {problem}.")
+    rows = [_text_parts_joined(row) for row in rows]
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
     return rows, fmt
+
+
+def _text_parts_joined(row: dict) -> dict:
+    return {k: text_parts_joined(v) if isinstance(v, list) else v for k, v in row.items()}
+
+
+def text_parts_joined(messages: list) -> list:
+    """A conversation whose messages' content is OpenAI's list of text parts, each content joined into one string
+    (the chat templates and the tokenizer read strings); other lists as they are."""
+    def joined(message):
+        content = message.get("content") if isinstance(message, dict) else None
+        return {**message, "content": "".join(p["text"] for p in content)} if isinstance(content, list) else message
+
+    return [joined(m) for m in messages]
 
 
 def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tuple[list[dict], str]:

@@ -226,6 +226,20 @@ def test_missing_columns_and_missing_files(tmp_path):
         load_rows(tmp_path / "absent.jsonl")
 
 
+def test_openai_text_parts_are_joined_and_other_parts_named(tmp_path):
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 2?"}]
+    path = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [{"role": "user", "content": parts},
+                                                                {"role": "assistant", "content": "4"}]}])
+    rows, _ = load_rows(path)
+    assert rows[0]["messages"][0] == {"role": "user", "content": "What is 2 + 2?"}
+    image = [{"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "text", "text": "What is this?"}]
+    path = write_jsonl(tmp_path / "image.jsonl", [{"messages": [{"role": "user", "content": image},
+                                                                {"role": "assistant", "content": "A cat."}]}])
+    with pytest.raises(DataError, match="row 0: 'messages': message 0 \\(user\\) has content parts of kinds "
+                                        "\\['image_url', 'text'\\]; only text parts can be read"):
+        load_rows(path)
+
+
 def test_dataset_columns_rename_and_refuse_to_overwrite(tmp_path):
     """GSM8K's `question` is our `prompt`; a rename onto a column the data has would silently drop one of them."""
     path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "1 + 1?", "answer": "#### 2", "id": 7}])
