@@ -6,7 +6,7 @@ decoded with `model.generate` (absorbed-MLA decoding for our model).
 
 from __future__ import annotations
 
-from ..reward.answers import is_correct
+from ..reward.answers import has_reference, is_correct
 
 
 def render_prompts(tokenizer, prompts) -> list[str]:
@@ -50,7 +50,7 @@ def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens:
     """Greedy pass@1: the share of rows whose final answer equals `row["answer"]`, judged by the one answer
     checker the math reward uses (`latentalign.reward.answers`). Rows with an empty answer (reasoning-gym's tasks
     that only their verifier judges) are left out: no answer equals none."""
-    rows = [r for r in rows if str(r["answer"]).strip()]
+    rows = [r for r in rows if has_reference(r["answer"])]
     if not rows:
         return {"accuracy": 0.0, "correct": 0, "n": 0, "examples": []}
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..reward.answers import has_reference
+
 log = logging.getLogger(__name__)
 
 FEW_QUESTIONS = 100  # a reasoning-gym task scored on fewer distinct held-out questions gets a warning
@@ -95,13 +97,11 @@ def _rows(opts: EvalOptions, source: str, formats):
 
 
 def _answered_rows(opts: EvalOptions) -> list[dict]:
-    """The held-out rows with a reference answer: a row of a reasoning-gym task that only its verifier can judge
-    holds an empty one, which no answer equals (`--tasks reasoning_gym` scores those)."""
+    """The held-out rows with a reference answer (`has_reference`); `--tasks reasoning_gym` scores the others."""
     rows = _rows(opts, opts.dataset, ("rl",))
-    answered = [r for r in rows if str(r["answer"]).strip()]
+    answered = [r for r in rows if has_reference(r["answer"])]
     if not answered:
-        raise EvalError(f"{opts.dataset}: no held-out row holds a reference answer to compare with; score these "
-                        f"rows with their verifier (--tasks reasoning_gym).")
+        raise EvalError(f"{opts.dataset}: no held-out row holds a reference answer; --tasks reasoning_gym scores them.")
     if len(answered) < len(rows):
         log.warning("%s: %d of %d held-out rows hold no reference answer and are left out of accuracy and maj@K "
                     "(--tasks reasoning_gym scores them)", opts.dataset, len(rows) - len(answered), len(rows))

@@ -364,6 +364,12 @@ def answers_match(answer: str | None, reference) -> bool:
     return _normalised(answer) == _normalised(reference) if verdict is None else verdict
 
 
+def has_reference(reference) -> bool:
+    """Whether a row's reference answer is one: None or empty is not (reasoning-gym's rows for tasks only their
+    verifier can judge hold ""), and no answer equals it."""
+    return reference is not None and bool(str(reference).strip())
+
+
 def is_correct(completion: str, reference) -> bool:
     """The completion's final answer equals the reference's (a GSM8K `#### N`, a boxed or a bare answer)."""
     return answers_match(final_answer(completion), reference_answer(reference))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from .answers import final_answer as extract_answer
-from .answers import is_correct
+from .answers import has_reference, is_correct
 
 __all__ = ["completion_text", "equations_reward", "extract_answer", "format_reward", "length_reward",
            "math_accuracy", "reasoning_gym_reward"]
@@ -33,7 +33,7 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
         raise ValueError("math_accuracy needs the dataset's reference answers in an 'answer' column.")
     rewards = []
     for completion, reference in zip(completions, answer):
-        if reference is None or not str(reference).strip():
+        if not has_reference(reference):
             rewards.append(None)
             continue
         rewards.append(float(is_correct(completion_text(completion), reference)))
