@@ -63,7 +63,7 @@ def _conversation_problem(value, *, final_role: str | None = None) -> str | None
             kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
             if kinds != ["text"] or not all(isinstance(p.get("text"), str) for p in content):
                 return f"message {i} ({role}) has content parts of kinds {kinds}; only text parts can be read"
-            content = "".join(p["text"] for p in content)
+            content = _joined(content)
         if not isinstance(content, str):
             return f"message {i} ({role}) has content of type {type(content).__name__}, expected a string"
         if problem := _text_problem(content):
@@ -242,9 +242,13 @@ def text_parts_joined(messages: list) -> list:
     (the chat templates and the tokenizer read strings); other lists as they are."""
     def joined(message):
         content = message.get("content") if isinstance(message, dict) else None
-        return {**message, "content": "".join(p["text"] for p in content)} if isinstance(content, list) else message
+        return {**message, "content": _joined(content)} if isinstance(content, list) else message
 
     return [joined(m) for m in messages]
+
+
+def _joined(parts: list) -> str:
+    return "".join(part["text"] for part in parts)
 
 
 def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tuple[list[dict], str]:
