@@ -230,19 +230,18 @@ def _reference_dir(model, tokenizer, output_dir) -> Path:
     """`output_dir/reference-start`: the starting weights of a policy built from a preset (random init, never
     saved), from which TRL loads the reference model of the KL term. Rewritten at each start (a rerun rebuilds the
     same weights from the stage's seed); written aside and renamed, so a crash leaves no half copy."""
-    import shutil
-
     from accelerate import PartialState
+
+    from .vllm import written_aside
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
     out = Path(output_dir) / "reference-start"
     with PartialState().main_process_first():
         if PartialState().is_main_process:
-            partial = out.with_name("reference-start.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            shutil.rmtree(out, ignore_errors=True)
-            partial.rename(out)
+            written_aside(out, write)
     return out
 
 

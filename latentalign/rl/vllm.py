@@ -45,7 +45,6 @@ def vllm_start_dir(model, tokenizer, output_dir, source: str):
     tokenizer), for vLLM to start from whatever the input's format: vLLM knows `DeepseekV2ForCausalLM`, not our
     architecture name. Written once (the main process first, the others reuse it) and reused by a rerun made
     from the same `source`; written to a side folder and renamed, so a crash leaves no half export."""
-    import shutil
     from pathlib import Path
 
     from accelerate import PartialState
@@ -54,13 +53,26 @@ def vllm_start_dir(model, tokenizer, output_dir, source: str):
 
     out = Path(output_dir) / "vllm-start"
     stamp = out / "SOURCE"
+
+    def write(folder: Path) -> None:
+        export_native(model, folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "SOURCE").write_text(source)
+
     with PartialState().main_process_first():
         if not (stamp.is_file() and stamp.read_text() == source):
-            partial = out.with_name("vllm-start.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            export_native(model, partial)
-            tokenizer.save_pretrained(partial)
-            (partial / "SOURCE").write_text(source)
-            shutil.rmtree(out, ignore_errors=True)
-            partial.rename(out)
+            written_aside(out, write)
+    return out
+
+
+def written_aside(out: Path, write) -> Path:
+    """`out`, written by `write(folder)` into a side folder first and then renamed, so that a crash leaves the old
+    folder or the new one, never half of one."""
+    import shutil
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     return out
