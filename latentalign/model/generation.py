@@ -18,8 +18,8 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   the token and position buffers are updated in place: the step's inputs never change shape,
   and on a GPU the loop asks whether every row has ended only every few steps (each question waits for it);
 - the step (the model's forward for one token, last logits in fp32) compiles with `fullgraph=True` and static
-  shapes, in inductor's default mode on CPU and with CUDA graphs on GPU ("reduce-overhead"): one graph per
-  (batch, bucket), and a weight update between calls (an optimizer step) reuses it;
+  shapes, on CPU in inductor's default mode with its C++ wrapper, on GPU with CUDA graphs ("reduce-overhead"):
+  one graph per (batch, bucket), and a weight update between calls (an optimizer step) reuses it;
 - what picks the token is transformers' own: its generation config resolution, special tokens and logits
   processors (temperature, top-k, top-p, min-p, minimum length, repetition penalty, ...; through its private
   `_prepare_generation_config`, `_prepare_special_tokens` and `_get_logits_processor`, alike from 5.19 to
