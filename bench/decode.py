@@ -14,7 +14,8 @@ decode tokens/s = batch / the median decoding step.
 The floor of a step: the bytes it must read (the weights it uses: all but the routed experts, plus the experts
 the batch's tokens were routed to, counted in an eager run; and the cache at that context: latents for ours,
 expanded keys and values for transformers) over the machine's read bandwidth (measured on a buffer of that
-size, as the step reads it: every step), or its FLOPs over the machine's fp32 matmul rate, whichever is longer.
+size, as the step reads it: every step; the fastest of 30 reads), or its FLOPs over the machine's fp32 matmul rate
+(the fastest of 10 products), whichever is longer.
 Reported: floor ms and the achieved fraction, floor / measured step.
 
 Targets: issue 7, ours >= 8x transformers' decode tokens/s at 2048 and ours at 4096 >= 50% of ours at 512

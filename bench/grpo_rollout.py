@@ -40,13 +40,6 @@ def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) ->
         return out
 
     model.generate = timing_generate
-    compile_s = None
-    if getattr(model, "compiled_decode", False):  # the step compiles before the run, at the rollouts' cache bucket
-        start = time.perf_counter()
-        prompt = torch.randint(3, model.config.vocab_size, (8, 45))
-        generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length, min_new_tokens=length,
-                 do_sample=True, pad_token_id=tokenizer.pad_token_id)
-        compile_s = round(time.perf_counter() - start, 1)
     args = GRPOConfig(output_dir=out_dir, num_generations=4, per_device_train_batch_size=8, max_steps=steps,
                       max_completion_length=length, generation_kwargs={"min_new_tokens": length}, beta=0.0,
                       learning_rate=1e-6, report_to="none", use_cpu=not torch.cuda.is_available(),
@@ -54,6 +47,15 @@ def timed_grpo(model, tokenizer, rows, length: int, steps: int, out_dir: str) ->
                       logging_steps=1, router_aux_loss_coef=0.0, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)],
                           args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
+    compile_s = None
+    if getattr(model, "compiled_decode", False):
+        # The step compiles before the run, at the rollouts' cache bucket, and after the trainer is built: the
+        # trainer wraps the model's forward, which a step compiled before would see changed and compile again.
+        start = time.perf_counter()
+        prompt = torch.randint(3, model.config.vocab_size, (8, 45))
+        generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=length, min_new_tokens=length,
+                 do_sample=True, pad_token_id=tokenizer.pad_token_id)
+        compile_s = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
