@@ -37,7 +37,8 @@ WORKER = r"""
 import json, sys, time
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], model_impl="transformers", enforce_eager=True, dtype="float32",
-          max_model_len=int(sys.argv[2]), gpu_memory_utilization=0.2, seed=0)
+          max_model_len=int(sys.argv[2]), gpu_memory_utilization=0.2, seed=0,
+          attention_backend="CPU_MLA" if sys.argv[3] == "mla" else None)
 print("READY", flush=True)
 for line in sys.stdin:
     request = json.loads(line)
@@ -56,8 +57,9 @@ class VllmWorker:
     def __init__(self, model_dir: str, max_len: int, mla: bool):
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                "VLLM_MLA_DISABLE": "0" if mla else "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, model_dir, str(max_len)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        argv = [sys.executable, "-c", WORKER, model_dir, str(max_len), "mla" if mla else "plain"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env)
         for line in self.proc.stdout:
             if line.startswith("READY"):
                 return
@@ -84,7 +86,8 @@ def vllm_available() -> bool:
 
 # vLLM's CPU MLA backend takes only DeepSeek-V2's 576-wide latent (kv_lora_rank 512 + rope 64): the tiny preset
 # runs there with MLA off (plain attention over expanded keys and values), and a tiny model with that latent with
-# MLA on. Ours decodes both with the absorbed latent cache.
+# MLA on. Ours decodes both with the absorbed latent cache. On a CPU with AMX tiles vLLM picks its AMX MLA backend,
+# which takes bf16 weights only; the worker asks for the CPU MLA backend, which takes these fp32 ones.
 MODELS = {"tiny": ({}, False),
           "latent576": (dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32), True)}
 

@@ -42,8 +42,9 @@ def started(tmp_path_factory):
             if p.dim() > 1:
                 p.mul_(4.0)
     start = vllm_start_dir(policy, tokenizer, tmp_path_factory.mktemp("rl"), source="test")
+    # CPU_MLA: on a CPU with AMX tiles vLLM would pick its AMX MLA backend, which refuses fp32 weights
     llm = vllm.LLM(model=str(start), max_model_len=256, gpu_memory_utilization=0.2, enforce_eager=True, seed=0,
-                   dtype="float32")
+                   dtype="float32", attention_backend="CPU_MLA")
     return policy, llm
 
 
@@ -115,7 +116,7 @@ import json, sys
 from vllm import LLM, SamplingParams
 prompts = json.loads(sys.argv[2])
 llm = LLM(model=sys.argv[1], model_impl="transformers", enforce_eager=True, dtype="float32", max_model_len=256,
-          gpu_memory_utilization=0.2, seed=0)
+          gpu_memory_utilization=0.2, seed=0, attention_backend="CPU_MLA")
 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                     use_tqdm=False)
 print("TOKENS", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
