@@ -31,12 +31,17 @@ prompts), each keeping the entries of its side. The package is an extra: `pip in
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
+import os
 import random
 import re
+import shutil
+import tempfile
 import typing
+import weakref
 
 from .loading import DataError
 
@@ -45,6 +50,10 @@ PREFIX = "reasoning_gym:"
 # one. Seed k's training stream starts at k * SEED_STRIDE, and the held-out stream far above any of them.
 SEED_STRIDE = 1_000_000
 HELD_OUT_SEED = 1_000_000_000
+# Tasks whose generator runs code from its own dataset to make an entry (codeio execs curated snippets, and one of
+# them writes `planet.com`): their entries are made in a scratch working directory, so that such relative writes
+# land there and not in the user's. Nothing else is contained: reasoning-gym's own documentation asks for caution.
+RUNS_CODE = frozenset({"codeio"})
 
 
 class ReasoningGymError(DataError):
@@ -181,7 +190,29 @@ def _enum_options(task: str, options: dict) -> dict:
 
 def _entries(task: str, options: dict, seed: int, count: int, start: int = 0) -> list[tuple[int, dict]]:
     dataset = _dataset(task, seed, start + count, json.dumps(options, sort_keys=True))
-    return [(i, dataset[i]) for i in range(start, start + count)]
+    with _working_dir_for(task):
+        return [(i, dataset[i]) for i in range(start, start + count)]
+
+
+@contextlib.contextmanager
+def _working_dir_for(task: str):
+    """Where the task's entries are made: a scratch directory for the tasks of RUNS_CODE, else where we are."""
+    if task not in RUNS_CODE:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(_scratch())
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@functools.cache
+def _scratch() -> str:
+    path = tempfile.mkdtemp(prefix="latentalign-reasoning-gym-")
+    weakref.finalize(_scratch, shutil.rmtree, path, ignore_errors=True)  # removed when the process exits
+    return path
 
 
 @functools.lru_cache(maxsize=100_000)
@@ -190,7 +221,8 @@ def entry(key: str) -> dict:
     prompt's entry once per completion)."""
     ref = json.loads(key)
     dataset = _dataset(ref["task"], ref["seed"], ref["index"] + 1, json.dumps(ref["options"], sort_keys=True))
-    return dataset[ref["index"]]
+    with _working_dir_for(ref["task"]):
+        return dataset[ref["index"]]
 
 
 def task_of(key: str) -> str:

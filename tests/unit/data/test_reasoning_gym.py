@@ -2,6 +2,7 @@
 the reward (bare and guarded) and as the eval task, and one clear error for a bad task or option."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -377,6 +378,27 @@ def test_an_answer_that_is_code_is_not_run_by_the_tasks_verifier(task, tmp_path)
     # and the answers these verifiers exist for still score
     assert [rg.score(f"<answer>{r['answer']}</answer>", r["reasoning_gym"]) for r in rows] == [1.0, 1.0]
 
+
+
+class _WritesWhereItRuns:
+    """A task's dataset whose entries, like codeio's, run code that writes a file relative to the working directory."""
+
+    def __getitem__(self, index):
+        with open("made.txt", "a") as f:
+            f.write(str(index))
+        return {"question": f"q{index}", "answer": "1", "metadata": {}}
+
+
+def test_entries_of_a_task_that_runs_code_are_made_in_a_scratch_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    rows, _ = load_rows("reasoning_gym:codeio", split="test", formats=("rl",), size=4)  # one of these writes a file
+    assert len(rows) == 4 and list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as patched:
+        patched.setattr(rg, "_dataset", lambda *args: _WritesWhereItRuns())
+        assert [i for i, _ in rg._entries("codeio", {}, seed=0, count=2)] == [0, 1]
+        assert list(tmp_path.iterdir()) == [] and Path.cwd() == tmp_path
+        rg._entries("chain_sum", {}, seed=0, count=1)  # the other tasks make theirs where the user is
+    assert (tmp_path / "made.txt").exists()
 
 def test_the_python_list_forms_those_verifiers_accept_still_score():
     rows, _ = load_rows("reasoning_gym:string_insertion", split="test", formats=("rl",), size=2)
