@@ -138,12 +138,12 @@ _compiled_steps: dict = {}
 
 
 def compiled_step(device: torch.device):
-    """`_decode_step` compiled for `device`'s kind: CUDA graphs on GPU; elsewhere inductor's default mode with its
-    C++ wrapper, which calls the step's kernels from generated C++ rather than Python (a decode step at batch 4 is
-    a few hundred small kernels: 1.2x faster that way, the same tokens; bench/README.md, decode)."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    """`_decode_step` compiled for `device`'s kind: CUDA graphs on GPU; on CPU inductor's default mode with its C++
+    wrapper, which calls the step's kernels from generated C++ rather than Python (a decode step at batch 4 is a few
+    hundred small kernels: 1.2x faster that way, the same tokens; bench/README.md, decode); elsewhere the default."""
+    kind = device.type
     if kind not in _compiled_steps:
-        how = dict(mode="reduce-overhead") if kind == "cuda" else dict(options={"cpp_wrapper": True})
+        how = {"cuda": dict(mode="reduce-overhead"), "cpu": dict(options={"cpp_wrapper": True})}.get(kind, {})
         if kind == "cpu":
             logging.getLogger("torch._inductor.ir").addFilter(_without_shim_notes)
         _compiled_steps[kind] = torch.compile(_decode_step, fullgraph=True, dynamic=False, **how)

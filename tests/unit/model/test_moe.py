@@ -111,7 +111,6 @@ def test_grouped_experts_match_the_per_expert_loop(make_config, width):
         assert (u - v).abs().max().item() < 1e-4
 
 
-
 @pytest.mark.parametrize("tokens", [1, 3, 4])  # 3 x 2 and 4 x 2 pairs: fewer than 8 experts, then as many
 def test_compiled_experts_of_few_tokens_match_the_per_expert_loop(make_config, tokens):
     """A compiled decode step's routed experts (fewer (token, expert) pairs than experts: one product per pair,
@@ -133,6 +132,7 @@ def test_compiled_experts_of_few_tokens_match_the_per_expert_loop(make_config, t
         compiled = torch.compile(ours, fullgraph=True)(x, idx, w)
         torch.testing.assert_close(compiled, loop(x, idx, w), atol=1e-5, rtol=1e-4)
     assert bool(taken) == (tokens * 2 < 8)  # as many pairs as experts: the grouped products again
+
 
 def test_token_dropping_keeps_each_device_within_budget(make_config):
     config = make_config(n_routed_experts=8, num_experts_per_tok=2, num_device_groups=4)
