@@ -107,7 +107,8 @@ def median(values) -> float:
 
 
 # The rates below are the best of their repeats, not the median: a floor is what the machine can do, and on a
-# shared machine a median over a busy minute once read half the bandwidth (32 against 67 GB/s), halving the floor.
+# shared machine a median over a busy minute once read half the bandwidth (32 against 67 GB/s), doubling the
+# floor's time.
 
 
 def matmul_flops(size: int = 2048, repeats: int = 10) -> float:

@@ -31,6 +31,7 @@ prompts), each keeping the entries of its side. The package is an extra: `pip in
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import functools
@@ -41,7 +42,6 @@ import re
 import shutil
 import tempfile
 import typing
-import weakref
 
 from .loading import DataError
 
@@ -211,7 +211,7 @@ def _working_dir_for(task: str):
 @functools.cache
 def _scratch() -> str:
     path = tempfile.mkdtemp(prefix="latentalign-reasoning-gym-")
-    weakref.finalize(_scratch, shutil.rmtree, path, ignore_errors=True)  # removed when the process exits
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 

@@ -311,10 +311,11 @@ class GroupedExperts(hf.DeepseekV2Experts):
         """Each (token, chosen expert) pair as its own matrix-vector product, written as a product and a sum over
         the chosen experts' rows: a compiled decode step on CPU (fewer pairs than experts), where inductor fuses
         the gather of the expert's weights into the sum, so each step reads each pair's expert weights and nothing
-        else (an expert two tokens chose, twice). There a grouped GEMM costs more around the products (sorting, counting, one call per
-        expert) than the products themselves: the routed experts of the decode benchmark's step take 1.5x
-        less time this way (bench/README.md, decode). Eagerly the gather would copy the weights first. The choice
-        is made when the graph is traced: a graph compiled with a dynamic token count is guarded on it."""
+        else (an expert two tokens chose, twice). There a grouped GEMM costs more around the products (sorting,
+        counting, one call per expert) than the products themselves: the routed experts of the decode benchmark's
+        step take 1.5x less time this way (bench/README.md, decode). Eagerly the gather would copy the weights
+        first. The choice is made when the graph is traced: a graph compiled with a dynamic token count is guarded
+        on it."""
         x = hidden_states.to(self.gate_up_proj.dtype)
         gate, up = (self.gate_up_proj[top_k_index] * x[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # (N, K, I)
         h = self.act_fn(gate) * up * top_k_weights.unsqueeze(-1).to(up.dtype)

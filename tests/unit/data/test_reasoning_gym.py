@@ -379,7 +379,6 @@ def test_an_answer_that_is_code_is_not_run_by_the_tasks_verifier(task, tmp_path)
     assert [rg.score(f"<answer>{r['answer']}</answer>", r["reasoning_gym"]) for r in rows] == [1.0, 1.0]
 
 
-
 class _WritesWhereItRuns:
     """A task's dataset whose entries, like codeio's, run code that writes a file relative to the working directory."""
 
@@ -399,6 +398,7 @@ def test_entries_of_a_task_that_runs_code_are_made_in_a_scratch_directory(monkey
         assert list(tmp_path.iterdir()) == [] and Path.cwd() == tmp_path
         rg._entries("chain_sum", {}, seed=0, count=1)  # the other tasks make theirs where the user is
     assert (tmp_path / "made.txt").exists()
+
 
 def test_the_python_list_forms_those_verifiers_accept_still_score():
     rows, _ = load_rows("reasoning_gym:string_insertion", split="test", formats=("rl",), size=2)
