@@ -183,7 +183,18 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     if missing:
         raise CheckpointError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}.")
+    broken = _non_finite(model)
+    if broken:
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values: {broken[:3]}"
+                              f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}; every loss and reward "
+                              f"from them would be NaN. Was it saved after a diverged step? Load an earlier one.")
     return model
+
+
+def _non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (those on the meta device, not loaded, are skipped)."""
+    return [name for name, p in model.named_parameters()
+            if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all()]
 
 
 def _unreadable_weights(err: Exception) -> bool:

@@ -219,6 +219,21 @@ def test_missing_tensors(tmp_path):
         latentalign.load_model(path)
 
 
+def test_weights_holding_nan_or_inf_name_their_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    path = _saved(tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"][3, 5] = float("nan")
+    state["model.norm.weight"][0] = float("-inf")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{path}: weights hold NaN or infinite values: .*kv_a_proj_with_mqa"
+                                              f".*model.norm.weight"):
+        latentalign.load_model(path)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        latentalign.load_reward_model(path)
+
+
 def test_load_state_dict_reads_the_per_expert_layout_save_pretrained_writes(tmp_path):
     """The Trainer resumes with `load_state_dict(strict=False)` on what `save_pretrained` wrote."""
     from safetensors.torch import load_file
