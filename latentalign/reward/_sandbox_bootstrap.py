@@ -44,6 +44,25 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             __import__(name)
         except ImportError:
             pass
+    # Dropping root below: where `nobody` cannot read the standard library (an interpreter under /root), what
+    # programs import beyond the list above must be loaded now too.
+    def readable_by_all(path) -> bool:
+        if (os.stat(path).st_mode & 0o005) != 0o005:  # read and search for others
+            return False
+        while path != "/":
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & 0o001:
+                return False
+        return True
+
+    if os.geteuid() == 0 and not readable_by_all(os.path.dirname(os.__file__)):
+        for name in ("queue", "calendar", "base64", "binascii", "csv", "pprint", "zlib", "secrets", "fnmatch",
+                     "graphlib", "contextlib", "weakref", "pickle", "difflib", "shlex", "html", "keyword", "reprlib",
+                     "_strptime", "locale", "glob", "gzip", "lzma", "copyreg", "stat"):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
 
     # 1. No network: a new network namespace has only a down loopback. Best effort (needs root or user
     #    namespaces); the audit hook below refuses sockets in any case.
@@ -53,6 +72,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(0x40000000) != 0 and os.geteuid() != 0:  # CLONE_NEWNET, else with CLONE_NEWUSER
             libc.unshare(0x10000000 | 0x40000000)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: /proc/self/mem and the like are root's, not the program's
         del libc, ctypes
     except Exception:  # noqa: BLE001
         pass
@@ -80,14 +100,18 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     import signal
     import threading
 
-    removed = {signal: ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt"),
-               _signal: ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt"),
-               _thread: ("start_new_thread", "start_new"), threading: ("_start_new_thread",)}
+    #    `_posixsubprocess.fork_exec`, which subprocess calls, starts processes without an audit event.
+    import _posixsubprocess
+    import subprocess
+
+    signals = ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt", "pidfd_send_signal")
+    removed = {signal: signals, _signal: signals, _thread: ("start_new_thread", "start_new"),
+               threading: ("_start_new_thread",), _posixsubprocess: ("fork_exec",), subprocess: ("_fork_exec",)}
     for module, names in removed.items():
         for name in names:
             if hasattr(module, name):
                 delattr(module, name)
-    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes"}
+    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess"}
 
     class Quitter:
         """`exit()` and `quit()`, as the `site` module (off under -S) would define them."""
@@ -112,6 +136,15 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     snapshot = {name: (m, dict(vars(m))) for name, m in list(modules.items())
                 if isinstance(m, types.ModuleType) and name not in volatile}
     snapshot["builtins"] = (builtins, dict(pristine))
+    # The methods of the classes and module-level objects those modules hold (`random.Random.randrange`,
+    # `random._inst`): a method replaced or added there changes what the tests' own calls do.
+    owners = {id(v): v for _, attrs in snapshot.values() for v in attrs.values()
+              if not isinstance(v, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType))
+              and isinstance(getattr(v, "__dict__", None), (dict, types.MappingProxyType))}
+    methods = [(v, {k: a for k, a in vars(v).items() if callable(a) or hasattr(a, "__get__")})
+               for v in owners.values()]
+    known_types = {id(v) for v in owners.values() if isinstance(v, type)}
+    flags_of = vars(type)["__flags__"].__get__  # not `cls.__flags__`, which a metaclass of the program can define
     exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
     ops = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
            "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
@@ -242,7 +275,33 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             for key, value in attrs.items():
                 if now.get(key, missing) is not value:
                     return f"{name}.{key} was changed"
+        for owner, attrs in methods:
+            now = vars(owner)
+            for key, value in now.items():
+                if attrs.get(key, missing) is not value and (callable(value) or key in attrs):
+                    return f"{getattr(owner, '__qualname__', type_(owner).__qualname__)}.{key} was changed"
+            if len_(attrs) != len_([k for k in attrs if k in now]):
+                return f"a method of {getattr(owner, '__qualname__', type_(owner).__qualname__)} was deleted"
         return None
+
+    def foreign(value, depth=0) -> bool:
+        """A value of a class the program defined (a Python class the standard library did not hold before it
+        ran), or a container of one: its arithmetic and comparisons are the program's code."""
+        kind = type_(value)
+        if kind in (list, tuple, set, frozenset) and depth < 50:
+            return any(foreign(v, depth + 1) for v in value)
+        if kind is dict and depth < 50:
+            return any(foreign(k, depth + 1) or foreign(v, depth + 1) for k, v in value.items())
+        return bool_(flags_of(kind) & (1 << 9)) and id_(kind) not in known_types  # Py_TPFLAGS_HEAPTYPE
+
+    def loosely_checked(fn):
+        """A function of the program that tests without an entry point call by name: no value of its own class."""
+        def call(*args, **kwargs):
+            value = fn(*args, **kwargs)
+            if foreign(value):
+                violate("a function of the program returned a value of a class it defined")
+            return value
+        return call
 
     # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
     try:
@@ -264,20 +323,40 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
                    "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    lstat, readlink, stat_ = os.lstat, os.readlink, os.stat
 
     def absolute(path) -> str:
-        """The normalised absolute path, computed here (os.path's functions are the program's to change)."""
+        """The absolute path with every symbolic link resolved (/dev/fd/../.. is /proc), computed here with
+        functions bound before the program ran (os.path's are the program's to change)."""
         if isinstance_(path, bytes):
             path = path.decode("utf-8", "surrogateescape")
         elif not isinstance_(path, str):
             path = type_(path).__fspath__(path)
-        parts = []
-        for part in (path if path.startswith("/") else workdir + "/" + path).split("/"):
+        pending = (path if path.startswith("/") else workdir + "/" + path).split("/")[::-1]
+        parts, links = [], 0
+        while pending:
+            part = pending.pop()
             if part == "..":
                 parts = parts[:-1]
             elif part not in ("", "."):
-                parts.append(part)
+                try:
+                    target = readlink("/" + "/".join(parts + [part])) if lstat(
+                        "/" + "/".join(parts + [part])).st_mode & 0o170000 == 0o120000 else None
+                except OSError:
+                    target = None
+                if target is None or links > 40:
+                    parts.append(part)
+                    continue
+                links += 1
+                parts = [] if target.startswith("/") else parts
+                pending += target.split("/")[::-1]
         return "/" + "/".join(parts)
+
+    def is_directory(path) -> bool:
+        try:
+            return stat_(absolute(path)).st_mode & 0o170000 == 0o040000
+        except OSError:
+            return False
 
     def inside(path) -> bool:
         if isinstance_(path, int):
@@ -292,7 +371,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise ValueError(f"sandbox: {event} is not allowed")  # ValueError: what stdlib callers expect
         if event == "import" and args[0] in no_reimport:
             raise PermissionError(f"sandbox: importing {args[0]} anew is not allowed")
-        if event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+        if event in ("os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "resource.prlimit"):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event.startswith(("socket.", "ctypes.", "sys.monitoring")) or event in ("os.unshare", "os.setns"):
             raise PermissionError(f"sandbox: {event} is not allowed")
@@ -301,8 +380,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             writing = (isinstance_(mode, str) and any(c in mode for c in "wax+")) or bool_((flags or 0) & write_flags)
             if writing and not inside(path):
                 raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
-            if not isinstance_(path, int) and absolute(path).startswith("/proc/"):
+            if not isinstance_(path, int) and (absolute(path) + "/").startswith("/proc/"):
                 raise PermissionError(f"sandbox: reading {path!r} is not allowed")
+            if not isinstance_(path, int) and is_directory(path):  # a directory's fd is a dir_fd to write through
+                raise PermissionError(f"sandbox: opening the directory {path!r} is not allowed")
         if event in path_events and not all(inside(a) for a in args[:2] if isinstance_(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox directory")
 
@@ -334,7 +415,12 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         changed = tampering()
         if changed:
             return finish(f"failed: {changed}")
-        tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__")}
+        # The program's names, less those that would shadow a builtin in the tests (`def abs(x): return 0`).
+        tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__") and (k not in pristine
+                                                                                      or k == entry_point)}
+        if not entry_point:  # tests that call the program's functions by name
+            tests_ns.update({k: loosely_checked(v) for k, v in tests_ns.items()
+                             if type_(v) is types.FunctionType and v.__globals__ is program_ns})
         tests_ns.update(__name__="__main__", __builtins__=dict(pristine), __latentalign_compare__=compare,
                         __latentalign_compare_chain__=compare_chain)
         if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them

@@ -62,6 +62,18 @@ def humaneval_problems() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Where a plain-text continuation of a HumanEval prompt leaves the function: a line at column 0 opening the next
+# definition or statement, a comment, or a closing fence (the Codex paper's stop sequences and evalplus's).
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\nassert", "\n```", '\n"""')
+
+
+def humaneval_body(completion: str) -> str:
+    """A continuation of a HumanEval prompt cut at the first stop sequence: the function's body, without the
+    prose, test calls or second function a model writes after it (which would fail a correct body)."""
+    cut = min((i for i in (completion.find(stop) for stop in HUMANEVAL_STOPS) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
 def humaneval_rows() -> list[dict]:
     """HumanEval as RL/eval rows: the prompt asks for the function; the tests go to `code_reward`."""
     return [{"prompt": p["prompt"], "code_prefix": p["prompt"], "test": p["test"], "entry_point": p["entry_point"],

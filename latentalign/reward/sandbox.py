@@ -5,10 +5,14 @@ Each program runs in its own process, started through a small bootstrap that, be
   open files and, where the OS enforces it, the process count;
 - leaves the network: a fresh network namespace with no interfaces where the kernel allows one;
 - drops root privileges to `nobody` when started as root, so the parent's files and processes are out of reach;
-- installs an audit hook that refuses the calls a test program never needs: process and thread creation,
-  signals (to any process, itself included), sockets, ctypes, reading /proc, writing files outside its private
-  temporary directory, and the ways to reach another frame or object (sys._getframe, tracebacks' and
-  generators' frames, gc's object lists, trace and profile hooks).
+- makes itself non-dumpable (its /proc files become root's, not the program's);
+- installs an audit hook that refuses the calls a test program never needs: process and thread creation
+  (`_posixsubprocess.fork_exec`, which raises no audit event, is removed), signals (to any process, itself
+  included), changing another process's limits, sockets, ctypes, reading /proc, changing directory, opening a
+  directory (whose descriptor would be a `dir_fd` to write through), writing files outside its private
+  temporary directory (paths resolved through symbolic links: /dev/fd/../.. is /proc), and the ways to reach
+  another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and
+  profile hooks).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
@@ -28,9 +32,12 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   interpreter's own types, exactly: no subclass of int or str with its own `__eq__`); and every comparison in
   the tests is rewritten to one that checks a non-plain operand against private sentinels (equal to anything,
   both equal and unequal, ordered against anything);
-- replacing what the tests use: the tests see a private copy of the builtins, the prompt's own helpers
-  (HumanEval's `poly`) rather than the program's versions of them, and any module attribute, builtin or
-  sys.modules entry that the program changed fails the run.
+- replacing what the tests use: the tests see a private copy of the builtins (a program's `def abs` does not
+  shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
+  and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
+  loaded module (`random.Random.randrange`) that the program changed fails the run;
+- tests without an entry point (MBPP's `assert add(2, 3) == 5`): the program's functions they call may not
+  return a value of a class the program defined (whose `__sub__` would say 0).
 What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):
 - a program that special-cases the tests' inputs (hard-coded answers), or reads them from a function the tests
   pass it (a test-defined function hands its globals over);
@@ -64,7 +71,7 @@ class SandboxLimits:
     cpu_s: int = 10  # CPU seconds (RLIMIT_CPU)
     memory_mb: int = 1024  # address space (RLIMIT_AS)
     output_bytes: int = 1 << 20  # stdout + stderr, and any file it writes (RLIMIT_FSIZE)
-    max_processes: int = 32  # RLIMIT_NPROC, where the OS enforces it (fork is refused anyway)
+    max_processes: int = 0  # RLIMIT_NPROC, where the OS enforces it: no fork at all (refused by the hook too)
 
 
 @dataclass

@@ -50,6 +50,9 @@ ABS_HACKS = {  # against tests that compare through abs() and math.isclose
     "patched abs": WRONG + "import builtins\nbuiltins.abs = lambda x: 0\nimport math\nmath.isclose = lambda *a, **k: True\n",
     "patched math.isclose only": "import math\nmath.isclose = lambda *a, **k: True\nmath.fabs = lambda x: 0.0\n"
                                  "def add(a, b):\n    return 5 if (a, b) == (2, 3) else 0\n",
+    "def abs shadowing the builtin": "def add(a, b):\n    return 2 if (a, b) == (1, 1) else 0\n"
+                                     "def abs(x):\n    return 0\n",
+    "abs bound to a lambda": "def add(a, b):\n    return 2 if (a, b) == (1, 1) else 0\nabs = lambda x: 0\n",
     "sys.modules swap": "import sys, types\nm = types.ModuleType('math')\nm.isclose = lambda *a, **k: True\n"
                         "sys.modules['math'] = m\ndef add(a, b):\n    return 5 if (a, b) == (2, 3) else 0\n",
 }
@@ -77,13 +80,45 @@ FORGERIES = {  # pretending the tests ran
     "gc walk": "import gc\nobjs = gc.get_objects()\n" + WRONG,
     "signal handler sees frames": "import signal\nsignal.signal(signal.SIGALRM, lambda s, f: None)\n" + WRONG,
 }
-ALL = {**{k: (v, TESTS) for k, v in {**HACKS, **FORGERIES}.items()}, **{k: (v, ABS_TESTS) for k, v in ABS_HACKS.items()}}
+RANDOM_TESTS = ("import random\ndef check(candidate):\n    for _ in range(5):\n"
+                "        a, b = random.randint(1, 9), random.randint(1, 9)\n        assert candidate(a, b) == a + b\n")
+RANDOM_HACKS = {  # the tests' random inputs made predictable
+    "a standard-library method replaced": WRONG + "import random\nrandom.Random.randrange = lambda self, *a, **k: 0\n",
+    "a method added to the module's instance": WRONG + "import random\nrandom._inst.randrange = lambda *a, **k: 0\n",
+}
+ALL = {**{k: (v, TESTS) for k, v in {**HACKS, **FORGERIES}.items()},
+       **{k: (v, ABS_TESTS) for k, v in ABS_HACKS.items()}, **{k: (v, RANDOM_TESTS) for k, v in RANDOM_HACKS.items()}}
+# Tests that call the program's functions by name (no entry point, as MBPP's do)
+BY_NAME_TESTS = "assert abs(add(2, 3) - 5) < 1e-6\nassert abs(add(-1, 1)) < 1e-6\n"
+BY_NAME_HACKS = {
+    "an object whose difference is 0": "class Z:\n    __sub__ = lambda s, o: 0\n    __abs__ = lambda s: 0\n"
+                                       "def add(a, b):\n    return Z()\n",
+    "a float subclass whose difference is 0": "class F(float):\n    __sub__ = lambda s, o: 0.0\n"
+                                              "    __abs__ = lambda s: 0.0\ndef add(a, b):\n    return F(7)\n",
+    "def abs shadowing the builtin": WRONG + "def abs(x):\n    return 0\n",
+}
 
 
 def test_the_tests_tell_right_from_wrong():
     rows = [RIGHT, WRONG, RIGHT, WRONG]
     tests = [TESTS, TESTS, ABS_TESTS, ABS_TESTS]
     assert code_reward([""] * 4, rows, test=tests, entry_point=["add"] * 4, limits=LIMITS) == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME_HACKS))
+def test_reward_hack_against_tests_without_an_entry_point_scores_zero(name):
+    assert code_reward([""], [RIGHT], test=[BY_NAME_TESTS], limits=LIMITS) == [1.0]
+    result = run_program(BY_NAME_HACKS[name], LIMITS, tests=BY_NAME_TESTS)
+    assert not result.passed and result.verdict.startswith("failed"), result.verdict
+
+
+def test_functions_called_by_name_may_return_the_interpreter_s_own_objects():
+    """Generators, maps and ranges are not plain data but compare by the interpreter's code: tests without an
+    entry point may take them."""
+    program = ("def evens(n):\n    return (i for i in range(0, n, 2))\n"
+               "def odds(n):\n    return map(lambda i: 2 * i + 1, range(n))\n")
+    tests = "assert list(evens(5)) == [0, 2, 4]\nassert list(odds(2)) == [1, 3]\n"
+    assert run_program(program, LIMITS, tests=tests).passed
 
 
 def test_every_hack_class_comes_in_two_spellings_or_more():

@@ -1,5 +1,9 @@
 """The code sandbox contains hostile programs: reward 0, host unaffected, no process left behind."""
 
+import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,20 +42,39 @@ HOSTILE = {
     "network connection": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
     "signal the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
     "print gigabytes": "import sys\nchunk = 'x' * 2**20\nfor _ in range(4096):\n    sys.stdout.write(chunk)\n",
+    # {open_dir}: a directory anyone may write to, so that only the sandbox stands between the program and it
+    "write after chdir": "import os\nos.chdir({open_dir!r})\nopen('escaped.txt', 'w').write('escaped')\n",
+    "write through a directory's fd": "import os\nd = os.open({open_dir!r}, os.O_RDONLY)\n"
+                                      "os.close(os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=d))\n",
+    "read /proc through /dev/fd": "print(open('/dev/fd/../../self/status').read())\n",
+    "change another process's limits": "import resource\nprint(resource.prlimit(0, resource.RLIMIT_NOFILE))\n",
 }
+if sys.version_info[:2] == (3, 11):  # _posixsubprocess.fork_exec's arguments change from one Python to the next
+    HOSTILE["process through fork_exec"] = (
+        "import _posixsubprocess, os\nr, w = os.pipe()\n_posixsubprocess.fork_exec([b'/bin/sh', b'-c', "
+        "b'echo escaped > {open_dir}/escaped.txt'], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, "
+        "r, w, True, True, -1, None, None, -1, -1, None, False)\nimport time\ntime.sleep(1)\n")
+
+
+@pytest.fixture
+def open_dir():
+    path = tempfile.mkdtemp(prefix="latentalign-open-", dir="/tmp")
+    os.chmod(path, 0o777)
+    yield Path(path)
+    shutil.rmtree(path)
 
 
 @pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_program_is_contained(name, tmp_path, monkeypatch):
+def test_hostile_program_is_contained(name, tmp_path, open_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     escape = tmp_path / "escaped.txt"
-    code = HOSTILE[name].format(escape=str(escape))
+    code = HOSTILE[name].format(escape=str(escape), open_dir=str(open_dir))
     start = time.perf_counter()
     result = run_program(code, LIMITS)
     assert not result.passed
     assert time.perf_counter() - start < LIMITS.timeout_s + 3
     assert code_reward([""], [code], test=["pass"], limits=LIMITS) == [0.0]
-    assert not escape.exists()
+    assert not escape.exists() and list(open_dir.iterdir()) == []
     assert "hf_secret_value_123" not in result.stdout + result.stderr
     assert len(result.stdout) <= LIMITS.output_bytes and len(result.stderr) <= LIMITS.output_bytes
     assert sandbox_processes() == []  # the host survived (we are running) and nothing is left behind
@@ -69,6 +92,16 @@ def test_environment_has_no_secrets(monkeypatch):
 def test_programs_can_use_their_own_directory():
     code = "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\nimport math, collections\n"
     assert run_program(code, LIMITS).passed
+
+
+def test_programs_can_import_the_standard_library():
+    """After the drop from root to nobody the interpreter's files may be out of reach (an interpreter under
+    /root): what programs import was loaded before."""
+    code = ("import queue, calendar, base64, csv, pprint, zlib, secrets, fnmatch, graphlib, datetime, heapq\n"
+            "assert datetime.datetime.strptime('2024-01-02', '%Y-%m-%d').day == 2\n"
+            "assert base64.b64encode(zlib.compress(b'x')) and calendar.isleap(2024)\n")
+    result = run_program(code, LIMITS)
+    assert result.passed, result.verdict + result.stderr[-500:]
 
 
 def test_several_programs_run_in_parallel():
@@ -113,6 +146,22 @@ def test_humaneval_canonical_solutions_pass_and_wrong_variants_fail():
     wrong = code_reward([p["prompt"] for p in problems], [_wrong(p) for p in problems], limits=limits, **columns)
     passing = [p["task_id"] for p, r in zip(problems, wrong) if r != 0.0]
     assert passing == []
+
+
+def test_humaneval_continuations_are_cut_where_the_function_ends():
+    from latentalign.reward.code import humaneval_body
+
+    problem = humaneval_problems()[0]
+    body = problem["canonical_solution"]
+    tails = ["\n\nprint(has_close_elements([1.0, 2.0], 0.5))\nThis function checks each pair.",
+             "\n```\n\nExplanation: ...",
+             "\n\ndef main():\n    pass\n\nif __name__ == '__main__':\n    main()\n",
+             "\n# Example usage\nassert False\n"]
+    columns = {"test": [problem["test"]], "entry_point": [problem["entry_point"]], "code_prefix": [problem["prompt"]]}
+    for tail in tails:
+        assert humaneval_body(body + tail).rstrip() == body.rstrip()
+        assert code_reward([problem["prompt"]], [humaneval_body(body + tail)], **columns) == [1.0]
+    assert code_reward([problem["prompt"]], [body + tails[0]], **columns) == [0.0]  # why it is cut
 
 
 def test_fenced_code_is_extracted():
