@@ -154,18 +154,16 @@ def pairwise(model_dir, opts: EvalOptions) -> dict:
 
 
 def humaneval(model, tokenizer, opts: EvalOptions) -> dict:
-    """Greedy pass@1: the model continues each HumanEval prompt as plain text (no chat template), the continuation
-    is cut at HumanEval's stop sequences (`humaneval_body`), and the completed function runs against the
-    problem's tests in the sandbox."""
+    """Greedy pass@1: the model continues each HumanEval prompt as plain text (no chat template), cut at HumanEval's
+    stop sequences; the completed function runs against the problem's tests in the sandbox."""
     from ..reward.code import code_reward, humaneval_body, humaneval_rows
     from .accuracy import generate_completions
 
     rows = humaneval_rows()[:opts.humaneval_limit]
-    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], chat=False,
-                                       max_new_tokens=opts.humaneval_max_new_tokens, batch_size=opts.batch_size,
-                                       progress=False)
-    completions = [humaneval_body(c) for c in completions]
-    scores = code_reward([r["prompt"] for r in rows], completions, test=[r["test"] for r in rows],
+    completions = map(humaneval_body, generate_completions(
+        model, tokenizer, [r["prompt"] for r in rows], chat=False, max_new_tokens=opts.humaneval_max_new_tokens,
+        batch_size=opts.batch_size, progress=False))
+    scores = code_reward([r["prompt"] for r in rows], list(completions), test=[r["test"] for r in rows],
                          entry_point=[r["entry_point"] for r in rows], code_prefix=[r["code_prefix"] for r in rows])
     return {"humaneval": sum(s or 0.0 for s in scores) / max(len(rows), 1), "humaneval/n": len(rows)}
 

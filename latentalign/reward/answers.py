@@ -9,19 +9,24 @@ thing everywhere:
     >>> is_correct("The answer is 0.51.", "0.5")
     False
 
-- `final_answer(text)`: what the last closed `<answer>...</answer>` holds (the R1 template's answer tag; after the
-  last `</think>` when there is one), read by the rules below, except that a tag holding math rather than prose
-  is the right side of its last equation or the content whole ("12 - 5", "x = 7": 7, "\\sqrt{2}", "Monday"),
-  where the rules would take its last number. Without a tag, a box, "####" or "the answer is" after the last
-  `</think>`, else over the whole text: the last `\\boxed{}` (braces balanced; "\\boxed{3} or \\boxed{4}" is
-  both), else the last "#### N", else what follows the last "the answer is" / "answer:", else the last number
-  ("3 or 4" is both).
+- `final_answer(text)`: where text follows the last `</think>`, only that text is read (an answer written while
+  thinking is not the answer; with nothing but an end token after it, the whole text). There: what the last
+  closed `<answer>...</answer>` holds (the R1 template's answer tag), read by the rules below, except that a tag
+  holding math rather than prose is the right side of its last equation or the content whole ("x = 7": 7,
+  "\\sqrt{2}", "Monday"), where the rules would take its last number. Without a tag: the last `\\boxed{}`
+  (braces balanced; boxes with nothing but punctuation or a hedging word between them, "\\boxed{3}\\boxed{4}",
+  "\\boxed{3} or maybe \\boxed{4}", are all of them), else the last "#### N" (not a markdown heading), else what
+  follows the last "the answer is" / "answer:" to the end of its sentence ("7, since 3 + 4 = 7": 7; an equation:
+  its right side), else the last number with any listed before it ("3 or 4", "3, 4, or 5", "3 to 5": all).
 - `reference_answer(ref)`: a GSM8K solution's `#### N`, a MATH solution's last `\\boxed{}`, else the reference.
 - `answers_match(answer, reference)`: plain numbers are compared exactly here (thousands separators, `1{,}234`, `1 234`,
   `1\\,234`, percentages, `a/b`, `\\frac`, decimals, `1e3`, negatives with ASCII or Unicode minus, currency and
   trailing units, rounding to 6 decimals as math-verify does); everything else (`\\sqrt{4}`, `2^{3}`, sets,
   intervals, expressions) goes to math-verify. Plain numbers never reach math-verify: it costs tens of
-  milliseconds a call, and a GRPO step scores hundreds of completions.
+  milliseconds a call, and a GRPO step scores hundreds of completions. A unit is a word ("apples", "km/h") or a
+  unit's letter ("3 m"), not a variable or a constant ("2x", "3i", "2e"). Where the reference is a plain number,
+  an answer with arithmetic, logic or a list between its numbers ("37 * 48", "12 - 5", "3 \\vee 4", "3, 4") is
+  wrong: the number is asked for, not the question's working copied (math-verify would evaluate it) or a hedge.
 
 math-verify's own timeouts use `signal.alarm`, which works in the main thread only; elsewhere (a reward under
 `guarded(..., timeout_s=...)` runs in a worker thread) they are switched off and the caller's timeout does the
@@ -29,29 +34,38 @@ job, as TRL's accuracy reward does. An error of the verifier itself (its timeout
 counted in `VERIFIER.failures` by type and logged once per type; the comparison then falls back to comparing the
 normalised strings. An answer whose value could not be computed in a lifetime (`9^{9^{9^{9}}}`, `(10!)!`) is
 wrong without asking math-verify (`too_large` in the counts): Python computes a power in one call that holds the
-GIL, which no timeout in any thread interrupts.
+GIL, which no timeout in any thread interrupts. So is a binomial of such a size, and a sum or product over more
+than `MAX_TERMS` terms (or unbounded ones), which sympy may add up term by term.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from collections import Counter
 from fractions import Fraction
 
+from .sizes import MAX_ANSWER_DIGITS, MAX_EXPONENT, too_large_to_evaluate
+
 log = logging.getLogger(__name__)
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
-_HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
-_NUM = r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?|[-+\u2212]?\.\d+%?"
+_HASHES = re.compile(r"####[ \t]*([^\sA-Za-z][^\n]*)")  # GSM8K's "#### 72", not a markdown heading "#### Step 1"
+_ANSWER_IS = re.compile(r"answer[ \t]*(?:is|:)[ \t]*:?\s*([^\n]+)", re.IGNORECASE)
+# A number starts where no digit precedes it (after its sign): a scan of a long run of digits tries it once.
+_NUM = r"[-+\u2212]?(?<!\d)(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?|[-+\u2212]?(?<!\d)\.\d+%?"
 _TOKEN = (rf"-?\\[dt]?frac\s*\{{\s*-?\d+\s*\}}\s*\{{\s*\d+\s*\}}|-?\\[dt]?frac\d\d"
           rf"|(?:{_NUM})(?:\s*/\s*\d+(?![\d,]))?(?![\d,])")
-_LAST_NUMBER = re.compile(rf"(?:({_TOKEN})\s+or\s+)?({_TOKEN})")
-_HEDGE = re.compile(r"^\s*(?:,|or|and|,\s*or)\s*\$?\s*$")
+_LAST_NUMBER = re.compile(_TOKEN)
+# Before the last number, another joined to it: "3 or 4", "3, 4, or 5", "3 and 4", "3 to 5" are all of them.
+_LISTED = rf"(?:{_NUM})(?!\d)"  # a number that a comma may follow
+_HEDGED_NUMBER = re.compile(rf"({_LISTED})\s*(?:,\s*(?:or|and)?|or|and|to)\s*$")
+# Between two boxes, nothing but punctuation or a hedging word ("\\boxed{3}\\boxed{4}", "\\boxed{3} or maybe
+# \\boxed{4}"): the boxes are candidates, all of them the answer.
+_HEDGE = re.compile(r"^(?:[\s,;:.|/&$]|\\[,;:! ]|\\q?quad|\b(?:or|and|maybe|perhaps|possibly|either|else)\b)*$",
+                    re.IGNORECASE)
 
 
 def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
@@ -72,8 +86,19 @@ def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
 
 def _clip_sentence(span: str) -> str:
     """What follows "the answer is" up to the end of its sentence: "42. Next we ..." -> "42"."""
-    span = re.split(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|\n", span, maxsplit=1)[0]
-    return span.strip().strip("*").strip()
+    span = re.split(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|\n|</think>", span, maxsplit=1)[0]
+    span = span.strip().strip("*").strip()
+    return _reasoned_number(span) or _EQUALS.split(span)[-1].strip()  # "3 - 5 = -2": -2
+
+
+# A number and then the reasons for it: "7, since 3 + 4 = 7", "7 (from 3 + 4)", "7 because ...".
+_REASONED = re.compile(rf"\$?\s*({_LISTED})\s*(?:,(?!\s*[-+\u2212]?\.?\d)|\(|;|\s(?:since|because|as|which|so"
+                       rf"|from|by|for|after|given|when|with)\b)")
+
+
+def _reasoned_number(span: str) -> str | None:
+    reasoned = _REASONED.match(span)
+    return reasoned.group(1) if reasoned else None
 
 
 def tagged_answer(text: str) -> str | None:
@@ -92,12 +117,16 @@ def tagged_answer(text: str) -> str | None:
 def final_answer(text: str) -> str | None:
     """The final answer of a completion (see the module docstring for the order), or None if it has none."""
     _, thought, after = text.rpartition("</think>")
-    tagged = tagged_answer(after if thought else text)  # a tag written while thinking is not the answer
+    if thought and _SPECIAL_TOKEN.sub("", after).strip():  # an answer written while thinking is not the answer
+        text = after
+    tagged = tagged_answer(after if thought else text)
     if tagged is not None:
         return _tag_answer(tagged)
-    if thought and (answer := _untagged_answer(after, numbers=False)) is not None:
-        return answer  # a box, "####" or "the answer is" after the thinking, not a box tried while thinking
     return _untagged_answer(text)
+
+
+# A chat template's special token: <｜end▁of▁sentence｜>, <|im_end|>
+_SPECIAL_TOKEN = re.compile(r"<\uff5c[^\uff5c]{0,40}\uff5c>|<\|[^|]{0,40}\|>")
 
 
 # A word of prose: three letters or more that are not a LaTeX command or a function's name, or a short English word.
@@ -114,7 +143,7 @@ def _tag_answer(tagged: str) -> str | None:
     if not tagged:
         return None
     prose = len(tagged.split()) > 1 and _PROSE.search(_TEXT.sub(" ", tagged)) is not None
-    ruled = _untagged_answer(tagged, numbers=prose)
+    ruled = (prose and _reasoned_number(tagged)) or _untagged_answer(tagged, numbers=prose)
     if ruled is not None or prose:
         return ruled
     return _EQUALS.split(tagged)[-1].strip() or tagged
@@ -129,7 +158,7 @@ def _untagged_answer(text: str, numbers: bool = True) -> str | None:
             if not _HEDGE.match(text[e0 + 1:b1]):  # "\\boxed{3} or \\boxed{4}": a hedge, both count
                 break
             answers.insert(0, text[s0:e0].strip())
-        return ", ".join(answers)
+        return ", ".join(dict.fromkeys(answers))  # the same answer boxed twice is one
     hashes = _HASHES.findall(text)
     if hashes:
         return hashes[-1].strip()
@@ -138,11 +167,16 @@ def _untagged_answer(text: str, numbers: bool = True) -> str | None:
         span = _clip_sentence(found[-1].replace("$", " "))
         if span:
             return span
-    found = _LAST_NUMBER.findall(text) if numbers else []
-    if not found:
+    last = None
+    for last in (_LAST_NUMBER.finditer(text) if numbers else ()):
+        pass
+    if last is None:
         return None
-    hedge, last = found[-1]
-    return f"{hedge}, {last}" if hedge else last
+    found = [last.group()]
+    while hedged := _HEDGED_NUMBER.search(text, max(0, last.start() - 200), last.start()):  # "3, 4, or 5"
+        found.insert(0, hedged.group(1))
+        last = hedged
+    return ", ".join(found)
 
 
 def reference_answer(reference) -> str:
@@ -161,9 +195,12 @@ def reference_answer(reference) -> str:
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC = re.compile(r"^([-+]?)\\[dt]?frac(?:\{\s*([-+]?[\d.]+)\s*\}\{\s*([\d.]+)\s*\}|(\d)(\d))$")
 _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
-# Units after a number: "5 km/h", "7 apples", "5 cm^2" and "5 m^2" (not "2x^3", a variable's power), degrees.
-_UNITS = re.compile(r"^(.*?\d%?)\s*(?:[a-zA-Z][a-zA-Z ./]*|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?"
-                    r"|\^?\s*\\circ|°)$")
+# Units after a number: "5 km/h", "7 apples", "3 m/s", "5 cm^2" and "5 m^2", degrees; not a variable or a constant
+# ("2x", "3i", "2e", "2pi", "2x^3").
+_CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
+_UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
+                    r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")
+MAX_NUMBER_CHARS = 1_000  # a plain number is read from at most this many characters (its rules scan the text)
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)?$")  # 1 000 000 (SI)
 
 
@@ -171,10 +208,13 @@ def _strip_number(text: str) -> str:
     text = _TEXT.sub(lambda m: f" {m.group(1)} ", text)
     for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\u2212", "-"),
                      ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
-                     (" percent", "%"), ("€", ""), ("£", ""), ("\\[", ""), ("\\]", ""), ("\\(", ""), ("\\)", "")):
+                     (" percent", "%"), ("€", ""), ("£", ""), ("¥", ""), ("\\[", ""), ("\\]", ""), ("\\(", ""),
+                     ("\\)", "")):
         text = text.replace(old, new)
     text = re.sub(r"(?<!\d)\*{2,}|\*{2,}(?!\d)", "", text)  # markdown's **bold**, not 2**3; and "3*5" is not 35
-    text = re.sub(r"^[\s*]+|[\s*.]+$", "", text)  # and a full stop
+    text = text.lstrip().lstrip("*").lstrip()
+    end = re.search(r"[^\s*.]", text[::-1])  # and a full stop (a scan from the end: `[\s*.]+$` is quadratic)
+    text = text[:len(text) - end.start()] if end else ""
     text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
     units = _UNITS.match(text)
     if units and not re.search(r"[a-zA-Z]", units.group(1)):
@@ -191,6 +231,8 @@ def _as_fraction(token: str) -> Fraction:
 def parse_number(text: str) -> tuple[Fraction, bool] | None:
     """(value, written as a percentage) of a plain number in any of the forms the module docstring lists, or
     None when `text` is not a plain number."""
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
     text = _strip_number(text)
     frac = _FRAC.match(text)
     if frac:
@@ -284,63 +326,14 @@ class Verifier:
 
 VERIFIER = Verifier()
 
-# An answer math-verify is not asked about: its value would have more digits than this, or an exponent above this
-# (`9^{9^{9^{9}}}`, `(10!)!`, `(x+1)^{10^{9}}`). Python computes big powers in one C call that holds the GIL, so
-# neither math-verify's alarm (main thread only) nor the reward's thread timeout would stop it.
-MAX_ANSWER_DIGITS = 100_000
 MAX_VERIFIED_CHARS = 2_000  # "The answer is" 5,000 times took 5.8 s to parse (timed out) in the main thread
-MAX_EXPONENT = 1_000_000
-
-
-def too_large_to_evaluate(expr) -> bool:
-    """Whether a parsed answer (a sympy expression, unevaluated) holds a number too large to compute, or a power
-    whose exponent is; found by bounding each constant subexpression's size, evaluating nothing."""
-    import sympy
-
-    if not isinstance(expr, sympy.Basic):
-        return False
-    sizes: dict = {}
-    for node in sympy.postorder_traversal(expr):
-        sizes[node] = size = _log10_bound(node, sizes)
-        if size is not None and size > MAX_ANSWER_DIGITS:
-            return True
-        if isinstance(node, sympy.Pow) and sizes.get(node.exp) is not None \
-                and sizes[node.exp] > math.log10(MAX_EXPONENT + 1):
-            return True
-    return False
-
-
-def _log10_bound(node, known: dict) -> float | None:
-    """An upper bound on log10(|value| + 1) of a constant node (about its number of digits), from its children's
-    bounds; None where the node holds a symbol or anything else that is not a number."""
-    import sympy
-
-    if isinstance(node, sympy.Rational):  # integers too; log10 of a Python int of any size is exact enough
-        return max(math.log10(abs(node.p) + 1), math.log10(node.q + 1))
-    if isinstance(node, sympy.Float):
-        value = abs(float(node))
-        return math.log10(value + 1) if math.isfinite(value) else math.inf
-    if node in (sympy.pi, sympy.E, sympy.I, sympy.EulerGamma, sympy.GoldenRatio):
-        return 1.0
-    children = [known.get(arg) for arg in node.args]
-    if not children or any(c is None for c in children):
-        return None
-    if isinstance(node, sympy.Pow):
-        base, exp = children
-        power = abs(int(node.exp)) if isinstance(node.exp, sympy.Integer) else 10.0 ** min(exp, 308.0)
-        return max(base, math.log10(2)) * power  # |b|^e + 1 <= (|b| + 1)^e, and 1^e + 1 = 2
-    if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.gamma, sympy.subfactorial)):
-        arg = node.args[0]
-        n = float(abs(arg)) if isinstance(arg, sympy.Integer) else 10.0 ** min(children[0], 308.0)
-        return n * math.log10(n + 1) + 1  # n! <= n^n
-    if isinstance(node, sympy.Mul):
-        return sum(children)
-    if isinstance(node, sympy.Add):
-        return max(children) + math.log10(len(children))
-    return max(children)  # other functions of constants (sqrt, sin, log, ...) do not outgrow their arguments
 
 
 _WORD = re.compile(r"[A-Za-z]{2,}")
+# Between two numbers of an answer to a plain number: arithmetic, logic, relations, a list or a line break.
+_WORKED = re.compile(r"[\d)}]\s*(?:[-+*/×÷,;|]|\\(?:times|cdot|div|pm|mp|vee|wedge|lor|land|mid|to|Rightarrow"
+                     r"|rightarrow|implies|iff|sim|cup|cap|\\|quad|qquad)(?![a-zA-Z]))\s*[-+(\\{\d]")
+_SCIENTIFIC = re.compile(r"(?:\\times|\\cdot|×|\*)\s*10\s*\^")  # 1.2 \times 10^3 is a number
 _CONSTANTS = {"pi", "inf", "infty", "infinity", "oo", "nan"}  # words math-verify equates with symbols
 
 
@@ -358,6 +351,8 @@ def answers_match(answer: str | None, reference) -> bool:
     a, b = parse_number(answer), parse_number(reference)
     if a is not None and b is not None:
         return numbers_match(a, b)
+    if b is not None and _WORKED.search(_SCIENTIFIC.sub(" ", answer)):
+        return False  # "37 * 48", "3 \\vee 4", "3, 4": a number is asked for, not the question's working or a list
     if _WORD.fullmatch(answer) and _WORD.fullmatch(reference) and not {answer.lower(), reference.lower()} & _CONSTANTS:
         return answer.lower() == reference.lower()  # yes/no, true/false, names: sympy reads True as a boolean
     verdict = VERIFIER(answer, reference)

@@ -18,12 +18,25 @@ __all__ = ["completion_text", "equations_reward", "extract_answer", "format_rewa
 
 
 def completion_text(completion) -> str:
-    """The text of a completion given as a string or as TRL's conversational list of messages."""
+    """The text of a completion given as a string or as TRL's conversational list of messages: the assistant's
+    messages (a tool's or the user's numbers are not its answer), their content a string, None (a tool call) or
+    a list of parts whose text parts count."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
-    return str(completion)
+        messages = [m for m in completion if isinstance(m, dict)]
+        spoken = [m for m in messages if m.get("role", "assistant") == "assistant"]
+        return "".join(_content_text(m.get("content")) for m in spoken)
+    return "" if completion is None else str(completion)
+
+
+def _content_text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image", ...}]
+        return "".join(p if isinstance(p, str) else str(p.get("text") or "") for p in content
+                       if isinstance(p, str) or (isinstance(p, dict) and p.get("type", "text") == "text"))
+    return str(content)
 
 
 def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
@@ -66,13 +79,14 @@ def equations_reward(prompts, completions, **_) -> list[float]:
 
 
 def format_reward(prompts, completions, **_) -> list[float]:
-    """1.0 for a completion that ends its turn with a final answer and no chat-template text leaking into it
-    ("User:", "Assistant:"): the template respected; 0.0 otherwise."""
+    """1.0 for a completion that ends its turn with a final answer, no chat-template text leaking into it ("User:",
+    "Assistant:") and any `<think>` closed: the template respected; 0.0 otherwise."""
     rewards = []
     for completion in completions:
         text = completion_text(completion).strip()
         leaked = re.search(r"(^|\n)(User|Assistant):", text) is not None
-        rewards.append(float(bool(text) and extract_answer(text) is not None and not leaked))
+        unclosed = "<think>" in text and "</think>" not in text.partition("<think>")[2]  # cut off mid-thought
+        rewards.append(float(bool(text) and extract_answer(text) is not None and not leaked and not unclosed))
     return rewards
 
 

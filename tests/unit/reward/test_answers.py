@@ -126,7 +126,7 @@ def test_large_but_computable_answers_are_still_compared(answer, reference):
 
 @pytest.mark.parametrize("text, expected", [("\\boxed{\\boxed{1}", "1"), ("\\boxed{2} \\boxed{", "2"),
                                             ("} \\boxed{\\frac{1}{2}} }", "\\frac{1}{2}"), ("\\boxed{{3}", None),
-                                            ("{ \\fbox {4} \\boxed{5} or \\boxed{6}", "5, 6")])
+                                            ("{ \\fbox {4} \\boxed{5} or \\boxed{6}", "4, 5, 6")])
 def test_boxes_pair_their_own_braces_whatever_surrounds_them(text, expected):
     assert (final_answer(text) if expected is not None else answers._boxed_spans(text)) == (expected or [])
 

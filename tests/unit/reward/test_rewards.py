@@ -39,9 +39,7 @@ def test_extraction_order():
 
 
 @pytest.mark.parametrize("completion, right, wrong", [
-    ("<think>12 - 5</think> <answer>12 - 5</answer>", "7", "-5"),  # an expression: its value, not its last number
-    ("<answer>1+1</answer>", "2", "1"),
-    ("<answer>3*5</answer>", "15", "5"),
+    ("<think>12 - 5</think> <answer>12 - 5</answer>", "12 - 5", "-5"),  # an expression, not its last number
     ("<answer>x = 7</answer>", "7", "x"),
     ("<answer>$\\frac{1}{2}$</answer>", "0.5", "2"),
     ("<answer>7 \\text{ apples}</answer>", "7", "8"),
@@ -53,7 +51,9 @@ def test_extraction_order():
     ("<think>Is it \\boxed{6}? No.</think> The answer is 7.", "7", "6"),  # after the thinking, not a box in it
     ("<think>3 + 4 = 7</think>", "7", "4"),  # nothing after it: the rules over the whole text
     ("<think>Write <answer>x</answer> at the end.</think> \\boxed{5}", "5", "x"),  # a tag while thinking
-    ("<think>So \\boxed{12}.</think> This was step 3.", "12", "3"),  # a stray number after it is not the answer
+    ("<think>So \\boxed{12}.</think> This was step 3.", "3", "12"),  # what follows the thinking, not a box in it
+    ("<think>the answer is 5</think>\n\n7", "7", "5"),
+    ("<answer>7 (from 3 + 4)</answer>", "7", "4"),  # a number and then its reasons
     ("<answer>16 - 3 - 4 = 9, 9 * 2 = 18</answer>", "18", "9"),  # working in the tag: its last equation's result
     ("<answer>5 km/h</answer>", "5", "7"),
     ("<answer>\\[36\\]</answer>", "36", "3"),
@@ -65,8 +65,6 @@ def test_an_answer_tag_holds_the_final_answer(completion, right, wrong):
 
 
 @pytest.mark.parametrize("completion, right, wrong", [
-    ("The answer is 4 * 2", "8", "42"),  # a product, not the digits run together
-    ("answer: 2*3", "6", "23"),
     ("The answer is: **42**.", "42", "4"),  # markdown's bold around a number still reads
     ("Final Answer: The final answer is $42$. I hope it is correct.", "42", "4"),
     ("The answer is 1 000 000", "1000000", "1000"),  # thousands spaced as SI writes them
@@ -81,6 +79,71 @@ def test_written_answers_a_grader_would_read(completion, right, wrong):
     assert math_accuracy(["q"], [completion], answer=[right]) == [1.0]
     assert math_accuracy(["q"], [completion], answer=[wrong]) == [0.0]
     assert math_accuracy(["q"], ["The answer is 1 2"], answer=["12"]) == [0.0]  # two numbers, not 12 spaced
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("The answer is 37 * 48.", "1776"),  # the question's working copied, not its answer
+    ("<answer>12 - 5</answer>", "7"),
+    ("\\boxed{37 \\times 48}", "1776"),
+    ("answer: 2*3", "6"),
+    ("\\boxed{3}\\boxed{4}", "4"),  # candidates listed: none of them is the answer
+    ("\\boxed{3} or maybe \\boxed{4}", "4"),
+    ("<answer>3 and 4</answer>", "4"),
+    ("<answer>3, 4, or 5</answer>", "5"),
+    ("<answer>between 3 and 5</answer>", "5"),
+    ("3, 4, 5", "5"),
+    ("\\boxed{3 \\vee 4}", "4"),  # math-verify takes a disjunction for either side
+    ("\\boxed{3 \\mid 4}", "4"),
+    ("\\boxed{2x}", "2"),  # a variable is not a unit
+    ("\\boxed{2}", "2x"),
+    ("\\boxed{3}", "3i"),
+    ("<think>The answer is 5.</think> I give up.", "5"),  # an answer while thinking, none after it
+    ("#### Step 1\n3 + 4 = 8", "Step 1"),  # a markdown heading is not GSM8K's answer line
+])
+def test_answers_built_to_win_score_zero(completion, reference):
+    assert math_accuracy(["q"], [completion], answer=[reference]) == [0.0]
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("The answer is 7, since 3 + 4 = 7.", "7"),
+    ("#### Step 1\n3 + 4 = 7\n\nThe answer is 7.", "7"),
+    ("\\boxed{4} \\boxed{4}", "4"),  # the same answer twice
+    ("\\boxed{1.2 \\times 10^3}", "1200"),
+    ("The answer is 3 m/s", "3"),
+    ("<answer>¥3</answer>", "3"),
+    ("The answer is 3 - 5 = -2", "-2"),
+    ("<think>\\boxed{9}</think><\uff5cend\u2581of\u2581sentence\uff5c>", "9"),  # nothing but the end token after it
+])
+def test_answers_written_with_their_working_still_count(completion, reference):
+    assert math_accuracy(["q"], [completion], answer=[reference]) == [1.0]
+
+
+def test_conversational_completions_are_the_assistant_s_text():
+    turn = [{"role": "assistant", "content": [{"type": "text", "text": "The answer is 3."}]}]
+    assert math_accuracy(["q"], [turn], answer=["3"]) == [1.0]
+    assert math_accuracy(["q"], [[{"role": "assistant", "content": None}]], answer=["3"]) == [0.0]  # a tool call
+    tool = [{"role": "tool", "content": "3"}, {"role": "assistant", "content": "I do not know."}]
+    assert math_accuracy(["q"], [tool], answer=["3"]) == [0.0]
+    assert format_reward(["q"], [[{"role": "assistant", "content": None}]]) == [0.0]
+
+
+def test_a_thought_cut_off_is_not_the_format():
+    completions = ["<think>Let me compute 3+4", "<think>3+4=7</think> The answer is 7."]
+    assert format_reward(["q", "q"], completions) == [0.0, 1.0]
+
+
+def test_answers_that_would_take_the_regexes_or_sympy_long_are_read_quickly():
+    """A digit run before a comma was quadratic in the last-number scan (4,000 digits: 5.5 s), spaces before the
+    last character in the trailing strip (100,000: minutes); a binomial or a sum of 10^9 terms ran sympy past any
+    timeout. A deadline guards the regressions; the figure is in no assertion."""
+    import time
+
+    texts = ["pi is 3." + "1" * 4000 + ", so", "<answer>1" + " " * 100_000 + "1</answer>",
+             "\\boxed{\\binom{10^{9}}{5 \\cdot 10^{8}}}", "\\boxed{\\sum_{k=1}^{10^{9}} k^{k}}",
+             "\\boxed{\\prod_{k=1}^{10^{9}} k}"]
+    start = time.perf_counter()
+    assert math_accuracy(["q"] * len(texts), texts, answer=["1"] * len(texts)) == [0.0, 0.0, 0.0, 0.0, 0.0]
+    assert time.perf_counter() - start < 30
 
 
 def test_an_empty_answer_tag_is_no_answer():
