@@ -47,12 +47,15 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     # Dropping root below: where `nobody` cannot read the standard library (an interpreter under /root), what
     # programs import beyond the list above must be loaded now too.
     def readable_by_all(path) -> bool:
-        if (os.stat(path).st_mode & 0o005) != 0o005:  # read and search for others
-            return False
-        while path != "/":
-            path = os.path.dirname(path)
-            if not os.stat(path).st_mode & 0o001:
+        try:
+            if (os.stat(path).st_mode & 0o005) != 0o005:  # read and search for others
                 return False
+            while path != "/":
+                path = os.path.dirname(path)
+                if not os.stat(path).st_mode & 0o001:
+                    return False
+        except OSError:  # a standard library in a zip file, say: load the modules
+            return False
         return True
 
     if os.geteuid() == 0 and not readable_by_all(os.path.dirname(os.__file__)):
@@ -287,8 +290,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     def foreign(value, depth=0) -> bool:
         """A value of a class the program defined (a Python class the standard library did not hold before it
         ran), or a container of one: its arithmetic and comparisons are the program's code."""
-        kind = type_(value)
-        if kind in (list, tuple, set, frozenset) and depth < 50:
+        kind = type_(value)  # compared by identity: `in` would ask a metaclass of the program's `__eq__`
+        if any(kind is t for t in (list, tuple, set, frozenset)) and depth < 50:
             return any(foreign(v, depth + 1) for v in value)
         if kind is dict and depth < 50:
             return any(foreign(k, depth + 1) or foreign(v, depth + 1) for k, v in value.items())
@@ -418,9 +421,9 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         # The program's names, less those that would shadow a builtin in the tests (`def abs(x): return 0`).
         tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__") and (k not in pristine
                                                                                       or k == entry_point)}
-        if not entry_point:  # tests that call the program's functions by name
+        if not entry_point:  # tests that call the program's functions (or callable objects, partials) by name
             tests_ns.update({k: loosely_checked(v) for k, v in tests_ns.items()
-                             if type_(v) is types.FunctionType and v.__globals__ is program_ns})
+                             if callable(v) and not isinstance_(v, type)})
         tests_ns.update(__name__="__main__", __builtins__=dict(pristine), __latentalign_compare__=compare,
                         __latentalign_compare_chain__=compare_chain)
         if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them

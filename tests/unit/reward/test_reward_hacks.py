@@ -96,6 +96,9 @@ BY_NAME_HACKS = {
     "a float subclass whose difference is 0": "class F(float):\n    __sub__ = lambda s, o: 0.0\n"
                                               "    __abs__ = lambda s: 0.0\ndef add(a, b):\n    return F(7)\n",
     "def abs shadowing the builtin": WRONG + "def abs(x):\n    return 0\n",
+    "a callable object returning such a value": "class Z:\n    __sub__ = lambda s, o: 0\n    __abs__ = lambda s: 0\n"
+                                                "class Adder:\n    def __call__(self, a, b):\n        return Z()\n"
+                                                "add = Adder()\n",
 }
 
 
