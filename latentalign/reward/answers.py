@@ -92,7 +92,7 @@ def _clip_sentence(span: str) -> str:
 
 
 # A number and then the reasons for it: "7, since 3 + 4 = 7", "7 (from 3 + 4)", "7 because ...".
-_REASONED = re.compile(rf"\$?\s*({_LISTED})\s*(?:,(?!\s*[-+\u2212]?\.?\d)|\(|;|\s(?:since|because|as|which|so"
+_REASONED = re.compile(rf"\$?\s*({_LISTED}(?:\s*/\s*\d+(?!\d))?)\s*(?:,(?!\s*[-+\u2212]?\.?\d)|\(|;|\s(?:since|because|as|which|so"
                        rf"|from|by|for|after|given|when|with)\b)")
 
 
@@ -212,7 +212,7 @@ def _strip_number(text: str) -> str:
                      ("\\)", "")):
         text = text.replace(old, new)
     text = re.sub(r"(?<!\d)\*{2,}|\*{2,}(?!\d)", "", text)  # markdown's **bold**, not 2**3; and "3*5" is not 35
-    text = text.lstrip().lstrip("*").lstrip()
+    text = re.sub(r"^[\s*]+", "", text)
     end = re.search(r"[^\s*.]", text[::-1])  # and a full stop (a scan from the end: `[\s*.]+$` is quadratic)
     text = text[:len(text) - end.start()] if end else ""
     text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
