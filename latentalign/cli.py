@@ -26,6 +26,24 @@ SHIPPED_RECIPES = ", ".join(sorted(p.stem for p in (Path(__file__).parent / "rec
 OVERRIDES = typer.Argument(None, help="key=value overrides, same keys as the config file.", show_default=False)
 
 
+def command(name: str | None = None):
+    """`app.command`, with an EOFError from below (pickle or `torch.load` reading a file cut short) raised as the
+    error it is: click takes an EOFError for the end of the user's input and prints "Aborted." alone."""
+    import functools
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except EOFError as err:
+                raise RuntimeError(f"a file ended before its end ({err or 'EOFError'}); see the traceback") from err
+
+        return app.command(name)(run)
+
+    return register
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -61,19 +79,19 @@ def _summary(metrics: dict, metric: str, unit: str) -> str:
     return f"{line}\nmodel: {metrics['model_dir']}"
 
 
-@app.command()
+@command()
 def sft(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """Supervised fine-tuning (TRL SFTTrainer): full or LoRA, assistant-only loss, MoE balance loss."""
     typer.echo(_summary(_run_stage("sft", config, overrides), "exact match", "prompts"))
 
 
-@app.command()
+@command()
 def reward(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """Reward-model training (TRL RewardTrainer, Bradley-Terry), from an SFT model or any checkpoint."""
     typer.echo(_summary(_run_stage("reward", config, overrides), "pairwise accuracy", "pairs"))
 
 
-@app.command()
+@command()
 def rl(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
     """GRPO (TRL GRPOTrainer) from an SFT model, with named weighted rewards (math, code, format, model:PATH)."""
     metrics = _run_stage("rl", config, overrides)
@@ -94,7 +112,7 @@ def _load_chat_model(model_dir: Path):
     return model.eval(), tokenizer
 
 
-@app.command()
+@command()
 def chat(
     model_dir: Path = typer.Argument(..., help="A model directory (a stage's model/ or an export)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
@@ -175,7 +193,7 @@ def _read_prompts(path: Path) -> list:
     return prompts
 
 
-@app.command()
+@command()
 def generate(
     model_dir: Path = typer.Argument(..., help="A model directory."),
     prompts: Path = typer.Option(..., "--prompts", help="A .txt file (one prompt a line) or .jsonl with 'prompt'."),
@@ -211,7 +229,7 @@ def _run_errors():
     return (*_user_errors(), EvalError, PushError)
 
 
-@app.command("run")
+@command("run")
 def run_command(
     recipe: str = typer.Argument(..., help=f"A shipped recipe ({SHIPPED_RECIPES}) or a YAML file."),
     overrides: list[str] = OVERRIDES,
@@ -250,7 +268,7 @@ def run_command(
         typer.echo(f"exported chat model: {manifest['export_dir']}")
 
 
-@app.command("eval")
+@command("eval")
 def eval_model(
     model_dir: Path = typer.Argument(..., help="A model directory (chat model or reward model)."),
     tasks: str = typer.Option("accuracy", "--tasks", "-t",
@@ -292,7 +310,7 @@ def eval_model(
         output.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-@app.command()
+@command()
 def push(
     source: Path = typer.Argument(..., help="A run folder (its final chat model) or a model directory."),
     repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
@@ -316,7 +334,7 @@ def push(
         typer.echo(f"dry run: would upload to {repo_id}: " + ", ".join(result["files"]))
 
 
-@app.command()
+@command()
 def memory(
     preset: str = typer.Argument(..., help="A model preset (deepseek-v2-lite, deepseek-v2, deepseek-v3, moonlight, "
                                            "...) or a checkpoint directory (its config.json; no weights read)."),
@@ -333,7 +351,7 @@ def memory(
         _fail(str(err))
 
 
-@app.command()
+@command()
 def demo(overrides: list[str] = OVERRIDES,
          output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run folder (default: runs/quickstart).")):
     """The embedded default end to end: `latentalign run quickstart` (what `make demo` runs)."""

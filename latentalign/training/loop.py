@@ -4,6 +4,7 @@ directory (gathered from every process), and write its metrics."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def _check_same_model(checkpoint: str, config) -> None:
 def check_rows_kept(trainer, n_rows: int, cfg: TrainingStageConfig, why: str) -> None:
     """After the TRL trainer prepared its data: none of `n_rows` left is an error (TRL would train 0 steps and save
     the starting model, or fail in the sampler), some left out a warning; `why` says which rows TRL drops."""
-    import logging
-
     from ..data import DataError
 
     kept = len(trainer.train_dataset)
@@ -107,11 +106,54 @@ def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[li
     return rows, fmt, eval_rows
 
 
-def newest_checkpoint(output_dir) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def newest_checkpoint(output_dir, passed_over: list[str] | None = None) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir`. A run killed while saving leaves a folder that is not
+    (transformers' `get_last_checkpoint` returns it all the same, and resuming from it fails): it is passed over
+    for the one before it, and named with what it lacks in `passed_over` when given."""
+    import re
 
     path = Path(output_dir)
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
+    found = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    for checkpoint in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        missing = incomplete_checkpoint(checkpoint)
+        if missing is None:
+            return str(checkpoint)
+        if passed_over is not None:
+            passed_over.append(f"{checkpoint} ({missing})")
+    return None
+
+
+def incomplete_checkpoint(checkpoint: Path) -> str | None:
+    """What shows `checkpoint` was not saved to the end, or None. transformers writes a checkpoint's
+    trainer_state.json last (`_wait_for_every_process` makes that true under several processes too), so the
+    checkpoint is complete when that file is; each process's RNG state, a zip archive, must be whole as well."""
+    import json
+    import zipfile
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    for rng in sorted(checkpoint.glob("rng_state*.pth")):
+        if not zipfile.is_zipfile(rng):
+            return f"{rng.name} is cut short"
+    return None
+
+
+def _wait_for_every_process(trainer) -> None:
+    """Make the main process write a checkpoint's trainer_state.json only after every process has written its
+    part. transformers' Trainer saves each process's RNG state last, then the main process marks the checkpoint
+    with trainer_state.json without waiting: a run killed in between (a lost node, a preemption) leaves a
+    checkpoint that looks complete and a resume whose other processes fail on a file cut short."""
+    if trainer.accelerator.num_processes == 1 or not hasattr(trainer, "_save_rng_state"):
+        return
+    save_rng_state = trainer._save_rng_state
+
+    def save_then_wait(output_dir):
+        save_rng_state(output_dir)
+        trainer.accelerator.wait_for_everyone()
+
+    trainer._save_rng_state = save_then_wait
 
 
 def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
@@ -121,10 +163,15 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
 
     from .model_dir import save_model_dir
 
-    resume_from = newest_checkpoint(cfg.output_dir) if cfg.resume else None
+    passed_over = []
+    resume_from = newest_checkpoint(cfg.output_dir, passed_over) if cfg.resume else None
+    for folder in passed_over:
+        logging.getLogger(__name__).warning("%s is incomplete: the run stopped while saving it. Resuming from %s.",
+                                            folder, resume_from or "the start")
     if resume_from:
         _check_same_model(resume_from, trainer.model.config)
     trainer.add_callback(finite_weights_callback())
+    _wait_for_every_process(trainer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start

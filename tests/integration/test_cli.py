@@ -105,3 +105,23 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / "p.txt"),
                                       "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_a_file_cut_short_is_an_error_with_its_traceback_not_aborted(monkeypatch):
+    """click reads an EOFError as the end of the user's input and prints "Aborted." alone; one from below (pickle or
+    torch.load on a truncated file) is a failure whose traceback says which file."""
+    import io
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from latentalign import cli
+
+    def load_truncated(*args):
+        return pickle.load(io.BytesIO(b""))  # what torch.load raises on a file written as far as its name
+
+    monkeypatch.setattr(cli, "_run_stage", load_truncated)
+    result = CliRunner().invoke(cli.app, ["sft", "output_dir=x"])
+    assert result.exit_code == 1 and "Aborted" not in result.output
+    assert isinstance(result.exception, RuntimeError) and isinstance(result.exception.__cause__, EOFError)
+    assert "a file ended before its end" in str(result.exception)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentalign.recipes.launch import CONFIGS
+from latentalign.training.loop import incomplete_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +116,7 @@ def test_the_fsdp2_model_loads_and_exports_to_vanilla_transformers(tmp_path):
 def kill_after_checkpoint(cmd: list[str], checkpoint: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not (checkpoint / "trainer_state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while incomplete_checkpoint(checkpoint) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     # torchrun starts each worker in a session of its own: kill the launcher's whole tree, as a lost node would.
     import psutil
@@ -134,7 +136,7 @@ def kill_after_checkpoint(cmd: list[str], checkpoint: Path) -> None:
     while any(alive(pid) for pid in tree):
         assert time.monotonic() < deadline, "a worker outlived SIGKILL"
         time.sleep(0.05)
-    assert (checkpoint / "trainer_state.json").is_file(), "the run ended before it saved the checkpoint"
+    assert incomplete_checkpoint(checkpoint) is None, "the run ended before it saved the checkpoint"
 
 
 @pytest.mark.parametrize("kind", ["sft", "reward", "rl"])
@@ -150,6 +152,45 @@ def test_kill_9_after_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(
     ours, theirs = weights(out), weights(tmp_path / "whole")
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
     assert worst <= 1e-5, worst
+
+
+SLOW_RANK_1 = """
+import os, time
+from transformers import Trainer
+from latentalign import cli
+
+save_rng_state = Trainer._save_rng_state
+def slow_on_rank_1(self, output_dir):  # a process that saves its part of the checkpoint last, late
+    if os.environ["RANK"] == "1":
+        time.sleep(5)
+    save_rng_state(self, output_dir)
+Trainer._save_rng_state = slow_on_rank_1
+cli.main()
+"""
+
+
+def test_a_checkpoint_is_marked_saved_only_once_every_process_has_saved_its_part(tmp_path):
+    """transformers' main process writes trainer_state.json as soon as its own part is saved: a kill just after it
+    left a checkpoint that looked whole, and its resume failed in the other process (rng_state_1.pth cut short)."""
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(SLOW_RANK_1)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2-cpu.yaml"),
+           "--num_processes", "2", str(script), "reward", f"output_dir={out}", *COMMON, SMALL, *STAGES["reward"],
+           "max_steps=4", "save_steps=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:  # until the main process marks the checkpoint
+        with contextlib.suppress(OSError, ValueError):
+            json.loads(state.read_text())
+            break
+        time.sleep(0.01)
+    checkpoint = state.parent
+    whole = {rank: zipfile.is_zipfile(checkpoint / f"rng_state_{rank}.pth") for rank in (0, 1)}
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert whole == {0: True, 1: True}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from latentalign.cli import app
 from latentalign.recipes import RecipeError, load_recipe
 from latentalign.recipes.schema import SHIPPED, validate
+from latentalign.training.loop import incomplete_checkpoint
 
 TINY = Path(__file__).parents[1] / "data" / "tiny_recipe.yaml"
 
@@ -234,13 +235,13 @@ def test_kill_9_in_rl_then_rerun_finishes_without_retraining(tmp_path, uninterru
     out = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "latentalign.cli", "run", str(TINY), "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = out / "rl" / "checkpoint-4" / "trainer_state.json"
+    checkpoint = out / "rl" / "checkpoint-4"
     deadline = time.monotonic() + 300
-    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+    while incomplete_checkpoint(checkpoint) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert checkpoint.is_file(), "the run ended before the RL stage saved a checkpoint"
+    assert incomplete_checkpoint(checkpoint) is None, "the run ended before the RL stage saved a checkpoint"
     assert not (out / "rl" / "DONE").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["rl"]["status"] == "running"

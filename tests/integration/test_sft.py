@@ -253,6 +253,7 @@ def test_a_nan_in_the_logs_stops_training_too(tmp_path):
     callback.on_log(SimpleNamespace(**{**vars(args), "fp16": True}), state, None,
                     logs={"loss": 1.5, "grad_norm": float("inf")})  # fp16's loss scaler skips such a step
     (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")  # saved to the end: the last file written
     with pytest.raises(TrainingDiverged, match="the logged loss is inf.*checkpoint-5, was saved before it"):
         callback.on_log(args, state, None, logs={"loss": float("inf")})
 

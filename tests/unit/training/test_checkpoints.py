@@ -1,0 +1,49 @@
+"""Which checkpoint a stage resumes from: the newest one saved to the end, never a folder a kill cut short."""
+
+import json
+
+import torch
+
+from latentalign.training import newest_checkpoint
+
+
+def checkpoint(root, step, processes=2, state=None):
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for rank in range(processes):
+        torch.save({"cpu": torch.random.get_rng_state()}, folder / f"rng_state_{rank}.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}) if state is None else state)
+    return folder
+
+
+def test_the_newest_complete_checkpoint_is_resumed(tmp_path):
+    assert newest_checkpoint(tmp_path / "absent") is None and newest_checkpoint(tmp_path) is None
+    checkpoint(tmp_path, 4)
+    newest = checkpoint(tmp_path, 12)
+    checkpoint(tmp_path, 8)
+    (tmp_path / "checkpoint-20.old").mkdir()  # not a checkpoint's name
+    (tmp_path / "checkpoint-30").write_text("a file")
+    assert newest_checkpoint(tmp_path) == str(newest)  # by step, not by name: 12 after 8
+
+
+def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(tmp_path):
+    checkpoint(tmp_path, 4)
+    marked_early = checkpoint(tmp_path, 8)
+    rng = marked_early / "rng_state_1.pth"
+    rng.write_bytes(rng.read_bytes()[:100])  # another process was killed while writing its RNG state
+    unmarked = checkpoint(tmp_path, 12, state="")  # killed as trainer_state.json was being written
+    checkpoint(tmp_path, 16)
+    (tmp_path / "checkpoint-16" / "trainer_state.json").unlink()  # killed before it was written
+    passed_over = []
+    assert newest_checkpoint(tmp_path, passed_over).endswith("checkpoint-4")
+    assert passed_over == [f"{tmp_path / 'checkpoint-16'} (no readable trainer_state.json)",
+                           f"{unmarked} (no readable trainer_state.json)", f"{marked_early} (rng_state_1.pth is cut short)"]
+
+    (marked_early / "rng_state_1.pth").unlink()  # one process's RNG state absent: transformers goes on without it
+    assert newest_checkpoint(tmp_path) == str(marked_early)
+
+
+def test_a_one_process_checkpoint_resumes(tmp_path):
+    single = checkpoint(tmp_path, 3, processes=0)
+    torch.save({"cpu": torch.random.get_rng_state()}, single / "rng_state.pth")
+    assert newest_checkpoint(tmp_path) == str(single)
