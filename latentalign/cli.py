@@ -8,6 +8,7 @@ anything is written.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,16 +153,28 @@ def chat(
             typer.echo(f"assistant> {answer(text)}")
 
 
-def _prepare_output(path: Path | None) -> None:
-    """The folder of an --output file, made (or refused) before the work whose result it will hold."""
+def _check_output(path: Path | None) -> None:
+    """Refuse an --output file that could not be written, before any work; its folder is made only with the
+    result (`_write_output`), so a command that fails on its input leaves nothing behind."""
     if path is None:
         return
     if path.is_dir():
         _fail(f"--output {path} is a folder; name a file in it.")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"--output {path}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"--output {path}: {existing} is not writable.")
+
+
+def _write_output(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     except OSError as err:
-        _fail(f"--output {path}: its folder cannot be made ({err.strerror}).")
+        _fail(f"--output {path}: not written ({err.strerror}).")
 
 
 def _read_prompts(path: Path) -> list:
@@ -209,14 +222,14 @@ def generate(
         items = _read_prompts(prompts)
     except _user_errors() as err:
         _fail(str(err))
-    _prepare_output(output)
+    _check_output(output)
     model, tokenizer = _load_chat_model(model_dir)
     completions = generate_completions(model, tokenizer, items, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, do_sample=temperature > 0,
                                        temperature=temperature or 1.0)
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(items, completions)]
     if output:
-        output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _write_output(output, "\n".join(lines) + "\n")
         typer.echo(f"wrote {len(lines)} completions to {output}", err=True)
     else:
         sys.stdout.write("\n".join(lines) + "\n")
@@ -291,7 +304,7 @@ def eval_model(
     from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table
     from latentalign.model.checkpoint import CheckpointError
 
-    _prepare_output(output)
+    _check_output(output)
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
@@ -307,7 +320,7 @@ def eval_model(
         _fail(str(err))
     typer.echo(format_table({str(model_dir): metrics}))
     if output:
-        output.write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_output(output, json.dumps(metrics, indent=2) + "\n")
 
 
 @command()

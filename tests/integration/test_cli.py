@@ -84,7 +84,7 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
     for prompts, expected in (("p.txt", ["What is 2 + 3?", "What is 7 - 4?"]),
                               ("p.jsonl", [[{"role": "user", "content": "Hi"}]])):
-        out = tmp_path / "not" / "made" / "yet" / f"{prompts}.out"  # the folders are made, before the work
+        out = tmp_path / "not" / "made" / "yet" / f"{prompts}.out"  # the folders are made, with the result
         result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / prompts),
                                           "--max-new-tokens", "3", "-o", str(out)])
         assert result.exit_code == 0, result.output
@@ -105,6 +105,17 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / "p.txt"),
                                       "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output
+
+    # An --output that cannot be written is refused before the model loads; one beside a model that does not
+    # load leaves no folder behind.
+    (tmp_path / "a_file").write_text("")
+    cases = ((model, tmp_path / "a_file" / "sub" / "out.jsonl", "a_file is a file, not a folder"),
+             (tmp_path / "no_model", tmp_path / "later" / "out.jsonl", "no_model"))
+    for model_dir, out, message in cases:
+        result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompts", str(tmp_path / "p.txt"), "-o",
+                                          str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "later").exists()
 
 
 def test_a_file_cut_short_is_an_error_with_its_traceback_not_aborted(monkeypatch):
