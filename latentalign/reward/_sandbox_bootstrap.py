@@ -44,8 +44,62 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             __import__(name)
         except ImportError:
             pass
-    # Dropping root below: where `nobody` cannot read the standard library (an interpreter under /root), what
-    # programs import beyond the list above must be loaded now too.
+    def install_library_finder(library: str) -> None:
+        """Any other pure-Python module of the standard library, imported after the drop through a descriptor of
+        its folder opened now: a path opened from it is checked against the folders below it only, not the
+        unreadable one above (/root). Through it (the program holds it too) `nobody` reads the interpreter's
+        installation around the library, not past the unreadable folder: naming anything in that one needs its
+        search permission."""
+        from importlib.machinery import ModuleSpec
+
+        folder, open_, read, close, flags = os.open(library, os.O_RDONLY | os.O_DIRECTORY), os.open, os.read, \
+            os.close, os.O_RDONLY
+        compile_, exec_ = compile, exec
+
+        class OpenedLibrary:
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                relative = name.replace(".", "/")
+                for file, package in ((relative + "/__init__.py", True), (relative + ".py", False)):
+                    try:
+                        fd = open_(file, flags, dir_fd=folder)
+                    except OSError:
+                        continue
+                    try:
+                        chunks = []
+                        while chunk := read(fd, 1 << 20):
+                            chunks.append(chunk)
+                    finally:
+                        close(fd)
+                    spec = ModuleSpec(name, OpenedLibrary, origin=f"{library}/{file}", is_package=package,
+                                      loader_state=b"".join(chunks))
+                    spec.has_location = True
+                    if package:
+                        spec.submodule_search_locations = [f"{library}/{relative}"]
+                    return spec
+                return None
+
+            @staticmethod
+            def create_module(spec):
+                return None
+
+            @staticmethod
+            def exec_module(module):
+                spec = module.__spec__
+                exec_(compile_(spec.loader_state, spec.origin, "exec", dont_inherit=True), module.__dict__)
+
+        sys.meta_path.append(OpenedLibrary)
+
+    # shutil.rmtree (and so tempfile.TemporaryDirectory) walks a tree through directory descriptors, which the
+    # audit hook refuses (one is a dir_fd to write outside through); its path-based walk has each path checked.
+    import shutil
+
+    shutil._use_fd_functions = False
+    if hasattr(shutil, "_rmtree_impl"):  # Python 3.13 on: the walk is chosen when shutil is imported
+        shutil._rmtree_impl = shutil._rmtree_unsafe
+
+    # Dropping root below: where `nobody` cannot read the standard library (an interpreter under /root), the
+    # compiled modules programs import must be loaded now, and the rest found through the library's folder.
     def readable_by_all(path) -> bool:
         try:
             if (os.stat(path).st_mode & 0o005) != 0o005:  # read and search for others
@@ -61,11 +115,17 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     if os.geteuid() == 0 and not readable_by_all(os.path.dirname(os.__file__)):
         for name in ("queue", "calendar", "base64", "binascii", "csv", "pprint", "zlib", "secrets", "fnmatch",
                      "graphlib", "contextlib", "weakref", "pickle", "difflib", "shlex", "html", "keyword", "reprlib",
-                     "_strptime", "locale", "glob", "gzip", "lzma", "copyreg", "stat"):
+                     "_strptime", "locale", "glob", "gzip", "lzma", "copyreg", "stat",
+                     # compiled modules, loaded from a file's path only (not _asyncio, _elementtree or _zoneinfo:
+                     # their packages import the Python versions without them, and loading them costs 50 ms)
+                     "_bz2", "_lzma", "_uuid", "_sqlite3", "_multiprocessing", "_posixshmem", "pyexpat", "_json",
+                     "_csv", "_queue", "_contextvars", "select", "mmap", "_hashlib", "fcntl", "grp", "_statistics",
+                     "_datetime", "_pickle", "_opcode", "_lsprof"):
             try:
                 __import__(name)
             except ImportError:
                 pass
+        install_library_finder(os.path.dirname(os.__file__))
 
     # 1. No network: a new network namespace has only a down loopback. Best effort (needs root or user
     #    namespaces); the audit hook below refuses sockets in any case.
@@ -327,6 +387,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                    "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     lstat, readlink, stat_ = os.lstat, os.readlink, os.stat
+    created, max_files = [0], payload["max_files"]
 
     def absolute(path) -> str:
         """The absolute path with every symbolic link resolved (/dev/fd/../.. is /proc), computed here with
@@ -367,6 +428,17 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         path = absolute(path)
         return path == workdir or path.startswith(workdir + "/")
 
+    def count_new(path) -> None:
+        """RLIMIT_FSIZE bounds each file the program writes; this bounds how many it makes (files, folders,
+        links), so the disk one sample can fill is bounded too."""
+        try:
+            lstat(absolute(path))
+            return  # there already: writing it again makes nothing new
+        except OSError:
+            created[0] += 1
+        if created[0] > max_files:
+            raise PermissionError(f"sandbox: more than {max_files} new files")
+
     def hook(event, args):
         if event in process_events:
             raise PermissionError(f"sandbox: {event} is not allowed")
@@ -383,12 +455,16 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             writing = (isinstance_(mode, str) and any(c in mode for c in "wax+")) or bool_((flags or 0) & write_flags)
             if writing and not inside(path):
                 raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
+            if writing and not isinstance_(path, int):
+                count_new(path)
             if not isinstance_(path, int) and (absolute(path) + "/").startswith("/proc/"):
                 raise PermissionError(f"sandbox: reading {path!r} is not allowed")
             if not isinstance_(path, int) and is_directory(path):  # a directory's fd is a dir_fd to write through
                 raise PermissionError(f"sandbox: opening the directory {path!r} is not allowed")
         if event in path_events and not all(inside(a) for a in args[:2] if isinstance_(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox directory")
+        if event in ("os.mkdir", "os.link", "os.symlink"):
+            count_new(args[0] if event == "os.mkdir" else args[1])
 
     def line_of(err) -> str:
         tb = err.__traceback__

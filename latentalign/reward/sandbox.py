@@ -10,9 +10,9 @@ Each program runs in its own process, started through a small bootstrap that, be
   (`_posixsubprocess.fork_exec`, which raises no audit event, is removed), signals (to any process, itself
   included), changing another process's limits, sockets, ctypes, reading /proc, changing directory, opening a
   directory (whose descriptor would be a `dir_fd` to write through), writing files outside its private
-  temporary directory (paths resolved through symbolic links: /dev/fd/../.. is /proc), and the ways to reach
-  another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and
-  profile hooks).
+  temporary directory (paths resolved through symbolic links: /dev/fd/../.. is /proc), making more than
+  `max_files` files there (so the disk a program fills is bounded), and the ways to reach another frame or
+  object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and profile hooks).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
@@ -72,6 +72,7 @@ class SandboxLimits:
     memory_mb: int = 1024  # address space (RLIMIT_AS)
     output_bytes: int = 1 << 20  # stdout + stderr, and any file it writes (RLIMIT_FSIZE)
     max_processes: int = 0  # RLIMIT_NPROC, where the OS enforces it: no fork at all (refused by the hook too)
+    max_files: int = 64  # files, folders and links it may make, each at most output_bytes: its disk is bounded
 
 
 @dataclass
@@ -105,7 +106,7 @@ def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: st
     payload = json.dumps({"nonce": nonce, "status_fd": status_write, "program": code, "tests": tests or "",
                           "entry_point": entry_point, "prefix": prefix, "cpu_s": limits.cpu_s,
                           "memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes,
-                          "max_processes": limits.max_processes}).encode()
+                          "max_processes": limits.max_processes, "max_files": limits.max_files}).encode()
     try:
         out_path, err_path = Path(workdir, ".stdout"), Path(workdir, ".stderr")
         if os.geteuid() == 0:  # the program runs as nobody: give it its directory

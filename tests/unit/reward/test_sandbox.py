@@ -89,19 +89,50 @@ def test_environment_has_no_secrets(monkeypatch):
     assert "latentalign-sandbox-" in result.stdout  # a private temporary working directory
 
 
-def test_programs_can_use_their_own_directory():
+def test_programs_can_use_their_own_directory(open_dir):
     code = "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\nimport math, collections\n"
     assert run_program(code, LIMITS).passed
+    # Trees removed by path (shutil's walk through directory descriptors is refused with them), inside only.
+    code = ("import os, shutil, tempfile\nwith tempfile.TemporaryDirectory(dir='.') as d:\n"
+            "    os.makedirs(os.path.join(d, 'a', 'b'))\n    open(os.path.join(d, 'a', 'f'), 'w').write('x')\n"
+            "assert not os.path.exists(d)\nos.makedirs('x/y')\nshutil.rmtree('x')\nassert not os.path.exists('x')\n")
+    result = run_program(code, LIMITS)
+    assert result.passed, result.verdict + result.stderr[-500:]
+    (open_dir / "kept").mkdir(mode=0o777)
+    (open_dir / "kept" / "f").write_text("x")
+    os.chmod(open_dir / "kept", 0o777)  # anyone may delete in it: only the sandbox stands between
+    for code in (f"import shutil\nshutil.rmtree({str(open_dir / 'kept')!r})\n",
+                 f"import os, shutil\nos.symlink({str(open_dir / 'kept')!r}, 'link')\nshutil.rmtree('link')\n"):
+        assert not run_program(code, LIMITS).passed
+        assert (open_dir / "kept" / "f").read_text() == "x"
 
 
 def test_programs_can_import_the_standard_library():
     """After the drop from root to nobody the interpreter's files may be out of reach (an interpreter under
-    /root): what programs import was loaded before."""
+    /root): common modules are loaded before, the rest read through the library's folder opened before."""
     code = ("import queue, calendar, base64, csv, pprint, zlib, secrets, fnmatch, graphlib, datetime, heapq\n"
             "assert datetime.datetime.strptime('2024-01-02', '%Y-%m-%d').day == 2\n"
-            "assert base64.b64encode(zlib.compress(b'x')) and calendar.isleap(2024)\n")
+            "assert base64.b64encode(zlib.compress(b'x')) and calendar.isleap(2024)\n"
+            "import argparse, asyncio, bz2, ipaddress, logging, pathlib, shutil, sqlite3, tempfile, unittest, uuid\n"
+            "import concurrent.futures, urllib.parse, xml.etree.ElementTree as ET, email.message, zoneinfo\n"
+            "assert ET.fromstring('<a><b/></a>')[0].tag == 'b' and urllib.parse.urlparse('http://x/y').path == '/y'\n"
+            "assert bz2.decompress(bz2.compress(b'ab')) == b'ab' and pathlib.Path('x.txt').suffix == '.txt'\n"
+            "assert str(ipaddress.ip_address('10.0.0.1')) == '10.0.0.1' and uuid.UUID(int=1).int == 1\n"
+            "assert tempfile.mkdtemp(dir='.') and sqlite3.connect(':memory:').execute('select 1').fetchone() == (1,)\n")
     result = run_program(code, LIMITS)
     assert result.passed, result.verdict + result.stderr[-500:]
+
+
+def test_the_files_a_program_makes_are_bounded_in_number():
+    """Each file is bounded in size (RLIMIT_FSIZE); their number is bounded too, so one sample's disk is."""
+    limits = SandboxLimits(timeout_s=4, cpu_s=2, memory_mb=256, output_bytes=1024, max_files=8)
+    rewrite = "for _ in range(100):\n    open('same.txt', 'w').write('x')\n"
+    make = "for i in range({n}):\n    open(f'f{{i}}.txt', 'w').write('x')\n"
+    assert run_program(rewrite + make.format(n=7), limits).passed  # 8 files, one of them written 100 times
+    for code in (rewrite + make.format(n=8), "import os\nfor i in range(9):\n    os.mkdir(f'd{i}')\n",
+                 "import os\nfor i in range(9):\n    os.symlink('x', f'l{i}')\n"):
+        result = run_program(code, limits)
+        assert not result.passed and "PermissionError" in result.verdict, result.verdict
 
 
 def test_several_programs_run_in_parallel():
