@@ -187,6 +187,9 @@ def check_push_stage(values: dict, stages: dict, where: str) -> dict:
     repo_id = values.get("repo_id")
     if not isinstance(repo_id, str) or not is_hub_id(repo_id):
         raise ConfigError(f"{where}: repo_id must look like ORG/NAME, got {repo_id!r}.")
+    for key in sorted(set(values) - {"repo_id"}):  # the others are switches: `dry_run: ""` would upload
+        if not isinstance(values[key], bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {values[key]!r}.")
     return values
 
 

@@ -26,44 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..reward.answers import has_reference
+from .options import EvalError, EvalOptions
 
 log = logging.getLogger(__name__)
 
 FEW_QUESTIONS = 100  # a reasoning-gym task scored on fewer distinct held-out questions gets a warning
 
-class EvalError(ValueError):
-    """An eval request that cannot run: unknown task, or a task that does not fit the model."""
-
-
-@dataclass
-class EvalOptions:
-    dataset: str = "arithmetic-rl"  # prompt + answer rows (accuracy, maj@K)
-    preference_dataset: str = "arithmetic-preference"  # chosen/rejected pairs (pairwise)
-    split: str = "test"
-    preference_split: str | None = None  # default: `split`
-    size: int = 300
-    seed: int = 0
-    difficulty: dict = field(default_factory=dict)
-    columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
-    max_new_tokens: int = 64
-    temperature: float = 0.7  # maj@K and reasoning_gym@K sampling
-    humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
-    humaneval_max_new_tokens: int = 256
-    batch_size: int = 64
-
-    def __post_init__(self):
-        counts = {"size": self.size, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                  "humaneval_max_new_tokens": self.humaneval_max_new_tokens, "humaneval_limit": self.humaneval_limit}
-        for name, value in counts.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise EvalError(f"{name} must be a whole number >= 1, got {value!r}.")
-        if type(self.temperature) not in (int, float) or not self.temperature >= 0:  # bool and NaN refused too
-            raise EvalError(f"temperature (maj@K's and reasoning_gym@K's) must be a number >= 0, got "
-                            f"{self.temperature!r}.")
-
-
 def parse_tasks(spec) -> list[str]:
     """`"accuracy,maj@8"` or a list -> checked task names."""
+    if not (isinstance(spec, str) or isinstance(spec, list) and all(isinstance(t, str) for t in spec)):
+        raise EvalError(f"tasks must be a name, a comma-separated string or a list of names, got {spec!r}.")
     names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
     if not names:
         raise EvalError(f"no tasks given; choose from {_task_names()}.")

@@ -11,6 +11,8 @@ default that trains on two CPU cores.
 
 from __future__ import annotations
 
+import math
+
 from types import MappingProxyType
 
 from huggingface_hub.dataclasses import strict
@@ -107,7 +109,23 @@ class LatentAlignConfig(DeepseekV2Config):
     rope_interleave: bool = True
     num_nextn_predict_layers: int = 0
 
+    def _validate_sizes(self):
+        """Widths and counts above 0 (a 0 builds layers of no width that train without complaint), and the
+        scales finite."""
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for key in sizes + ("q_lora_rank",):
+            value = getattr(self, key, None)
+            if not (value is None and key == "q_lora_rank") and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{key}={value!r} is not supported; it must be a positive integer"
+                                 + (" or None" if key == "q_lora_rank" else "") + ".")
+        for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta"):
+            value = getattr(self, key, None)
+            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key}={value!r} is not supported; it must be a finite number > 0.")
+
     def validate_architecture(self):
+        self._validate_sizes()
         super().validate_architecture()
         for key, ok, need in (
             ("scoring_func", self.scoring_func in SCORING_FUNCS, f"one of {SCORING_FUNCS}"),

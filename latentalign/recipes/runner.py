@@ -72,8 +72,20 @@ class Runner:
             "recipe": recipe.name, "recipe_source": recipe.source, "recipe_yaml": self.recipe_yaml,
             "base_model": recipe.base_model or self._first_model(), "run_dir": str(self.run_dir),
             "stages": {name: manifest.get("stages", {}).get(name, {}) for name in recipe.stages},
-            **{k: manifest.get(k) for k in ("final_model", "eval_table", "export_dir", "report")},
+            **self._carried_over(manifest),
         }
+
+    def _carried_over(self, manifest: dict) -> dict:
+        """What an earlier run in this folder left that still holds for this recipe: the final model is this
+        recipe's last finished chat stage's, and the eval table and export are kept only when this recipe has a
+        finished stage of that type (another recipe run into the folder before left its own)."""
+        done = [name for name in self.recipe.stages if self.is_done(name)]
+        chat = [name for name in done if self.recipe.stages[name].kind.makes_model == "chat"]
+        types = {self.recipe.stages[name].type for name in done}
+        return {"final_model": self.model_dir(chat[-1]) if chat else None,
+                "eval_table": manifest.get("eval_table") if "eval" in types else None,
+                "export_dir": manifest.get("export_dir") if "push" in types else None,
+                "report": manifest.get("report")}
 
     def _first_model(self) -> str | None:
         first = next((s for s in self.recipe.stages.values() if s.kind.makes_model), None)

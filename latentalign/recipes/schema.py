@@ -164,10 +164,21 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
 
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise RecipeError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}.")
+        raise RecipeError(f"{source}: unknown top-level key(s) {sorted(map(str, unknown))}; expected some of "
+                          f"{sorted(TOP_KEYS)}.")
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty mapping of stage name -> settings.")
+    for key, what in (("name", "the run folder's default name (runs/<name>)"),):
+        if raw.get(key) is not None and not _plain_name(raw[key]):
+            raise RecipeError(f"{source}: {key}: {raw[key]!r} is not a plain name ({what}): letters, digits, "
+                              f"'_', '-' and '.', not starting with '.'.")
+    for stage_name in stages_raw:
+        if not _plain_name(stage_name):
+            raise RecipeError(f"{source}: stages: {stage_name!r} is not a plain name (it names the stage's folder "
+                              f"in the run folder): letters, digits, '_', '-' and '.', not starting with '.'.")
+    if raw.get("output_dir") is not None and not isinstance(raw["output_dir"], str):
+        raise RecipeError(f"{source}: output_dir: expected a path, got {raw['output_dir']!r}.")
     if raw.get("model") is not None:
         stages_raw = _with_first_model(stages_raw, raw["model"], source)
     try:
@@ -191,6 +202,12 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
                     base_model=raw.get("base_model"), raw=raw)
     _hash_stages(recipe)
     return recipe
+
+
+def _plain_name(name) -> bool:
+    import re
+
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
 
 
 def _with_first_model(stages_raw: dict, model, source: str) -> dict:
@@ -217,6 +234,9 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
         raise RecipeError(f"{where}: expected a mapping of settings, got {type(values).__name__}.")
     values = copy.deepcopy(values)
     kind_name = values.pop("type", name if name in STAGES else None)
+    if not isinstance(kind_name, (str, type(None))) or not isinstance(values.get("init"), (str, type(None))):
+        key = "init" if isinstance(kind_name, (str, type(None))) else "type"
+        raise RecipeError(f"{where}: {key}: expected a name, got {values.get(key, kind_name)!r}.")
     if kind_name not in STAGES:
         got = "no `type:`, and the name is not a stage type" if kind_name is None else f"type {kind_name!r} is not one"
         raise RecipeError(f"{where}: {got}; set type to one of {tuple(STAGES)}.")
@@ -234,6 +254,9 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
                               f"{' or '.join(kind.init_from) or 'no'} model.")
     elif kind.needs_init:
         raise RecipeError(f"{where}: a {kind_name} stage needs `init:` (the stage whose model it uses).")
+    elif kind.makes_model and "model" not in values and _starts_elsewhere(kind, earlier):
+        raise RecipeError(f"{where}: set `init:` (the earlier stage it starts from) or `model:`; without them it "
+                          f"would start from {kind.config.model!r}, a path outside this run.")
     if "output_dir" in values:
         raise RecipeError(f"{where}: output_dir is set by the runner (<run>/{name}); remove it.")
     if kind.check is not None:
@@ -241,6 +264,15 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
     if kind.config is not None:
         _check_training(kind, values, init, seed, name, where, base_dir)
     return Stage(name, kind_name, init, values)
+
+
+def _starts_elsewhere(kind, earlier: dict) -> bool:
+    """A training stage with neither `init:` nor `model:` starts from its config's default model: a preset for
+    the first training stage is the recipe's start; anything else (RL's runs/sft/model, relative to wherever the
+    command runs, or a preset after a trained stage) is not what the recipe's chain means."""
+    from ..model.config import PRESETS
+
+    return kind.config.model not in PRESETS or any(s.kind.makes_model for s in earlier.values())
 
 
 def _check_training(kind, values: dict, init, seed: int, name: str, where: str, base_dir) -> None:

@@ -84,6 +84,31 @@ class RLStageConfig(TrainingStageConfig):
             raise ValueError(f"vllm_sync_probe_size must be >= 1, got {self.vllm_sync_probe_size}.")
         if self.vllm_sync_max_gap is not None and not self.vllm_sync_max_gap > 0:
             raise ValueError(f"vllm_sync_max_gap must be > 0, got {self.vllm_sync_max_gap}.")
+        if self.reward_timeout_s is not None and not self.reward_timeout_s > 0:
+            raise ValueError(f"reward_timeout_s must be > 0 or null, got {self.reward_timeout_s}.")
+        if self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}.")
+        _check_rewards(self.rewards, self.reward_options)
+
+
+def _check_rewards(rewards: dict, options: dict) -> None:
+    """Names a reward can have (the registry's, `model:PATH`, `module:function`), finite weights, and options
+    only for rewards that are named: found before a model is built, or in a recipe before any stage trains."""
+    import math
+
+    from ..reward.functions import REGISTRY
+
+    for name, weight in rewards.items():
+        if not isinstance(name, str) or not (name in REGISTRY or ":" in name):
+            raise ValueError(f"rewards: unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or "
+                             f"'module:function'.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"rewards: {name}: the weight must be a finite number, got {weight!r}.")
+    for name, value in options.items():
+        if name not in rewards:
+            raise ValueError(f"reward_options: {name!r} is not one of the rewards ({', '.join(map(str, rewards))}).")
+        if not isinstance(value, dict):
+            raise ValueError(f"reward_options: {name}: expected a mapping of options, got {value!r}.")
 
 
 # For the embedded default on CPU: worked answers up to 64 tokens, groups of 16 (fewer groups without a right and

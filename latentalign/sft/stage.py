@@ -41,6 +41,8 @@ class SFTStageConfig(TrainingStageConfig):
         super().__post_init__()
         if self.bias_update_speed is not None and self.bias_update_speed < 0:
             raise ValueError(f"bias_update_speed must be >= 0, got {self.bias_update_speed}.")
+        if self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}.")
 
 
 # Defaults that make the embedded default train on 2 CPU cores; every one is a TRL option a user can override.

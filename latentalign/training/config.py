@@ -53,18 +53,65 @@ class TrainingStageConfig:
     def __post_init__(self):
         if self.lora_target_parameters and not self.use_lora:
             raise ValueError("lora_target_parameters is set but use_lora is false; set use_lora: true.")
-        if self.eval_size < 1:
-            raise ValueError(f"eval_size must be >= 1, got {self.eval_size}.")
+        for key in ("eval_size", "dataset_size", "lora_r", "lora_alpha"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+# Values a config file may hold once its aliases are expanded (a few aliases nested can stand for billions).
+MAX_YAML_NODES = 1_000_000
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last without a word, so
+    a stage named twice in a recipe would drop the first)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: the keys written here win over it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML's own error names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
+def _expanded_size(data, budget: int = MAX_YAML_NODES) -> int:
+    """How many values `data` holds with shared (aliased) parts counted each time they occur, up to `budget`."""
+    counted, stack = 0, [data]
+    while stack and counted <= budget:
+        item = stack.pop()
+        counted += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return counted
 
 
 def load_yaml(path) -> dict:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file.")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
@@ -72,6 +119,8 @@ def load_yaml(path) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {byte:#04x} at offset {err.start}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
+    if _expanded_size(data) > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: more than {MAX_YAML_NODES:,} values once its aliases are expanded.")
     return data
 
 
@@ -121,18 +170,28 @@ TRL_RANGES = {
     "save_steps": (0, False, None), "num_generations": (2, True, None), "num_iterations": (1, True, None),
     "temperature": (0, False, None), "top_p": (0, False, 1), "beta": (0, True, None), "epsilon": (0, True, None),
     "max_completion_length": (1, True, None), "max_prompt_length": (1, True, None), "max_length": (1, True, None),
+    "max_steps": (1, True, None),  # or -1 (check_range)
 }
+
+
+def check_finite(key: str, value, source: str):
+    """No option takes NaN or an infinity: `x < 0` is False for NaN, so range checks alone let it through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}: {value!r} must be finite.")
 
 
 def check_range(key: str, value, source: str):
     if key not in TRL_RANGES or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if key == "max_steps" and value == -1:  # TRL's default: train num_train_epochs instead
         return
     low, inclusive, high = TRL_RANGES[key]
     if not math.isfinite(value):
         raise ConfigError(f"{source}: {key}: {value!r} must be finite.")
     if value < low or (value == low and not inclusive) or (high is not None and value > high):
         allowed = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ConfigError(f"{source}: {key}: {value!r} must be {allowed}.")
+        also = " (or -1: as many steps as num_train_epochs take)" if key == "max_steps" else ""
+        raise ConfigError(f"{source}: {key}: {value!r} must be {allowed}{also}.")
 
 
 def build(stage_cls, trl_cls, values: dict, source: str):
@@ -143,10 +202,14 @@ def build(stage_cls, trl_cls, values: dict, source: str):
     trl_types = typing.get_type_hints(trl_cls)
     kwargs, trl = {}, {}
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML reads `on:`, `yes:` and `1:` as a bool or a number
+            raise ConfigError(f"{source}: {key!r} is not a key name (a {type(key).__name__}); quote it, or remove it.")
         if key in ours:
             kwargs[key] = check_type(value, our_types[key], key, source)
+            check_finite(key, kwargs[key], source)
         elif key in theirs:
             trl[key] = check_type(value, trl_types[key], key, source)
+            check_finite(key, trl[key], source)
             check_range(key, trl[key], source)
         else:
             close = difflib.get_close_matches(key, [*ours, *theirs], n=1)

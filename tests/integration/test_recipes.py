@@ -92,6 +92,27 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"].update(distill={"init": "sft"}), "no `type:`, and the name is not a stage type"),
     (lambda r: r["stages"]["sft"].update(output_dir="x"), "output_dir is set by the runner"),
     (lambda r: r["stages"]["sft"]["model_overrides"].update(hidden_sise=8), "model_overrides: Unknown config keys"),
+    # Stage names become folders of the run folder: one plain name each.
+    (lambda r: r["stages"].update({"../escaped": {"type": "sft"}}), "stages: '../escaped' is not a plain name"),
+    (lambda r: r["stages"].update({"": {"type": "sft"}}), "stages: '' is not a plain name"),
+    (lambda r: r.update(name="../../outside"), "name: '../../outside' is not a plain name"),
+    (lambda r: r.update(output_dir=5), "output_dir: expected a path, got 5"),
+    (lambda r: r["stages"]["reward"].update(init=["sft"]), "stages.reward: init: expected a name, got ['sft']"),
+    (lambda r: r["stages"]["rl"].pop("init"), "stages.rl: set `init:` (the earlier stage it starts from) or `model:`"),
+    # What used to fail only at run time, after the stages before it had trained.
+    (lambda r: r["stages"]["rl"].update(rewards={"mathh": 1.0}), "stages.rl: rewards: unknown reward 'mathh'"),
+    (lambda r: r["stages"]["rl"].update(rewards={"math": "abc"}), "rewards: math: the weight must be a finite"),
+    (lambda r: r["stages"]["rl"].update(reward_options={"foo": {}}), "reward_options: 'foo' is not one of"),
+    (lambda r: r["stages"]["eval"].update(tasks=5), "stages.eval: tasks: tasks must be a name"),
+    (lambda r: r["stages"]["eval"].update(seed="abc"), "stages.eval: seed must be a whole number"),
+    (lambda r: r["stages"]["push"].update(dry_run=""), "stages.push: dry_run must be true or false, got ''"),
+    (lambda r: r["stages"]["sft"].update(bias_update_speed=float("nan")), "bias_update_speed: nan must be finite"),
+    (lambda r: r["stages"]["sft"].update(max_steps=0), "max_steps: 0 must be >= 1 (or -1"),
+    (lambda r: r["stages"]["sft"].update(dataset_size=0), "dataset_size must be >= 1, got 0"),
+    (lambda r: r["stages"]["sft"].update(use_lora=True, lora_r=0), "lora_r must be >= 1, got 0"),
+    (lambda r: r["stages"]["sft"].update(eval_max_new_tokens=0), "eval_max_new_tokens must be >= 1"),
+    (lambda r: r["stages"]["sft"]["model_overrides"].update(kv_lora_rank=0), "kv_lora_rank=0 is not supported"),
+    (lambda r: r["stages"]["sft"]["model_overrides"].update(num_attention_heads=0), "num_attention_heads=0 is not"),
 ])
 def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, message):
     path = _bad_recipe(tmp_path, mutate)
@@ -101,6 +122,47 @@ def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, messag
     result = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages:\n  sft: {max_steps: 1}\n  reward: {init: sft}\n  sft: {max_steps: 2}\n", "key 'sft' is given twice"),
+    ("stages:\n  sft: {max_steps: 1, max_steps: 5}\n", "key 'max_steps' is given twice"),
+    ("stages:\n  sft: {on: 1}\n", "True is not a key name (a bool)"),
+    ("1: a\nfoo: b\nstages: {sft: {}}\n", "unknown top-level key(s) ['1', 'foo']"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdef", "bcdefg"))
+     + "stages: {sft: {dataset_columns: {x: *g}}}\n", "more than 1,000,000 values once its aliases are expanded"),
+])
+def test_yaml_that_loads_as_something_else_is_one_error(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys without a word, reads `on:` as True, and expands aliases: a stage
+    named twice would vanish, and a few hundred bytes of nested aliases would take the validation for ever."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["run", "--validate", str(path)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    (tmp_path / "merge.yaml").write_text("stages:\n  sft:\n    <<: {max_steps: 1, seed: 3}\n    max_steps: 2\n")
+    assert load_recipe(tmp_path / "merge.yaml").stages["sft"].values == {"max_steps": 2, "seed": 3}
+
+
+def test_a_run_folder_reused_by_another_recipe_keeps_only_what_is_this_recipes(tmp_path):
+    """Another recipe run into the folder before left its final model, eval table and export: `push` would have
+    exported a model that is not this recipe's."""
+    from latentalign.recipes.runner import Runner
+
+    (tmp_path / "a.yaml").write_text("stages:\n  sft_a: {type: sft}\n  sft_b: {type: sft, init: sft_a}\n"
+                                     "  eval: {models: [sft_b], tasks: [kv_cache]}\n")
+    (tmp_path / "b.yaml").write_text("stages:\n  sft_a: {type: sft}\n")
+    run, first = tmp_path / "run", load_recipe(tmp_path / "a.yaml")
+    for name in first.stages:  # every stage of the first recipe finished
+        (run / name).mkdir(parents=True)
+        (run / name / "DONE").write_text(first.stages[name].hash + "\n")
+    (run / "manifest.json").write_text(json.dumps({"final_model": str(run / "sft_b" / "model"), "eval_table": "T",
+                                                   "export_dir": str(run / "push" / "export")}))
+    assert Runner(first, run).manifest["final_model"] == str(run / "sft_b" / "model")
+    assert Runner(first, run).manifest["eval_table"] == "T"
+    manifest = Runner(load_recipe(tmp_path / "b.yaml"), run).manifest
+    assert manifest["final_model"] == str(run / "sft_a" / "model")  # finished, with the same settings
+    assert manifest["eval_table"] is None and manifest["export_dir"] is None
 
 
 def test_a_recipe_that_is_not_utf8_is_one_error(tmp_path):

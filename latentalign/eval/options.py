@@ -1,0 +1,47 @@
+"""What an eval run takes besides its tasks (`EvalOptions`), checked when it is made, and the error for a request
+that cannot run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class EvalError(ValueError):
+    """An eval request that cannot run: unknown task, or a task that does not fit the model."""
+
+
+@dataclass
+class EvalOptions:
+    dataset: str = "arithmetic-rl"  # prompt + answer rows (accuracy, maj@K)
+    preference_dataset: str = "arithmetic-preference"  # chosen/rejected pairs (pairwise)
+    split: str = "test"
+    preference_split: str | None = None  # default: `split`
+    size: int = 300
+    seed: int = 0
+    difficulty: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # maj@K and reasoning_gym@K sampling
+    humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
+    humaneval_max_new_tokens: int = 256
+    batch_size: int = 64
+
+    def __post_init__(self):
+        counts = {"size": self.size, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                  "humaneval_max_new_tokens": self.humaneval_max_new_tokens, "humaneval_limit": self.humaneval_limit}
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EvalError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if type(self.temperature) not in (int, float) or not 0 <= self.temperature < math.inf:  # bool, NaN too
+            raise EvalError(f"temperature (maj@K's and reasoning_gym@K's) must be a number >= 0, got "
+                            f"{self.temperature!r}.")
+        if type(self.seed) is not int:
+            raise EvalError(f"seed must be a whole number, got {self.seed!r}.")
+        for name in ("dataset", "preference_dataset", "split", "preference_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name == "preference_split"):
+                raise EvalError(f"{name} must be a name or a path, got {value!r}.")
+        for name in ("difficulty", "columns"):
+            if not isinstance(getattr(self, name), dict):
+                raise EvalError(f"{name} must be a mapping, got {getattr(self, name)!r}.")
