@@ -182,7 +182,10 @@ def _read_prompts(path: Path) -> list:
 
     if not path.is_file():
         raise DataError(f"{path}: no such prompts file.")
-    lines = decoded(path, path.read_bytes(), "the file").splitlines()
+    if path.suffix not in (".txt", ".jsonl"):  # a .json or .csv read line by line would send its syntax as prompts
+        raise DataError(f"{path}: prompts come in a .txt file (one a line) or a .jsonl file, not {path.suffix!r}.")
+    # Lines end at newlines only: str.splitlines also cuts at form feeds and U+2028, which JSON strings may hold.
+    lines = decoded(path, path.read_bytes(), "the file").replace("\r\n", "\n").split("\n")
     prompts = []
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():

@@ -32,6 +32,9 @@ FORMATS = {
     "rl": ("prompt", "answer"),
     "prompt": ("prompt",),
 }
+# Formats trained on their own columns only (the rest are dropped); RL and prompt rows keep every column, which
+# reaches the rewards.
+TRAINED_AS_IS = ("messages", "completion", "text", "preference")
 BUILTIN = {"arithmetic": "messages", "arithmetic-preference": "preference", "arithmetic-rl": "rl"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -68,6 +71,8 @@ def _conversation_problem(value, *, final_role: str | None = None) -> str | None
             return f"message {i} ({role}) has content of type {type(content).__name__}, expected a string"
         if problem := _text_problem(content):
             return f"message {i} ({role}) {problem}"
+        if role == "assistant" and not content.strip():
+            return f"message {i} (assistant) is empty: a reply to learn must say something"
     if final_role and value[-1]["role"] != final_role:
         return f"the last message is from {value[-1]['role']!r}, expected {final_role!r}"
     return None
@@ -92,12 +97,13 @@ def row_problem(row: dict, fmt: str) -> str | None:
         problem = _conversation_problem(row["messages"], final_role="assistant")
         return problem and f"'messages': {problem}"
     if fmt == "text":
-        if not isinstance(row["text"], str) or not row["text"]:
+        if not isinstance(row["text"], str) or not row["text"].strip():
             return "'text' must be a non-empty string"
         return (problem := _text_problem(row["text"])) and f"'text' {problem}"
     checks = {
-        "completion": [("prompt", "user"), ("completion", None)],
-        "preference": [("chosen", None), ("rejected", None)] + ([("prompt", "user")] if "prompt" in row else []),
+        "completion": [("prompt", "user"), ("completion", "assistant")],
+        "preference": [("chosen", "assistant"), ("rejected", "assistant")]
+        + ([("prompt", "user")] if "prompt" in row else []),
         "rl": [("prompt", "user")],
         "prompt": [("prompt", "user")],
     }[fmt]
@@ -105,8 +111,11 @@ def row_problem(row: dict, fmt: str) -> str | None:
         problem = _text_or_conversation(row[column], final_role)
         if problem:
             return f"{column!r}: {problem}"
-    if fmt == "preference" and isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
-        return "'chosen' and 'rejected' must both be strings or both be conversations"
+    pair = {"completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}.get(fmt)
+    if pair and isinstance(row[pair[0]], str) != isinstance(row[pair[1]], str):
+        return f"{pair[0]!r} and {pair[1]!r} must both be strings or both be conversations"
+    if fmt == "preference" and "prompt" in row and isinstance(row["prompt"], str) != isinstance(row["chosen"], str):
+        return "'prompt' and 'chosen' must both be strings or both be conversations"
     if fmt == "rl":
         answer = row["answer"]
         if not isinstance(answer, (str, int, float)):  # a bool too (an int): BoolQ's true reads as "True"
@@ -115,6 +124,8 @@ def row_problem(row: dict, fmt: str) -> str | None:
             return f"'answer' is {answer}, not a number an answer can equal"
         if isinstance(answer, str) and (problem := _text_problem(answer)):
             return f"'answer' {problem}"
+        if isinstance(answer, str) and not answer.strip() and set(row) <= {"prompt", "answer"}:
+            return "'answer' is empty, and the row holds nothing else a reward could score a completion by"
     return None
 
 
@@ -170,14 +181,37 @@ def _read_local(path: Path) -> list[dict]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}).")
         return data
+    if path.suffix == ".csv":
+        return _read_csv(path)
     import datasets
 
-    kind = {".parquet": "parquet", ".csv": "csv"}[path.suffix]
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 -- any reader failure is a data problem of this file
-        raise DataError(f"{path}: could not be read as {kind}: {err}") from None
+        raise DataError(f"{path}: could not be read as parquet: {err}") from None
     return ds.to_list()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Every cell as the text it is: a reader that guesses types turns the answer 1180591620717411303424 into
+    1.1805916207174113e+21, 007 into 7.0 and a cell reading NA into a missing value."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(decoded(path, path.read_bytes(), "the file"), newline=""))
+    try:
+        header = next(reader, None)
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path}: not valid CSV ({err}).") from None
+    if header is None:
+        return []
+    if len(set(header)) != len(header) or not all(header):
+        raise DataError(f"{path}: the header names a column twice or leaves one unnamed: {header}.")
+    for line, row in enumerate(rows, start=2):
+        if row and len(row) != len(header):
+            raise DataError(f"{path}: line {line}: {len(row)} cells where the header has {len(header)}.")
+    return [dict(zip(header, row)) for row in rows if row]
 
 
 def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty: dict | None) -> list[dict]:
@@ -209,14 +243,18 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
     if not rows:
         raise DataError(f"{label}: no rows.")
     if columns:
+        targets = list(columns.values())
+        if not all(isinstance(t, str) and t for t in targets) or len(set(targets)) != len(targets):
+            raise DataError(f"{label}: dataset_columns must rename each column to a name of its own, got {columns}.")
         missing = [c for c in columns if c not in rows[0]]
         if missing:
             raise DataError(f"{label}: dataset_columns renames {missing}, which the data does not have "
                             f"(columns: {sorted(rows[0])}).")
-        clashes = [f"{old!r} -> {new!r}" for old, new in columns.items() if new in rows[0] and new not in columns]
-        if clashes:
-            raise DataError(f"{label}: dataset_columns renames {', '.join(clashes)}, a column the data already has; "
-                            f"rename that one too (or away), or it would be overwritten.")
+        for i, row in enumerate(rows):
+            clashes = [f"{old!r} -> {new!r}" for old, new in columns.items() if new in row and new not in columns]
+            if clashes:
+                raise DataError(f"{label}: row {i}: dataset_columns renames {', '.join(clashes)}, a column the row "
+                                f"already has; rename that one too (or away), or it would be overwritten.")
         rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
     required = FORMATS[fmt]
@@ -227,10 +265,26 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         problem = row_problem(row, fmt)
         if problem:
             raise DataError(f"{label}: row {i}: {problem}.")
+    _check_same_columns(rows, label)
     rows = [_text_parts_joined(row) for row in rows]
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
+    if fmt in TRAINED_AS_IS:  # other formats' columns would change how TRL reads the row (a `prompt` beside
+        keep = set(FORMATS[fmt]) | ({"prompt"} if fmt == "preference" else set())  # `messages`), or clash in Arrow
+        rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def _check_same_columns(rows: list[dict], label: str) -> None:
+    """Every row with the first row's columns: a table keeps the first row's, so a column only some rows have is
+    dropped from them (a preference pair's `prompt`) or None in the others."""
+    first = set(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != first:
+            extra, lacking = sorted(set(row) - first), sorted(first - set(row))
+            raise DataError(f"{label}: row {i}: its columns differ from row 0's"
+                            + (f" (it adds {extra})" if extra else "") + (f" (it lacks {lacking})" if lacking else "")
+                            + "; every row needs the same columns.")
 
 
 def _text_parts_joined(row: dict) -> dict:

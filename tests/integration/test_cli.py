@@ -81,14 +81,15 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
 
     model = _chat_model(tmp_path / "model")
     (tmp_path / "p.txt").write_text("What is 2 + 3?\n\nWhat is 7 - 4?\n")
-    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n" +
+                                      json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n")
     for prompts, expected in (("p.txt", ["What is 2 + 3?", "What is 7 - 4?"]),
-                              ("p.jsonl", [[{"role": "user", "content": "Hi"}]])):
+                              ("p.jsonl", [[{"role": "user", "content": "Hi"}], "a\u2028b"])):
         out = tmp_path / "not" / "made" / "yet" / f"{prompts}.out"  # the folders are made, with the result
         result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / prompts),
                                           "--max-new-tokens", "3", "-o", str(out)])
         assert result.exit_code == 0, result.output
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        rows = [json.loads(line) for line in out.read_text().split("\n") if line]
         assert [r["prompt"] for r in rows] == expected and all(isinstance(r["completion"], str) for r in rows)
 
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9?\n")
@@ -96,7 +97,9 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     (tmp_path / "answered.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
                                                                       {"role": "assistant", "content": "a"}]}))
     (tmp_path / "empty.txt").write_text("\n \n")
-    for prompts, message in (("latin1.txt", "the file: not UTF-8 text (byte 0xe9"),
+    (tmp_path / "p.json").write_text('[{"prompt": "What is 2+2?"}]\n')
+    for prompts, message in (("p.json", "prompts come in a .txt file (one a line) or a .jsonl file, not '.json'"),
+                             ("latin1.txt", "the file: not UTF-8 text (byte 0xe9"),
                              ("surrogate.jsonl", "line 2: prompt: holds '\\ud800'"),
                              ("answered.jsonl", "line 1: prompt: the last message is from 'assistant'"),
                              ("empty.txt", "no prompts")):

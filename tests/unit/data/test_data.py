@@ -247,10 +247,57 @@ def test_dataset_columns_rename_and_refuse_to_overwrite(tmp_path):
     assert fmt == "rl" and rows == [{"prompt": "1 + 1?", "answer": "#### 2", "id": 7}]
     with pytest.raises(DataError, match="dataset_columns renames \\['query'\\], which the data does not have"):
         load_rows(path, formats=("rl",), columns={"query": "prompt"})
-    with pytest.raises(DataError, match="renames 'question' -> 'id', a column the data already has"):
+    with pytest.raises(DataError, match="row 0: dataset_columns renames 'question' -> 'id', a column the row already"):
         load_rows(path, formats=("rl",), columns={"question": "id"})
     swapped, _ = load_rows(path, formats=("prompt",), columns={"question": "prompt", "id": "question"})
     assert swapped == [{"prompt": "1 + 1?", "answer": "#### 2", "question": 7}]
+    with pytest.raises(DataError, match="must rename each column to a name of its own"):  # one would be lost
+        load_rows(path, formats=("rl",), columns={"question": "prompt", "id": "prompt"})
+    later = write_jsonl(tmp_path / "later.jsonl", [{"question": "q", "answer": "1"},
+                                                   {"question": "q", "answer": "1", "prompt": "p"}])
+    with pytest.raises(DataError, match="row 1: dataset_columns renames 'question' -> 'prompt'"):
+        load_rows(later, formats=("rl",), columns={"question": "prompt"})
+
+
+def test_rows_are_trained_as_written():
+    """What TRL would have read otherwise: another format's columns beside the detected one (TRL switches to
+    prompt-completion whenever a `prompt` column exists), a column that only some rows have (a table keeps the
+    first row's columns), empty replies, a user turn as the completion, a CSV cell re-typed."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    user, bot = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    mixed = write_jsonl(folder / "mixed.jsonl", [{"messages": [user("2+2?"), bot("4")], "prompt": "P", "completion": "C",
+                                                  "id": 1}])
+    assert load_rows(mixed, formats=("messages", "completion")) == ([{"messages": [user("2+2?"), bot("4")]}],
+                                                                     "messages")
+    rl = write_jsonl(folder / "rl.jsonl", [{"prompt": "2+2?", "answer": "4", "test": "t"}])
+    assert load_rows(rl, formats=("rl",))[0] == [{"prompt": "2+2?", "answer": "4", "test": "t"}]  # for the rewards
+    for rows, formats, message in (
+        ([{"chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"}], ("preference",),
+         "row 1: its columns differ from row 0's \\(it adds \\['prompt'\\]\\)"),
+        ([{"messages": [user("hi"), bot("  ")]}], ("messages",), "message 1 \\(assistant\\) is empty"),
+        ([{"prompt": [user("p")], "completion": [user("c")]}], ("completion",),
+         "'completion': the last message is from 'user', expected 'assistant'"),
+        ([{"chosen": [user("q")], "rejected": [user("q")]}], ("preference",), "'chosen': the last message is from"),
+        ([{"prompt": "p", "completion": [bot("c")]}], ("completion",), "must both be strings or both be conversations"),
+        ([{"prompt": "2+2?", "answer": " "}], ("rl",), "'answer' is empty"),
+        ([{"text": "  "}], ("text",), "'text' must be a non-empty string"),
+    ):
+        with pytest.raises(DataError, match=message):
+            load_rows(write_jsonl(folder / "bad.jsonl", rows), formats=formats)
+
+    csv = folder / "answers.csv"
+    csv.write_text('prompt,answer\n"What is 2**70?",1180591620717411303424\nq,007\nr,NA\ns,"3.10"\n')
+    rows, _ = load_rows(csv, formats=("rl",))
+    assert [r["answer"] for r in rows] == ["1180591620717411303424", "007", "NA", "3.10"]
+    csv.write_text("prompt,completion,completion\na,b,c\n")
+    with pytest.raises(DataError, match="the header names a column twice"):
+        load_rows(csv)
+    csv.write_text("prompt,answer\na,1,2\n")
+    with pytest.raises(DataError, match="line 2: 3 cells where the header has 2"):
+        load_rows(csv)
 
 
 def test_one_hub_id_rule():
