@@ -32,6 +32,7 @@ FORMATS = {
     "rl": ("prompt", "answer"),
     "prompt": ("prompt",),
 }
+FORMAT_COLUMNS = {column for columns in FORMATS.values() for column in columns} - {"answer"}
 # Formats trained on their own columns only (the rest are dropped); RL and prompt rows keep every column, which
 # reaches the rewards.
 TRAINED_AS_IS = ("messages", "completion", "text", "preference")
@@ -161,6 +162,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: row {len(rows)} (line {line_no}): not valid JSON ({err.msg}).") from None
+            except RecursionError:
+                raise DataError(f"{path}: row {len(rows)} (line {line_no}): nested too deeply to read.") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: row {len(rows)} (line {line_no}): expected a JSON object, "
                                 f"got {type(row).__name__}.")
@@ -176,6 +179,8 @@ def _read_local(path: Path) -> list[dict]:
             data = json.loads(decoded(path, path.read_bytes(), "the file"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err}).") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to read.") from None
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -279,7 +284,13 @@ def _check_same_columns(rows: list[dict], label: str) -> None:
     """Every row with the first row's columns: a table keeps the first row's, so a column only some rows have is
     dropped from them (a preference pair's `prompt`) or None in the others."""
     first = set(rows[0])
+    text = {column: isinstance(value, str) for column, value in rows[0].items() if column in FORMAT_COLUMNS}
     for i, row in enumerate(rows):
+        mixed = [c for c, is_text in text.items() if c in row and isinstance(row[c], str) != is_text]
+        if mixed:
+            raise DataError(f"{label}: row {i}: {mixed[0]!r} is {'text' if not text[mixed[0]] else 'a conversation'} "
+                            f"where row 0's is {'text' if text[mixed[0]] else 'a conversation'}; every row needs "
+                            f"the same kind.")
         if set(row) != first:
             extra, lacking = sorted(set(row) - first), sorted(first - set(row))
             raise DataError(f"{label}: row {i}: its columns differ from row 0's"
@@ -318,7 +329,9 @@ def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tu
     if source in BUILTIN:
         return _read_builtin(source, split, size, seed, difficulty), f"builtin:{source}[{split}]"
     path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
+    if path.is_dir():  # a dataset saved or downloaded as the hub lays it out (data/train-*.parquet, ...)
+        rows = _read_hub(source, split, folder=True)
+    elif path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: no such data file.")
         if path.suffix not in LOCAL_SUFFIXES:
@@ -335,11 +348,11 @@ def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tu
     return (rows[:size] if size else rows), source
 
 
-def _read_hub(source: str, split: str) -> list[dict]:
-    """A hub dataset, `org/name` or `org/name:config` (GSM8K is `openai/gsm8k:main`)."""
+def _read_hub(source: str, split: str, folder: bool = False) -> list[dict]:
+    """A hub dataset, `org/name` or `org/name:config` (GSM8K is `openai/gsm8k:main`), or a local folder of one."""
     import datasets
 
-    name, _, config = source.partition(":")
+    name, _, config = (source, "", "") if folder else source.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split).to_list()
     except FileNotFoundError:

@@ -36,6 +36,7 @@ import contextlib
 import enum
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -100,7 +101,12 @@ def _task_spec(source: str, name, value) -> dict:
         raise ReasoningGymError(f"{source}: unknown reasoning-gym task {name!r}{hint}.")
     options = dict(value) if isinstance(value, dict) else {"weight": value}
     weight = options.pop("weight", 1.0)
-    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+    if isinstance(weight, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            weight = float(weight)
+        except ValueError:
+            pass
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < math.inf:
         raise ReasoningGymError(f"{source}: task {name!r}: weight must be a positive number, got {weight!r}.")
     working = options.pop("working", False)
     if not isinstance(working, bool):

@@ -154,7 +154,7 @@ def _check_dataset(value, where: str, base_dir: Path | None):
     path = Path(value)
     if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
         candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
-        if not any(c.is_file() for c in candidates):
+        if not any(c.is_file() or c.is_dir() for c in candidates):  # a folder: a dataset laid out as the hub's
             raise RecipeError(f"{where}: dataset file {value!r} does not exist.")
 
 

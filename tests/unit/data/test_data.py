@@ -288,6 +288,22 @@ def test_rows_are_trained_as_written():
         with pytest.raises(DataError, match=message):
             load_rows(write_jsonl(folder / "bad.jsonl", rows), formats=formats)
 
+    mixed_kinds = write_jsonl(folder / "kinds.jsonl", [{"prompt": "p", "answer": "1"},
+                                                       {"prompt": [user("q")], "answer": "2"}])
+    with pytest.raises(DataError, match="row 1: 'prompt' is a conversation where row 0's is text"):
+        load_rows(mixed_kinds, formats=("rl",))
+    (folder / "deep.jsonl").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match="row 0 \\(line 1\\): nested too deeply to read"):
+        load_rows(folder / "deep.jsonl")
+
+    # A folder laid out as the hub lays a dataset out is read like the hub's, split by split.
+    import datasets
+
+    (folder / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list([{"prompt": "2+2?", "answer": "4"}] * 3).to_parquet(
+        str(folder / "hub" / "data" / "test-00000-of-00001.parquet"))
+    assert load_rows(folder / "hub", split="test", formats=("rl",)) == ([{"prompt": "2+2?", "answer": "4"}] * 3, "rl")
+
     csv = folder / "answers.csv"
     csv.write_text('prompt,answer\n"What is 2**70?",1180591620717411303424\nq,007\nr,NA\ns,"3.10"\n')
     rows, _ = load_rows(csv, formats=("rl",))

@@ -262,6 +262,8 @@ def test_sampled_eval_task_names_its_sample_count():
     ("reasoning_gym:{chain_sum: {max_term: 2}}", "'max_term'"),
     ("reasoning_gym:{chain_sum: {max_terms: 0}}", "max_terms"),
     ("reasoning_gym:{chain_sum: 0}", "weight"),
+    ("reasoning_gym:{chain_sum: .inf}", "weight must be a positive number, got inf"),
+    ("reasoning_gym:{chain_sum: .nan}", "weight must be a positive number, got nan"),
     ("reasoning_gym:{chain_sum: [1, 2", "mapping"),
     ("reasoning_gym:{aiw: {task_types: [cousins]}}", "siblings, friends, colleagues"),  # an enum's members
     ("reasoning_gym:{aiw: {task_types: [siblings]}}", "weights"),  # fails only when an entry is drawn
