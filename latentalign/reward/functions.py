@@ -118,10 +118,21 @@ class RewardModelFunction:
                                                           tokenize=False))
         return out
 
+    def training_text(self, prompt, reply) -> str:
+        """One side of a preference pair as TRL's RewardTrainer reads it: a conversation (the prompt's messages,
+        if any, then the reply's) through the chat template; text as the prompt and the reply joined, ending
+        with EOS (no chat template)."""
+        if isinstance(reply, list):
+            return self.tokenizer.apply_chat_template(list(prompt or []) + reply, tokenize=False)
+        text, eos = (prompt or "") + reply, self.tokenizer.eos_token
+        return text if text.endswith(eos) else text + eos
+
     def __call__(self, prompts, completions, **_) -> list[float]:
+        return self.score_texts(self.texts(prompts, completions))
+
+    def score_texts(self, texts: list[str]) -> list[float]:
         import torch
 
-        texts = self.texts(prompts, completions)
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
@@ -133,10 +144,10 @@ class RewardModelFunction:
 
 
 def pairwise_accuracy(scorer, rows) -> dict:
-    """Share of preference pairs whose chosen completion `scorer` scores above the rejected one."""
-    prompts = [r.get("prompt", "") for r in rows]
-    chosen = scorer(prompts, [r["chosen"] for r in rows])
-    rejected = scorer(prompts, [r["rejected"] for r in rows])
+    """Share of preference pairs whose chosen side `scorer` (a `RewardModelFunction`) scores above the rejected
+    one, each side read as the reward model was trained on it (a pair without a prompt too)."""
+    chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows])
+                        for side in ("chosen", "rejected"))
     wins = [c > r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(wins) / max(len(rows), 1), "n": len(rows),
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / max(len(rows), 1)}

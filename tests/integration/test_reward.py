@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from latentalign.reward import RewardModelFunction, get_reward
@@ -43,6 +44,16 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
     assert len(batched) == 5 and max(abs(a - b) for a, b in zip(batched, alone)) < 1e-4
     text = rm.texts(prompts[:1], completions[:1])[0]
     assert text.endswith("User: What is 2 + 3?\n\nAssistant: 5" + rm.tokenizer.eos_token)
+    # Held-out pairs read as the reward trainer read them: a conversation without a prompt keeps its question,
+    # text without a prompt has no chat template around it.
+    question, eos = [{"role": "user", "content": "What is 2 + 3?"}], rm.tokenizer.eos_token
+    assert rm.training_text(None, question + [{"role": "assistant", "content": "5"}]) == \
+        rm.training_text(question, [{"role": "assistant", "content": "5"}]) == text
+    assert rm.training_text(None, "5") == "5" + eos and rm.training_text("2 + 3 = ", "5" + eos) == "2 + 3 = 5" + eos
+    pairs = [{"chosen": question + [{"role": "assistant", "content": "5"}],
+              "rejected": question + [{"role": "assistant", "content": "6"}]}]
+    scores = rm.score_texts([rm.training_text(question, [{"role": "assistant", "content": c}]) for c in "56"])
+    assert pairwise_accuracy(rm, pairs)["mean_margin"] == pytest.approx(scores[0] - scores[1], abs=1e-5)
     # A conversation longer than max_length keeps its end, the answer the score is read after.
     short = RewardModelFunction(metrics["model_dir"], max_length=24)
     long_prompt = "Add these up: " + " + ".join(["1"] * 60)
