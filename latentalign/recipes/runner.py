@@ -62,6 +62,8 @@ class Runner:
         self.recipe = recipe
         self.run_dir = Path(output_dir or recipe.output_dir or f"runs/{recipe.name}")
         self.log = log if is_main_process() else (lambda *_: None)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RecipeError(f"{self.run_dir}: a file, not a run folder; name another folder (-o).")
         self.manifest_path = self.run_dir / "manifest.json"
         manifest = _read_json(self.manifest_path)
         if manifest is None:

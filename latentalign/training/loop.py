@@ -168,6 +168,7 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     for folder in passed_over:
         logging.getLogger(__name__).warning("%s is incomplete: the run stopped while saving it. Resuming from %s.",
                                             folder, resume_from or "the start")
+    _record_settings(cfg, resume_from)
     if resume_from:
         _check_same_model(resume_from, trainer.model.config)
     trainer.add_callback(finite_weights_callback())
@@ -221,6 +222,33 @@ def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path
         shutil.rmtree(gathered)
     acc.wait_for_everyone()
     return out
+
+
+def _record_settings(cfg: TrainingStageConfig, resume_from: str | None) -> None:
+    """Keep the stage's settings in `output_dir/settings.json`; a run resuming there under other settings says
+    which differ: its checkpoint carries the earlier run on (a changed learning rate is not applied to steps
+    already taken, and a finished run trains no step at all)."""
+    import dataclasses
+    import json
+
+    if not is_main_process():
+        return
+    path = Path(cfg.output_dir) / "settings.json"
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    now = {**{k: v for k, v in now.items() if k != "trl"}, **now.get("trl", {})}
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        before = None
+    if resume_from and isinstance(before, dict) and before != now:
+        said = lambda values, key: repr(values[key]) if key in values else "the default"  # noqa: E731
+        changed = [f"{k}: {said(before, k)} -> {said(now, k)}" for k in sorted(before.keys() | now.keys())
+                   if before.get(k, said) != now.get(k, said)]
+        logging.getLogger(__name__).warning(
+            "%s: resuming %s, saved under other settings (%s). The checkpoint carries that run on; resume=false "
+            "or another output_dir starts over with these.", cfg.output_dir, resume_from, "; ".join(changed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
 
 
 def is_main_process() -> bool:

@@ -163,6 +163,9 @@ def test_a_run_folder_reused_by_another_recipe_keeps_only_what_is_this_recipes(t
     manifest = Runner(load_recipe(tmp_path / "b.yaml"), run).manifest
     assert manifest["final_model"] == str(run / "sft_a" / "model")  # finished, with the same settings
     assert manifest["eval_table"] is None and manifest["export_dir"] is None
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "b.yaml"), "-o", str(tmp_path / "a_file")])
+    assert result.exit_code == 2 and "a_file: a file, not a run folder" in result.output, result.output
 
 
 def test_a_recipe_that_is_not_utf8_is_one_error(tmp_path):

@@ -47,3 +47,20 @@ def test_a_one_process_checkpoint_resumes(tmp_path):
     single = checkpoint(tmp_path, 3, processes=0)
     torch.save({"cpu": torch.random.get_rng_state()}, single / "rng_state.pth")
     assert newest_checkpoint(tmp_path) == str(single)
+
+
+def test_resuming_under_other_settings_says_which(tmp_path, caplog):
+    import logging
+
+    from latentalign.stages import load_config
+    from latentalign.training.loop import _record_settings
+
+    first = load_config("sft", None, [f"output_dir={tmp_path}", "max_steps=4"])
+    _record_settings(first, None)
+    with caplog.at_level(logging.WARNING):
+        _record_settings(first, str(tmp_path / "checkpoint-4"))  # the same settings: nothing to say
+        assert caplog.text == ""
+        _record_settings(load_config("sft", None, [f"output_dir={tmp_path}", "max_steps=4", "learning_rate=0.5",
+                                                   "lora_r=8"]), str(tmp_path / "checkpoint-4"))
+    assert "saved under other settings (learning_rate: the default -> 0.5; lora_r: 16 -> 8)" in caplog.text
+    assert json.loads((tmp_path / "settings.json").read_text())["learning_rate"] == 0.5
