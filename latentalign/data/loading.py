@@ -262,6 +262,8 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
                                 f"already has; rename that one too (or away), or it would be overwritten.")
         rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
+    if fmt == "preference":
+        rows = [_without_repeated_prompt(row) for row in rows]
     required = FORMATS[fmt]
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row or row[c] is None]
@@ -278,6 +280,18 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         keep = set(FORMATS[fmt]) | ({"prompt"} if fmt == "preference" else set())  # `messages`), or clash in Arrow
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def _without_repeated_prompt(row: dict) -> dict:
+    """UltraFeedback's layout: a text `prompt` beside `chosen` and `rejected` conversations that open with that
+    same prompt as the user's turn. The conversations hold the prompt already (TRL would fail joining text to
+    messages), so the column goes."""
+    prompt, sides = row.get("prompt"), (row.get("chosen"), row.get("rejected"))
+    if not isinstance(prompt, str) or not all(isinstance(s, list) and s and isinstance(s[0], dict) for s in sides):
+        return row
+    if all(s[0].get("role") == "user" and s[0].get("content") == prompt for s in sides):
+        return {k: v for k, v in row.items() if k != "prompt"}
+    return row
 
 
 def _check_same_columns(rows: list[dict], label: str) -> None:

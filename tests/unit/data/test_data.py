@@ -288,6 +288,16 @@ def test_rows_are_trained_as_written():
         with pytest.raises(DataError, match=message):
             load_rows(write_jsonl(folder / "bad.jsonl", rows), formats=formats)
 
+    # UltraFeedback's layout: the prompt as text and again as the conversations' first turn.
+    conversation = [user("2+2?"), bot("4")]
+    ultra = write_jsonl(folder / "ultra.jsonl", [{"prompt": "2+2?", "chosen": conversation,
+                                                  "rejected": [user("2+2?"), bot("5")], "score_chosen": 9.0}])
+    assert load_rows(ultra, formats=("preference",))[0] == [{"chosen": conversation,
+                                                             "rejected": [user("2+2?"), bot("5")]}]
+    other = write_jsonl(folder / "other.jsonl", [{"prompt": "3+3?", "chosen": conversation, "rejected": conversation}])
+    with pytest.raises(DataError, match="'prompt' and 'chosen' must both be strings or both be conversations"):
+        load_rows(other, formats=("preference",))
+
     mixed_kinds = write_jsonl(folder / "kinds.jsonl", [{"prompt": "p", "answer": "1"},
                                                        {"prompt": [user("q")], "answer": "2"}])
     with pytest.raises(DataError, match="row 1: 'prompt' is a conversation where row 0's is text"):
