@@ -76,7 +76,12 @@ def get_reward(name: str, **options):
         except (ImportError, AttributeError) as err:
             raise RewardError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err}).") from None
         return _named(functools.partial(fn, **options), attr) if options else fn
-    raise RewardError(f"unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or 'module:function'.")
+    raise RewardError(unknown_reward(name))
+
+
+def unknown_reward(name) -> str:
+    """What to say of a reward name `get_reward` cannot resolve."""
+    return f"unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or 'module:function'."
 
 
 def _sandbox_options(name: str, options: dict) -> dict:

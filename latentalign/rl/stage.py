@@ -96,12 +96,11 @@ def _check_rewards(rewards: dict, options: dict) -> None:
     only for rewards that are named: found before a model is built, or in a recipe before any stage trains."""
     import math
 
-    from ..reward.functions import REGISTRY
+    from ..reward.functions import REGISTRY, unknown_reward
 
     for name, weight in rewards.items():
-        if not isinstance(name, str) or not (name in REGISTRY or ":" in name):
-            raise ValueError(f"rewards: unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or "
-                             f"'module:function'.")
+        if not isinstance(name, str) or not (name in REGISTRY or ":" in name):  # get_reward's names
+            raise ValueError(f"rewards: {unknown_reward(name)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"rewards: {name}: the weight must be a finite number, got {weight!r}.")
     for name, value in options.items():
