@@ -386,6 +386,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
                    "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    o_tmpfile = getattr(os, "O_TMPFILE", 0)
+    accmode, writable, o_path = os.O_ACCMODE, (os.O_WRONLY, os.O_RDWR), getattr(os, "O_PATH", 0)
     lstat, readlink, stat_ = os.lstat, os.readlink, os.stat
     created, max_files = [0], payload["max_files"]
 
@@ -428,14 +430,16 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         path = absolute(path)
         return path == workdir or path.startswith(workdir + "/")
 
-    def count_new(path) -> None:
+    def count_new(path, unnamed: bool = False) -> None:
         """RLIMIT_FSIZE bounds each file the program writes; this bounds how many it makes (files, folders,
-        links), so the disk one sample can fill is bounded too."""
+        links, unnamed O_TMPFILE files), so the disk one sample can fill is bounded too."""
         try:
-            lstat(absolute(path))
-            return  # there already: writing it again makes nothing new
+            if not unnamed:
+                lstat(absolute(path))
+                return  # there already: writing it again makes nothing new
         except OSError:
-            created[0] += 1
+            pass
+        created[0] += 1
         if created[0] > max_files:
             raise PermissionError(f"sandbox: more than {max_files} new files")
 
@@ -456,10 +460,15 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             if writing and not inside(path):
                 raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory")
             if writing and not isinstance_(path, int):
-                count_new(path)
+                count_new(path, unnamed=bool_(o_tmpfile) and (flags or 0) & o_tmpfile == o_tmpfile)
             if not isinstance_(path, int) and (absolute(path) + "/").startswith("/proc/"):
                 raise PermissionError(f"sandbox: reading {path!r} is not allowed")
-            if not isinstance_(path, int) and is_directory(path):  # a directory's fd is a dir_fd to write through
+            # A directory's fd is a dir_fd to write through. Opening one write-only or read-write (without
+            # O_PATH) yields none: the kernel refuses (EISDIR), O_TMPFILE makes an unnamed file in it
+            # (TemporaryFile), and an `opener` opens another path, checked as its own event (NamedTemporaryFile
+            # passes its directory to io.open). O_RDONLY | O_APPEND, or O_PATH with any flags, does open it.
+            yields_no_directory = (flags or 0) & accmode in writable and not (flags or 0) & o_path
+            if not yields_no_directory and not isinstance_(path, int) and is_directory(path):
                 raise PermissionError(f"sandbox: opening the directory {path!r} is not allowed")
         if event in path_events and not all(inside(a) for a in args[:2] if isinstance_(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the sandbox directory")

@@ -9,10 +9,11 @@ Each program runs in its own process, started through a small bootstrap that, be
 - installs an audit hook that refuses the calls a test program never needs: process and thread creation
   (`_posixsubprocess.fork_exec`, which raises no audit event, is removed), signals (to any process, itself
   included), changing another process's limits, sockets, ctypes, reading /proc, changing directory, opening a
-  directory (whose descriptor would be a `dir_fd` to write through), writing files outside its private
-  temporary directory (paths resolved through symbolic links: /dev/fd/../.. is /proc), making more than
-  `max_files` files there (so the disk a program fills is bounded), and the ways to reach another frame or
-  object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and profile hooks).
+  directory in a way that yields its descriptor (a `dir_fd` to write through; temporary files are still made),
+  writing files outside its private temporary directory (paths resolved through symbolic links: /dev/fd/../.. is
+  /proc), making more than `max_files` files there (so the disk a program fills is bounded), and the ways to reach
+  another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and
+  profile hooks). So `traceback.format_exc()` and `asyncio.run` (signal handlers, a socket pair) fail inside.
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.

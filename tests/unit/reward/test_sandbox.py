@@ -46,6 +46,13 @@ HOSTILE = {
     "write after chdir": "import os\nos.chdir({open_dir!r})\nopen('escaped.txt', 'w').write('escaped')\n",
     "write through a directory's fd": "import os\nd = os.open({open_dir!r}, os.O_RDONLY)\n"
                                       "os.close(os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=d))\n",
+    # A directory's fd inside its own: relative to it, 'l' is a link to '.', where the hook reads the path from the
+    # working directory, 'l' a link six folders down; six '..' then reach / for the kernel and . for the hook.
+    # Opened to write it is refused unless the kernel gives no directory's fd (O_APPEND and O_PATH do give one).
+    **{f"write through a directory's fd opened {flags}": "import os\nos.makedirs('a/b')\nos.makedirs('d/d/d/d/d/d')\n"
+       "os.symlink('d/d/d/d/d/d', 'l')\nos.symlink('.', 'a/b/l')\n"
+       f"fd = os.open('a/b', {flags})\n" "os.mkdir('l/../../../../../..{open_dir}/escaped', dir_fd=fd)\n"
+       for flags in ("os.O_RDONLY", "os.O_RDONLY | os.O_APPEND", "os.O_RDWR | os.O_PATH")},
     "read /proc through /dev/fd": "print(open('/dev/fd/../../self/status').read())\n",
     "change another process's limits": "import resource\nprint(resource.prlimit(0, resource.RLIMIT_NOFILE))\n",
 }
@@ -121,6 +128,20 @@ def test_programs_can_import_the_standard_library():
             "assert tempfile.mkdtemp(dir='.') and sqlite3.connect(':memory:').execute('select 1').fetchone() == (1,)\n")
     result = run_program(code, LIMITS)
     assert result.passed, result.verdict + result.stderr[-500:]
+
+
+def test_programs_can_make_temporary_files():
+    """TemporaryFile opens its directory with O_TMPFILE, NamedTemporaryFile hands its directory to io.open with an
+    opener: neither yields a directory's fd, and both count against max_files."""
+    code = ("import tempfile\nfor make in (tempfile.TemporaryFile, tempfile.NamedTemporaryFile):\n"
+            "    with make('w+') as f:\n        f.write('x')\n        f.seek(0)\n        assert f.read() == 'x'\n")
+    result = run_program(code, LIMITS)
+    assert result.passed, result.verdict + result.stderr[-500:]
+    limits = SandboxLimits(timeout_s=4, cpu_s=2, memory_mb=256, output_bytes=1024, max_files=8)
+    unnamed = "import os\nfiles = [os.open('.', os.O_RDWR | os.O_TMPFILE) for _ in range({n})]\n"
+    assert run_program(unnamed.format(n=8), limits).passed
+    result = run_program(unnamed.format(n=9), limits)
+    assert not result.passed and "PermissionError" in result.verdict, result.verdict
 
 
 def test_the_files_a_program_makes_are_bounded_in_number():
