@@ -262,7 +262,7 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
     if kind.check is not None:
         values = kind.check(values, earlier, where)
     if kind.config is not None:
-        _check_training(kind, values, init, seed, name, where, base_dir)
+        values = _check_training(kind, values, init, seed, name, where, base_dir)
     return Stage(name, kind_name, init, values)
 
 
@@ -275,8 +275,11 @@ def _starts_elsewhere(kind, earlier: dict) -> bool:
     return kind.config.model not in PRESETS or any(s.kind.makes_model for s in earlier.values())
 
 
-def _check_training(kind, values: dict, init, seed: int, name: str, where: str, base_dir) -> None:
-    """A training stage's values build its config (placeholder paths for what the runner fills in)."""
+def _check_training(kind, values: dict, init, seed: int, name: str, where: str, base_dir) -> dict:
+    """A training stage's values build its config (placeholder paths for what the runner fills in); returned with
+    each number as the config reads it (YAML reads `1e-3` as text, `1` for a float option is 1.0), so that the
+    stage's hash changes with what the stage does, not with how a number is written."""
+    from ..stages import trl_args
     from ..training import build
 
     if init is not None and "model" in values:
@@ -285,10 +288,20 @@ def _check_training(kind, values: dict, init, seed: int, name: str, where: str, 
     if init is not None:
         checked["model"] = f"<run>/{init}/model"
     checked.setdefault("seed", seed)
-    build(kind.config, kind.trl_class(), checked, where)
+    cfg = build(kind.config, kind.trl_class(), checked, where)
+    try:  # TRL's own checks across options (a scheduler's name, a batch that holds whole groups of completions)
+        trl_args(cfg)
+    except ConfigError as err:
+        raise RecipeError(f"{where}: {err}") from None
     for key in ("dataset", "eval_dataset"):
         _check_dataset(values.get(key), f"{where}: {key}", base_dir)
     _check_preset_overrides(checked, where)
+    read = {key: cfg.trl[key] if key in cfg.trl else getattr(cfg, key) for key in values}
+    return {key: read[key] if _is_number(read[key]) else value for key, value in values.items()}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_preset_overrides(values: dict, where: str):

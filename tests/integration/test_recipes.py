@@ -113,6 +113,10 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"]["sft"].update(eval_max_new_tokens=0), "eval_max_new_tokens must be >= 1"),
     (lambda r: r["stages"]["sft"]["model_overrides"].update(kv_lora_rank=0), "kv_lora_rank=0 is not supported"),
     (lambda r: r["stages"]["sft"]["model_overrides"].update(num_attention_heads=0), "num_attention_heads=0 is not"),
+    # TRL's own checks across options, made when its config is built
+    (lambda r: r["stages"]["rl"].update(num_generations=4, per_device_train_batch_size=6),
+     "stages.rl: invalid rl options: generation_batch_size (6) must be divisible by num_generations (4)"),
+    (lambda r: r["stages"]["sft"].update(lr_scheduler_type="cosinus"), "stages.sft: invalid sft options: cosinus is"),
 ])
 def test_recipe_errors_name_the_file_and_key_and_exit_2(tmp_path, mutate, message):
     path = _bad_recipe(tmp_path, mutate)
@@ -203,6 +207,18 @@ def test_stage_hash_changes_downstream_only():
     same = ["sft", "reward"]
     assert all(base.stages[n].hash == changed.stages[n].hash for n in same)
     assert all(base.stages[n].hash != changed.stages[n].hash for n in ["rl", "rl_preference", "eval", "push"])
+
+
+def test_a_number_written_another_way_keeps_the_stage_hash(tmp_path):
+    """YAML reads `1e-4` (no dot) as text and the config as 0.0001: the same setting, the same hash."""
+    hashes = set()
+    for text in ("1e-4", "0.0001", "1.0e-4", "'1e-4'"):
+        path = tmp_path / "lr.yaml"
+        path.write_text(TINY.read_text().replace("stages:\n  sft:\n", f"stages:\n  sft:\n    learning_rate: {text}\n", 1))
+        recipe = load_recipe(path)
+        assert recipe.stages["sft"].values["learning_rate"] == 1e-4
+        hashes.add(recipe.stages["sft"].hash)
+    assert len(hashes) == 1 and load_recipe(TINY, ["stages.sft.learning_rate=2e-4"]).stages["sft"].hash not in hashes
 
 
 @pytest.fixture(scope="module")
