@@ -119,9 +119,12 @@ class LatentAlignConfig(DeepseekV2Config):
             if not (value is None and key == "q_lora_rank") and not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{key}={value!r} is not supported; it must be a positive integer"
                                  + (" or None" if key == "q_lora_rank" else "") + ".")
+        rope = getattr(self, "rope_parameters", None)
         for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta"):
             value = getattr(self, key, None)
-            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            if value is None and key == "rope_theta" and isinstance(rope, dict):  # transformers 5 keeps it there
+                value = rope.get("rope_theta")
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{key}={value!r} is not supported; it must be a finite number > 0.")
 
     def validate_architecture(self):

@@ -113,6 +113,7 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"]["sft"].update(eval_max_new_tokens=0), "eval_max_new_tokens must be >= 1"),
     (lambda r: r["stages"]["sft"]["model_overrides"].update(kv_lora_rank=0), "kv_lora_rank=0 is not supported"),
     (lambda r: r["stages"]["sft"]["model_overrides"].update(num_attention_heads=0), "num_attention_heads=0 is not"),
+    (lambda r: r["stages"]["sft"]["model_overrides"].update(rope_theta=0), "rope_theta=0 is not supported"),
     # TRL's own checks across options, made when its config is built
     (lambda r: r["stages"]["rl"].update(num_generations=4, per_device_train_batch_size=6),
      "stages.rl: invalid rl options: generation_batch_size (6) must be divisible by num_generations (4)"),
