@@ -91,7 +91,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     from ..stages import trl_args
     from ..training import (ExpertLoadLog, ExpertLoadMeter, bias_balancer_for, check_rows_kept, load_stage_data,
                             load_starting_point, make_peft_config, train_and_save, use_deepseek_balance_loss,
-                            write_metrics)
+                            warn_rows_cut, write_metrics)
 
     # Everything that can fail on bad input fails here, before a model is built or a file written.
     args = trl_args(cfg)
@@ -115,6 +115,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     if not args.packing:
         check_rows_kept(trainer, len(rows), cfg, f"TRL drops a row whose trained tokens all lie past max_length "
                                                  f"({args.max_length} tokens); raise max_length or shorten the prompts")
+        warn_rows_cut(trainer, args.max_length, cfg.dataset)
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     meter = ExpertLoadMeter(base, hooks=False)  # fed by the balance loss's forward: real tokens only
     use_deepseek_balance_loss(base, meter)

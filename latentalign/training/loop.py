@@ -93,6 +93,20 @@ def check_rows_kept(trainer, n_rows: int, cfg: TrainingStageConfig, why: str) ->
         logging.getLogger(__name__).warning("%s: %d of %d rows left out: %s", cfg.dataset, n_rows - kept, n_rows, why)
 
 
+def warn_rows_cut(trainer, max_length: int | None, dataset: str) -> int:
+    """TRL cuts a row longer than max_length to its first max_length tokens: the end of its reply, where the answer
+    is, is not trained on. The rows that reach max_length (cut, or exactly that long) are counted and named."""
+    data = trainer.train_dataset
+    if max_length is None or "input_ids" not in (data.column_names or ()):
+        return 0
+    cut = sum(len(ids) >= max_length for ids in data["input_ids"])
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d rows reach max_length (%d tokens) and are cut there, so the ends of their replies are not "
+            "trained on; raise max_length to train on them whole", dataset, cut, len(data), max_length)
+    return cut
+
+
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
     """(training rows, their format, held-out rows or None), every row checked before anything is built."""
     from ..data import load_rows

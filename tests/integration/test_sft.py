@@ -220,6 +220,18 @@ def test_bad_input_one_message_nonzero_exit_nothing_written(tmp_path, content, e
     assert not out.exists()
 
 
+def test_rows_cut_at_max_length_are_counted_in_a_warning(tmp_path, caplog):
+    """TRL trains a row longer than max_length on its start only; a long reply's end is then silently lost."""
+    data = tmp_path / "long.jsonl"
+    short = {"messages": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"}]}
+    long = {"messages": [{"role": "user", "content": "Count"}, {"role": "assistant", "content": " ".join(["9"] * 60)}]}
+    data.write_text("".join(json.dumps(row) + "\n" for row in [short] * 5 + [long] * 3))
+    metrics = run(small_cfg(tmp_path, f"dataset={data}", "eval_dataset=null", "max_length=40", "max_steps=1",
+                            "per_device_train_batch_size=8"))
+    assert metrics["global_step"] == 1
+    assert f"{data}: 3 of 8 rows reach max_length (40 tokens) and are cut there" in caplog.text
+
+
 def test_a_diverging_run_stops_at_the_step_and_writes_no_model(tmp_path):
     """transformers' Trainer hides NaN losses from its logs and would train on, saving a model of NaNs."""
     from safetensors.torch import load_file
