@@ -20,6 +20,7 @@ what is wrong.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -274,12 +275,30 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
             raise DataError(f"{label}: row {i}: {problem}.")
     _check_same_columns(rows, label)
     rows = [_text_parts_joined(row) for row in rows]
+    if fmt == "preference":
+        rows = _without_ties(rows, label)
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
     if fmt in TRAINED_AS_IS:  # other formats' columns would change how TRL reads the row (a `prompt` beside
         keep = set(FORMATS[fmt]) | ({"prompt"} if fmt == "preference" else set())  # `messages`), or clash in Arrow
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def _without_ties(rows: list[dict], label: str) -> list[dict]:
+    """A pair whose chosen and rejected are the same teaches no preference (its loss has no gradient) and is a miss
+    in pairwise accuracy: public preference sets hold a few. They are dropped, counted in a warning; a set of
+    nothing else is an error."""
+    same = [i for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
+    if not same:
+        return rows
+    if len(same) == len(rows):
+        raise DataError(f"{label}: in every pair chosen and rejected are the same: no preference to learn.")
+    shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
+    logging.getLogger(__name__).warning("%s: %d of %d pairs dropped: chosen and rejected are the same (rows %s).",
+                                        label, len(same), len(rows), shown)
+    dropped = set(same)
+    return [row for i, row in enumerate(rows) if i not in dropped]
 
 
 def _without_repeated_prompt(row: dict) -> dict:

@@ -326,6 +326,19 @@ def test_rows_are_trained_as_written():
         load_rows(csv)
 
 
+def test_pairs_with_nothing_to_prefer_are_dropped_and_counted(tmp_path, caplog):
+    """chosen == rejected teaches no preference and is a miss in pairwise accuracy (public sets hold a few)."""
+    user, bot = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    pairs = [{"chosen": [user(f"{i}+1?"), bot(str(i + 1))], "rejected": [user(f"{i}+1?"), bot(str(i + j))]}
+             for i in range(4) for j in (1, 2)]  # j = 1: the same reply on both sides
+    rows, fmt = load_rows(write_jsonl(tmp_path / "ties.jsonl", pairs), formats=("preference",))
+    assert fmt == "preference" and rows == pairs[1::2]
+    assert "ties.jsonl: 4 of 8 pairs dropped: chosen and rejected are the same (rows 0, 2, 4, 6)" in caplog.text
+    texts = [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 2
+    with pytest.raises(DataError, match="in every pair chosen and rejected are the same"):
+        load_rows(write_jsonl(tmp_path / "all.jsonl", texts), formats=("preference",))
+
+
 def test_one_hub_id_rule():
     from latentalign.hub_id import is_hub_id
 
