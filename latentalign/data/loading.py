@@ -386,13 +386,17 @@ def _read_hub(source: str, split: str, folder: bool = False) -> list[dict]:
     import datasets
 
     name, _, config = (source, "", "") if folder else source.partition(":")
+    # ORG/NAME is also a relative path: where ORG is a folder here, a typo'd local path is the likelier reading
+    local = "" if folder or not Path(name).parent.is_dir() else (
+        f" There is no file or folder {name!r} here either, though {str(Path(name).parent)!r} is a folder: a "
+        f"misspelt local path?")
     try:
         return datasets.load_dataset(name, config or None, split=split).to_list()
     except FileNotFoundError:
         raise DataError(f"{source}: not a data file, a built-in dataset ({', '.join(BUILTIN)}) or a reachable "
-                        f"hub dataset.") from None
+                        f"hub dataset.{local}") from None
     except Exception as err:  # noqa: BLE001 -- hub errors are many; the message is what the user needs
-        raise DataError(f"{source}: could not load the hub dataset (split {split!r}): {err}") from None
+        raise DataError(f"{source}: could not load the hub dataset (split {split!r}): {err}.{local}") from None
 
 
 def to_dataset(rows: list[dict]):

@@ -339,6 +339,16 @@ def test_pairs_with_nothing_to_prefer_are_dropped_and_counted(tmp_path, caplog):
         load_rows(write_jsonl(tmp_path / "all.jsonl", texts), formats=("preference",))
 
 
+def test_a_misspelt_local_path_that_reads_as_a_hub_id_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="There is no file or folder 'data/trian' here either, though 'data' is"):
+        load_rows("data/trian")  # a folder of parquet files, misspelt
+    with pytest.raises(DataError, match="could not load the hub dataset") as err:
+        load_rows("someorg/some-set")  # no folder someorg here: a hub id, said as one
+    assert "misspelt" not in str(err.value)
+
+
 def test_one_hub_id_rule():
     from latentalign.hub_id import is_hub_id
 
