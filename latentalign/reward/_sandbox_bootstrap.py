@@ -33,13 +33,29 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     write, exit_now = os.write, os._exit  # bound now: the program may replace the module attributes
     streams = (sys.stdout, sys.stderr)
 
+    def detached(fn):
+        """`fn` made anew over a namespace of its own, for a function the program can reach (`exit`, a finder in
+        sys.meta_path): a function's `__globals__` is its module's namespace, through which the program would
+        reach, and could shadow, the names every function of this harness looks up."""
+        copy = types.FunctionType(fn.__code__, {"__builtins__": builtins}, fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
+        copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+        return copy
+
+    def detach_globals(cls) -> None:
+        for name, attr in list(vars(cls).items()):
+            fn = attr.__func__ if isinstance(attr, staticmethod) else attr
+            if isinstance(fn, types.FunctionType):
+                setattr(cls, name, staticmethod(detached(fn)) if isinstance(attr, staticmethod) else detached(fn))
+
     # Standard-library modules test programs commonly use, imported while the interpreter's files are readable:
     # after the privilege drop below a directory such as /root may no longer be. `signal`, `socket` and
     # `subprocess` are loaded too, so that what refuses them is the audit hook, not a missing file.
     for name in ("abc", "array", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum",
                  "fractions", "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random",
                  "re", "statistics", "string", "sys", "textwrap", "typing", "unicodedata", "cmath", "numbers",
-                 "traceback", "io", "struct", "time", "collections.abc", "signal", "socket", "subprocess"):
+                 "traceback", "io", "struct", "time", "collections.abc", "signal", "socket", "subprocess",
+                 "unittest"):
         try:
             __import__(name)
         except ImportError:
@@ -88,6 +104,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 spec = module.__spec__
                 exec_(compile_(spec.loader_state, spec.origin, "exec", dont_inherit=True), module.__dict__)
 
+        detach_globals(OpenedLibrary)
         sys.meta_path.append(OpenedLibrary)
 
     # shutil.rmtree (and so tempfile.TemporaryDirectory) walks a tree through directory descriptors, which the
@@ -168,13 +185,28 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     import subprocess
 
     signals = ("signal", "raise_signal", "pthread_kill", "set_wakeup_fd", "siginterrupt", "pidfd_send_signal")
+    #    `os.mkfifo` and `os.mknod` make files without an audit event, so anywhere `nobody` may write.
+    import posix
+
+    nodes = ("mkfifo", "mknod")
     removed = {signal: signals, _signal: signals, _thread: ("start_new_thread", "start_new"),
-               threading: ("_start_new_thread",), _posixsubprocess: ("fork_exec",), subprocess: ("_fork_exec",)}
+               threading: ("_start_new_thread",), _posixsubprocess: ("fork_exec",), subprocess: ("_fork_exec",),
+               os: nodes, posix: nodes}
     for module, names in removed.items():
         for name in names:
             if hasattr(module, name):
                 delattr(module, name)
-    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess"}
+    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess", "posix"}
+    # Compiled modules never loaded: subinterpreters run code that no audit hook of this one sees, and the test
+    # modules reach the interpreter's internals. Any compiled module loads from the interpreter's own folders
+    # only (not one the program wrote: a library of its own is native code beyond every check here).
+    native_refused = {"_xxsubinterpreters", "_xxinterpchannels", "_interpreters", "_interpchannels",
+                      "_interpqueues", "_testcapi", "_testinternalcapi", "_testmultiphase", "_testsinglephase",
+                      "_testbuffer", "_testimportmultiple", "_testclinic", "_testclinic_limited", "_testlimitedcapi",
+                      "_testexternalinspection", "_remote_debugging", "_ctypes_test", "_xxtestfuzz", "xxsubtype",
+                      "xxlimited", "xxlimited_35"}
+    native_folders = tuple({os.path.realpath(p) + "/" for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                                sys.base_exec_prefix)})
 
     class Quitter:
         """`exit()` and `quit()`, as the `site` module (off under -S) would define them."""
@@ -189,6 +221,15 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise SystemExit(code)
 
     builtins.exit, builtins.quit = Quitter("exit"), Quitter("quit")
+    detach_globals(Quitter)
+
+    def no_trace(function):
+        """sys.settrace and sys.setprofile (a trace function receives frames): None, what doctest.testmod sets
+        back when it ends, is accepted; nothing else."""
+        if function is not None:
+            raise ValueError("sandbox: trace and profile functions are not allowed")
+
+    sys.settrace = sys.setprofile = detached(no_trace)
 
     # 5. Everything the harness uses from here on, bound before the program runs. The functions defined below
     #    look their builtins up in a private copy, not in the `builtins` module the program can change.
@@ -209,6 +250,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     known_types = {id(v) for v in owners.values() if isinstance(v, type)}
     flags_of = vars(type)["__flags__"].__get__  # not `cls.__flags__`, which a metaclass of the program can define
     exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
+    urandom, getattribute, issubclass_ = os.urandom, object.__getattribute__, issubclass
+    from collections import deque
     ops = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
            "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
            "Is": operator.is_, "IsNot": operator.is_not}
@@ -240,23 +283,28 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in value.items())
         return False
 
+    def random_below(n: int) -> int:  # os.urandom, bound now: nothing the program changes can predict it
+        return int.from_bytes(urandom(8), "big") % n
+
     def perturbed(value):
-        """A value that differs from `value` and has its type, for asking a value whether it equals anything."""
+        """A value of `value`'s type that differs from it by a random amount, for asking a value whether it equals
+        anything: it cannot tell such a question from the tests' own, which come after it."""
         kind = type_(value)
         if kind is bool:
             return not value
         if kind in (int, float, complex):
-            return value + 1 + abs(value) if value == value else 0.0
-        if kind is str:
-            return value + "\u2060\u00a7"
-        if kind is bytes:
-            return value + b"\x00\xff"
+            return value + (1 + random_below(1000)) * (1 + abs(value)) if value == value else 0.0
+        if kind in (str, bytes):
+            letters = value or (b"abcdefghij" if kind is bytes else "abcdefghij")
+            at, extra = random_below(len_(value) + 1), letters[random_below(len_(letters))]
+            return value[:at] + (kind((extra,)) if kind is bytes else extra) + value[at:]
+        extra = 1 + random_below(1 << 40)
         if kind in (list, tuple):
-            return value + kind((Sentinel(),))
+            return value + kind((extra,))
         if kind in (set, frozenset):
-            return kind(value) | {Sentinel()}
+            return kind(value) | {-extra if extra in value else extra}
         if kind is dict:
-            return {**value, Sentinel(): 0}
+            return {**value, (extra, "\u2060"): 0}
         return Sentinel()
 
     def truthy(thunk):
@@ -267,8 +315,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
 
     def check_honest(value, other, op):
         """Raise a Violation when `value` (not plain data) compares the way it is asked, not by what it is."""
-        probe = Sentinel()
-        if truthy(lambda: value == probe) or truthy(lambda: value == perturbed(other)):
+        probe = Sentinel()  # first a value like the one compared with: one that remembers what it meets first fails
+        if truthy(lambda: value == perturbed(other)) or truthy(lambda: value == probe):
             violate(f"a value of the program compares equal to anything ({op})")
         if truthy(lambda: value == other) == truthy(lambda: value != other):
             violate(f"a value of the program is both equal and unequal, or neither ({op})")
@@ -281,20 +329,19 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 violate(f"a value of the program orders inconsistently ({op})")
 
     def compare(left, op, right):
-        """The tests' comparisons (rewritten to call this): the comparison itself, and its operands checked."""
-        result = ops[op](left, right)
+        """The tests' comparisons (rewritten to call this): the operands checked, then the comparison itself."""
         if op in ("Is", "IsNot"):
-            return result
+            return ops[op](left, right)
         if op in ("In", "NotIn"):
             if not plain(right) and truthy(lambda: Sentinel() in right):
                 violate("a container of the program contains anything")
             if not plain(left):
                 check_honest(left, None, op)
-            return result
+            return ops[op](left, right)
         for value, other in ((left, right), (right, left)):
             if not plain(value):
                 check_honest(value, other, op)
-        return result
+        return ops[op](left, right)
 
     def compare_chain(left, *rest):
         """`a < b < c`: each link through `compare`, lazily, as Python does."""
@@ -349,13 +396,33 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
 
     def foreign(value, depth=0) -> bool:
         """A value of a class the program defined (a Python class the standard library did not hold before it
-        ran), or a container of one: its arithmetic and comparisons are the program's code."""
-        kind = type_(value)  # compared by identity: `in` would ask a metaclass of the program's `__eq__`
-        if any(kind is t for t in (list, tuple, set, frozenset)) and depth < 50:
-            return any(foreign(v, depth + 1) for v in value)
-        if kind is dict and depth < 50:
-            return any(foreign(k, depth + 1) or foreign(v, depth + 1) for k, v in value.items())
-        return bool_(flags_of(kind) & (1 << 9)) and id_(kind) not in known_types  # Py_TPFLAGS_HEAPTYPE
+        ran), or one holding such a value: in a container, or in the fields of a standard-library object
+        (a UserList's `data`, a Fraction's slots). Its arithmetic and comparisons are the program's code."""
+        kind = type_(value)  # the real class: `isinstance` would ask the value's own `__class__`
+        if depth >= 50:
+            return False
+        heap = flags_of(kind) & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a Python class
+        if heap and id_(kind) not in known_types:
+            return True
+        held = []  # what it holds, read through the built-in classes' own code (a subclass's is the program's)
+        for base in (list, tuple, set, frozenset, deque):
+            if issubclass_(kind, base):
+                held += list(base.__iter__(value))
+        if issubclass_(kind, dict):
+            held += [x for pair in dict.items(value) for x in pair]
+        if heap:  # a known class's fields: its slots and its instance dictionary
+            for cls in kind.__mro__:
+                slots = vars(cls).get("__slots__", ())
+                for name in ([slots] if isinstance_(slots, str) else slots):
+                    try:
+                        held.append(getattribute(value, name))
+                    except (AttributeError, TypeError):  # a slot never set
+                        pass
+            try:
+                held += list(getattribute(value, "__dict__").values())
+            except AttributeError:  # no instance dictionary
+                pass
+        return any(foreign(v, depth + 1) for v in held)
 
     def loosely_checked(fn):
         """A function of the program that tests without an entry point call by name: no value of its own class."""
@@ -365,6 +432,39 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 violate("a function of the program returned a value of a class it defined")
             return value
         return call
+
+    import io
+    import traceback
+    import unittest
+
+    real_unittest_main, unittest_case, unittest_suite = unittest.main, unittest.TestCase, unittest.TestSuite
+    load_cases, test_runner, text_stream = unittest.defaultTestLoader.loadTestsFromTestCase, unittest.TextTestRunner, \
+        io.StringIO
+    unittest_main = detached(lambda *args, **kwargs: None)
+    # Tracebacks' frames are refused: assertRaises clears its traceback's frames, a failure is reported with its
+    # formatted traceback. Under the tests the first is skipped, the second written without the traceback.
+    real_clear_frames, no_clear_frames = traceback.clear_frames, detached(lambda tb: None)
+
+    class Result(unittest.TextTestResult):
+        def _exc_info_to_string(self, err, test):
+            return f"{err[0].__name__}: {err[1]}"
+
+    detach_globals(Result)
+
+    def run_test_cases(cases) -> str | None:
+        """The tests' unittest TestCases (their own, not the program's), run here: unittest.main() would end the
+        tests with SystemExit, and with exit=False, or none at all, a failing test would end nothing."""
+        if not cases:
+            return None
+        suite = unittest_suite()
+        for case in cases:
+            suite.addTests(load_cases(case))
+        result = test_runner(stream=text_stream(), verbosity=0, resultclass=Result).run(suite)
+        if result.testsRun == 0:
+            return "the tests' TestCases hold no test"
+        if result.failures or result.errors:
+            return f"{len_(result.failures)} failure(s) and {len_(result.errors)} error(s) in the tests' TestCases"
+        return None
 
     # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
     try:
@@ -450,6 +550,11 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise ValueError(f"sandbox: {event} is not allowed")  # ValueError: what stdlib callers expect
         if event == "import" and args[0] in no_reimport:
             raise PermissionError(f"sandbox: importing {args[0]} anew is not allowed")
+        if event == "import" and (str(args[0]).rpartition(".")[2] in native_refused or (
+                args[1] is not None and not absolute(args[1]).startswith(native_folders))):
+            raise PermissionError(f"sandbox: loading the compiled module {args[0]} is not allowed")
+        if event == "sys.addaudithook":  # a hook of the program's would see the tests' code as it is run
+            raise PermissionError("sandbox: sys.addaudithook is not allowed")
         if event in ("os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "resource.prlimit"):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event.startswith(("socket.", "ctypes.", "sys.monitoring")) or event in ("os.unshare", "os.setns"):
@@ -522,16 +627,24 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             if entry_point not in program_ns:
                 return finish(f"failed: the program defines no {entry_point!r}")
             tests_ns[entry_point] = checked(program_ns[entry_point])
+        # The tests' TestCases are run below, whatever unittest.main would do; their namespace stays private (a
+        # module in sys.modules would hand the program the harness's functions the tests call).
+        unittest.main = unittest_main
+        traceback.clear_frames = no_clear_frames
         try:
             exec_(tests_code, tests_ns)
             if entry_point and "check" in tests_ns:  # HumanEval's form: def check(candidate)
                 tests_ns["check"](tests_ns[entry_point])
+            failed = run_test_cases([v for k, v in tests_ns.items() if isinstance_(v, type_) and
+                                     issubclass_(v, unittest_case) and v is not program_ns.get(k)])
         except BaseException as err:  # noqa: BLE001
             if violations:
                 return finish(f"failed: {violations[0]}")
             return finish(f"failed: {type_(err).__name__}{line_of(err)} in the tests")
-        if violations:
-            return finish(f"failed: {violations[0]}")
+        finally:
+            unittest.main, traceback.clear_frames = real_unittest_main, real_clear_frames
+        if violations or failed:
+            return finish(f"failed: {violations[0] if violations else failed}")
         changed = tampering()
         return finish(f"failed: {changed}" if changed else "passed")
 

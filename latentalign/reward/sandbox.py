@@ -11,9 +11,14 @@ Each program runs in its own process, started through a small bootstrap that, be
   included), changing another process's limits, sockets, ctypes, reading /proc, changing directory, opening a
   directory in a way that yields its descriptor (a `dir_fd` to write through; temporary files are still made),
   writing files outside its private temporary directory (paths resolved through symbolic links: /dev/fd/../.. is
-  /proc), making more than `max_files` files there (so the disk a program fills is bounded), and the ways to reach
-  another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and
-  profile hooks). So `traceback.format_exc()` and `asyncio.run` (signal handlers, a socket pair) fail inside.
+  /proc), making more than `max_files` files there (so the disk a program fills is bounded; `os.mkfifo` and
+  `os.mknod`, which raise no audit event, are removed), the ways to reach another frame or object
+  (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and profile hooks), audit hooks
+  of its own (one would see the tests' code), and compiled modules that reach past the hook (subinterpreters,
+  the interpreter's test modules) or that live outside the interpreter's own folders (a library it wrote). So
+  `traceback.format_exc()` and `asyncio.run` (signal handlers, a socket pair) fail inside; `doctest.testmod()`
+  and unittest TestCases work (the tests' TestCases are run by the harness, whatever `unittest.main` says;
+  unittest's own assertions compare as unittest does, without the checks below on the tests' `assert`s).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
@@ -28,22 +33,28 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   stopping its own process (signals are refused and the signal functions removed), closing or redirecting the
   verdict pipe;
 - forging the verdict: printing "passed", writing to the verdict pipe, reading the tests or the nonce from a
-  file, standard input, /proc/self/mem or another frame;
+  file, standard input, /proc/self/mem, another frame (a subinterpreter's included), or an audit hook;
 - values built to compare equal to anything: the function under test must return plain data (the
   interpreter's own types, exactly: no subclass of int or str with its own `__eq__`); and every comparison in
-  the tests is rewritten to one that checks a non-plain operand against private sentinels (equal to anything,
-  both equal and unequal, ordered against anything);
+  the tests is rewritten to one that first checks a non-plain operand against private values (a random variant
+  of the other operand, which it cannot tell from the tests' own, so a value that equals whatever it meets
+  first fails too; a sentinel: equal to anything, both equal and unequal, ordered against anything);
+- reaching the harness: the functions of its that a program can call (`exit`, its module finder) have a
+  namespace of their own, not the harness's, whose names the harness's functions look up;
 - replacing what the tests use: the tests see a private copy of the builtins (a program's `def abs` does not
   shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
   and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
   loaded module (`random.Random.randrange`) that the program changed fails the run;
 - tests without an entry point (MBPP's `assert add(2, 3) == 5`): the program's functions they call may not
-  return a value of a class the program defined (whose `__sub__` would say 0).
+  return a value of a class the program defined (whose `__sub__` would say 0), nor one holding such a value (in
+  a container, a UserList's data, a Fraction's slots).
 What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):
 - a program that special-cases the tests' inputs (hard-coded answers), or reads them from a function the tests
   pass it (a test-defined function hands its globals over);
 - changes made and undone while the tests run (a standard-library module patched and restored in between two
   of the checks), and modules the program imports first;
+- what `nobody` may read: programs running at the same time share that user (one can read what another wrote),
+  and the files of the installation (a dataset a package ships, with its answers);
 - bugs in CPython itself, and kernel-level escapes: for adversarial workloads at scale, run rewards in a
   container or microVM as well.
 """

@@ -53,6 +53,9 @@ HOSTILE = {
        "os.symlink('d/d/d/d/d/d', 'l')\nos.symlink('.', 'a/b/l')\n"
        f"fd = os.open('a/b', {flags})\n" "os.mkdir('l/../../../../../..{open_dir}/escaped', dir_fd=fd)\n"
        for flags in ("os.O_RDONLY", "os.O_RDONLY | os.O_APPEND", "os.O_RDWR | os.O_PATH")},
+    "a FIFO outside (mkfifo raises no audit event)": "import os\nos.mkfifo({open_dir!r} + '/escaped')\n",
+    "a node outside through posix.mknod": "import posix, stat\n"
+                                          "posix.mknod({open_dir!r} + '/escaped', stat.S_IFREG | 0o644)\n",
     "read /proc through /dev/fd": "print(open('/dev/fd/../../self/status').read())\n",
     "change another process's limits": "import resource\nprint(resource.prlimit(0, resource.RLIMIT_NOFILE))\n",
 }
@@ -142,6 +145,27 @@ def test_programs_can_make_temporary_files():
     assert run_program(unnamed.format(n=8), limits).passed
     result = run_program(unnamed.format(n=9), limits)
     assert not result.passed and "PermissionError" in result.verdict, result.verdict
+
+
+def test_doctest_and_unittest_as_programs_and_tests_write_them():
+    """`doctest.testmod()` under `if __name__ == '__main__'` (it sets the trace function back to None); tests as
+    unittest TestCases, with or without unittest.main(exit=...): the TestCases run, and decide."""
+    right = ('def add(a, b):\n    """\n    >>> add(2, 3)\n    5\n    """\n    if a < 0 and b < 0:\n'
+             '        raise ValueError("negative")\n    return a + b\n\nif __name__ == "__main__":\n'
+             '    import doctest\n    doctest.testmod()\n')
+    wrong = right.replace("return a + b", "return a - b")
+    cases = ("import unittest\nclass TestAdd(unittest.TestCase):\n    def test_sum(self):\n"
+             "        self.assertEqual(add(2, 3), 5)\n    def test_negative(self):\n"
+             "        with self.assertRaises(ValueError):\n            add(-1, -1)\n")
+    for main in ("", "unittest.main()\n", "unittest.main(argv=['tests'], exit=False)\n",
+                 "if __name__ == '__main__':\n    unittest.main()\n"):
+        result = run_program(right, LIMITS, tests=cases + main)
+        assert result.passed, (main, result.verdict)
+        result = run_program(wrong, LIMITS, tests=cases + main)
+        assert not result.passed and "1 failure(s) and 0 error(s) in the tests' TestCases" in result.verdict, main
+    assert not run_program(right, LIMITS, tests="import unittest\nclass TestNothing(unittest.TestCase):\n"
+                                                "    pass\n").passed  # a TestCase without a test decides nothing
+    assert not run_program("import sys\nsys.settrace(lambda *a: None)\n", LIMITS).passed
 
 
 def test_the_files_a_program_makes_are_bounded_in_number():
