@@ -286,10 +286,21 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     def random_below(n: int) -> int:  # os.urandom, bound now: nothing the program changes can predict it
         return int.from_bytes(urandom(8), "big") % n
 
-    def perturbed(value):
-        """A value of `value`'s type that differs from it by a random amount, for asking a value whether it equals
-        anything: it cannot tell such a question from the tests' own, which come after it."""
+    def perturbed(value, against=None):
+        """A value of `value`'s type that differs from it by a random amount, for asking a value (`against`)
+        whether it equals anything: it cannot tell such a question from the tests' own, which come after it.
+        Where `against` is a list, tuple or dict of the same shape, the elements changed are the ones facing its
+        values that are not plain data, so that those meet a changed value before the real one."""
         kind = type_(value)
+        if kind is type_(against) and kind in (list, tuple, dict) and len_(value) == len_(against):
+            keys = range(len_(value)) if kind is not dict else list(value)
+            if kind is not dict or all(k in against for k in keys):
+                facing = [k for k in keys if not plain(against[k])]
+                if facing:
+                    changed = {k: perturbed(value[k], against[k]) for k in facing}
+                    if kind is dict:
+                        return {**value, **changed}
+                    return kind(changed.get(i, v) for i, v in enumerate(value))
         if kind is bool:
             return not value
         if kind in (int, float, complex):
@@ -299,12 +310,14 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             at, extra = random_below(len_(value) + 1), letters[random_below(len_(letters))]
             return value[:at] + (kind((extra,)) if kind is bytes else extra) + value[at:]
         extra = 1 + random_below(1 << 40)
-        if kind in (list, tuple):
-            return value + kind((extra,))
+        if kind in (list, tuple):  # one element changed: a value of the program's inside is asked too
+            at = random_below(len_(value)) if value else 0
+            return value[:at] + kind((perturbed(value[at]) if value else extra,)) + value[at + 1:]
         if kind in (set, frozenset):
             return kind(value) | {-extra if extra in value else extra}
         if kind is dict:
-            return {**value, (extra, "\u2060"): 0}
+            key = list(value)[random_below(len_(value))] if value else (extra, "\u2060")
+            return {**value, key: perturbed(value[key]) if value else 0}
         return Sentinel()
 
     def truthy(thunk):
@@ -316,7 +329,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     def check_honest(value, other, op):
         """Raise a Violation when `value` (not plain data) compares the way it is asked, not by what it is."""
         probe = Sentinel()  # first a value like the one compared with: one that remembers what it meets first fails
-        if truthy(lambda: value == perturbed(other)) or truthy(lambda: value == probe):
+        if truthy(lambda: value == perturbed(other, value)) or truthy(lambda: value == probe):
             violate(f"a value of the program compares equal to anything ({op})")
         if truthy(lambda: value == other) == truthy(lambda: value != other):
             violate(f"a value of the program is both equal and unequal, or neither ({op})")

@@ -186,10 +186,12 @@ def test_a_value_that_remembers_its_first_comparison_fails_the_probes_before_it(
     tests = "assert Calc().add(2, 3) == 5\nassert Calc().add(-1, 1) == 0\nassert Calc().add(1, 2) != 4\n"
     right = "class Calc:\n    def add(self, a, b):\n        return a + b\n"
     assert run_program(right, LIMITS, tests=tests).passed
-    for answer in ("5", "'5'", "[5]"):
-        result = run_program(REMEMBERS + right.replace("a + b", "Remembers()"), LIMITS,
+    for answer, value in (("5", "Remembers()"), ("'5'", "Remembers()"), ("[5]", "Remembers()"),
+                          ("[1, 5]", "[1, Remembers()]"), ("[5, 1]", "[Remembers(), 1]"),
+                          ("{'sum': 5, 'n': 2}", "{'sum': Remembers(), 'n': 2}"), ("[[1, 5]]", "[[1, Remembers()]]")):
+        result = run_program(REMEMBERS + right.replace("a + b", value), LIMITS,
                              tests=tests.replace("5", answer).replace("0\n", answer + "\n"))
-        assert not result.passed and "compares equal to anything" in result.verdict, result.verdict
+        assert not result.passed and "compares equal to anything" in result.verdict, (answer, result.verdict)
 
 
 @pytest.mark.parametrize("name", ["_xxsubinterpreters", "_testinternalcapi", "_testcapi"])
