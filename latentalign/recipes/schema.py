@@ -263,6 +263,10 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
         values = kind.check(values, earlier, where)
     if kind.config is not None:
         values = _check_training(kind, values, init, seed, name, where, base_dir)
+    else:  # an eval stage's datasets
+        for key in ("dataset", "preference_dataset"):
+            if isinstance(values.get(key), str):
+                _check_dataset(values[key], f"{where}: {key}", base_dir)
     return Stage(name, kind_name, init, values)
 
 
