@@ -37,6 +37,8 @@ class TrainingStageConfig:
     dataset_columns: dict = field(default_factory=dict)  # rename columns to ours, e.g. {question: prompt}
     difficulty: dict = field(default_factory=dict)  # built-in data only: fields of data.arithmetic.Difficulty
     eval_dataset: str | None = None
+    # renames for eval_dataset; None: dataset_columns where eval_dataset is the same source as dataset, else none
+    eval_dataset_columns: dict | None = None
     eval_split: str = "test"
     eval_size: int = 300
     use_lora: bool = False

@@ -115,8 +115,11 @@ def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[li
                           seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
     eval_rows = None
     if cfg.eval_dataset:
+        columns = cfg.eval_dataset_columns
+        if columns is None:  # another source has its own columns: the training set's renames are not its
+            columns = cfg.dataset_columns if cfg.eval_dataset == cfg.dataset else {}
         eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
-                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
+                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=columns)
     return rows, fmt, eval_rows
 
 
