@@ -188,15 +188,23 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     #    `os.mkfifo` and `os.mknod` make files without an audit event, so anywhere `nobody` may write.
     import posix
 
+    #    POSIX shared memory (`_posixshmem.shm_open`) makes files in /dev/shm, again without one.
     nodes = ("mkfifo", "mknod")
     removed = {signal: signals, _signal: signals, _thread: ("start_new_thread", "start_new"),
                threading: ("_start_new_thread",), _posixsubprocess: ("fork_exec",), subprocess: ("_fork_exec",),
                os: nodes, posix: nodes}
+    try:
+        import _posixshmem
+
+        removed[_posixshmem] = ("shm_open", "shm_unlink")
+    except ImportError:
+        pass
     for module, names in removed.items():
         for name in names:
             if hasattr(module, name):
                 delattr(module, name)
-    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess", "posix"}
+    no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess", "posix",
+                   "_posixshmem"}
     # Compiled modules never loaded: subinterpreters run code that no audit hook of this one sees, and the test
     # modules reach the interpreter's internals. Any compiled module loads from the interpreter's own folders
     # only (not one the program wrote: a library of its own is native code beyond every check here).
@@ -248,9 +256,16 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     methods = [(v, {k: a for k, a in vars(v).items() if callable(a) or hasattr(a, "__get__")})
                for v in owners.values()]
     known_types = {id(v) for v in owners.values() if isinstance(v, type)}
+    # The Python functions among them (`random.Random.randint`), whose code the program could swap in place.
+    known_functions = {id(f) for f in [*(v for _, attrs in snapshot.values() for v in attrs.values()),
+                                       *(getattr(v, "__func__", v) for _, attrs in methods for v in attrs.values())]
+                       if isinstance(f, types.FunctionType)}
     flags_of = vars(type)["__flags__"].__get__  # not `cls.__flags__`, which a metaclass of the program can define
     exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
     urandom, getattribute, issubclass_ = os.urandom, object.__getattribute__, issubclass
+    import random
+
+    reseed = random.seed  # the module's generator's own method, bound before the program could replace it
     from collections import deque
     ops = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
            "GtE": operator.ge, "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
@@ -326,35 +341,51 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         except Exception:  # noqa: BLE001 -- an honest value may refuse the comparison
             return False
 
-    def check_honest(value, other, op):
-        """Raise a Violation when `value` (not plain data) compares the way it is asked, not by what it is."""
+    def check_honest(value, other, op) -> dict:
+        """Raise a Violation when `value` (not plain data) compares the way it is asked, not by what it is; else
+        its answers to the comparisons with `other`, asked now, which the tests' own must repeat."""
         probe = Sentinel()  # first a value like the one compared with: one that remembers what it meets first fails
         if truthy(lambda: value == perturbed(other, value)) or truthy(lambda: value == probe):
             violate(f"a value of the program compares equal to anything ({op})")
-        if truthy(lambda: value == other) == truthy(lambda: value != other):
+        answers = {"Eq": truthy(lambda: value == other), "NotEq": truthy(lambda: value != other)}
+        if answers["Eq"] == answers["NotEq"]:
             violate(f"a value of the program is both equal and unequal, or neither ({op})")
         if truthy(lambda: value < probe) or truthy(lambda: value > probe):
             violate(f"a value of the program orders against anything ({op})")
         if op in ("Lt", "LtE", "Gt", "GtE"):
-            lt, ge = truthy(lambda: value < other), truthy(lambda: value >= other)
-            gt, le = truthy(lambda: value > other), truthy(lambda: value <= other)
-            if lt == ge or gt == le:
+            answers.update(Lt=truthy(lambda: value < other), GtE=truthy(lambda: value >= other),
+                           Gt=truthy(lambda: value > other), LtE=truthy(lambda: value <= other))
+            if answers["Lt"] == answers["GtE"] or answers["Gt"] == answers["LtE"]:
                 violate(f"a value of the program orders inconsistently ({op})")
+        return answers
+
+    mirrored = {"Eq": "Eq", "NotEq": "NotEq", "Lt": "Gt", "LtE": "GtE", "Gt": "Lt", "GtE": "LtE"}
 
     def compare(left, op, right):
-        """The tests' comparisons (rewritten to call this): the operands checked, then the comparison itself."""
+        """The tests' comparisons (rewritten to call this): the operands checked, then the comparison itself,
+        whose answer must be the one the checks got (a value that changes its answers as it is asked fails)."""
         if op in ("Is", "IsNot"):
             return ops[op](left, right)
         if op in ("In", "NotIn"):
-            if not plain(right) and truthy(lambda: Sentinel() in right):
+            if type_(right) is not range and not foreign(right) and hasattr(type_(right), "__next__"):
+                right = list(right)  # a generator or map: read once, so that the checks do not use it up
+            if foreign(right) and truthy(lambda: Sentinel() in right):
                 violate("a container of the program contains anything")
+            if type_(right) in (list, tuple, set, frozenset, deque):
+                for element in right:
+                    if not plain(element):
+                        check_honest(element, left, op)
             if not plain(left):
                 check_honest(left, None, op)
             return ops[op](left, right)
-        for value, other in ((left, right), (right, left)):
+        expected = []
+        for value, other, name in ((left, right, op), (right, left, mirrored[op])):
             if not plain(value):
-                check_honest(value, other, op)
-        return ops[op](left, right)
+                expected.append(check_honest(value, other, op)[name])
+        result = ops[op](left, right)
+        if expected and any(e != truthy(lambda: result) for e in expected):
+            violate(f"a value of the program answered the tests otherwise than the checks before ({op})")
+        return result
 
     def compare_chain(left, *rest):
         """`a < b < c`: each link through `compare`, lazily, as Python does."""
@@ -378,6 +409,15 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                     links += [ast.Constant(o), ast.Lambda(ast.arguments([], [], None, [], [], None, []), c)]
                 call = ast.Call(ast.Name("__latentalign_compare_chain__", ast.Load()), [node.left, *links], [])
             return ast.copy_location(call, node)
+
+        def visit_Call(self, node):  # noqa: N802
+            self.generic_visit(node)
+            if type_(node.func) is ast.Name and node.func.id in frame_reading:
+                return node
+            return ast.copy_location(ast.Call(ast.Name("__latentalign_call__", ast.Load()), [node.func, *node.args],
+                                              node.keywords), node)
+
+    frame_reading = {"super", "globals", "locals", "vars", "dir", "eval", "exec", "breakpoint"}  # the caller's frame
 
     def checked(fn):
         """The function under test, returning plain data only."""
@@ -415,7 +455,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         if depth >= 50:
             return False
         heap = flags_of(kind) & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a Python class
-        if heap and id_(kind) not in known_types:
+        if (heap and id_(kind) not in known_types) or kind in proxies:  # a weak proxy: of what, unseen
             return True
         held = []  # what it holds, read through the built-in classes' own code (a subclass's is the program's)
         for base in (list, tuple, set, frozenset, deque):
@@ -450,34 +490,90 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     import traceback
     import unittest
 
-    real_unittest_main, unittest_case, unittest_suite = unittest.main, unittest.TestCase, unittest.TestSuite
-    load_cases, test_runner, text_stream = unittest.defaultTestLoader.loadTestsFromTestCase, unittest.TextTestRunner, \
-        io.StringIO
+    import functools
+    import weakref
+
+    real_unittest_main, unittest_case = unittest.main, unittest.TestCase
     unittest_main = detached(lambda *args, **kwargs: None)
-    # Tracebacks' frames are refused: assertRaises clears its traceback's frames, a failure is reported with its
-    # formatted traceback. Under the tests the first is skipped, the second written without the traceback.
+    # Tracebacks' frames are refused, and assertRaises clears its traceback's frames: not under the tests.
     real_clear_frames, no_clear_frames = traceback.clear_frames, detached(lambda tb: None)
+    proxies, partial = (weakref.ProxyType, weakref.CallableProxyType), functools.partial
+    c_callables = (types.BuiltinFunctionType, types.MethodWrapperType, types.WrapperDescriptorType,
+                   types.MethodDescriptorType, types.ClassMethodDescriptorType)
 
-    class Result(unittest.TextTestResult):
-        def _exc_info_to_string(self, err, test):
-            return f"{err[0].__name__}: {err[1]}"
+    def own(tests_ns, program_ns, name):
+        value = tests_ns.get(name)
+        return None if value is None or value is program_ns.get(name) else value
 
-    detach_globals(Result)
-
-    def run_test_cases(cases) -> str | None:
-        """The tests' unittest TestCases (their own, not the program's), run here: unittest.main() would end the
-        tests with SystemExit, and with exit=False, or none at all, a failing test would end nothing."""
+    def run_test_cases(tests_ns, program_ns) -> str | None:
+        """The tests' own unittest TestCases, run here, each test in its instance with setUp, tearDown and the
+        class and module fixtures: unittest.main() ends the tests with SystemExit, with exit=False a failing test
+        ends nothing, and its runner counts a SkipTest or its internal _ShouldStop raised by the program as a
+        pass. Any exception fails the run; a test the tests themselves skip (unittest.skip) is not run."""
+        cases = [v for k, v in tests_ns.items() if own(tests_ns, program_ns, k) is v and issubclass_(type_(v), type_)
+                 and issubclass_(v, unittest_case) and v is not unittest_case]
         if not cases:
             return None
-        suite = unittest_suite()
+        ran = 0
+        if setup := own(tests_ns, program_ns, "setUpModule"):
+            setup()
         for case in cases:
-            suite.addTests(load_cases(case))
-        result = test_runner(stream=text_stream(), verbosity=0, resultclass=Result).run(suite)
-        if result.testsRun == 0:
-            return "the tests' TestCases hold no test"
-        if result.failures or result.errors:
-            return f"{len_(result.failures)} failure(s) and {len_(result.errors)} error(s) in the tests' TestCases"
-        return None
+            if getattr(case, "__unittest_skip__", False):
+                continue
+            case.setUpClass()
+            for name in sorted(n for n in dir(case) if n.startswith("test") and callable(getattr(case, n))):
+                test = case(name)
+                method = getattr(test, name)
+                if getattr(method, "__unittest_skip__", False):
+                    continue
+                expected = getattr(method, "__unittest_expecting_failure__", False)
+                try:
+                    test.setUp()
+                    try:
+                        method()
+                    except Exception:  # noqa: BLE001 -- a failing test fails the run unless it is expected to
+                        if not expected:
+                            raise
+                    else:
+                        if expected:
+                            return f"{case.__name__}.{name} passed where the tests expect it to fail"
+                    finally:
+                        test.tearDown()
+                        test.doCleanups()
+                except Exception as err:  # noqa: BLE001 -- named: the test, and what it raised
+                    return f"{case.__name__}.{name}: {type_(err).__name__}"
+                ran += 1
+            case.tearDownClass()
+            case.doClassCleanups()
+        if teardown := own(tests_ns, program_ns, "tearDownModule"):
+            teardown()
+        return None if ran else "the tests' TestCases hold no test"
+
+    def program_callable(fn, depth=0) -> bool:
+        """Whether calling `fn` runs the program's code: a function whose code is not the tests', the prompt's or
+        the standard library's (loaded before the program), a method of one, a callable object of its class."""
+        kind = type_(fn)
+        if kind is types.FunctionType:
+            return id_(fn.__code__) not in trusted_code
+        if kind is types.MethodType:
+            return depth > 8 or program_callable(fn.__func__, depth + 1)
+        if kind is partial:
+            return depth > 8 or program_callable(fn.func, depth + 1)
+        if issubclass_(kind, c_callables) or issubclass_(kind, type_):
+            return False
+        return foreign(fn)
+
+    def call_checked(fn, *args, **kwargs):
+        """Every call in the tests (rewritten to call this). What a function, method or callable object of the
+        program hands the tests may not be a value of a class it defined, as for the functions tests call by
+        name (a LeetCode `Solution().method` included); a class of the program must make one of its own."""
+        value = fn(*args, **kwargs)
+        if issubclass_(type_(fn), type_):
+            if flags_of(fn) & (1 << 9) and id_(fn) not in known_types and not issubclass_(type_(value), fn):
+                violate(f"a class of the program made a value of another class ({type_(value).__name__})")
+        elif program_callable(fn) and foreign(value):
+            violate("a function of the program returned a value of a class it defined")
+        return value
 
     # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
     try:
@@ -487,6 +583,17 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     except SyntaxError as err:
         write(status_fd, nonce + f" error: the tests do not compile: {err}".encode())
         exit_now(1)
+    # Its methods see this harness's cells; the class stays reachable (ast.NodeTransformer.__subclasses__()).
+    del RewriteComparisons.visit_Compare, RewriteComparisons.visit_Call
+    trusted = [f.__code__ for f in (*(v for _, attrs in snapshot.values() for v in attrs.values()),
+                                    *(getattr(v, "__func__", v) for _, attrs in methods for v in attrs.values()))
+               if isinstance(f, types.FunctionType)]
+    pending = [tests_code] + ([prefix_code] if prefix_code is not None else [])
+    while pending:  # the tests' and the prompt's code, their functions' and classes' included
+        code = pending.pop()
+        trusted.append(code)
+        pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    trusted_code = {id(c) for c in trusted}  # `trusted` keeps each alive, so that no id is reused
     program_code = payload.pop("program")
     entry_point = payload.get("entry_point")
 
@@ -497,7 +604,11 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                     "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile"}
     frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
     path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-                   "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink"}
+                   "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.rename", "os.link", "os.symlink",
+                   "os.setxattr", "os.removexattr"}
+    # The code and defaults of a standard-library function, which the program could swap while the function stays
+    # the same object (the tampering check compares objects).
+    code_attrs = {"__code__", "__defaults__", "__kwdefaults__"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     o_tmpfile = getattr(os, "O_TMPFILE", 0)
     accmode, writable, o_path = os.O_ACCMODE, (os.O_WRONLY, os.O_RDWR), getattr(os, "O_PATH", 0)
@@ -568,6 +679,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise PermissionError(f"sandbox: loading the compiled module {args[0]} is not allowed")
         if event == "sys.addaudithook":  # a hook of the program's would see the tests' code as it is run
             raise PermissionError("sandbox: sys.addaudithook is not allowed")
+        if event == "object.__setattr__" and args[1] in code_attrs and id_(args[0]) in known_functions:
+            raise PermissionError(f"sandbox: setting {args[1]} of a {type_(args[0]).__name__} is not allowed")
+        if event.startswith("sqlite3."):  # SQLite writes its files itself (ATTACH, VACUUM INTO): no open event
+            raise PermissionError(f"sandbox: {event} is not allowed")
         if event in ("os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "resource.prlimit"):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event.startswith(("socket.", "ctypes.", "sys.monitoring")) or event in ("os.unshare", "os.setns"):
@@ -628,7 +743,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             tests_ns.update({k: loosely_checked(v) for k, v in tests_ns.items()
                              if callable(v) and not isinstance_(v, type)})
         tests_ns.update(__name__="__main__", __builtins__=dict(pristine), __latentalign_compare__=compare,
-                        __latentalign_compare_chain__=compare_chain)
+                        __latentalign_compare_chain__=compare_chain, __latentalign_call__=call_checked)
         if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them
             trusted = {"__name__": "__main__", "__builtins__": dict(pristine)}
             try:
@@ -644,12 +759,14 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         # module in sys.modules would hand the program the harness's functions the tests call).
         unittest.main = unittest_main
         traceback.clear_frames = no_clear_frames
+        reseed(int.from_bytes(urandom(16), "big"))  # the tests' random inputs: not the stream the program seeded
         try:
             exec_(tests_code, tests_ns)
+            if own(tests_ns, program_ns, "check") and not entry_point:
+                return finish("failed: the tests define check(candidate), but no entry point names the function")
             if entry_point and "check" in tests_ns:  # HumanEval's form: def check(candidate)
                 tests_ns["check"](tests_ns[entry_point])
-            failed = run_test_cases([v for k, v in tests_ns.items() if isinstance_(v, type_) and
-                                     issubclass_(v, unittest_case) and v is not program_ns.get(k)])
+            failed = run_test_cases(tests_ns, program_ns)
         except BaseException as err:  # noqa: BLE001
             if violations:
                 return finish(f"failed: {violations[0]}")

@@ -11,14 +11,16 @@ Each program runs in its own process, started through a small bootstrap that, be
   included), changing another process's limits, sockets, ctypes, reading /proc, changing directory, opening a
   directory in a way that yields its descriptor (a `dir_fd` to write through; temporary files are still made),
   writing files outside its private temporary directory (paths resolved through symbolic links: /dev/fd/../.. is
-  /proc), making more than `max_files` files there (so the disk a program fills is bounded; `os.mkfifo` and
-  `os.mknod`, which raise no audit event, are removed), the ways to reach another frame or object
-  (sys._getframe, tracebacks' and generators' frames, gc's object lists, trace and profile hooks), audit hooks
-  of its own (one would see the tests' code), and compiled modules that reach past the hook (subinterpreters,
-  the interpreter's test modules) or that live outside the interpreter's own folders (a library it wrote). So
-  `traceback.format_exc()` and `asyncio.run` (signal handlers, a socket pair) fail inside; `doctest.testmod()`
-  and unittest TestCases work (the tests' TestCases are run by the harness, whatever `unittest.main` says;
-  unittest's own assertions compare as unittest does, without the checks below on the tests' `assert`s).
+  /proc), making more than `max_files` files there (so the disk a program fills is bounded; `os.mkfifo`,
+  `os.mknod` and POSIX shared memory, which raise no audit event, are removed; SQLite, which writes its files
+  itself, is refused), the ways to reach another frame or object (sys._getframe, tracebacks' and generators'
+  frames, gc's object lists, trace and profile hooks), audit hooks of its own (one would see the tests' code),
+  swapping the code or defaults of a standard-library function, and compiled modules that reach past the hook
+  (subinterpreters, the interpreter's test modules) or that live outside the interpreter's own folders (a
+  library it wrote). So `traceback.format_exc()`, `asyncio.run` (signal handlers, a socket pair) and sqlite3
+  fail inside; `doctest.testmod()` and unittest TestCases work (the harness runs the tests' own TestCases, any
+  exception or SkipTest a failure, whatever `unittest.main` says; unittest's assertions compare as unittest
+  does, without the checks below on the tests' `assert`s and calls).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
 locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
@@ -38,16 +40,21 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   interpreter's own types, exactly: no subclass of int or str with its own `__eq__`); and every comparison in
   the tests is rewritten to one that first checks a non-plain operand against private values (a random variant
   of the other operand, which it cannot tell from the tests' own, so a value that equals whatever it meets
-  first fails too; a sentinel: equal to anything, both equal and unequal, ordered against anything);
+  first fails too; a sentinel: equal to anything, both equal and unequal, ordered against anything), and then
+  requires the tests' comparison to give the answer the checks got;
 - reaching the harness: the functions of its that a program can call (`exit`, its module finder) have a
   namespace of their own, not the harness's, whose names the harness's functions look up;
 - replacing what the tests use: the tests see a private copy of the builtins (a program's `def abs` does not
   shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
   and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
   loaded module (`random.Random.randrange`) that the program changed fails the run;
-- tests without an entry point (MBPP's `assert add(2, 3) == 5`): the program's functions they call may not
-  return a value of a class the program defined (whose `__sub__` would say 0), nor one holding such a value (in
-  a container, a UserList's data, a Fraction's slots).
+- what the program hands the tests through a call, whatever the tests' style (MBPP's `assert add(2, 3) == 5`,
+  LeetCode's `Solution().twoSum(...)`, a closure it returned): every call in the tests is rewritten to one that
+  checks what a function, method or callable object of the program returns. It may not be a value of a class
+  the program defined (whose `__sub__` would say 0), nor one holding such a value (in a container, a UserList's
+  data, a Fraction's slots, behind a weak proxy); a class of the program called must make its own instance;
+- the tests' random inputs: the random module is seeded afresh before the tests, whatever the program seeded;
+- tests in HumanEval's form (`def check(candidate)`) without an entry point fail, rather than pass unrun.
 What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):
 - a program that special-cases the tests' inputs (hard-coded answers), or reads them from a function the tests
   pass it (a test-defined function hands its globals over);

@@ -181,17 +181,50 @@ def test_a_value_of_the_program_s_class_held_by_a_standard_library_object_is_ref
 
 
 def test_a_value_that_remembers_its_first_comparison_fails_the_probes_before_it():
-    """Tests that call a method (LeetCode's `Solution().twoSum(...)`) compare what it returns as it is: the
-    probes of the value come before the tests' own comparison, with values it cannot tell from the real one."""
-    tests = "assert Calc().add(2, 3) == 5\nassert Calc().add(-1, 1) == 0\nassert Calc().add(1, 2) != 4\n"
-    right = "class Calc:\n    def add(self, a, b):\n        return a + b\n"
+    """A value of the program's class that the tests build themselves reaches their comparisons: the probes of it
+    come first, with values it cannot tell from the real one, and the real answer must be the probes' answer."""
+    honest = ("class Sum:\n    def __init__(self, a, b):\n        self.v = a + b\n"
+              "    def __eq__(self, other):\n        return self.v == other\n    __hash__ = None\n")
+    hack = REMEMBERS + "class Sum(Remembers):\n    def __init__(self, a, b):\n        pass\n"
+    for compared, answer in (("Sum(2, 3)", "5"), ("Sum(2, 3)", "'5'"), ("[1, Sum(2, 3)]", "[1, 5]"),
+                             ("[Sum(2, 3), 1]", "[5, 1]"), ("{'sum': Sum(2, 3), 'n': 2}", "{'sum': 5, 'n': 2}"),
+                             ("[[1, Sum(2, 3)]]", "[[1, 5]]")):
+        tests = f"assert {compared} == {answer}\nassert {answer} == {compared}\n"
+        if answer != "'5'":
+            assert run_program(honest, LIMITS, tests=tests).passed, tests
+        result = run_program(hack, LIMITS, tests=tests)
+        assert not result.passed and "compares equal to anything" in result.verdict, (tests, result.verdict)
+    # one that answers honestly until it is asked how it orders, then says equal: the answers differ
+    flips = ("class Sum:\n    final = False\n    def __init__(self, a, b):\n        pass\n"
+             "    def __eq__(self, other):\n        return self.final\n"
+             "    def __ne__(self, other):\n        return True\n"
+             "    def __lt__(self, other):\n        self.final = True\n        return NotImplemented\n"
+             "    __gt__ = __lt__\n    __hash__ = None\n")
+    result = run_program(flips, LIMITS, tests="assert Sum(2, 3) == 5\n")
+    assert not result.passed and "otherwise than the checks before" in result.verdict, result.verdict
+
+
+def test_what_a_method_of_the_program_returns_is_checked_as_a_function_s_value():
+    """LeetCode's form, `Solution().twoSum(...)`, and values handed back through a closure, a class whose __new__
+    makes something else, or a weak proxy: no value of a class the program defined reaches the tests."""
+    sub_zero = "class Z:\n    __sub__ = lambda self, other: 0\n    __abs__ = lambda self: 0\n"
+    tests = "assert abs(Solution().add(2, 3) - 5) < 1e-6\nassert abs(Solution().add(-1, 1)) < 1e-6\n"
+    right = "class Solution:\n    def add(self, a, b):\n        return a + b\n"
     assert run_program(right, LIMITS, tests=tests).passed
-    for answer, value in (("5", "Remembers()"), ("'5'", "Remembers()"), ("[5]", "Remembers()"),
-                          ("[1, 5]", "[1, Remembers()]"), ("[5, 1]", "[Remembers(), 1]"),
-                          ("{'sum': 5, 'n': 2}", "{'sum': Remembers(), 'n': 2}"), ("[[1, 5]]", "[[1, Remembers()]]")):
-        result = run_program(REMEMBERS + right.replace("a + b", value), LIMITS,
-                             tests=tests.replace("5", answer).replace("0\n", answer + "\n"))
-        assert not result.passed and "compares equal to anything" in result.verdict, (answer, result.verdict)
+    hacks = {"a method": right.replace("a + b", "Z()"),
+             "a closure": "def adder(a):\n    return lambda b: Z()\nclass Solution:\n    def add(self, a, b):\n"
+                          "        return adder(a)(b)\n",
+             "a weak proxy": "import weakref\nkeep = []\nclass Solution:\n    def add(self, a, b):\n"
+                             "        keep.append(Z())\n        return weakref.proxy(keep[-1])\n"}
+    for name, hack in hacks.items():
+        result = run_program(sub_zero + hack, LIMITS, tests=tests)
+        assert not result.passed and "returned a value of a class it defined" in result.verdict, (name, result.verdict)
+    closure_tests = "assert abs(adder(2)(3) - 5) < 1e-6\n"
+    result = run_program(sub_zero + "def adder(a):\n    return lambda b: Z()\n", LIMITS, tests=closure_tests)
+    assert not result.passed and "returned a value of a class it defined" in result.verdict, result.verdict
+    made = sub_zero + "class add:\n    def __new__(cls, a, b):\n        return Z()\n"
+    result = run_program(made, LIMITS, tests=BY_NAME_TESTS)
+    assert not result.passed and "a class of the program made a value of another class" in result.verdict
 
 
 @pytest.mark.parametrize("name", ["_xxsubinterpreters", "_testinternalcapi", "_testcapi"])

@@ -56,6 +56,12 @@ HOSTILE = {
     "a FIFO outside (mkfifo raises no audit event)": "import os\nos.mkfifo({open_dir!r} + '/escaped')\n",
     "a node outside through posix.mknod": "import posix, stat\n"
                                           "posix.mknod({open_dir!r} + '/escaped', stat.S_IFREG | 0o644)\n",
+    # SQLite opens its files itself, without an open event: ATTACH or VACUUM INTO writes anywhere
+    "a database attached outside": "import sqlite3\nc = sqlite3.connect(':memory:')\n"
+                                   "c.execute(\"ATTACH DATABASE '{open_dir}/escaped.db' AS o\")\n"
+                                   "c.execute('CREATE TABLE o.t (x)')\nc.commit()\n",
+    "POSIX shared memory": "import _posixshmem\n_posixshmem.shm_open('/latentalign-escaped', 0o102)\n",
+    "an extended attribute outside": "import os\nos.setxattr({open_dir!r}, 'user.x', b'1')\n",
     "read /proc through /dev/fd": "print(open('/dev/fd/../../self/status').read())\n",
     "change another process's limits": "import resource\nprint(resource.prlimit(0, resource.RLIMIT_NOFILE))\n",
 }
@@ -128,7 +134,7 @@ def test_programs_can_import_the_standard_library():
             "assert ET.fromstring('<a><b/></a>')[0].tag == 'b' and urllib.parse.urlparse('http://x/y').path == '/y'\n"
             "assert bz2.decompress(bz2.compress(b'ab')) == b'ab' and pathlib.Path('x.txt').suffix == '.txt'\n"
             "assert str(ipaddress.ip_address('10.0.0.1')) == '10.0.0.1' and uuid.UUID(int=1).int == 1\n"
-            "assert tempfile.mkdtemp(dir='.') and sqlite3.connect(':memory:').execute('select 1').fetchone() == (1,)\n")
+            "assert tempfile.mkdtemp(dir='.') and sqlite3.sqlite_version\n")
     result = run_program(code, LIMITS)
     assert result.passed, result.verdict + result.stderr[-500:]
 
@@ -162,7 +168,7 @@ def test_doctest_and_unittest_as_programs_and_tests_write_them():
         result = run_program(right, LIMITS, tests=cases + main)
         assert result.passed, (main, result.verdict)
         result = run_program(wrong, LIMITS, tests=cases + main)
-        assert not result.passed and "1 failure(s) and 0 error(s) in the tests' TestCases" in result.verdict, main
+        assert not result.passed and result.verdict.startswith("failed: TestAdd.test_sum: AssertionError"), main
     assert not run_program(right, LIMITS, tests="import unittest\nclass TestNothing(unittest.TestCase):\n"
                                                 "    pass\n").passed  # a TestCase without a test decides nothing
     assert not run_program("import sys\nsys.settrace(lambda *a: None)\n", LIMITS).passed
