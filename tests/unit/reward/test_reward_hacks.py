@@ -240,8 +240,24 @@ def test_functions_called_by_name_may_return_the_interpreter_s_own_objects():
     entry point may take them."""
     program = ("def evens(n):\n    return (i for i in range(0, n, 2))\n"
                "def odds(n):\n    return map(lambda i: 2 * i + 1, range(n))\n")
-    tests = "assert list(evens(5)) == [0, 2, 4]\nassert list(odds(2)) == [1, 3]\n"
-    assert run_program(program, LIMITS, tests=tests).passed
+    tests = ("assert list(evens(5)) == [0, 2, 4]\nassert list(odds(2)) == [1, 3]\nassert 4 in evens(10)\n"
+             "assert 7 not in odds(3)\nassert 10 ** 8 in upto(10 ** 9)\n")
+    result = run_program(program + "def upto(n):\n    return range(n)\n", LIMITS, tests=tests)
+    assert result.passed, result.verdict  # `in` reads a generator once, and asks a range as it is
+
+
+def test_the_tests_random_inputs_are_not_the_stream_the_program_seeded():
+    replay = ("import random\nrandom.seed(1)\n"
+              "expected = [random.randint(1, 9) + random.randint(1, 9) for _ in range(5)]\n"
+              "random.seed(1)\ndef add(a, b):\n    return expected.pop(0)\n")
+    result = run_program(replay, LIMITS, tests=RANDOM_TESTS, entry_point="add")
+    assert not result.passed, result.verdict
+    assert run_program(RIGHT, LIMITS, tests=RANDOM_TESTS, entry_point="add").passed
+
+
+def test_humaneval_tests_without_an_entry_point_fail_rather_than_pass_unrun():
+    result = run_program(WRONG, LIMITS, tests=TESTS)
+    assert not result.passed and "no entry point names the function" in result.verdict
 
 
 def test_every_hack_class_comes_in_two_spellings_or_more():
