@@ -25,12 +25,17 @@ thing everywhere:
   intervals, expressions) goes to math-verify. Plain numbers never reach math-verify: it costs tens of
   milliseconds a call, and a GRPO step scores hundreds of completions. A unit is a word ("apples", "km/h") or a
   unit's letter ("3 m"), not a variable or a constant ("2x", "3i", "2e"). Where the reference is a plain number,
-  an answer with arithmetic, logic or a list between its numbers ("37 * 48", "12 - 5", "3 \\vee 4", "3, 4") is
-  wrong: the number is asked for, not the question's working copied (math-verify would evaluate it) or a hedge.
+  an answer with arithmetic, logic or a list between its numbers ("37 * 48", "12 - 5", "3 \\vee 4", "3, 4",
+  "5 or 6?", "70–75", two lines) is wrong: the number is asked for, not the question's working copied
+  (math-verify would evaluate it) or a hedge; so is a bound or an estimate ("\\geq 72", "≈ 72", "at most 72")
+  and an equation of two different numbers ("72 = 73", whose right side math-verify would take). Two numbers
+  are equal when they round to the same 6 decimals and differ by at most a millionth of either (1e-7 is not 0).
 
 math-verify's own timeouts use `signal.alarm`, which works in the main thread only; elsewhere (a reward under
 `guarded(..., timeout_s=...)` runs in a worker thread) they are switched off and the caller's timeout does the
-job, as TRL's accuracy reward does. An error of the verifier itself (its timeout included, a BaseException) is
+job, as TRL's accuracy reward does; so that it has little to do there, answers of prose (more than
+`MAX_VERIFIED_WORDS` words), longer than `MAX_VERIFIED_CHARS`, or holding a sum of symbols to a high power are
+compared as strings instead. An error of the verifier itself (its timeout included, a BaseException) is
 counted in `VERIFIER.failures` by type and logged once per type; the comparison then falls back to comparing the
 normalised strings. An answer whose value could not be computed in a lifetime (`9^{9^{9^{9}}}`, `(10!)!`) is
 wrong without asking math-verify (`too_large` in the counts): Python computes a power in one call that holds the
@@ -46,16 +51,19 @@ import threading
 from collections import Counter
 from fractions import Fraction
 
-from .sizes import MAX_ANSWER_DIGITS, MAX_EXPONENT, too_large_to_evaluate
+from .sizes import MAX_ANSWER_DIGITS, MAX_EXPONENT, MAX_SYMBOLIC_EXPONENT, expands_too_far, too_large_to_evaluate
 
 log = logging.getLogger(__name__)
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####[ \t]*([^\sA-Za-z][^\n]*)")  # GSM8K's "#### 72", not a markdown heading "#### Step 1"
-_ANSWER_IS = re.compile(r"answer[ \t]*(?:is|:)[ \t]*:?\s*([^\n]+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer[ \t]*(?:is|:)[ \t]*:?\s*(?=[^\s])", re.IGNORECASE)  # where its answer starts
 # A number starts where no digit precedes it (after its sign): a scan of a long run of digits tries it once.
-_NUM = r"[-+\u2212]?(?<!\d)(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?|[-+\u2212]?(?<!\d)\.\d+%?"
+# A thousands-separated one not right after a comma either: in "1,000,000,...,00" a match tried from every comma
+# would run to the end of the run and back (quadratic: 65 s for 100 KB).
+_NUM = (r"[-+\u2212]?(?<!\d)(?:(?<!,)\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?"
+        r"|[-+\u2212]?(?<!\d)\.\d+%?")
 _TOKEN = (rf"-?\\[dt]?frac\s*\{{\s*-?\d+\s*\}}\s*\{{\s*\d+\s*\}}|-?\\[dt]?frac\d\d"
           rf"|(?:{_NUM})(?:\s*/\s*\d+(?![\d,]))?(?![\d,])")
 _LAST_NUMBER = re.compile(_TOKEN)
@@ -91,8 +99,12 @@ def _clip_sentence(span: str) -> str:
     return _reasoned_number(span) or _EQUALS.split(span)[-1].strip()  # "3 - 5 = -2": -2
 
 
-# A number and then the reasons for it: "7, since 3 + 4 = 7", "7 (from 3 + 4)", "7 because ...".
-_REASONED = re.compile(rf"\$?\s*({_LISTED}(?:\s*/\s*\d+(?!\d))?)\s*(?:,(?!\s*[-+\u2212]?\.?\d)|\(|;|\s(?:since|because|as|which|so"
+# A number, maybe its unit, and then the reasons for it: "7, since 3 + 4 = 7", "7 (from 3 + 4)", "7 because ...",
+# "72 apples (8 boxes of 9)"; not a hedge: "5 (or 6)".
+_HEDGE_WORD = r"(?:or|and|to|maybe|perhaps|possibly|either|vs|versus)\b"
+_NOT_HEDGE = rf"(?!{_HEDGE_WORD}|(?:since|because|as|which|so|from|by|for|after|given|when|with)\b)"
+_REASONED = re.compile(rf"\$?\s*({_LISTED}(?:\s*/\s*\d+(?!\d))?)(?:\s+{_NOT_HEDGE}[a-zA-Z]+)?\s*"
+                       rf"(?:,(?!\s*[-+\u2212]?\.?\d)|\((?!\s*{_HEDGE_WORD})|;|\s(?:since|because|as|which|so"
                        rf"|from|by|for|after|given|when|with)\b)")
 
 
@@ -162,9 +174,12 @@ def _untagged_answer(text: str, numbers: bool = True) -> str | None:
     hashes = _HASHES.findall(text)
     if hashes:
         return hashes[-1].strip()
-    found = _ANSWER_IS.findall(text)
-    if found:
-        span = _clip_sentence(found[-1].replace("$", " "))
+    last = None
+    for last in _ANSWER_IS.finditer(text):  # the last one: "Final Answer: The final answer is 42." says 42
+        pass
+    if last is not None:
+        line = text[last.end():text.find("\n", last.end()) % (len(text) + 1)]
+        span = _clip_sentence(line.replace("\\$", " ").replace("$", " "))
         if span:
             return span
     last = None
@@ -173,10 +188,14 @@ def _untagged_answer(text: str, numbers: bool = True) -> str | None:
     if last is None:
         return None
     found = [last.group()]
-    while hedged := _HEDGED_NUMBER.search(text, max(0, last.start() - 200), last.start()):  # "3, 4, or 5"
+    while len(found) <= MAX_LISTED and (hedged := _HEDGED_NUMBER.search(text, max(0, last.start() - 200),
+                                                                        last.start())):  # "3, 4, or 5"
         found.insert(0, hedged.group(1))
         last = hedged
     return ", ".join(found)
+
+
+MAX_LISTED = 20  # numbers listed before the last one read as its candidates: past this many, a hedge all the same
 
 
 def reference_answer(reference) -> str:
@@ -255,7 +274,9 @@ def parse_number(text: str) -> tuple[Fraction, bool] | None:
 
 
 def _same(a: Fraction, b: Fraction) -> bool:
-    return a == b or round(a, 6) == round(b, 6)
+    """Equal, or equal to 6 decimals (as math-verify rounds) and within a millionth of each other relatively: 1e-7
+    is not 0, nor 2e-7 1e-7."""
+    return a == b or (round(a, 6) == round(b, 6) and abs(a - b) <= max(abs(a), abs(b)) / 1_000_000)
 
 
 def numbers_match(answer: tuple[Fraction, bool], reference: tuple[Fraction, bool]) -> bool:
@@ -299,6 +320,10 @@ class Verifier:
             self.record_failure("too_long", f"math-verify not asked about an answer of {len(answer)} characters "
                                 f"(at most {MAX_VERIFIED_CHARS}); compared as a string")
             return None
+        if len(_PROSE.findall(_TEXT.sub(" ", answer))) > MAX_VERIFIED_WORDS > len(_PROSE.findall(reference)):
+            self.record_failure("prose", f"math-verify not asked about an answer of prose, {answer[:80]!r}; "
+                                "compared as a string")
+            return None
 
         try:
             gold = parse(f"${reference}$", parsing_timeout=parse_timeout, raise_on_error=True)
@@ -310,6 +335,10 @@ class Verifier:
                 self.record_failure("too_large", f"math-verify not asked about {answer!r}: {huge} has more than "
                                     f"{MAX_ANSWER_DIGITS} digits or an exponent over {MAX_EXPONENT}; scored wrong")
                 return False
+            if any(expands_too_far(g) for g in (*gold, *guess)):
+                self.record_failure("expansion", f"math-verify not asked about {answer!r} vs {reference!r}: a sum "
+                                    f"of symbols to a power over {MAX_SYMBOLIC_EXPONENT}; compared as a string")
+                return None
             return bool(verify(gold, guess, timeout_seconds=verify_timeout, raise_on_error=True))
         except (Exception, TimeoutException) as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
             self.record_failure(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
@@ -326,15 +355,30 @@ class Verifier:
 
 VERIFIER = Verifier()
 
-MAX_VERIFIED_CHARS = 2_000  # "The answer is" 5,000 times took 5.8 s to parse (timed out) in the main thread
+# "The answer is" 5,000 times took 5.8 s to parse (timed out) in the main thread, 900 nested parentheses 25 s in a
+# worker thread (no timeout there); no reference answer is this long.
+MAX_VERIFIED_CHARS = 500
+MAX_VERIFIED_WORDS = 2  # words of prose: "5 apples bananas ... !" parsed as products of symbols, 7 s
 
 
 _WORD = re.compile(r"[A-Za-z]{2,}")
 # Between two numbers of an answer to a plain number: arithmetic, logic, relations, a list or a line break.
-_WORKED = re.compile(r"[\d)}]\s*(?:[-+*/×÷,;|]|\\(?:times|cdot|div|pm|mp|vee|wedge|lor|land|mid|to|Rightarrow"
-                     r"|rightarrow|implies|iff|sim|cup|cap|\\|quad|qquad)(?![a-zA-Z]))\s*[-+(\\{\d]")
+_WORKED = re.compile(r"[\d)}][ \t]*(?:\n\s*|(?:[-+*/×÷,;|&~–—]|\\(?:times|cdot|div|pm|mp|vee|wedge|lor|land|mid"
+                     r"|to|Rightarrow|rightarrow|implies|iff|sim|cup|cap|\\|quad|qquad|hspace|hfill|dots|ldots|cdots"
+                     r"|text)(?![a-zA-Z])|\\[&,;:! ]|\(?\b(?:or|and|to|vs|versus|maybe|perhaps|possibly|either)\b)\s*)"
+                     r"[-+(\\{\d]")
+# A relation where a number is asked for: "\geq 72", "≈ 72", "at most 72"; and "72 = 73", two numbers said equal.
+_RELATION = re.compile(r"^\s*(?:[<>≤≥≈~∼≠…]|\.\.\.|\\(?:geq?|leq?|gt|lt|approx|sim|simeq|neq?|ne|[lc]?dots)"
+                       r"(?![a-zA-Z])|(?:at\s+(?:least|most)|about|around|approximately|roughly|nearly|almost|over"
+                       r"|under)\b)")
 _SCIENTIFIC = re.compile(r"(?:\\times|\\cdot|×|\*)\s*10\s*\^")  # 1.2 \times 10^3 is a number
 _CONSTANTS = {"pi", "inf", "infty", "infinity", "oo", "nan"}  # words math-verify equates with symbols
+
+
+def _unequal_equation(answer: str) -> bool:
+    """"72 = 73": numbers on both sides of an equation that differ (math-verify would take the right side)."""
+    sides = [parse_number(side) for side in _EQUALS.split(answer)] if _EQUALS.search(answer) else []
+    return len(sides) > 1 and None not in sides and len({side[0] for side in sides}) > 1
 
 
 def _normalised(text: str) -> str:
@@ -351,8 +395,9 @@ def answers_match(answer: str | None, reference) -> bool:
     a, b = parse_number(answer), parse_number(reference)
     if a is not None and b is not None:
         return numbers_match(a, b)
-    if b is not None and _WORKED.search(_SCIENTIFIC.sub(" ", answer)):
-        return False  # "37 * 48", "3 \\vee 4", "3, 4": a number is asked for, not the question's working or a list
+    if b is not None and (_WORKED.search(_SCIENTIFIC.sub(" ", answer)) or _RELATION.match(answer)
+                          or _unequal_equation(answer)):
+        return False  # "37 * 48", "3 \\vee 4", "3, 4", "≥ 72": a number is asked for, not working, a list or a bound
     if _WORD.fullmatch(answer) and _WORD.fullmatch(reference) and not {answer.lower(), reference.lower()} & _CONSTANTS:
         return answer.lower() == reference.lower()  # yes/no, true/false, names: sympy reads True as a boolean
     verdict = VERIFIER(answer, reference)
@@ -362,6 +407,8 @@ def answers_match(answer: str | None, reference) -> bool:
 def has_reference(reference) -> bool:
     """Whether a row's reference answer is one: None or empty is not (reasoning-gym's rows for tasks only their
     verifier can judge hold ""), and no answer equals it."""
+    if isinstance(reference, float) and reference != reference:  # NaN: pandas' missing value
+        return False
     return reference is not None and bool(str(reference).strip())
 
 

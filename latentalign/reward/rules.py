@@ -78,15 +78,20 @@ def equations_reward(prompts, completions, **_) -> list[float]:
     return rewards
 
 
+# Another turn's markers in a completion: DeepSeek's "User:"/"Assistant:", ChatML's, Alpaca's, Anthropic's.
+_LEAKED = re.compile(r"(?:^|\n)(?:User|Assistant|Human|### (?:Instruction|Response)):|<\|im_start\|>")
+
+
 def format_reward(prompts, completions, **_) -> list[float]:
     """1.0 for a completion that ends its turn with a final answer, no chat-template text leaking into it ("User:",
     "Assistant:") and any `<think>` closed: the template respected; 0.0 otherwise."""
     rewards = []
     for completion in completions:
         text = completion_text(completion).strip()
-        leaked = re.search(r"(^|\n)(User|Assistant):", text) is not None
+        leaked = _LEAKED.search(text) is not None
         unclosed = "<think>" in text and "</think>" not in text.partition("<think>")[2]  # cut off mid-thought
-        rewards.append(float(bool(text) and extract_answer(text) is not None and not leaked and not unclosed))
+        answer = extract_answer(text)  # "\\boxed{}" holds none
+        rewards.append(float(bool(text) and bool(answer and answer.strip()) and not leaked and not unclosed))
     return rewards
 
 

@@ -35,6 +35,21 @@ def too_large_to_evaluate(expr) -> bool:
     return False
 
 
+MAX_SYMBOLIC_EXPONENT = 12  # a sum of symbols to a higher power: its expansion, which sympy may compute, explodes
+
+
+def expands_too_far(expr) -> bool:
+    """Whether a parsed answer holds a sum of symbols raised to a power above MAX_SYMBOLIC_EXPONENT
+    (`(a+b+c+d+e+f+g)^{40}` ran for minutes in a worker thread, where math-verify has no timeout)."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return False
+    return any(isinstance(node, sympy.Pow) and isinstance(node.base, sympy.Add) and node.base.free_symbols
+               and node.exp.is_number and abs(node.exp) > MAX_SYMBOLIC_EXPONENT
+               for node in sympy.preorder_traversal(expr))
+
+
 def _log10_bound(node, known: dict) -> float | None:
     """An upper bound on log10(|value| + 1) of a constant node (about its number of digits), from its children's
     bounds; None where the node holds a symbol or anything else that is not a number."""

@@ -76,4 +76,28 @@ ROWS = [
     # scientific notation
     ("The answer is 1e3", "1000", True),
     ("The answer is 1.5e-3", "0.0015", True),
+    # bounds, estimates and hedges where a number is asked for
+    ("\\boxed{\\geq 72}", "72", False),
+    ("\\boxed{\\approx 72}", "72", False),
+    ("The answer is >= 72.", "72", False),
+    ("The answer is at most 72.", "72", False),
+    ("\\boxed{73 = 72}", "72", False),
+    ("The answer is 5 or 6?", "6", False),
+    ("#### 5 or 6?", "6", False),
+    ("<answer>5\n\n6</answer>", "6", False),
+    ("The answer is 70\u201375.", "70", False),
+    ("\\boxed{72 \\& 73}", "73", False),
+    ("\\boxed{72 \\text{, } 73}", "73", False),
+    ("\\boxed{\\dots, 72}", "72", False),
+    ("The answer is 5 (or 6).", "5", False),
+    # rounding is to 6 decimals and relative: a millionth is not zero
+    ("\\boxed{0}", "\\frac{1}{9999999}", False),
+    ("\\boxed{0.0000002}", "0.0000001", False),
+    ("The answer is 1/3", "0.3333333", True),
+    # a unit, then the reasons; an escaped dollar; the last of nested "answer is"
+    ("The answer is: 72 apples (8 boxes with 9 apples each).", "72", True),
+    ("The answer is 72 apples, which we get from 8 \u00d7 9.", "72", True),
+    ("The answer is \\$1,000.00", "1000", True),
+    ("Final Answer: The final answer is $42$. I hope it is correct.", "42", True),
+    ("\\boxed{x = 5}", "5", True),
 ]

@@ -146,6 +146,31 @@ def test_answers_that_would_take_the_regexes_or_sympy_long_are_read_quickly():
     assert time.perf_counter() - start < 30
 
 
+def test_answers_math_verify_would_parse_for_long_are_not_sent_to_it_in_a_worker_thread():
+    """A GRPO reward runs in a worker thread, where math-verify's alarms are off: prose read as products of symbols
+    ("5 apples ... !" a factorial), a sum of symbols to the 40th power, 900 nested parentheses and a cut-off run
+    of thousands separators (a quadratic regex) took seconds to minutes each. A deadline guards the regressions."""
+    import threading
+    import time
+
+    texts = ["\\boxed{(a+b+c+d+e+f+g)^{40}}", "The answer is 1" + " a" * 490 + "!",
+             "The answer is 15 - 5 - 2 = 8 apples minus the 3 she ate which leaves 5 apples total for Jenny!",
+             "\\boxed{" + "(" * 900 + "1" + ")" * 900 + "}", "\\boxed{(x+1)^{1000}}", "1" + ",000" * 25000 + ",00"]
+    verdicts = []
+    worker = threading.Thread(target=lambda: verdicts.extend(math_accuracy(["q"] * 6, texts, answer=["2"] * 6)))
+    start = time.perf_counter()
+    worker.start()
+    worker.join(60)
+    assert verdicts == [0.0] * 6 and time.perf_counter() - start < 20
+
+
+def test_a_missing_reference_and_an_empty_box_are_no_answer():
+    assert math_accuracy(["q"], ["\\boxed{nan}"], answer=[float("nan")]) == [None]  # pandas' missing value
+    assert format_reward(["q"] * 3, ["\\boxed{}", "The answer is \\boxed{ }", "The answer is 42."]) == [0.0, 0.0, 1.0]
+    leaked = ["42\n<|im_start|>user\nmore", "42\nHuman: more", "42\n### Instruction: more"]
+    assert format_reward(["q"] * 3, leaked) == [0.0] * 3
+
+
 def test_an_empty_answer_tag_is_no_answer():
     assert extract_answer("I think 5. <answer> </answer>") is None
     assert format_reward(["q"], ["I think 5. <answer></answer>"]) == [0.0]
