@@ -45,15 +45,10 @@ than `MAX_TERMS` terms (or unbounded ones), which sympy may add up term by term.
 
 from __future__ import annotations
 
-import logging
 import re
-import threading
-from collections import Counter
 from fractions import Fraction
 
-from .sizes import MAX_ANSWER_DIGITS, MAX_EXPONENT, MAX_SYMBOLIC_EXPONENT, expands_too_far, too_large_to_evaluate
-
-log = logging.getLogger(__name__)
+from .verifier import MAX_VERIFIED_CHARS, VERIFIER, Verifier  # noqa: F401 -- where callers find them
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
@@ -290,77 +285,6 @@ def numbers_match(answer: tuple[Fraction, bool], reference: tuple[Fraction, bool
     return False
 
 
-# ---- math-verify ----------------------------------------------------------------------------------------------
-
-
-class Verifier:
-    """math-verify, callable from any thread, with its failures counted instead of swallowed."""
-
-    def __init__(self):
-        self.failures: Counter = Counter()
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, answer: str, reference: str) -> bool | None:
-        """True/False from math-verify, None when it is missing or failed (counted and logged)."""
-        try:
-            from math_verify import parse, verify
-            from math_verify.errors import TimeoutException  # a BaseException: `except Exception` lets it through
-        except ImportError:
-            self.record_failure("ImportError", "math-verify is not installed; LaTeX answers are compared as strings")
-            return None
-        main = threading.current_thread() is threading.main_thread()
-        parse_timeout, verify_timeout = (5, 5) if main else (None, None)
-        if not main:
-            for name in ("math_verify.parser", "math_verify.grader"):
-                logging.getLogger(name).setLevel(logging.ERROR)  # "timeout is disabled", said on every call
-        with self._lock:
-            self.calls += 1
-        if len(answer) > MAX_VERIFIED_CHARS:  # parsing grows faster than the text; no reference answer is this long
-            self.record_failure("too_long", f"math-verify not asked about an answer of {len(answer)} characters "
-                                f"(at most {MAX_VERIFIED_CHARS}); compared as a string")
-            return None
-        if len(_PROSE.findall(_TEXT.sub(" ", answer))) > MAX_VERIFIED_WORDS > len(_PROSE.findall(reference)):
-            self.record_failure("prose", f"math-verify not asked about an answer of prose, {answer[:80]!r}; "
-                                "compared as a string")
-            return None
-
-        try:
-            gold = parse(f"${reference}$", parsing_timeout=parse_timeout, raise_on_error=True)
-            guess = parse(f"${answer}$", parsing_timeout=parse_timeout, raise_on_error=True)
-            if not gold or not guess:
-                return False
-            huge = next((g for g in guess if too_large_to_evaluate(g)), None)
-            if huge is not None:  # sympy would compute it for hours, holding the GIL (no timeout stops that)
-                self.record_failure("too_large", f"math-verify not asked about {answer!r}: {huge} has more than "
-                                    f"{MAX_ANSWER_DIGITS} digits or an exponent over {MAX_EXPONENT}; scored wrong")
-                return False
-            if any(expands_too_far(g) for g in (*gold, *guess)):
-                self.record_failure("expansion", f"math-verify not asked about {answer!r} vs {reference!r}: a sum "
-                                    f"of symbols to a power over {MAX_SYMBOLIC_EXPONENT}; compared as a string")
-                return None
-            return bool(verify(gold, guess, timeout_seconds=verify_timeout, raise_on_error=True))
-        except (Exception, TimeoutException) as err:  # noqa: BLE001 -- counted and logged, then the caller falls back
-            self.record_failure(type(err).__name__, f"math-verify failed on {answer!r} vs {reference!r}: {err}")
-            return None
-
-    def record_failure(self, kind: str, message: str) -> None:
-        """Count a failure of a verifier by kind, logging the first of each kind (reasoning-gym's count here too)."""
-        with self._lock:
-            self.failures[kind] += 1
-            first = self.failures[kind] == 1
-        if first:
-            log.warning("%s (counted in latentalign.reward.answers.VERIFIER.failures; logged once per kind)", message)
-
-
-VERIFIER = Verifier()
-
-# "The answer is" 5,000 times took 5.8 s to parse (timed out) in the main thread, 900 nested parentheses 25 s in a
-# worker thread (no timeout there); no reference answer is this long.
-MAX_VERIFIED_CHARS = 500
-MAX_VERIFIED_WORDS = 2  # words of prose: "5 apples bananas ... !" parsed as products of symbols, 7 s
-
-
 _WORD = re.compile(r"[A-Za-z]{2,}")
 # Between two numbers of an answer to a plain number: arithmetic, logic, relations, a list or a line break.
 _WORKED = re.compile(r"[\d)}][ \t]*(?:\n\s*|(?:[-+*/×÷,;|&~–—]|\\(?:times|cdot|div|pm|mp|vee|wedge|lor|land|mid"
@@ -379,6 +303,9 @@ def _unequal_equation(answer: str) -> bool:
     """"72 = 73": numbers on both sides of an equation that differ (math-verify would take the right side)."""
     sides = [parse_number(side) for side in _EQUALS.split(answer)] if _EQUALS.search(answer) else []
     return len(sides) > 1 and None not in sides and len({side[0] for side in sides}) > 1
+
+
+MAX_VERIFIED_WORDS = 2  # words of prose: "5 apples bananas ... !" parsed as products of symbols, 7 s
 
 
 def _normalised(text: str) -> str:
@@ -400,7 +327,12 @@ def answers_match(answer: str | None, reference) -> bool:
         return False  # "37 * 48", "3 \\vee 4", "3, 4", "≥ 72": a number is asked for, not working, a list or a bound
     if _WORD.fullmatch(answer) and _WORD.fullmatch(reference) and not {answer.lower(), reference.lower()} & _CONSTANTS:
         return answer.lower() == reference.lower()  # yes/no, true/false, names: sympy reads True as a boolean
-    verdict = VERIFIER(answer, reference)
+    if len(_PROSE.findall(_TEXT.sub(" ", answer))) > MAX_VERIFIED_WORDS > len(_PROSE.findall(reference)):
+        VERIFIER.record_failure("prose", f"math-verify not asked about an answer of prose, {answer[:80]!r}; "
+                                "compared as a string")
+        verdict = None
+    else:
+        verdict = VERIFIER(answer, reference)
     return _normalised(answer) == _normalised(reference) if verdict is None else verdict
 
 

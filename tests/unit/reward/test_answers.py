@@ -10,6 +10,7 @@ import pytest
 from answer_table import ROWS
 from latentalign.reward import answers, get_reward
 from latentalign.reward.answers import answers_match, final_answer, is_correct, majority_answer, reference_answer
+from latentalign.reward.sizes import too_large_to_evaluate
 
 COMPLETIONS = [c for c, _, _ in ROWS]
 REFERENCES = [r for _, r, _ in ROWS]
@@ -58,7 +59,7 @@ def test_a_failing_verifier_is_counted_and_logged(monkeypatch, caplog):
 
     monkeypatch.setattr(math_verify, "parse", broken)
     monkeypatch.setattr(answers, "VERIFIER", answers.Verifier())
-    with caplog.at_level(logging.WARNING, logger="latentalign.reward.answers"):
+    with caplog.at_level(logging.WARNING, logger="latentalign.reward.verifier"):
         assert answers_match("\\sqrt{4}", "\\sqrt{4}")  # the fallback: the same string
         assert not answers_match("\\sqrt{4}", "2")  # the verifier is needed here and it failed
     assert answers.VERIFIER.failures == {"RuntimeError": 2}
@@ -94,7 +95,7 @@ TOWERS = ["9^{9^{9^{9}}}", "2^{2^{40}}", "(10!)!", "(x+1)^{10^{9}}", "\\boxed{10
 def test_an_answer_too_large_to_compute_is_found_without_computing_it(answer):
     from math_verify import parse
 
-    assert any(answers.too_large_to_evaluate(g) for g in parse(f"${answer}$"))
+    assert any(too_large_to_evaluate(g) for g in parse(f"${answer}$"))
 
 
 def test_an_answer_too_large_to_compute_is_wrong_in_any_thread():
@@ -120,7 +121,7 @@ def test_an_answer_too_large_to_compute_is_wrong_in_any_thread():
 def test_large_but_computable_answers_are_still_compared(answer, reference):
     from math_verify import parse
 
-    assert not any(answers.too_large_to_evaluate(g) for g in parse(f"${answer}$"))
+    assert not any(too_large_to_evaluate(g) for g in parse(f"${answer}$"))
     assert answers_match(answer, reference)
 
 
