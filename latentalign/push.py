@@ -40,11 +40,21 @@ def resolve_model_dir(source) -> tuple[Path, dict | None]:
     source = Path(source)
     manifest_path = source / "manifest.json"
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        final = manifest.get("final_model")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise PushError(f"{manifest_path}: not a run's manifest ({err}).") from None
+        final = manifest.get("final_model") if isinstance(manifest, dict) else None
         if not final:
             raise PushError(f"{source}: the run has no finished chat model yet; run it to the end first.")
-        return Path(final), manifest
+        # The runner wrote the path as seen from where it ran ("runs/x/sft/model"): the model is that path's place
+        # inside the run folder, wherever the folder is now and wherever push runs (a copy of it included).
+        try:
+            inside = Path(final).relative_to(manifest.get("run_dir") or "")
+        except ValueError:
+            raise PushError(f"{source}: the manifest's final model {final} is not inside its run folder "
+                            f"{manifest.get('run_dir')}.") from None
+        return source / inside, manifest
     if not (source / "config.json").is_file():
         raise PushError(f"{source}: neither a run folder (manifest.json) nor a model directory (config.json).")
     return source, None
@@ -162,7 +172,9 @@ def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: 
     model_dir, manifest = resolve_model_dir(source)
     if eval_table is None and manifest:
         eval_table = manifest.get("eval_table")
-    out_dir = Path(out_dir) if out_dir else (Path(source) / "export" if manifest else Path(f"{model_dir}-export"))
+    out_dir = Path(out_dir) if out_dir else (Path(source) / "export" if manifest
+                                             else Path(f"{model_dir.resolve()}-export"))  # "." -> "<dir>-export"
+    _check_out_dir(out_dir, model_dir)
     result = export_chat_model(model_dir, out_dir, repo_id=repo_id, manifest=manifest, eval_table=eval_table)
     result["repo_id"] = repo_id
     if dry_run:
@@ -171,6 +183,23 @@ def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: 
     result["url"] = upload(out_dir, repo_id, private=private)
     result["uploaded"] = True
     return result
+
+
+def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
+    """The export's folder is uploaded whole: not the model's own folder (its config would be rewritten), not a
+    file, and not a folder of other things (an earlier export, which holds a config.json, is written over)."""
+    out, source = out_dir.resolve(), Path(model_dir).resolve()
+    if out == source or source in out.parents:
+        raise PushError(f"{out_dir}: the export would be written into the model's own folder {model_dir}; name "
+                        f"another --out-dir.")
+    if out.exists() and not out.is_dir():
+        raise PushError(f"{out_dir}: a file, not a folder for the export.")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise PushError(f"{out_dir}: holds other files, and everything in it would be uploaded; name an empty or "
+                        f"new --out-dir.")
+    if out.is_dir() and any(p.is_dir() for p in out.iterdir()):
+        raise PushError(f"{out_dir}: holds folders, which would be uploaded with the export; name an empty or new "
+                        f"--out-dir.")
 
 
 PUSH_KEYS = frozenset({"repo_id", "private", "dry_run", "check"})

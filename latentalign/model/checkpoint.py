@@ -87,15 +87,21 @@ def read_config(path, **overrides) -> LatentAlignConfig:
     if local is None:
         from huggingface_hub import hf_hub_download
 
-        config_file = Path(hf_hub_download(str(path), "config.json"))
+        try:
+            config_file = Path(hf_hub_download(str(path), "config.json"))
+        except Exception as err:  # noqa: BLE001 -- the hub's errors are many: offline, not found, gated, a bad id
+            raise CheckpointError(f"{path}: no such model directory here, and not a model the hub gives "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from None
     else:
         config_file = local / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{local}: missing config.json; this is not a saved model directory.")
     try:
         raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err}).") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object of config fields, got a {type(raw).__name__}.")
     model_type = raw.get("model_type")
     if model_type not in (MODEL_TYPE, *NATIVE_MODEL_TYPES):
         raise CheckpointError(
@@ -271,10 +277,10 @@ def export_native(model, out_dir, *, safe_serialization: bool = True) -> Path:
     if not isinstance(model, LatentAlignForCausalLM):
         raise TypeError(f"export_native expects a LatentAlignForCausalLM (or a PEFT wrapper of one), got "
                         f"{type(model).__name__}.")
+    config = native_config_dict(model.config)  # first: a config transformers' classes cannot hold writes nothing
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=safe_serialization)
-    config = native_config_dict(model.config)
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

@@ -150,6 +150,37 @@ def test_push_rejects_bad_sources_and_repo_ids(model_dirs, tmp_path):
     assert result.exit_code == 2 and "neither a run folder" in result.output
 
 
+def test_a_run_folder_resolves_to_its_own_final_model_wherever_it_is(tmp_path):
+    """The manifest holds the model's path as seen from where the run ran ("runs/mini/sft/model"): a copy of the
+    folder, or push run from elsewhere, must export the copy's model, not the one that path names from here."""
+    from latentalign.push import PushError, resolve_model_dir
+
+    copy = tmp_path / "elsewhere" / "mini-copy"
+    copy.mkdir(parents=True)
+    (copy / "manifest.json").write_text(json.dumps({"run_dir": "runs/mini", "final_model": "runs/mini/sft/model"}))
+    assert resolve_model_dir(copy)[0] == copy / "sft" / "model"
+    (copy / "manifest.json").write_text(json.dumps({"run_dir": "runs/mini", "final_model": "runs/other/sft/model"}))
+    with pytest.raises(PushError, match="is not inside its run folder"):
+        resolve_model_dir(copy)
+    (copy / "manifest.json").write_text("{bad")
+    with pytest.raises(PushError, match="manifest.json: not a run's manifest"):
+        resolve_model_dir(copy)
+
+
+def test_push_refuses_an_export_folder_that_would_upload_or_overwrite_other_things(model_dirs, tmp_path):
+    lm, _ = model_dirs
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "secret.txt").write_text("x")
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((other, "holds other files, and everything in it would be uploaded"),
+                         (tmp_path / "a_file", "a file, not a folder for the export"),
+                         (lm, "would be written into the model's own folder")):
+        result = invoke("push", lm, "--repo-id", "org/x", "--dry-run", "--out-dir", out)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert sorted(p.name for p in other.iterdir()) == ["secret.txt"]
+
+
 def test_eval_cli_scores_reasoning_gym_with_its_verifier(model_dirs, tmp_path):
     pytest.importorskip("reasoning_gym")
     lm, _ = model_dirs

@@ -128,6 +128,16 @@ def test_export_writes_original_expert_names(tmp_path):
     assert not any(k.endswith("experts.gate_up_proj") for k in keys)
 
 
+def test_an_export_transformers_cannot_hold_writes_nothing(tmp_path):
+    """DeepSeek-V2's softmax routing with normalised top-k weights has no field in transformers' deepseek_v2: the
+    refusal comes before a file is written (it came after the weights, leaving a half export)."""
+    ours = latentalign.load_model(_saved(tmp_path))
+    ours.config.norm_topk_prob = True
+    with pytest.raises(CheckpointError, match="cannot export norm_topk_prob=True"):
+        latentalign.export_native(ours, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 def _saved(tmp_path):
     native_model().save_pretrained(tmp_path / "native")
     return tmp_path / "native"
@@ -149,6 +159,17 @@ def test_unknown_config_key():
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         latentalign.load_model(tmp_path / "nope")
+
+
+def test_a_path_that_reads_as_a_hub_id_and_a_config_that_is_not_an_object(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(CheckpointError, match="sft/modle: no such model directory here, and not a model the hub"):
+        latentalign.load_model("sft/modle")  # a typo: offline (tests), or not found on the hub, one error
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object of config fields, got a list"):
+        latentalign.load_model(tmp_path / "listed")
 
 
 def test_missing_config(tmp_path):
