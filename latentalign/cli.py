@@ -113,6 +113,14 @@ def _load_chat_model(model_dir: Path):
     return model.eval(), tokenizer
 
 
+def _check_decoding(model, max_new_tokens: int, temperature: float) -> None:
+    """A temperature a softmax survives (1e-45: NaN), no more new tokens than positions (a random model ran on)."""
+    if temperature and not 1e-3 <= temperature < float("inf"):
+        _fail(f"--temperature must be 0 (greedy) or a finite number >= 0.001, got {temperature}.")
+    if max_new_tokens > (limit := getattr(model.config, "max_position_embeddings", None) or float("inf")):
+        _fail(f"--max-new-tokens {max_new_tokens} is more than the model's {limit} positions.")
+
+
 @command()
 def chat(
     model_dir: Path = typer.Argument(..., help="A model directory (a stage's model/ or an export)."),
@@ -125,6 +133,7 @@ def chat(
     from latentalign.eval.accuracy import generate_completions
 
     model, tokenizer = _load_chat_model(model_dir)
+    _check_decoding(model, max_new_tokens, temperature)
     messages = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> str:
@@ -227,6 +236,7 @@ def generate(
         _fail(str(err))
     _check_output(output)
     model, tokenizer = _load_chat_model(model_dir)
+    _check_decoding(model, max_new_tokens, temperature)
     completions = generate_completions(model, tokenizer, items, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, do_sample=temperature > 0,
                                        temperature=temperature or 1.0)
@@ -292,6 +302,7 @@ def eval_model(
                                    "reasoning_gym@K, kv_cache, decode_speed, lm_eval:TASK."),
     dataset: str = typer.Option("arithmetic-rl", help="prompt + answer rows for accuracy, maj@K and reasoning_gym "
                                                       "(reasoning_gym:TASK or a mix)."),
+    preference_dataset: str = typer.Option("arithmetic-preference", help="chosen/rejected pairs for pairwise."),
     size: int = typer.Option(300, help="Rows to score."),
     seed: int = typer.Option(None, help="Order of the held-out rows, and the samples of maj@K and reasoning_gym@K "
                                         "[default: 0]."),
@@ -315,8 +326,13 @@ def eval_model(
         renames = {old.strip(): new.strip() for old, _, new in pairs}
         if any(not (old.strip() and eq and new.strip()) for old, eq, new in pairs) or len(renames) != len(pairs):
             raise EvalError(f"--columns takes OLD=NEW once per column (e.g. question=prompt), got {columns}.")
+        if dataset != "arithmetic-rl" and not {"accuracy", "maj", "reasoning_gym"} & {t.strip().partition("@")[0]
+                                                                                     for t in tasks.split(",")}:
+            raise EvalError(f"--dataset is read by accuracy, maj@K and reasoning_gym, none of which --tasks names "
+                            f"({tasks}); pairwise reads --preference-dataset.")
         given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, columns=renames or None)
-        opts = EvalOptions(dataset=dataset, size=size, humaneval_limit=humaneval_limit,
+        opts = EvalOptions(dataset=dataset, preference_dataset=preference_dataset, size=size,
+                           humaneval_limit=humaneval_limit,
                            **{k: v for k, v in given.items() if v is not None})  # else EvalOptions' defaults
         metrics = evaluate(model_dir, tasks, opts)
     except _run_errors() as err:

@@ -157,15 +157,18 @@ def _conversations(n: int, seed: int, d: Difficulty, held_out: bool):
     """
     rng = random.Random(seed)
     seen: set[str] = set()
-    made = attempts = 0
+    made = attempts = since_new = 0
     while made < n:
         attempts += 1
-        if attempts > 200 * n + 10_000:
-            raise ValueError(f"Could not draw {n} distinct held-out questions at {d}; ask for fewer rows "
-                             f"or raise add_max / mul_max.")
+        since_new += 1
+        # past the space's distinct questions, a draw finds none new: stop once 100,000 in a row found none
+        if attempts > 200 * n + 10_000 or (held_out and since_new > 100_000):
+            raise ValueError(f"Could not draw {n} distinct held-out questions at {d} (found {made}); ask for fewer "
+                             f"rows or raise add_max / mul_max.")
         question, answer, problem = _question(rng, d)
         if is_held_out(problem) != held_out or (held_out and question in seen):
             continue
+        since_new = 0
         seen.add(question)
         made += 1
         messages = []

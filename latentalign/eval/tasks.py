@@ -55,7 +55,12 @@ def is_reward_model(model_dir) -> bool:
     if not config.is_file():
         return False
     heads = {LatentAlignForSequenceClassification.__name__, "DeepseekV2ForSequenceClassification"}
-    return bool(heads & set(json.loads(config.read_text()).get("architectures") or []))
+    try:
+        fields = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):  # loading the model says what is wrong with it
+        return False
+    architectures = fields.get("architectures") if isinstance(fields, dict) else None
+    return bool(heads & set(architectures if isinstance(architectures, list) else []))
 
 
 def _rows(opts: EvalOptions, source: str, formats):

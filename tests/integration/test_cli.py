@@ -108,6 +108,14 @@ def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(model), "--prompts", str(tmp_path / "p.txt"),
                                       "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output
+    # more new tokens than the model has positions (a random model never stops), a temperature no softmax survives
+    for command, option, value, message in (("generate", "--max-new-tokens", "100000", "more than the model's"),
+                                            ("chat", "--max-new-tokens", "100000", "more than the model's"),
+                                            ("generate", "--temperature", "1e-45", "a finite number >= 0.001"),
+                                            ("chat", "--temperature", "inf", "a finite number >= 0.001")):
+        given = ["--prompts", str(tmp_path / "p.txt")] if command == "generate" else ["--prompt", "hi"]
+        result = CliRunner().invoke(app, [command, str(model), *given, option, value])
+        assert result.exit_code == 2 and message in result.output, (command, option, result.output)
 
     # An --output that cannot be written is refused before the model loads; one beside a model that does not
     # load leaves no folder behind.

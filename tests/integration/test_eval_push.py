@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -104,6 +105,14 @@ def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
                                  (lm, ",", "no tasks given; choose from accuracy, maj@K,")]:
         result = invoke("eval", model, "--tasks", task)
         assert result.exit_code == 2 and message in result.output, result.output
+    # pairwise reads its own pairs: --preference-dataset, and a --dataset nothing reads is an error, not ignored
+    pairs = Path(model_dirs[0]).parent / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "chosen": f" {i + 1}", "rejected": f" {i + 2}"})
+                             + "\n" for i in range(6)))
+    result = invoke("eval", rm, "--tasks", "pairwise", "--preference-dataset", pairs, "--size", "6")
+    assert result.exit_code == 0 and "pairwise" in result.output, result.output
+    result = invoke("eval", rm, "--tasks", "pairwise", "--dataset", pairs)
+    assert result.exit_code == 2 and "pairwise reads --preference-dataset" in result.output, result.output
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-evaluation-harness is installed")

@@ -349,6 +349,18 @@ def test_a_misspelt_local_path_that_reads_as_a_hub_id_says_so(tmp_path, monkeypa
     assert "misspelt" not in str(err.value)
 
 
+def test_asking_for_more_held_out_questions_than_there_are_fails_soon():
+    """Past the space's distinct questions no draw is new: 100,000 draws in a row without one end it (the bound
+    was 200 draws a row asked for: days for `eval --size 1000000000`)."""
+    import time
+
+    small = arithmetic.Difficulty(add_max=9, mul_max=2, word_problems=False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="Could not draw 10000000 distinct held-out questions"):
+        arithmetic.sft_rows(10_000_000, held_out=True, difficulty=small)
+    assert time.perf_counter() - start < 60
+
+
 def test_one_hub_id_rule():
     from latentalign.hub_id import is_hub_id
 
