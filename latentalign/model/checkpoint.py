@@ -152,6 +152,27 @@ def _skipped_mtp_layers(unexpected: list[str], config: LatentAlignConfig) -> lis
     return sorted(i for i in found if i >= config.num_hidden_layers)
 
 
+def _check_unexpected(path, unexpected: list[str], past_last: list[int], config, cls) -> None:
+    """Weights the model has no place for are an error, not dropped: layers past the config's last beyond its
+    multi-token-prediction modules (num_hidden_layers too small), and anything else, except the LM head a reward
+    model with another pooling does not read and old checkpoints' rotary buffers."""
+    allowed = range(config.num_hidden_layers, config.num_hidden_layers + (config.num_nextn_predict_layers or 0))
+    extra = [i for i in past_last if i not in allowed]
+    if extra:
+        raise CheckpointError(f"{path}: holds decoder layers {extra} past the config's {config.num_hidden_layers} "
+                              f"(and {config.num_nextn_predict_layers or 0} multi-token-prediction ones); is "
+                              f"num_hidden_layers in config.json right?")
+    reward = cls.__name__.endswith("SequenceClassification")
+    stray = [k for k in unexpected if not re.match(r"(?:model\.)?layers\.\d+\.", k) and not k.endswith("inv_freq")
+             and not (reward and k == "lm_head.weight")]
+    stray += [k for k in unexpected if re.match(r"(?:model\.)?layers\.(\d+)\.", k)
+              and int(re.match(r"(?:model\.)?layers\.(\d+)\.", k).group(1)) < config.num_hidden_layers
+              and not k.endswith("inv_freq")]
+    if stray:
+        raise CheckpointError(f"{path}: holds weights the model has no place for: {sorted(stray)[:5]}"
+                              f"{' ...' if len(stray) > 5 else ''}; is it another architecture's checkpoint?")
+
+
 def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     local = local_checkpoint_dir(path)
     if local is not None and not any((local / f).is_file() for f in WEIGHT_FILES):
@@ -170,6 +191,7 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
         raise CheckpointError(f"{path}: holds FP8 block scales (`weight_scale_inv`) but its config.json declares no "
                               f"quantisation; dequantise the weights to bf16 before loading.")
     mtp = _skipped_mtp_layers(unexpected, config)
+    _check_unexpected(path, unexpected, mtp, config, cls)
     if mtp:
         log.info("%s: skipped layers %s, the multi-token-prediction modules (num_nextn_predict_layers=%s); "
                  "post-training uses the %d decoder layers only.", path, mtp, config.num_nextn_predict_layers,

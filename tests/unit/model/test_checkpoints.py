@@ -117,6 +117,22 @@ def test_original_hub_format_loads(tmp_path):
     torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)  # two implementations
 
 
+def test_weights_the_model_has_no_place_for_are_an_error(tmp_path):
+    """A DeepSeek-V2 checkpoint with a layer more than its config says (no multi-token-prediction modules there),
+    or with a tensor of another architecture, loaded silently without it (transformers only logs)."""
+    reference = native_model()
+    state = write_original_format(reference, tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"holds decoder layers \[1, 2\] past the config.s 1"):
+        latentalign.load_model(tmp_path / "hub")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(4)}, tmp_path / "hub" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="holds weights the model has no place for.*q_proj.bias"):
+        latentalign.load_model(tmp_path / "hub")
+
+
 def test_export_writes_original_expert_names(tmp_path):
     ours = latentalign.load_model(_saved(tmp_path))
     out = latentalign.export_native(ours, tmp_path / "export")
