@@ -103,11 +103,11 @@ def rl(config: Path = CONFIG, overrides: list[str] = OVERRIDES):
 
 def _load_chat_model(model_dir: Path):
     from latentalign.model import load_model
-    from latentalign.training import load_tokenizer
+    from latentalign.training.model_dir import check_fits, load_tokenizer
 
     try:
         model = load_model(model_dir)
-        tokenizer = load_tokenizer(str(model_dir))
+        check_fits(model, tokenizer := load_tokenizer(str(model_dir)), model_dir)
     except _user_errors() as err:
         _fail(str(err))
     return model.eval(), tokenizer

@@ -120,6 +120,13 @@ class LatentAlignConfig(DeepseekV2Config):
                 raise ValueError(f"{key}={value!r} is not supported; it must be a positive integer"
                                  + (" or None" if key == "q_lora_rank" else "") + ".")
         rope = getattr(self, "rope_parameters", None)
+        kind = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if kind != "default":
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if kind not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported; it must be one of "
+                                 f"{sorted(ROPE_INIT_FUNCTIONS)} (or none).")
         for key in ("routed_scaling_factor", "rms_norm_eps", "rope_theta"):
             value = getattr(self, key, None)
             if value is None and key == "rope_theta" and isinstance(rope, dict):  # transformers 5 keeps it there

@@ -12,6 +12,22 @@ from ..model.checkpoint import CheckpointError
 from .config import ConfigError
 
 
+def check_fits(model, tokenizer, where) -> None:
+    """A tokenizer the model can take: no token id past its embedding (an IndexError mid-generation), and a chat
+    template that renders a conversation (a broken one failed in jinja, as a traceback)."""
+    from ..model.checkpoint import CheckpointError
+
+    if len(tokenizer) > model.config.vocab_size:
+        raise CheckpointError(f"{where}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                              f"vocab_size {model.config.vocab_size}; they are not each other's.")
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1?"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 -- jinja's errors, and a template's own raise_exception
+        raise CheckpointError(f"{where}: its chat template does not render a conversation "
+                              f"({type(err).__name__}: {err}).") from None
+
+
 def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
     """The tokenizer named by `tokenizer_spec` ("builtin" or a path/hub id), else the checkpoint's own, else
     the embedded one for presets."""

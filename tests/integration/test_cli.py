@@ -72,6 +72,32 @@ def _chat_model(path):
     return path
 
 
+def test_a_tokenizer_the_model_cannot_take_is_one_error(tmp_path):
+    """A chat template that does not render, and more tokens than the model's embedding: a jinja traceback and an
+    IndexError mid-generation before."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from latentalign.cli import app
+
+    model = _chat_model(tmp_path / "model")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "chat_template.jinja").write_text("{% for message in %}")
+    result = CliRunner().invoke(app, ["chat", str(broken), "--prompt", "hi"])
+    assert result.exit_code == 2 and "its chat template does not render a conversation" in result.output, result.output
+    small = tmp_path / "small"
+    import latentalign
+
+    latentalign.LatentAlignForCausalLM(latentalign.model_config("tiny", vocab_size=100)).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model / name).exists():
+            shutil.copy(model / name, small / name)
+    result = CliRunner().invoke(app, ["chat", str(small), "--prompt", "hi"])
+    assert result.exit_code == 2 and "more than the model's vocab_size 100" in result.output, result.output
+
+
 def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):
     import json
 

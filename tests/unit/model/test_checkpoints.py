@@ -133,6 +133,14 @@ def test_weights_the_model_has_no_place_for_are_an_error(tmp_path):
         latentalign.load_model(tmp_path / "hub")
 
 
+def test_an_unknown_rope_scaling_type_is_one_error(tmp_path):
+    write_original_format(native_model(), tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "nonsense"}}))
+    with pytest.raises(CheckpointError, match="rope_scaling type 'nonsense' is not supported"):
+        latentalign.load_model(tmp_path / "hub")
+
+
 def test_export_writes_original_expert_names(tmp_path):
     ours = latentalign.load_model(_saved(tmp_path))
     out = latentalign.export_native(ours, tmp_path / "export")
