@@ -148,8 +148,14 @@ def _v3_values(values: dict) -> dict:
 
 def _skipped_mtp_layers(unexpected: list[str], config: LatentAlignConfig) -> list[int]:
     """Indices of decoder layers past the config's last (DeepSeek-V3's multi-token-prediction modules)."""
-    found = {int(m.group(1)) for k in unexpected if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", k))}
+    found = {i for k in unexpected if (i := _layer_of(k)) is not None}
     return sorted(i for i in found if i >= config.num_hidden_layers)
+
+
+def _layer_of(key: str) -> int | None:
+    """The decoder layer a weight's name places it in, or None outside the layers."""
+    match = re.match(r"(?:model\.)?layers\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
 
 
 def _check_unexpected(path, unexpected: list[str], past_last: list[int], config, cls) -> None:
@@ -163,11 +169,8 @@ def _check_unexpected(path, unexpected: list[str], past_last: list[int], config,
                               f"(and {config.num_nextn_predict_layers or 0} multi-token-prediction ones); is "
                               f"num_hidden_layers in config.json right?")
     reward = cls.__name__.endswith("SequenceClassification")
-    stray = [k for k in unexpected if not re.match(r"(?:model\.)?layers\.\d+\.", k) and not k.endswith("inv_freq")
-             and not (reward and k == "lm_head.weight")]
-    stray += [k for k in unexpected if re.match(r"(?:model\.)?layers\.(\d+)\.", k)
-              and int(re.match(r"(?:model\.)?layers\.(\d+)\.", k).group(1)) < config.num_hidden_layers
-              and not k.endswith("inv_freq")]
+    stray = [k for k in unexpected if not k.endswith("inv_freq") and not (reward and k == "lm_head.weight")
+             and ((layer := _layer_of(k)) is None or layer < config.num_hidden_layers)]  # past the last: above
     if stray:
         raise CheckpointError(f"{path}: holds weights the model has no place for: {sorted(stray)[:5]}"
                               f"{' ...' if len(stray) > 5 else ''}; is it another architecture's checkpoint?")
