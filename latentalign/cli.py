@@ -315,7 +315,7 @@ def eval_model(
 ):
     """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, reasoning-gym
     (greedy, pass@k), KV bytes, speed."""
-    from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table
+    from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table, parse_tasks, task_of
     from latentalign.model.checkpoint import CheckpointError
 
     _check_output(output)
@@ -326,8 +326,7 @@ def eval_model(
         renames = {old.strip(): new.strip() for old, _, new in pairs}
         if any(not (old.strip() and eq and new.strip()) for old, eq, new in pairs) or len(renames) != len(pairs):
             raise EvalError(f"--columns takes OLD=NEW once per column (e.g. question=prompt), got {columns}.")
-        if dataset != "arithmetic-rl" and not {"accuracy", "maj", "reasoning_gym"} & {t.strip().partition("@")[0]
-                                                                                     for t in tasks.split(",")}:
+        if dataset != "arithmetic-rl" and not any(task_of(t)[1].reads_dataset for t in parse_tasks(tasks)):
             raise EvalError(f"--dataset is read by accuracy, maj@K and reasoning_gym, none of which --tasks names "
                             f"({tasks}); pairwise reads --preference-dataset.")
         given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, columns=renames or None)

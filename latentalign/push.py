@@ -194,10 +194,11 @@ def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
                         f"another --out-dir.")
     if out.exists() and not out.is_dir():
         raise PushError(f"{out_dir}: a file, not a folder for the export.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if entries and not (out / "config.json").is_file():
         raise PushError(f"{out_dir}: holds other files, and everything in it would be uploaded; name an empty or "
                         f"new --out-dir.")
-    if out.is_dir() and any(p.is_dir() for p in out.iterdir()):
+    if any(p.is_dir() for p in entries):
         raise PushError(f"{out_dir}: holds folders, which would be uploaded with the export; name an empty or new "
                         f"--out-dir.")
 

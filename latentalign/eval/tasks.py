@@ -282,6 +282,7 @@ class Task:
     needs: str = "lm"
     format: str = "{:.1%}"
     parse_arg: Callable | None = None  # prefix tasks: the text after the prefix -> the argument, or EvalError
+    reads_dataset: bool = False  # scores the prompt + answer rows of `EvalOptions.dataset`
 
 
 @dataclass
@@ -318,13 +319,14 @@ def _any_model(ctx: TaskContext):
 
 
 TASKS: dict[str, Task] = {
-    "accuracy": Task(lambda ctx, _: accuracy(ctx.model, ctx.tokenizer, ctx.opts)),
-    "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_samples("maj@")),
+    "accuracy": Task(lambda ctx, _: accuracy(ctx.model, ctx.tokenizer, ctx.opts), reads_dataset=True),
+    "maj@": Task(lambda ctx, k: majority(ctx.model, ctx.tokenizer, ctx.opts, k), parse_arg=_samples("maj@"),
+                 reads_dataset=True),
     "pairwise": Task(lambda ctx, _: pairwise(ctx.model_dir, ctx.opts), needs="reward"),
     "humaneval": Task(lambda ctx, _: humaneval(ctx.model, ctx.tokenizer, ctx.opts)),
-    "reasoning_gym": Task(lambda ctx, _: reasoning_gym_score(ctx.model, ctx.tokenizer, ctx.opts)),
+    "reasoning_gym": Task(lambda ctx, _: reasoning_gym_score(ctx.model, ctx.tokenizer, ctx.opts), reads_dataset=True),
     "reasoning_gym@": Task(lambda ctx, k: reasoning_gym_samples(ctx.model, ctx.tokenizer, ctx.opts, k),
-                           parse_arg=_samples("reasoning_gym@")),
+                           parse_arg=_samples("reasoning_gym@"), reads_dataset=True),
     "kv_cache": Task(lambda ctx, _: kv_cache_bytes(_any_model(ctx)), needs="any", format="{:,.0f} B/token"),
     "decode_speed": Task(lambda ctx, _: decode_speed(ctx.model, seed=ctx.opts.seed), format="{:,.0f} tok/s"),
     "lm_eval:": Task(lambda ctx, name: lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,
@@ -356,7 +358,7 @@ def evaluate(model_dir, tasks, opts: EvalOptions | None = None, *, progress: boo
     from tqdm.auto import tqdm
 
     from ..model import load_model
-    from ..training.model_dir import load_tokenizer
+    from ..training.model_dir import check_fits, load_tokenizer
 
     opts = opts or EvalOptions()
     tasks = parse_tasks(tasks)
@@ -369,6 +371,7 @@ def evaluate(model_dir, tasks, opts: EvalOptions | None = None, *, progress: boo
     ctx = TaskContext(model_dir, opts)
     if not reward:
         ctx.model, ctx.tokenizer = load_model(model_dir).eval(), load_tokenizer(str(model_dir))
+        check_fits(ctx.model, ctx.tokenizer, model_dir)
     metrics: dict = {}
     start = time.perf_counter()
     for name in tqdm(tasks, desc=f"eval {model_dir}", unit="task", disable=not progress):

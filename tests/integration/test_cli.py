@@ -73,8 +73,8 @@ def _chat_model(path):
 
 
 def test_a_tokenizer_the_model_cannot_take_is_one_error(tmp_path):
-    """A chat template that does not render, and more tokens than the model's embedding: a jinja traceback and an
-    IndexError mid-generation before."""
+    """A chat template that does not render, and more tokens than the model's embedding (in chat and eval): a
+    jinja traceback and an IndexError mid-generation before."""
     import shutil
 
     from typer.testing import CliRunner
@@ -94,8 +94,9 @@ def test_a_tokenizer_the_model_cannot_take_is_one_error(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (model / name).exists():
             shutil.copy(model / name, small / name)
-    result = CliRunner().invoke(app, ["chat", str(small), "--prompt", "hi"])
-    assert result.exit_code == 2 and "more than the model's vocab_size 100" in result.output, result.output
+    for command in (["chat", str(small), "--prompt", "hi"], ["eval", str(small), "--size", "2"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "more than the model's vocab_size 100" in result.output, result.output
 
 
 def test_generate_completes_every_prompt_and_names_a_bad_one(tmp_path):

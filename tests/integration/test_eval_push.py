@@ -113,6 +113,8 @@ def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     assert result.exit_code == 0 and "pairwise" in result.output, result.output
     result = invoke("eval", rm, "--tasks", "pairwise", "--dataset", pairs)
     assert result.exit_code == 2 and "pairwise reads --preference-dataset" in result.output, result.output
+    result = invoke("eval", rm, "--tasks", "pairwise,majority", "--dataset", pairs)  # the task names come first
+    assert result.exit_code == 2 and "unknown task 'majority'" in result.output, result.output
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-evaluation-harness is installed")
