@@ -76,7 +76,8 @@ def _run_stage(kind: str, config, overrides) -> dict:
 def _summary(metrics: dict, metric: str, unit: str) -> str:
     line = f"{metrics['stage']}: {metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}"
     if "eval_accuracy" in metrics:
-        line += f", held-out {metric} {metrics['eval_accuracy']:.1%} ({metrics['eval']['n']} {unit})"
+        held_out = metrics["eval"]
+        line += f", held-out {metric} {metrics['eval_accuracy']:.1%} ({held_out['n']} {unit} of {held_out['dataset']})"
     return f"{line}\nmodel: {metrics['model_dir']}"
 
 
@@ -186,38 +187,6 @@ def _write_output(path: Path, text: str) -> None:
         _fail(f"--output {path}: not written ({err.strerror}).")
 
 
-def _read_prompts(path: Path) -> list:
-    from latentalign.data.loading import DataError, decoded, prompt_problem, text_parts_joined
-
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompts file.")
-    if path.suffix not in (".txt", ".jsonl"):  # a .json or .csv read line by line would send its syntax as prompts
-        raise DataError(f"{path}: prompts come in a .txt file (one a line) or a .jsonl file, not {path.suffix!r}.")
-    # Lines end at newlines only: str.splitlines also cuts at form feeds and U+2028, which JSON strings may hold.
-    lines = decoded(path, path.read_bytes(), "the file").replace("\r\n", "\n").split("\n")
-    prompts = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompt = line
-        else:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg}).") from None
-            prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
-            if not isinstance(prompt, (str, list)):
-                raise DataError(f"{path}: line {line_no}: expected a 'prompt' (text or messages) or 'messages'.")
-        problem = prompt_problem(prompt)
-        if problem:
-            raise DataError(f"{path}: line {line_no}: prompt: {problem}.")
-        prompts.append(text_parts_joined(prompt) if isinstance(prompt, list) else prompt)
-    if not prompts:
-        raise DataError(f"{path}: no prompts.")
-    return prompts
-
-
 @command()
 def generate(
     model_dir: Path = typer.Argument(..., help="A model directory."),
@@ -228,10 +197,11 @@ def generate(
     batch_size: int = typer.Option(32, min=1, help="Prompts per generate() call."),
 ):
     """Complete every prompt of a file with the chat template; one JSON line per prompt."""
+    from latentalign.data.files import read_prompts
     from latentalign.eval.accuracy import generate_completions
 
     try:
-        items = _read_prompts(prompts)
+        items = read_prompts(prompts)
     except _user_errors() as err:
         _fail(str(err))
     _check_output(output)
@@ -315,6 +285,7 @@ def eval_model(
 ):
     """Evaluate a model: held-out accuracy (greedy, maj@k), reward pairwise accuracy, HumanEval, reasoning-gym
     (greedy, pass@k), KV bytes, speed."""
+    from latentalign.eval.options import renames_of
     from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table, parse_tasks, task_of
     from latentalign.model.checkpoint import CheckpointError
 
@@ -322,14 +293,13 @@ def eval_model(
     try:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
-        pairs = [item.partition("=") for item in columns or []]
-        renames = {old.strip(): new.strip() for old, _, new in pairs}
-        if any(not (old.strip() and eq and new.strip()) for old, eq, new in pairs) or len(renames) != len(pairs):
-            raise EvalError(f"--columns takes OLD=NEW once per column (e.g. question=prompt), got {columns}.")
-        if dataset != "arithmetic-rl" and not any(task_of(t)[1].reads_dataset for t in parse_tasks(tasks)):
+        renames = renames_of(columns or [])
+        reads = any(task_of(t)[1].reads_dataset for t in parse_tasks(tasks))  # else --columns is the pairs'
+        if dataset != "arithmetic-rl" and not reads:
             raise EvalError(f"--dataset is read by accuracy, maj@K and reasoning_gym, none of which --tasks names "
                             f"({tasks}); pairwise reads --preference-dataset.")
-        given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, columns=renames or None)
+        given = dict(seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                     **{"columns" if reads else "preference_columns": renames or None})
         opts = EvalOptions(dataset=dataset, preference_dataset=preference_dataset, size=size,
                            humaneval_limit=humaneval_limit,
                            **{k: v for k, v in given.items() if v is not None})  # else EvalOptions' defaults

@@ -19,7 +19,6 @@ what is wrong.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -143,83 +142,6 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
     raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}{hint}.")
 
 
-def decoded(path: Path, raw: bytes, where: str) -> str:
-    """UTF-8 text (a byte-order mark, as Windows tools write one, dropped), or a DataError naming the byte."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
-                        f"save the file as UTF-8.") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = decoded(path, raw, f"line {line_no}")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {len(rows)} (line {line_no}): not valid JSON ({err.msg}).") from None
-            except RecursionError:
-                raise DataError(f"{path}: row {len(rows)} (line {line_no}): nested too deeply to read.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {len(rows)} (line {line_no}): expected a JSON object, "
-                                f"got {type(row).__name__}.")
-            rows.append(row)
-    return rows
-
-
-def _read_local(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(decoded(path, path.read_bytes(), "the file"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err}).") from None
-        except RecursionError:
-            raise DataError(f"{path}: nested too deeply to read.") from None
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}).")
-        return data
-    if path.suffix == ".csv":
-        return _read_csv(path)
-    import datasets
-
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except Exception as err:  # noqa: BLE001 -- any reader failure is a data problem of this file
-        raise DataError(f"{path}: could not be read as parquet: {err}") from None
-    return ds.to_list()
-
-
-def _read_csv(path: Path) -> list[dict]:
-    """Every cell as the text it is: a reader that guesses types turns the answer 1180591620717411303424 into
-    1.1805916207174113e+21, 007 into 7.0 and a cell reading NA into a missing value."""
-    import csv
-    import io
-
-    reader = csv.reader(io.StringIO(decoded(path, path.read_bytes(), "the file"), newline=""))
-    try:
-        header = next(reader, None)
-        rows = list(reader)
-    except csv.Error as err:
-        raise DataError(f"{path}: not valid CSV ({err}).") from None
-    if header is None:
-        return []
-    if len(set(header)) != len(header) or not all(header):
-        raise DataError(f"{path}: the header names a column twice or leaves one unnamed: {header}.")
-    for line, row in enumerate(rows, start=2):
-        if row and len(row) != len(header):
-            raise DataError(f"{path}: line {line}: {len(row)} cells where the header has {len(header)}.")
-    return [dict(zip(header, row)) for row in rows if row]
-
-
 def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty: dict | None) -> list[dict]:
     from . import arithmetic
 
@@ -280,9 +202,34 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
     if fmt in TRAINED_AS_IS:  # other formats' columns would change how TRL reads the row (a `prompt` beside
-        keep = set(FORMATS[fmt]) | ({"prompt"} if fmt == "preference" else set())  # `messages`), or clash in Arrow
+        keep = set(FORMATS[fmt]) | ({"prompt", "margin"} if fmt == "preference" else set())  # `messages`)
+        _warn_dropped(rows, keep, fmt, label)
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def _warn_dropped(rows: list[dict], keep: set, fmt: str, label: str) -> None:
+    """Columns with text in them that the format does not train on (Alpaca's `input` beside an instruction
+    renamed to `prompt`, a `system` column beside `messages`) are named, not lost without a word."""
+    dropped = sorted(c for c in set(rows[0]) - keep if any(isinstance(r[c], (str, list)) and r[c] for r in rows))
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "%s: column(s) %s are not trained on: %s rows train on %s only; fold what they hold into those "
+            "(or rename one of them with dataset_columns).", label, dropped, fmt, "+".join(sorted(keep)))
+
+
+def as_chat(rows: list[dict], fmt: str) -> list[dict]:
+    """Text prompts as the user's turn, and a text completion (or preference pair beside a text prompt) as the
+    assistant's: every stage trains a chat model, and eval, `chat` and the reward-model reward render a text
+    prompt that way; TRL would train and roll out text rows without the chat template. Conversations, `text`
+    rows and preference pairs without a prompt (the whole conversation in each side) are left as they are."""
+    replies = {"completion": ("completion",), "preference": ("chosen", "rejected")}.get(fmt, ())
+    prompted = fmt in ("completion", "preference", "rl", "prompt") and rows and "prompt" in rows[0]
+    if not prompted or not isinstance(rows[0]["prompt"], str):
+        return rows
+    logging.getLogger(__name__).info("text prompts are read as the user's turn of a chat (%s rows)", fmt)
+    return [{**row, "prompt": [{"role": "user", "content": row["prompt"]}],
+             **{key: [{"role": "assistant", "content": row[key]}] for key in replies}} for row in rows]
 
 
 def _without_ties(rows: list[dict], label: str) -> list[dict]:
@@ -302,14 +249,19 @@ def _without_ties(rows: list[dict], label: str) -> list[dict]:
 
 
 def _without_repeated_prompt(row: dict) -> dict:
-    """UltraFeedback's layout: a text `prompt` beside `chosen` and `rejected` conversations that open with that
-    same prompt as the user's turn. The conversations hold the prompt already (TRL would fail joining text to
-    messages), so the column goes."""
+    """A `prompt` that `chosen` and `rejected` repeat: TRL joins prompt and reply, so it would be trained twice.
+    UltraFeedback's layout (a text prompt beside conversations that open with it as the user's turn) loses the
+    column, as TRL could not join text to messages; a prompt conversation (or text, as Anthropic's HH) that both
+    sides open with is cut from the sides."""
     prompt, sides = row.get("prompt"), (row.get("chosen"), row.get("rejected"))
-    if not isinstance(prompt, str) or not all(isinstance(s, list) and s and isinstance(s[0], dict) for s in sides):
+    if isinstance(prompt, str) and all(isinstance(s, list) and s and isinstance(s[0], dict) for s in sides):
+        if all(s[0].get("role") == "user" and s[0].get("content") == prompt for s in sides):
+            return {k: v for k, v in row.items() if k != "prompt"}
         return row
-    if all(s[0].get("role") == "user" and s[0].get("content") == prompt for s in sides):
-        return {k: v for k, v in row.items() if k != "prompt"}
+    repeated = (isinstance(prompt, list) and prompt and all(isinstance(s, list) for s in sides)
+                or isinstance(prompt, str) and prompt and all(isinstance(s, str) for s in sides))
+    if repeated and all(s[:len(prompt)] == prompt and len(s) > len(prompt) for s in sides):
+        return {**row, "chosen": sides[0][len(prompt):], "rejected": sides[1][len(prompt):]}
     return row
 
 
@@ -318,6 +270,7 @@ def _check_same_columns(rows: list[dict], label: str) -> None:
     dropped from them (a preference pair's `prompt`) or None in the others."""
     first = set(rows[0])
     text = {column: isinstance(value, str) for column, value in rows[0].items() if column in FORMAT_COLUMNS}
+    kinds: dict = {}  # a column's kind of value, from the first row that has one (a table's column has one type)
     for i, row in enumerate(rows):
         mixed = [c for c, is_text in text.items() if c in row and isinstance(row[c], str) != is_text]
         if mixed:
@@ -329,6 +282,23 @@ def _check_same_columns(rows: list[dict], label: str) -> None:
             raise DataError(f"{label}: row {i}: its columns differ from row 0's"
                             + (f" (it adds {extra})" if extra else "") + (f" (it lacks {lacking})" if lacking else "")
                             + "; every row needs the same columns.")
+        for column, value in row.items():
+            kind = _kind(value) if column != "answer" else "text"  # answers are read as text (72 and "3/4")
+            if kinds.setdefault(column, (kind, i))[0] != kind and kind != "null" != kinds[column][0]:
+                raise DataError(f"{label}: row {i}: {column!r} is {kind} where row {kinds[column][1]}'s is "
+                                f"{kinds[column][0]}; a column holds one kind of value.")
+            if kinds[column][0] == "null":
+                kinds[column] = (kind, i)
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _text_parts_joined(row: dict) -> dict:
@@ -353,6 +323,8 @@ def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tu
     """(rows, the label errors name them by) of any source, before any check."""
     from . import reasoning_gym
 
+    if not source.strip():  # Path("") is the working folder
+        raise DataError("the dataset is an empty name; give a built-in dataset, a file or a hub dataset id.")
     if reasoning_gym.is_source(source):
         fmt = next((f for f in ("messages", "rl", "prompt") if f in formats), None)
         if fmt is None:
@@ -361,15 +333,19 @@ def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tu
         return reasoning_gym.rows(source, fmt, split=split, size=size, seed=seed), f"{source}[{split}]"
     if source in BUILTIN:
         return _read_builtin(source, split, size, seed, difficulty), f"builtin:{source}[{split}]"
+    from .files import read_file, read_folder
+
     path = Path(source)
     if path.is_dir():  # a dataset saved or downloaded as the hub lays it out (data/train-*.parquet, ...)
-        rows = _read_hub(source, split, folder=True)
+        rows = read_folder(path, split)
+        if rows is None:
+            rows = _read_hub(source, split, folder=True)
     elif path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: no such data file.")
         if path.suffix not in LOCAL_SUFFIXES:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}.")
-        rows = _read_local(path)
+        rows = read_file(path)
     else:
         from ..hub_id import is_hub_id
 
@@ -399,7 +375,14 @@ def _read_hub(source: str, split: str, folder: bool = False) -> list[dict]:
         raise DataError(f"{source}: could not load the hub dataset (split {split!r}): {err}.{local}") from None
 
 
-def to_dataset(rows: list[dict]):
+def to_dataset(rows: list[dict], label: str = "the data"):
+    """A `datasets.Dataset` of checked rows; a value Arrow cannot put in its column's type (a message's extra key
+    that is text in one row and a number in another) is a DataError, not Arrow's traceback."""
     import datasets
+    import pyarrow as pa
 
-    return datasets.Dataset.from_list(rows)
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        raise DataError(f"{label}: its rows do not make one table: {err}; give every row's values of a column "
+                        f"(and of the keys inside them) one kind.") from None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..training.config import check_difficulty
+
 
 class EvalError(ValueError):
     """An eval request that cannot run: unknown task, or a task that does not fit the model."""
@@ -21,6 +23,7 @@ class EvalOptions:
     seed: int = 0
     difficulty: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)  # rename the dataset's columns to ours, e.g. {question: prompt}
+    preference_columns: dict = field(default_factory=dict)  # the same for preference_dataset's
     max_new_tokens: int = 64
     temperature: float = 0.7  # maj@K and reasoning_gym@K sampling
     humaneval_limit: int | None = None  # first N HumanEval problems (None: all 164)
@@ -42,6 +45,19 @@ class EvalOptions:
             value = getattr(self, name)
             if not isinstance(value, str) and not (value is None and name == "preference_split"):
                 raise EvalError(f"{name} must be a name or a path, got {value!r}.")
-        for name in ("difficulty", "columns"):
+        for name in ("difficulty", "columns", "preference_columns"):
             if not isinstance(getattr(self, name), dict):
                 raise EvalError(f"{name} must be a mapping, got {getattr(self, name)!r}.")
+        try:
+            check_difficulty(self.difficulty)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+
+
+def renames_of(items: list[str]) -> dict:
+    """`--columns OLD=NEW ...` -> {OLD: NEW}, each column once."""
+    pairs = [item.partition("=") for item in items]
+    renames = {old.strip(): new.strip() for old, _, new in pairs}
+    if any(not (old.strip() and eq and new.strip()) for old, eq, new in pairs) or len(renames) != len(pairs):
+        raise EvalError(f"--columns takes OLD=NEW once per column (e.g. question=prompt), got {items}.")
+    return renames

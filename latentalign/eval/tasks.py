@@ -64,13 +64,14 @@ def is_reward_model(model_dir) -> bool:
 
 
 def _rows(opts: EvalOptions, source: str, formats):
-    from ..data import load_rows
+    from ..data.loading import as_chat, load_rows
 
-    columns = opts.columns if source == opts.dataset else {}
+    columns = (opts.columns if source == opts.dataset else opts.preference_columns
+               if source == opts.preference_dataset else {})
     split = opts.split if formats != ("preference",) else (opts.preference_split or opts.split)
-    rows, _ = load_rows(source, split=split, formats=formats, size=opts.size, seed=opts.seed,
-                        difficulty=opts.difficulty, columns=columns)
-    return rows
+    rows, fmt = load_rows(source, split=split, formats=formats, size=opts.size, seed=opts.seed,
+                          difficulty=opts.difficulty, columns=columns)
+    return as_chat(rows, fmt)
 
 
 def _answered_rows(opts: EvalOptions) -> list[dict]:

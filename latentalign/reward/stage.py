@@ -91,8 +91,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     model, tokenizer = starting_model(cfg)
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
-    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=callbacks)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     check_rows_kept(trainer, len(rows), cfg, f"TRL drops a pair whose chosen or rejected conversation is longer than "
                                              f"max_length ({args.max_length} tokens); raise max_length or shorten them")
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
@@ -100,5 +100,6 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
         metrics["eval"] = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), eval_rows)
+        metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
     return write_metrics(cfg, metrics)

@@ -110,8 +110,8 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
         from .batches import sorted_micro_batch_trainer
 
         trainer_cls = sorted_micro_batch_trainer(SFTTrainer)
-    trainer = trainer_cls(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if not args.packing:
         check_rows_kept(trainer, len(rows), cfg, f"TRL drops a row whose trained tokens all lie past max_length "
                                                  f"({args.max_length} tokens); raise max_length or shorten the prompts")
@@ -129,5 +129,6 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
 
         merged = load_model(metrics["model_dir"])
         metrics["eval"] = exact_match(merged, tokenizer, eval_rows, max_new_tokens=cfg.eval_max_new_tokens)
+        metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
     return write_metrics(cfg, metrics)

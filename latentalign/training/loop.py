@@ -109,17 +109,23 @@ def warn_rows_cut(trainer, max_length: int | None, dataset: str) -> int:
 
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
     """(training rows, their format, held-out rows or None), every row checked before anything is built."""
-    from ..data import load_rows
+    from ..data.loading import as_chat, load_rows
 
     rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
                           seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
+    rows = as_chat(rows, fmt)
     eval_rows = None
+    if cfg.eval_dataset and cfg.eval_dataset == cfg.dataset and Path(cfg.dataset).is_file():
+        logging.getLogger(__name__).warning(
+            "eval_dataset %s is the training file itself, and a file is one split: the held-out figure scores rows "
+            "trained on (set eval_dataset to a file of held-out rows for one that is not).", cfg.eval_dataset)
     if cfg.eval_dataset:
         columns = cfg.eval_dataset_columns
         if columns is None:  # another source has its own columns: the training set's renames are not its
             columns = cfg.dataset_columns if cfg.eval_dataset == cfg.dataset else {}
-        eval_rows, _ = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats, size=cfg.eval_size,
-                                 seed=cfg.seed, difficulty=cfg.difficulty, columns=columns)
+        eval_rows, eval_fmt = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats,
+                                        size=cfg.eval_size, seed=cfg.seed, difficulty=cfg.difficulty, columns=columns)
+        eval_rows = as_chat(eval_rows, eval_fmt)
     return rows, fmt, eval_rows
 
 
@@ -174,14 +180,18 @@ def _wait_for_every_process(trainer) -> None:
 
 
 def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
-    """Train (resuming from the newest checkpoint when `cfg.resume`), save `output_dir/model`, and return the
-    stage's metrics so far. Under several processes only the main one writes."""
+    """Train (resuming from TRL's `resume_from_checkpoint` when set, else from the newest checkpoint when
+    `cfg.resume`), save `output_dir/model`, and return the stage's metrics so far. Under several processes only
+    the main one writes."""
     import time
 
     from .model_dir import save_model_dir
 
     passed_over = []
-    resume_from = newest_checkpoint(cfg.output_dir, passed_over) if cfg.resume else None
+    resume_from = cfg.trl.get("resume_from_checkpoint") or (
+        newest_checkpoint(cfg.output_dir, passed_over) if cfg.resume else None)
+    if resume_from and (missing := incomplete_checkpoint(Path(resume_from))):
+        raise ConfigError(f"resume_from_checkpoint: {resume_from} is not a checkpoint to resume ({missing}).")
     for folder in passed_over:
         logging.getLogger(__name__).warning("%s is incomplete: the run stopped while saving it. Resuming from %s.",
                                             folder, resume_from or "the start")

@@ -113,6 +113,11 @@ def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     assert result.exit_code == 0 and "pairwise" in result.output, result.output
     result = invoke("eval", rm, "--tasks", "pairwise", "--dataset", pairs)
     assert result.exit_code == 2 and "pairwise reads --preference-dataset" in result.output, result.output
+    renamed = pairs.with_name("renamed.jsonl")  # --columns renames the columns of the dataset the tasks read
+    renamed.write_text(pairs.read_text().replace('"chosen"', '"response_j"').replace('"rejected"', '"response_k"'))
+    result = invoke("eval", rm, "--tasks", "pairwise", "--preference-dataset", renamed, "--size", "6",
+                    "--columns", "response_j=chosen", "--columns", "response_k=rejected")
+    assert result.exit_code == 0 and "pairwise" in result.output, result.output
     result = invoke("eval", rm, "--tasks", "pairwise,majority", "--dataset", pairs)  # the task names come first
     assert result.exit_code == 2 and "unknown task 'majority'" in result.output, result.output
 

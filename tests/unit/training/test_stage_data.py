@@ -16,9 +16,10 @@ def test_eval_dataset_takes_the_training_renames_only_when_it_is_the_same_source
                "eval_size=4"]
     rows, fmt, eval_rows = load_stage_data(load_config(None, renamed + ["eval_dataset=arithmetic-rl"]), ("rl",),
                                            ("rl",))
-    assert fmt == "rl" and rows[0]["prompt"] == "0 + 1?" and len(eval_rows) == 4  # built-in rows, as they are
+    asked = [{"role": "user", "content": "0 + 1?"}]  # a text prompt is the user's turn
+    assert fmt == "rl" and rows[0]["prompt"] == asked and len(eval_rows) == 4  # built-in rows, as they are
     _, _, eval_rows = load_stage_data(load_config(None, renamed + [f"eval_dataset={gsm}"]), ("rl",), ("rl",))
-    assert eval_rows[0]["prompt"] == "0 + 1?"  # the same file: the same renames
+    assert eval_rows[0]["prompt"] == asked  # the same file: the same renames
     own = renamed + [f"eval_dataset={gsm}", "eval_dataset_columns={}"]
     with pytest.raises(DataError, match="missing columns"):  # said otherwise: none
         load_stage_data(load_config(None, own), ("rl",), ("rl",))
