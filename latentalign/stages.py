@@ -96,7 +96,8 @@ STAGES: dict[str, StageKind] = {
     "eval": StageKind(name="eval", summary="evaluation of earlier stages' models", execute=eval_stage.run_in_recipe,
                       check=eval_stage.check, upstream=lambda values, _: list(values.get("models", []))),
     "push": StageKind(name="push", summary="export, check and upload a chat model", execute=run_push_stage,
-                      init_from=("chat",), needs_init=True, check=check_push_stage),
+                      init_from=("chat",), needs_init=True, check=check_push_stage,  # its card holds the eval table:
+                      upstream=lambda _, stages: [n for n, s in stages.items() if s.type == "eval"]),
 }
 
 
@@ -124,6 +125,8 @@ def trl_args(cfg):
     values = {**base, **cfg.trl}
     if values.get("lr_scheduler_type") != base.get("lr_scheduler_type") and "lr_scheduler_kwargs" not in cfg.trl:
         values.pop("lr_scheduler_kwargs", None)  # the defaults' scheduler options belong to the defaults' scheduler
+    if "num_train_epochs" in cfg.trl and "max_steps" not in cfg.trl:
+        values["max_steps"] = -1  # epochs asked for, not the defaults' step count (which would win, as in TRL)
     if not torch.cuda.is_available():
         values.setdefault("bf16", False)
         values["use_cpu"] = values.get("use_cpu", True)

@@ -66,14 +66,15 @@ class Runner:
             raise RecipeError(f"{self.run_dir}: a file, not a run folder; name another folder (-o).")
         self.manifest_path = self.run_dir / "manifest.json"
         manifest = _read_json(self.manifest_path)
-        if manifest is None:
-            raise RecipeError(f"{self.manifest_path}: not valid JSON; this run folder's record of its stages is "
-                              f"damaged. Restore it, or rerun into another folder (-o).")
+        stages = manifest.get("stages", {}) if manifest is not None else None
+        if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
+            raise RecipeError(f"{self.manifest_path}: not a JSON object whose stages are objects; this run folder's "
+                              f"record of its stages is damaged. Restore it, or rerun into another folder (-o).")
         self.recipe_yaml = yaml.safe_dump(recipe.raw, sort_keys=False)
         self.manifest = {
             "recipe": recipe.name, "recipe_source": recipe.source, "recipe_yaml": self.recipe_yaml,
             "base_model": recipe.base_model or self._first_model(), "run_dir": str(self.run_dir),
-            "stages": {name: manifest.get("stages", {}).get(name, {}) for name in recipe.stages},
+            "stages": {name: stages.get(name, {}) for name in recipe.stages},
             **self._carried_over(manifest),
         }
 
@@ -84,9 +85,11 @@ class Runner:
         done = [name for name in self.recipe.stages if self.is_done(name)]
         chat = [name for name in done if self.recipe.stages[name].kind.makes_model == "chat"]
         types = {self.recipe.stages[name].type for name in done}
+        pushed = [name for name in done if self.recipe.stages[name].type == "push"]
         return {"final_model": self.model_dir(chat[-1]) if chat else None,
                 "eval_table": manifest.get("eval_table") if "eval" in types else None,
-                "export_dir": manifest.get("export_dir") if "push" in types else None,
+                # this folder's, not the path the manifest holds (the folder may have moved since)
+                "export_dir": str(self.stage_dir(pushed[-1]) / "export") if pushed else None,
                 "report": manifest.get("report")}
 
     def _first_model(self) -> str | None:
@@ -110,8 +113,11 @@ class Runner:
         return str(self.stage_dir(name) / "model")
 
     def is_done(self, name: str) -> bool:
+        """Finished under the stage's present settings, and its model (where it makes one) still there."""
         marker = self.stage_dir(name) / MARKER
-        return marker.is_file() and marker.read_text().strip() == self.recipe.stages[name].hash
+        stage = self.recipe.stages[name]
+        return (marker.is_file() and marker.read_text().strip() == stage.hash
+                and (not stage.kind.makes_model or (Path(self.model_dir(name)) / "config.json").is_file()))
 
     def _prepare_dir(self, name: str):
         """Keep a folder made under other settings out of the way; keep the same settings' checkpoints."""

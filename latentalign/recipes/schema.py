@@ -26,6 +26,7 @@ key, wrong type, a stage or dataset that does not exist) is one `RecipeError` na
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from ..training import ConfigError
 
+RUN_FILES = frozenset({"manifest.json", "recipe.yaml", "report.md", "report.html", "plots"})  # the runner's own
 TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "model", "stages"}
 # A stage of a type the recipe already ran takes the recipe's seed plus this for each earlier one (Recipe.stage_seed).
 LATER_STAGE_SEED_STEP = 1000
@@ -103,8 +105,23 @@ def load_recipe(spec, overrides=()) -> Recipe:
     from ..training import apply_overrides, load_yaml
 
     path = find_recipe(spec)
-    raw = apply_overrides(_extended(path, load_yaml), list(overrides), source=str(path))
+    raw = _extended(path, load_yaml)
+    _check_override_stages(raw, list(overrides), path)
+    raw = apply_overrides(raw, list(overrides), source=str(path))
     return validate(raw, str(path), base_dir=path.parent)
+
+
+def _check_override_stages(raw: dict, overrides: list, path: Path) -> None:
+    """`stages.NAME.key=value` names a stage of the recipe (a misnamed one would add a stage beside it), unless
+    the overrides give the new stage its `type`."""
+    names = list(raw.get("stages") or {}) if isinstance(raw.get("stages"), dict) else []
+    keys = [str(item).partition("=")[0].strip().split(".") for item in overrides]
+    typed = {k[1] for k in keys if len(k) == 3 and k[0] == "stages" and k[2] == "type"}
+    for key in keys:
+        if len(key) > 2 and key[0] == "stages" and key[1] not in names and key[1] not in typed:
+            close = difflib.get_close_matches(key[1], names, n=1)
+            raise RecipeError(f"{path}: override {'.'.join(key)}: no stage named {key[1]!r}"
+                              + (f"; did you mean {close[0]!r}?" if close else f"; stages: {names}."))
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -137,25 +154,31 @@ def _extended(path: Path, load_yaml, chain=()) -> dict:
 
 
 def _check_dataset(value, where: str, base_dir: Path | None):
-    """Built-ins and hub ids pass (a hub id is only reachable at run time); a reasoning-gym source's tasks and
-    options must exist; a local file must exist."""
+    """The dataset as the stage will read it: built-ins and hub ids pass (a hub id is only reachable at run time);
+    a reasoning-gym source's tasks and options must exist; a local file must exist, here or beside the recipe
+    (then its path from here is returned: the stage reads paths from where the command runs)."""
     from ..data import reasoning_gym
     from ..data.loading import BUILTIN, LOCAL_SUFFIXES
     from ..hub_id import is_hub_id
 
     if value is None or value in BUILTIN:
-        return
+        return value
+    if not value.strip():
+        raise RecipeError(f"{where}: an empty name; give a built-in dataset, a file or a hub dataset id.")
     if reasoning_gym.is_source(value):
         try:
             reasoning_gym.parse_source(value)
         except reasoning_gym.ReasoningGymError as err:
             raise RecipeError(f"{where}: {err}") from None
-        return
+        return value
     path = Path(value)
     if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
         candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
-        if not any(c.is_file() or c.is_dir() for c in candidates):  # a folder: a dataset laid out as the hub's
+        found = [c for c in candidates if c.is_file() or c.is_dir()]  # a folder: a dataset laid out as the hub's
+        if not found:
             raise RecipeError(f"{where}: dataset file {value!r} does not exist.")
+        return value if found[0] == path else str(found[0])
+    return value
 
 
 def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
@@ -177,6 +200,9 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
         if not _plain_name(stage_name):
             raise RecipeError(f"{source}: stages: {stage_name!r} is not a plain name (it names the stage's folder "
                               f"in the run folder): letters, digits, '_', '-' and '.', not starting with '.'.")
+        if stage_name in RUN_FILES:
+            raise RecipeError(f"{source}: stages: {stage_name!r} is the name of the run folder's own "
+                              f"{'folder' if '.' not in stage_name else 'file'}; name the stage otherwise.")
     if raw.get("output_dir") is not None and not isinstance(raw["output_dir"], str):
         raise RecipeError(f"{source}: output_dir: expected a path, got {raw['output_dir']!r}.")
     if raw.get("model") is not None:
@@ -185,6 +211,9 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
         seed = check_type(raw.get("seed", 0), int, "seed", source)
     except ConfigError as err:
         raise RecipeError(str(err)) from None
+    limit = 2**32 - 1 - LATER_STAGE_SEED_STEP * len(stages_raw)  # numpy's seeds, with each stage's step added
+    if not 0 <= seed <= limit:
+        raise RecipeError(f"{source}: seed: {seed} is not a seed; use a whole number from 0 to {limit}.")
     stages: dict[str, Stage] = {}
     for stage_name, values in stages_raw.items():
         try:
@@ -266,7 +295,7 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
     else:  # an eval stage's datasets
         for key in ("dataset", "preference_dataset"):
             if isinstance(values.get(key), str):
-                _check_dataset(values[key], f"{where}: {key}", base_dir)
+                values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
     return Stage(name, kind_name, init, values)
 
 
@@ -298,7 +327,8 @@ def _check_training(kind, values: dict, init, seed: int, name: str, where: str, 
     except ConfigError as err:
         raise RecipeError(f"{where}: {err}") from None
     for key in ("dataset", "eval_dataset"):
-        _check_dataset(values.get(key), f"{where}: {key}", base_dir)
+        if isinstance(values.get(key), str):
+            values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
     _check_preset_overrides(checked, where)
     read = {key: cfg.trl[key] if key in cfg.trl else getattr(cfg, key) for key in values}
     return {key: read[key] if _is_number(read[key]) else value for key, value in values.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,22 @@ class TrainingStageConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_difficulty(self.difficulty)
+
+
+def check_difficulty(difficulty: dict) -> None:
+    """The built-in data's `difficulty` (fields of `data.arithmetic.Difficulty`), checked when the config is built:
+    a misspelt field stopped the stage only when its data was made, after the stages before it had trained."""
+    from ..data.arithmetic import Difficulty
+
+    fields = list(Difficulty.__dataclass_fields__)
+    unknown = sorted(map(str, set(difficulty) - set(fields)))
+    if unknown:
+        raise ValueError(f"difficulty: unknown field(s) {unknown}; fields: {', '.join(fields)}.")
+    try:
+        Difficulty(**difficulty)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"difficulty: {err}") from None
 
 
 # Values a config file may hold once its aliases are expanded (a few aliases nested can stand for billions).
@@ -173,7 +190,38 @@ TRL_RANGES = {
     "temperature": (0, False, None), "top_p": (0, False, 1), "beta": (0, True, None), "epsilon": (0, True, None),
     "max_completion_length": (1, True, None), "max_prompt_length": (1, True, None), "max_length": (1, True, None),
     "max_steps": (1, True, None),  # or -1 (check_range)
+    "epsilon_high": (0, True, None),
 }
+
+
+# TRL options read only where they are used (a step in, after the model is built and the rollout made).
+TRL_CHOICES = {"importance_sampling_level": ("token", "sequence"), "scale_rewards": ("group", "batch", "none"),
+               "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum")}
+
+
+def check_choice(key: str, value, field, source: str):
+    """A value among the option's choices: ours above, or those TRL's help names ("Supported values are 'grpo',
+    'dr_grpo' and 'dapo'." for `loss_type`; an option whose help names none is not checked)."""
+    choices = TRL_CHOICES.get(key)
+    if choices is None and key == "loss_type":
+        said = re.search(r"Supported values are ([^.:]*)", field.metadata.get("help", ""))
+        choices = tuple(re.findall(r"'(\w+)'", said.group(1))) if said else None
+    if choices and isinstance(value, str) and value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def numbers_read(value):
+    """Numbers inside a mapping option (`lr_scheduler_kwargs: {min_lr_rate: 1e-2}`), which YAML reads as text
+    where they have an exponent and no dot: the scheduler's arithmetic failed on the text a step after warmup."""
+    if not isinstance(value, dict):
+        return value
+    return {k: float(v) if isinstance(v, str) and _YAML_FLOAT.fullmatch(v.strip()) else numbers_read(v)
+            for k, v in value.items()}
+
+
+_YAML_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def check_finite(key: str, value, source: str):
@@ -210,9 +258,12 @@ def build(stage_cls, trl_cls, values: dict, source: str):
             kwargs[key] = check_type(value, our_types[key], key, source)
             check_finite(key, kwargs[key], source)
         elif key in theirs:
-            trl[key] = check_type(value, trl_types[key], key, source)
+            if key == "scale_rewards" and isinstance(value, bool):  # TRL's own spelling of group and none
+                value = "group" if value else "none"
+            trl[key] = numbers_read(check_type(value, trl_types[key], key, source))
             check_finite(key, trl[key], source)
             check_range(key, trl[key], source)
+            check_choice(key, trl[key], theirs[key], source)
         else:
             close = difflib.get_close_matches(key, [*ours, *theirs], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -225,5 +276,8 @@ def build(stage_cls, trl_cls, values: dict, source: str):
 
 def from_file(stage_cls, trl_cls, path=None, overrides: list[str] = ()):
     values = load_yaml(path) if path else {}
+    if isinstance(values, dict) and "stages" in values:
+        raise ConfigError(f"{path}: a recipe (it has stages:), not a stage's config; run it with "
+                          f"`latentalign run {path}`.")
     values = apply_overrides(values, list(overrides))
     return build(stage_cls, trl_cls, values, str(path) if path else "command line")

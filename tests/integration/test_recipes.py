@@ -104,8 +104,20 @@ def _bad_recipe(tmp_path, mutate):
     (lambda r: r["stages"]["rl"].pop("init"), "stages.rl: set `init:` (the earlier stage it starts from) or `model:`"),
     # What used to fail only at run time, after the stages before it had trained.
     (lambda r: r["stages"]["rl"].update(rewards={"mathh": 1.0}), "stages.rl: rewards: unknown reward 'mathh'"),
+    # A reward model named by a typo, or by a later stage (whose folder held an earlier run's model, or none)
+    (lambda r: r["stages"]["rl"].update(rewards={"model:rewardd": 1.0}), "'model:rewardd' names neither an earlier"),
+    (lambda r: r["stages"]["rl"].update(rewards={"model:rl_preference": 1}), "names neither an earlier reward stage"),
+    (lambda r: r.update(seed=-1), "seed: -1 is not a seed; use a whole number from 0 to"),
+    (lambda r: r["stages"]["sft"].update(dataset=""), "stages.sft: dataset: an empty name"),
+    (lambda r: r["stages"]["sft"].update(difficulty={"add_maxx": 3}), "stages.sft: difficulty: unknown field(s) ['add_maxx']"),
+    (lambda r: r["stages"]["eval"].update(difficulty={"add_maxx": 3}), "stages.eval: difficulty: unknown field"),
+    (lambda r: r["stages"].update({"manifest.json": {"type": "eval"}}), "is the name of the run folder's own file"),
     (lambda r: r["stages"]["rl"].update(rewards={"math": "abc"}), "rewards: math: the weight must be a finite"),
     (lambda r: r["stages"]["rl"].update(reward_options={"foo": {}}), "reward_options: 'foo' is not one of"),
+    (lambda r: r["stages"]["rl"].update(rewards={"length": 1.0}, reward_options={"length": {"max_token": 8}}),
+     "reward_options: length: unknown option(s) ['max_token']; length takes ['max_tokens']"),
+    (lambda r: r["stages"]["rl"].update(rewards={"code": 1.0}, reward_options={"code": {"timeout_s": 0}}),
+     "reward_options: reward 'code': sandbox limit timeout_s must be a number above 0, got 0"),
     (lambda r: r["stages"]["eval"].update(tasks=5), "stages.eval: tasks: tasks must be a name"),
     (lambda r: r["stages"]["eval"].update(seed="abc"), "stages.eval: seed must be a whole number"),
     (lambda r: r["stages"]["push"].update(dry_run=""), "stages.push: dry_run must be true or false, got ''"),
@@ -161,8 +173,9 @@ def test_a_run_folder_reused_by_another_recipe_keeps_only_what_is_this_recipes(t
                                      "  eval: {models: [sft_b], tasks: [kv_cache]}\n")
     (tmp_path / "b.yaml").write_text("stages:\n  sft_a: {type: sft}\n")
     run, first = tmp_path / "run", load_recipe(tmp_path / "a.yaml")
-    for name in first.stages:  # every stage of the first recipe finished
-        (run / name).mkdir(parents=True)
+    for name in first.stages:  # every stage of the first recipe finished, its model saved
+        (run / name / "model").mkdir(parents=True)
+        (run / name / "model" / "config.json").write_text("{}")
         (run / name / "DONE").write_text(first.stages[name].hash + "\n")
     (run / "manifest.json").write_text(json.dumps({"final_model": str(run / "sft_b" / "model"), "eval_table": "T",
                                                    "export_dir": str(run / "push" / "export")}))
@@ -171,6 +184,18 @@ def test_a_run_folder_reused_by_another_recipe_keeps_only_what_is_this_recipes(t
     manifest = Runner(load_recipe(tmp_path / "b.yaml"), run).manifest
     assert manifest["final_model"] == str(run / "sft_a" / "model")  # finished, with the same settings
     assert manifest["eval_table"] is None and manifest["export_dir"] is None
+    assert Runner(first, run).is_done("sft_a") and Runner(first, run).is_done("eval")
+    (run / "sft_a" / "model" / "config.json").unlink()  # a finished stage whose model is gone runs again
+    assert not Runner(first, run).is_done("sft_a") and Runner(first, run).is_done("eval")
+    # A folder moved since its run: the export is this folder's, not the path the manifest recorded
+    (tmp_path / "c.yaml").write_text("stages:\n  sft_a: {type: sft}\n  push: {init: sft_a, repo_id: a/b}\n")
+    pushed, moved = load_recipe(tmp_path / "c.yaml"), tmp_path / "moved"
+    for name in pushed.stages:
+        (moved / name / "model").mkdir(parents=True)
+        (moved / name / "model" / "config.json").write_text("{}")
+        (moved / name / "DONE").write_text(pushed.stages[name].hash + "\n")
+    (moved / "manifest.json").write_text(json.dumps({"export_dir": "runs/before/push/export"}))
+    assert Runner(pushed, moved).manifest["export_dir"] == str(moved / "push" / "export")
     (tmp_path / "a_file").write_text("")
     result = CliRunner().invoke(app, ["run", str(tmp_path / "b.yaml"), "-o", str(tmp_path / "a_file")])
     assert result.exit_code == 2 and "a_file: a file, not a run folder" in result.output, result.output
@@ -190,6 +215,27 @@ def test_overrides_use_the_file_keys_and_are_checked(tmp_path):
     assert recipe.stages["sft"].values["max_steps"] == 5 and recipe.seed == 3
     with pytest.raises(RecipeError, match="max_steps"):
         load_recipe(TINY, ["stages.sft.max_steps=five"])
+    with pytest.raises(RecipeError, match="override stages.evall.size: no stage named 'evall'; did you mean 'eval'"):
+        load_recipe(TINY, ["stages.evall.size=3"])  # it added a second eval stage beside the first
+    added = load_recipe(TINY, ["stages.more.type=eval", "stages.more.tasks=[kv_cache]"])
+    assert list(added.stages)[-1] == "more"
+    result = CliRunner().invoke(app, ["sft", "--config", str(TINY)])  # "unknown key 'name'; did you mean 'run_name'"
+    assert result.exit_code == 2 and "a recipe (it has stages:), not a stage's config; run it with" in result.output
+
+
+def test_a_dataset_beside_the_recipe_is_read_from_there(tmp_path, monkeypatch):
+    """Validation found a data file beside the recipe, and the stage then looked for it where the command ran,
+    after the stages before it had trained."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["stages"]["reward"].update(dataset="pairs.jsonl")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "recipes" / "pairs.jsonl").write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(tmp_path / "recipes" / "r.yaml")
+    assert Path(recipe.stages["reward"].values["dataset"]).resolve() == tmp_path / "recipes" / "pairs.jsonl"
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    assert load_recipe(tmp_path / "recipes" / "r.yaml").stages["reward"].values["dataset"] == "pairs.jsonl"
 
 
 def test_a_later_stage_of_a_type_draws_from_its_own_seed():
@@ -211,6 +257,8 @@ def test_stage_hash_changes_downstream_only():
     same = ["sft", "reward"]
     assert all(base.stages[n].hash == changed.stages[n].hash for n in same)
     assert all(base.stages[n].hash != changed.stages[n].hash for n in ["rl", "rl_preference", "eval", "push"])
+    evaluated = load_recipe(TINY, ["stages.eval.tasks=[kv_cache]"])  # the export's card holds the eval table
+    assert [n for n in base.stages if base.stages[n].hash != evaluated.stages[n].hash] == ["eval", "push"]
 
 
 def test_a_number_written_another_way_keeps_the_stage_hash(tmp_path):
@@ -263,8 +311,12 @@ def test_damaged_bookkeeping_is_named_or_set_aside(tmp_path):
     recipe = load_recipe(TINY)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "manifest.json").write_text("{oops")
-    with pytest.raises(RecipeError, match="manifest.json: not valid JSON; this run folder's record"):
+    with pytest.raises(RecipeError, match="manifest.json: not a JSON object whose stages are objects; this run"):
         Runner(recipe, tmp_path / "a")
+    for damaged in ('{"stages": []}', '{"stages": {"sft": "x"}}', '[1, 2]'):  # tracebacks before
+        (tmp_path / "a" / "manifest.json").write_text(damaged)
+        with pytest.raises(RecipeError, match="manifest.json: not a JSON object whose stages are objects"):
+            Runner(recipe, tmp_path / "a")
     (tmp_path / "b" / "sft").mkdir(parents=True)
     (tmp_path / "b" / "sft" / "STAGE.json").write_text("{oops")  # settings unknown: kept aside, not resumed
     (tmp_path / "b" / "sft" / "checkpoint-6").mkdir()

@@ -40,3 +40,27 @@ def test_rl_derives_its_reward_weights_and_balance_loss(tmp_path):
     assert on.router_aux_loss_coef is None  # not forced to 0: the model config's coefficient applies
     assert on.sync_ref_model and on.ref_model_sync_steps == 5
     assert args_for(tmp_path, "router_aux_loss_coef=0.5", kind="rl").router_aux_loss_coef == 0.5  # the user wins
+
+
+def test_epochs_asked_for_are_trained_not_the_default_step_count(tmp_path):
+    """The stage defaults set max_steps, which in TRL wins over num_train_epochs: epochs were ignored."""
+    assert args_for(tmp_path).max_steps == STAGES["sft"].defaults["max_steps"]
+    assert args_for(tmp_path, "num_train_epochs=2").max_steps == -1
+    assert args_for(tmp_path, "num_train_epochs=2", "max_steps=7").max_steps == 7
+
+
+def test_trl_options_read_only_a_step_in_are_checked_when_the_config_is_built(tmp_path):
+    """Each of these gave a traceback at the first step, after the model was built and the rollout made."""
+    from latentalign.training import ConfigError
+
+    for option, message in (("loss_type=grop", "loss_type: 'grop' is not one of grpo, dr_grpo"),
+                            ("importance_sampling_level=seq", "importance_sampling_level: 'seq' is not one of token, sequence"),
+                            ("scale_rewards=grup", "scale_rewards: 'grup' is not one of group, batch, none"),
+                            ("epsilon_high=-1", "epsilon_high: -1.0 must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            args_for(tmp_path, option, kind="rl")
+    assert args_for(tmp_path, "scale_rewards=true", kind="rl").scale_rewards == "group"  # TRL's bool spelling
+    assert args_for(tmp_path, "scale_rewards=false", kind="rl").scale_rewards == "none"
+    # YAML reads 1e-2 (an exponent, no dot) as text; the scheduler's arithmetic failed on it after warmup
+    args = args_for(tmp_path, "lr_scheduler_type=cosine_with_min_lr", "lr_scheduler_kwargs={min_lr_rate: 1e-2}")
+    assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.01}
