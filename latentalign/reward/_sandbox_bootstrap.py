@@ -579,10 +579,13 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     try:
         tests = RewriteComparisons().visit(ast.parse(payload["tests"] or "", "tests.py"))
         tests_code = compile_(ast.fix_missing_locations(tests), "tests.py", "exec")
-        prefix_code = compile_(payload["prefix"], "prompt.py", "exec") if payload.get("prefix") else None
     except SyntaxError as err:
         write(status_fd, nonce + f" error: the tests do not compile: {err}".encode())
         exit_now(1)
+    try:  # the prompt the program continues ("def add(a, b):\n" and a body to come) need not compile alone
+        prefix_code = compile_(payload["prefix"], "prompt.py", "exec") if payload.get("prefix") else None
+    except SyntaxError:
+        prefix_code = None
     # Its methods see this harness's cells; the class stays reachable (ast.NodeTransformer.__subclasses__()).
     del RewriteComparisons.visit_Compare, RewriteComparisons.visit_Call
     trusted = [f.__code__ for f in (*(v for _, attrs in snapshot.values() for v in attrs.values()),

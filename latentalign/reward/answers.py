@@ -52,6 +52,7 @@ from .verifier import MAX_VERIFIED_CHARS, VERIFIER, Verifier  # noqa: F401 -- wh
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
+_SPACE = re.compile(r"\s*")
 _HASHES = re.compile(r"####[ \t]*([^\sA-Za-z][^\n]*)")  # GSM8K's "#### 72", not a markdown heading "#### Step 1"
 _ANSWER_IS = re.compile(r"answer[ \t]*(?:is|:)[ \t]*:?\s*(?=[^\s])", re.IGNORECASE)  # where its answer starts
 # A number starts where no digit precedes it (after its sign): a scan of a long run of digits tries it once.
@@ -72,7 +73,8 @@ _HEDGE = re.compile(r"^(?:[\s,;:.|/&$]|\\[,;:! ]|\\q?quad|\b(?:or|and|maybe|perh
 
 
 def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
-    """(start of `\\boxed{`, start, end of its content) of every \\boxed{...}, braces balanced."""
+    """(start of `\\boxed{`, start, end of its content) of every outermost \\boxed{...}, braces balanced; a box
+    that holds only a box has that one's content."""
     boxes = list(_BOXED.finditer(text))
     if not boxes:
         return []
@@ -84,7 +86,19 @@ def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
             open_braces.append(brace.start())
         elif open_braces:
             partner[open_braces.pop()] = brace.start()
-    return [(m.start(), m.end(), partner[m.end() - 1]) for m in boxes if m.end() - 1 in partner]
+    spans, outer_end = [], -1
+    for m in boxes:
+        close = partner.get(m.end() - 1)
+        if close is None or m.start() < outer_end:
+            continue  # never closed, or inside a box already read: the outer box holds it
+        start, outer_end = m.end(), close
+        while inner := _BOXED.match(text, _SPACE.match(text, start).end()):  # \boxed{\boxed{5}} answers 5
+            inner_close = partner.get(inner.end() - 1)
+            if inner_close is None or text[inner_close + 1:close].strip():
+                break
+            start, close = inner.end(), inner_close
+        spans.append((m.start(), start, close))
+    return spans
 
 
 def _clip_sentence(span: str) -> str:
@@ -194,14 +208,15 @@ MAX_LISTED = 20  # numbers listed before the last one read as its candidates: pa
 
 
 def reference_answer(reference) -> str:
-    """The answer of a reference: GSM8K ends its solution with `#### 72`, MATH boxes it; other references are
-    the answer itself."""
+    """The answer of a reference: GSM8K ends its solution with `#### 72`, MATH boxes it (a solution that boxes
+    several answers, as "x = \\boxed{3} and x = \\boxed{-2}", has them all, listed: "3, -2"; an empty box is
+    none); other references are the answer itself."""
     reference = str(reference)
     head, sep, tail = reference.rpartition("####")
     if sep:
         return tail.strip()
-    spans = _boxed_spans(reference)
-    return reference[spans[-1][1]:spans[-1][2]].strip() if spans else reference.strip()
+    boxed = [reference[start:end].strip() for _, start, end in _boxed_spans(reference)]
+    return ", ".join(dict.fromkeys(b for b in boxed if b)) if boxed else reference.strip()
 
 
 # ---- plain numbers --------------------------------------------------------------------------------------------

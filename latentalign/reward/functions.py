@@ -21,6 +21,7 @@ import importlib
 import math
 import threading
 from collections import Counter
+from pathlib import Path
 
 from . import code, rules
 
@@ -84,6 +85,20 @@ def unknown_reward(name) -> str:
     return f"unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or 'module:function'."
 
 
+def reward_option_names(name: str) -> set[str]:
+    """The options a registered reward takes (`length`: max_tokens; `code`: its columns' defaults and the sandbox
+    limits): its keyword parameters but the completions, prompts and the column TRL passes."""
+    import inspect
+
+    params = inspect.signature(REGISTRY[name]).parameters
+    named = {p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
+    if name == "code":
+        from .sandbox import SandboxLimits
+
+        named |= set(SandboxLimits.__dataclass_fields__)
+    return named - {"prompts", "completions", "completion_ids", "limits"}
+
+
 def _sandbox_options(name: str, options: dict) -> dict:
     if name == "code" and options:
         from .sandbox import SandboxLimits
@@ -91,7 +106,10 @@ def _sandbox_options(name: str, options: dict) -> dict:
         limit_keys = set(SandboxLimits.__dataclass_fields__)
         limits = {k: options.pop(k) for k in list(options) if k in limit_keys}
         if limits:
-            options["limits"] = SandboxLimits(**limits)
+            try:
+                options["limits"] = SandboxLimits(**limits)
+            except ValueError as err:
+                raise RewardError(f"reward 'code': {err}") from None
     return options
 
 
@@ -103,7 +121,12 @@ class RewardModelFunction:
         from ..model import load_reward_model
         from ..training.model_dir import load_tokenizer
 
+        from ..eval.tasks import is_reward_model
+
         self.path = path
+        if (Path(path) / "config.json").is_file() and not is_reward_model(path):
+            raise RewardError(f"model:{path}: not a reward model (its config names no reward head); its score "
+                              f"head would be random. Train one with the reward stage, or name its folder.")
         self.model = load_reward_model(path).eval()
         if device:
             self.model.to(device)
@@ -161,7 +184,8 @@ def pairwise_accuracy(scorer, rows) -> dict:
 class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     """Wrap a reward so that an exception or a timeout scores `None` instead of stopping training.
 
-    When a batch call fails, the samples are scored one by one and only those that fail again score `None`.
+    When a batch call fails, the samples are scored one by one and only those that fail again score `None`;
+    when it times out, every sample scores `None` (one by one, each could take as long again).
     Samples scored `None` are counted in `.failures` by cause ("none" when the function itself said None,
     "nonfinite" for a NaN or infinite score, which scores None too). A wrong number of returned values raises a
     `RewardError` naming the function: that is a bug, not a flaky reward. With `timeout_s`, the call runs in a
@@ -198,10 +222,17 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         self.calls += 1
         n = len(completions)
+        single = [k for k, v in kwargs.items() if isinstance(v, (str, bytes)) and k not in NOT_COLUMNS]
+        if single:  # zipped with the completions, a string gives them its characters as their answers
+            raise RewardError(f"reward {self.__name__!r}: column(s) {single} hold one string, not one value per "
+                              f"completion; pass a list.")
         try:
             return self._checked(self._call(prompts, completions, **kwargs), n)
         except RewardError:
             raise
+        except TimeoutError:
+            self.failures["TimeoutError"] += n
+            return [None] * n
         except Exception:  # noqa: BLE001 -- the batch failed: score sample by sample, None where that fails
             return [self._one(i, prompts, completions, kwargs) for i in range(n)]
 
@@ -231,6 +262,9 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             return None
 
 
+NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric"})  # what TRL passes beside the columns
+
+
 def weighted_sum(weights: dict, name: str = "weighted"):
     """One reward from several: sum_i w_i * r_i (DeepSeek-V2 stage 2: c1*helpful + c2*safety + c3*rule).
 
@@ -238,6 +272,8 @@ def weighted_sum(weights: dict, name: str = "weighted"):
     could not score is `None`.
     """
     parts = [(get_reward(f) if isinstance(f, str) else f, float(w)) for f, w in weights.items()]
+    if not all(math.isfinite(w) for _, w in parts):
+        raise RewardError(f"weighted_sum: every weight must be a finite number, got {list(weights.values())}.")
 
     def combined(prompts, completions, **kwargs):
         columns = [fn(prompts, completions, **kwargs) for fn, _ in parts]

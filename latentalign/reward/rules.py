@@ -26,7 +26,7 @@ def completion_text(completion) -> str:
     if isinstance(completion, list):
         messages = [m for m in completion if isinstance(m, dict)]
         spoken = [m for m in messages if m.get("role", "assistant") == "assistant"]
-        return "".join(_content_text(m.get("content")) for m in spoken)
+        return "\n\n".join(text for m in spoken if (text := _content_text(m.get("content"))))  # turns apart
     return "" if completion is None else str(completion)
 
 

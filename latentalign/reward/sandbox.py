@@ -69,6 +69,7 @@ What it cannot defeat (it is a process sandbox, not a container or a verifier of
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -92,6 +93,13 @@ class SandboxLimits:
     output_bytes: int = 1 << 20  # stdout + stderr, and any file it writes (RLIMIT_FSIZE)
     max_processes: int = 0  # RLIMIT_NPROC, where the OS enforces it: no fork at all (refused by the hook too)
     max_files: int = 64  # files, folders and links it may make, each at most output_bytes: its disk is bounded
+
+    def __post_init__(self):  # a zero or negative limit failed every program, scoring right ones 0
+        low = {"timeout_s": 0, "cpu_s": 0, "memory_mb": 0, "output_bytes": 0, "max_processes": -1, "max_files": -1}
+        for name, below in low.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not below < value < math.inf:
+                raise ValueError(f"sandbox limit {name} must be a number above {below}, got {value!r}.")
 
 
 @dataclass

@@ -96,7 +96,7 @@ def _check_rewards(rewards: dict, options: dict) -> None:
     only for rewards that are named: found before a model is built, or in a recipe before any stage trains."""
     import math
 
-    from ..reward.functions import REGISTRY, unknown_reward
+    from ..reward.functions import REGISTRY, RewardError, get_reward, reward_option_names, unknown_reward
 
     for name, weight in rewards.items():
         if not isinstance(name, str) or not (name in REGISTRY or ":" in name):  # get_reward's names
@@ -108,6 +108,12 @@ def _check_rewards(rewards: dict, options: dict) -> None:
             raise ValueError(f"reward_options: {name!r} is not one of the rewards ({', '.join(map(str, rewards))}).")
         if not isinstance(value, dict):
             raise ValueError(f"reward_options: {name}: expected a mapping of options, got {value!r}.")
+        if name in REGISTRY and (unknown := sorted(set(value) - (allowed := reward_option_names(name)))):
+            raise ValueError(f"reward_options: {name}: unknown option(s) {unknown}; {name} takes {sorted(allowed)}.")
+        try:
+            get_reward(name, **value) if name in REGISTRY else None  # the sandbox's limits are checked as built
+        except RewardError as err:
+            raise ValueError(f"reward_options: {err}") from None
 
 
 # For the embedded default on CPU: worked answers up to 64 tokens, groups of 16 (fewer groups without a right and
@@ -150,7 +156,11 @@ def trl_config_class():
 
 def trl_adjustments(cfg: RLStageConfig) -> dict:
     """TRL defaults that follow from our options: the reward weights, the balance loss off unless asked for,
-    and TRL's reference sync for `ref_refresh_steps`. The user's TRL options still win."""
+    and TRL's reference sync for `ref_refresh_steps`. The user's TRL options still win, but for TRL's
+    `reward_weights`: the weights are the values of `rewards`, and a second list of them could only disagree."""
+    if "reward_weights" in cfg.trl:
+        raise ConfigError(f"reward_weights: each reward's weight is its value in rewards ({cfg.rewards}); set them "
+                          f"there, not as TRL's list.")
     out = {"reward_weights": [float(w) for w in cfg.rewards.values()]}
     if not cfg.balance_loss:
         out["router_aux_loss_coef"] = 0.0
@@ -160,12 +170,20 @@ def trl_adjustments(cfg: RLStageConfig) -> dict:
 
 
 def check_recipe_rewards(values: dict, stages: dict, where: str) -> dict:
-    """Recipe time: `model:<stage>` in `rewards` must name an earlier reward stage when it names a stage."""
+    """Recipe time: `model:<target>` in `rewards` names an earlier reward stage, a model folder or a hub id (a
+    later stage's folder would hold a model of an earlier run, or none; a typo would fail after the stages
+    before it had trained)."""
+    from ..hub_id import is_hub_id
+
     rewards = values.get("rewards", {})
     for reward in rewards if isinstance(rewards, dict) else ():  # a wrong type is the typed check's to report
         target = reward.removeprefix("model:") if isinstance(reward, str) and reward.startswith("model:") else None
         if target in stages and stages[target].type != "reward":
             raise ConfigError(f"{where}: rewards: {reward!r} names a {stages[target].type} stage, not a reward stage.")
+        if target and target not in stages and not Path(target).is_dir() and not is_hub_id(target):
+            earlier = [n for n, s in stages.items() if s.type == "reward"]
+            raise ConfigError(f"{where}: rewards: {reward!r} names neither an earlier reward stage (earlier: "
+                              f"{earlier}) nor a model folder or hub id.")
     return values
 
 
@@ -203,6 +221,9 @@ def build_rewards(cfg: RLStageConfig):
             raise ConfigError(f"rewards: {err}") from None
         funcs.append(guarded(fn, timeout_s=cfg.reward_timeout_s))
         weights.append(float(weight))
+        taken = [f.__name__ for f in funcs[:-1]]
+        if funcs[-1].__name__ in taken:  # TRL logs each reward by name: two of one name would share a metric
+            funcs[-1].__name__ += f"_{taken.count(funcs[-1].__name__) + 1}"
     return funcs, weights
 
 
@@ -320,8 +341,8 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     _point_trl_at_the_start(model, tokenizer, cfg, args)
     try:
         trainer = grpo_trainer_class()(
-            model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer,
-            peft_config=peft_config, routing_replay=replay, logprob_gap=replay is not None,
+            model=model, reward_funcs=rewards, args=args, train_dataset=to_dataset(rows, cfg.dataset),
+            processing_class=tokenizer, peft_config=peft_config, routing_replay=replay, logprob_gap=replay is not None,
             row_seeded_sampling=cfg.row_seeded_sampling,
             callbacks=[_log_callback(rewards, meter, replay), *([balancer] if balancer else []), *(callbacks or [])])
     finally:
@@ -346,6 +367,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
 
         metrics["eval"] = exact_match(load_model(metrics["model_dir"]), tokenizer, eval_rows,
                                       max_new_tokens=cfg.eval_max_new_tokens)
+        metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
         metrics["eval_accuracy_before"] = before
     return write_metrics(cfg, metrics)

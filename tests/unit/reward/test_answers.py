@@ -147,6 +147,22 @@ def test_extraction_and_references():
     assert final_answer("nothing here") is None
     assert reference_answer("She sold 48/2 = 24 clips.\n#### 1,234") == "1,234"
     assert reference_answer("so $x = \\boxed{\\frac{3}{4}}$.") == "\\frac{3}{4}"
+    # NuminaMath boxes each of several answers; a repeated box, an empty one and a box in a box are one answer
+    solutions = "The solutions are $x=\\boxed{3}$ and $x=\\boxed{-2}$, so $\\boxed{3}$ again.\\ \\boxed{}"
+    assert reference_answer(solutions) == "3, -2" and reference_answer("\\boxed{\\boxed{7}}") == "7"
+    assert is_correct("\\boxed{-2, 3}", solutions) and not is_correct("\\boxed{-2}", solutions)
+
+
+def test_a_box_in_a_box_is_its_answer_read_once():
+    """Each enclosing box's content was read as one more hedged answer: a doubly boxed 5 was wrong, and 16,000
+    nested boxes took 13 s and 2 GB."""
+    import time
+
+    assert is_correct("\\boxed{\\boxed{5}}", "5") and is_correct("\\boxed{ \\boxed{5} }", "5")
+    assert final_answer("\\boxed{x = \\boxed{5}}") == "x = \\boxed{5}"  # more than a box: the outer one's text
+    start = time.process_time()
+    assert is_correct("\\boxed{" * 50_000 + "5" + "}" * 50_000, "5")
+    assert time.process_time() - start < 30  # about 0.1 s; quadratic, it was minutes (and gigabytes)
     assert reference_answer(42) == "42"
 
 

@@ -125,6 +125,11 @@ def test_conversational_completions_are_the_assistant_s_text():
     tool = [{"role": "tool", "content": "3"}, {"role": "assistant", "content": "I do not know."}]
     assert math_accuracy(["q"], [tool], answer=["3"]) == [0.0]
     assert format_reward(["q"], [[{"role": "assistant", "content": None}]]) == [0.0]
+    # A tool call between two turns (TRL's tool-calling completions): the turns stay apart, "12" then "3"
+    turns = [{"role": "assistant", "content": "I'll compute 12"}, {"role": "tool", "content": "result"},
+             {"role": "assistant", "content": "3"}]
+    assert math_accuracy(["q"], [turns], answer=["3"]) == [1.0]
+    assert math_accuracy(["q"], [turns], answer=["123"]) == [0.0]
 
 
 def test_a_thought_cut_off_is_not_the_format():
@@ -215,6 +220,8 @@ def test_weighted_sum_of_rewards():
     combined = weighted_sum({"math": 2.0, "format": 0.5})
     assert combined(["", ""], [" 5", " 6"], answer=["5", "5"]) == [2.5, 0.5]
     assert combined.__name__ == "weighted"
+    with pytest.raises(RewardError, match="every weight must be a finite number"):
+        weighted_sum({"math": float("nan")})
 
 
 def test_guarded_reward_turns_failures_into_none_and_counts_them():
@@ -239,8 +246,8 @@ def test_guarded_reward_turns_failures_into_none_and_counts_them():
     assert p.failures["ValueError"] == 1
     t = guarded(slow, timeout_s=0.2)
     start = time.perf_counter()
-    assert t([""], ["a"]) == [None]
-    assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 1
+    assert t(["", "", ""], ["a", "b", "c"]) == [None, None, None]  # not retried one by one: 4 timeouts in all
+    assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 3
 
 
 def test_a_nan_or_infinite_score_is_no_score():
@@ -251,6 +258,11 @@ def test_a_nan_or_infinite_score_is_no_score():
     g = guarded(broken)
     assert g([""] * 4, ["a", "b", "c", "d"]) == [None, 1.0, None, None]
     assert g.failures == {"nonfinite": 2, "none": 1}
+
+
+def test_a_column_given_as_one_string_is_an_error_not_its_characters():
+    with pytest.raises(RewardError, match=r"reward 'math_accuracy': column\(s\) \['answer'\] hold one string"):
+        guarded(math_accuracy)(["q", "q"], [" 5", " 2"], answer="52")
 
 
 def test_wrong_number_of_values_names_the_function():
@@ -270,9 +282,12 @@ def test_every_registered_reward_scores_the_same_bare_and_guarded(tmp_path):
     from latentalign.reward.sandbox import SandboxLimits
     from latentalign.training import load_starting_point, save_model_dir
 
-    model, tokenizer = load_starting_point("tiny", overrides={"num_hidden_layers": 1, "hidden_size": 32,
-                                                              "intermediate_size": 64})
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}
+    model, tokenizer = load_starting_point("tiny", overrides=small, reward=True)
     rm_dir = save_model_dir(model, tokenizer, tmp_path / "rm")
+    lm_dir = save_model_dir(*load_starting_point("tiny", overrides=small), tmp_path / "lm")
+    with pytest.raises(RewardError, match="not a reward model .* its score head would be random"):
+        get_reward(f"model:{lm_dir}")  # a causal LM's folder loaded with a fresh, random head before
     completions = [c for c, _, _ in ROWS][:12] + ["```python\ndef f():\n    return 1\n```", "def f(): return 2"]
     n = len(completions)
     columns = {"answer": [r for _, r, _ in ROWS][:12] + ["1", "1"],

@@ -244,6 +244,10 @@ def test_humaneval_continuations_are_cut_where_the_function_ends():
         assert humaneval_body(body + tail).rstrip() == body.rstrip()
         assert code_reward([problem["prompt"]], [humaneval_body(body + tail)], **columns) == [1.0]
     assert code_reward([problem["prompt"]], [body + tails[0]], **columns) == [0.0]  # why it is cut
+    # A prompt that is no program of its own (a signature, the body to come) scored every right body 0 before
+    add = {"test": ["assert add(2, 3) == 5"], "code_prefix": ["def add(a, b):\n"]}
+    assert code_reward(["q"], ["    return a + b\n"], **add) == [1.0]
+    assert code_reward(["q"], ["    return a - b\n"], **add) == [0.0]
 
 
 def test_fenced_code_is_extracted():
