@@ -2,8 +2,10 @@
 
 A folder is read file by file with the same readers as a single file, so its rows keep their text as written
 (`datasets.load_dataset` on a folder of CSV turns the answer 007 into 7.0) and a bad row is named by its file.
-Splits follow the hub's naming: a file or folder whose name holds `train`, `test`, `validation` (or their
-aliases) as a word belongs to that split; a folder where no name does is all `train`. A folder saved by
+Splits follow the hub's naming, as `datasets` reads it: a file or folder whose name holds `train`, `test`,
+`validation` (or their aliases) as a word belongs to that split (`train-00000-of-00002.parquet`, `test1.jsonl`);
+a folder where no name does is all `train`; a split of another name is the files that start with it
+(`train_prefs-00000-of-00001.parquet`). A folder saved by
 `datasets`' `save_to_disk` is loaded with `load_from_disk`; one whose README declares configs goes to
 `datasets.load_dataset`, which reads them.
 """
@@ -98,21 +100,25 @@ def _read_csv(path: Path) -> list[dict]:
     return [dict(zip(header, row)) for row in rows if row]
 
 
-def _split_key(relative: Path) -> str:
-    """The split a data file's path names, as written: `data/train_prefs-00000-of-00001.parquet` -> train_prefs,
-    `test.jsonl` -> test, `validation/0.jsonl` -> validation; "" where no name holds a split's word."""
-    for name in (re.sub(r"-\d+-of-\d+$", "", relative.stem), *reversed(relative.parent.parts)):
-        if _canonical(name):
-            return name
-    return ""
+_SEP = r"[-._ 0-9]"  # what may stand beside a split's word in a file name, as in `datasets` (train1, test_0)
 
 
 def _canonical(name: str) -> str | None:
-    """train, validation or test, where `name` holds one of their words as a word (`train_prefs`, `dev`)."""
+    """train, validation or test, where `name` holds one of their words as a word (`train_prefs`, `dev-0`)."""
     for split, words in SPLIT_WORDS.items():
-        if re.search(r"(^|[-_. ])(" + "|".join(words) + r")([-_. ]|$)", name.lower()):
+        if re.search(rf"(^|{_SEP})({'|'.join(words)})({_SEP}|$)", name.lower()):
             return split
     return None
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a data file's path names: its own name's, else its nearest folder's (`validation/0.jsonl`)."""
+    return next(filter(None, map(_canonical, (relative.stem, *reversed(relative.parent.parts)))), None)
+
+
+def _named(relative: Path, split: str) -> bool:
+    """A split asked for by a name of its own: `train_prefs` for `data/train_prefs-00000-of-00001.parquet`."""
+    return any(re.match(rf"{re.escape(split)}({_SEP}|$)", name) for name in (relative.stem, *relative.parent.parts))
 
 
 def read_folder(folder: Path, split: str) -> list[dict] | None:
@@ -139,16 +145,14 @@ def read_folder(folder: Path, split: str) -> list[dict] | None:
     if len(configs) > 1:  # GSM8K's main/ and socratic/: the same questions twice if read together
         raise DataError(f"{folder}: its data lies in several folders ({', '.join(configs)}), a configuration "
                         f"each; name one: {folder / configs[0]}.")
-    keys = {f: _split_key(f.relative_to(folder)) for f in files}
-    if not any(keys.values()):
-        keys = dict.fromkeys(files, "train")
-    chosen = [f for f in files if keys[f] == split] or [f for f in files if _canonical(keys[f]) == split]
-    named = sorted({keys[f] for f in chosen})
+    relative = {f: f.relative_to(folder) for f in files}
+    splits = {f: _split_of(r) for f, r in relative.items()}
+    if split in SPLIT_WORDS:
+        chosen = [f for f in files if splits[f] == split or not any(splits.values()) and split == "train"]
+    else:
+        chosen = [f for f in files if _named(relative[f], split)]
     if not chosen:
-        raise DataError(f"{folder}: no {split!r} split; its files make {sorted(set(filter(None, keys.values())))}.")
-    if len(named) > 1:
-        raise DataError(f"{folder}: the files of several splits ({', '.join(named)}) read as {split!r}; name one as "
-                        f"the split (dataset_split / eval_split).")
+        raise DataError(f"{folder}: no {split!r} split; its files make {sorted(set(filter(None, splits.values())))}.")
     return [row for f in chosen for row in read_file(f)]
 
 

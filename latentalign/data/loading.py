@@ -195,17 +195,26 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         problem = row_problem(row, fmt)
         if problem:
             raise DataError(f"{label}: row {i}: {problem}.")
-    _check_same_columns(rows, label)
+    _check_same_columns(rows, label, kept_columns(fmt, rows[0]))
     rows = [_text_parts_joined(row) for row in rows]
     if fmt == "preference":
         rows = _without_ties(rows, label)
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
-    if fmt in TRAINED_AS_IS:  # other formats' columns would change how TRL reads the row (a `prompt` beside
-        keep = set(FORMATS[fmt]) | ({"prompt", "margin"} if fmt == "preference" else set())  # `messages`)
+    keep = kept_columns(fmt, rows[0])
+    if keep != set(rows[0]):
         _warn_dropped(rows, keep, fmt, label)
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def kept_columns(fmt: str, row: dict) -> set:
+    """The columns of a row of `fmt` that reach training: a format trained as is keeps its own (another's, as a
+    `prompt` beside `messages`, would change how TRL reads the row); RL and prompt rows keep every column, which
+    reaches the rewards."""
+    if fmt not in TRAINED_AS_IS:
+        return set(row)
+    return set(FORMATS[fmt]) | ({"prompt", "margin"} if fmt == "preference" else set())
 
 
 def _warn_dropped(rows: list[dict], keep: set, fmt: str, label: str) -> None:
@@ -261,13 +270,16 @@ def _without_repeated_prompt(row: dict) -> dict:
     repeated = (isinstance(prompt, list) and prompt and all(isinstance(s, list) for s in sides)
                 or isinstance(prompt, str) and prompt and all(isinstance(s, str) for s in sides))
     if repeated and all(s[:len(prompt)] == prompt and len(s) > len(prompt) for s in sides):
-        return {**row, "chosen": sides[0][len(prompt):], "rejected": sides[1][len(prompt):]}
+        rest = [s[len(prompt):] for s in sides]  # text: a prompt that ends a turn, not a word the reply goes on with
+        if isinstance(prompt, list) or prompt[-1].isspace() or all(r[0].isspace() for r in rest):
+            return {**row, "chosen": rest[0], "rejected": rest[1]}
     return row
 
 
-def _check_same_columns(rows: list[dict], label: str) -> None:
+def _check_same_columns(rows: list[dict], label: str, kept: set) -> None:
     """Every row with the first row's columns: a table keeps the first row's, so a column only some rows have is
-    dropped from them (a preference pair's `prompt`) or None in the others."""
+    dropped from them (a preference pair's `prompt`) or None in the others; and each `kept` column holding one
+    kind of value, as a table's column has one type."""
     first = set(rows[0])
     text = {column: isinstance(value, str) for column, value in rows[0].items() if column in FORMAT_COLUMNS}
     kinds: dict = {}  # a column's kind of value, from the first row that has one (a table's column has one type)
@@ -282,8 +294,8 @@ def _check_same_columns(rows: list[dict], label: str) -> None:
             raise DataError(f"{label}: row {i}: its columns differ from row 0's"
                             + (f" (it adds {extra})" if extra else "") + (f" (it lacks {lacking})" if lacking else "")
                             + "; every row needs the same columns.")
-        for column, value in row.items():
-            kind = _kind(value) if column != "answer" else "text"  # answers are read as text (72 and "3/4")
+        for column in sorted(kept & set(row)):
+            kind = _kind(row[column]) if column != "answer" else "text"  # answers are read as text (72 and "3/4")
             if kinds.setdefault(column, (kind, i))[0] != kind and kind != "null" != kinds[column][0]:
                 raise DataError(f"{label}: row {i}: {column!r} is {kind} where row {kinds[column][1]}'s is "
                                 f"{kinds[column][0]}; a column holds one kind of value.")

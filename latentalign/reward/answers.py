@@ -208,15 +208,15 @@ MAX_LISTED = 20  # numbers listed before the last one read as its candidates: pa
 
 
 def reference_answer(reference) -> str:
-    """The answer of a reference: GSM8K ends its solution with `#### 72`, MATH boxes it (a solution that boxes
-    several answers, as "x = \\boxed{3} and x = \\boxed{-2}", has them all, listed: "3, -2"; an empty box is
-    none); other references are the answer itself."""
+    """The answer of a reference: GSM8K ends its solution with `#### 72`, MATH boxes it (the last box that holds
+    something: a solution may box a step before its answer, and end with an empty box); other references are the
+    answer itself."""
     reference = str(reference)
     head, sep, tail = reference.rpartition("####")
     if sep:
         return tail.strip()
     boxed = [reference[start:end].strip() for _, start, end in _boxed_spans(reference)]
-    return ", ".join(dict.fromkeys(b for b in boxed if b)) if boxed else reference.strip()
+    return next((b for b in reversed(boxed) if b), "") if boxed else reference.strip()
 
 
 # ---- plain numbers --------------------------------------------------------------------------------------------

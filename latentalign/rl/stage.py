@@ -221,9 +221,9 @@ def build_rewards(cfg: RLStageConfig):
             raise ConfigError(f"rewards: {err}") from None
         funcs.append(guarded(fn, timeout_s=cfg.reward_timeout_s))
         weights.append(float(weight))
-        taken = [f.__name__ for f in funcs[:-1]]
-        if funcs[-1].__name__ in taken:  # TRL logs each reward by name: two of one name would share a metric
-            funcs[-1].__name__ += f"_{taken.count(funcs[-1].__name__) + 1}"
+        taken, base, n = {f.__name__ for f in funcs[:-1]}, funcs[-1].__name__, 2
+        while funcs[-1].__name__ in taken:  # TRL logs each reward by name: two of one name would share a metric
+            funcs[-1].__name__, n = f"{base}_{n}", n + 1
     return funcs, weights
 
 

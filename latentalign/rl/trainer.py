@@ -1,4 +1,4 @@
-"""The RL stage's GRPO trainer: TRL's GRPOTrainer with five additions, each a class of its own.
+"""The RL stage's GRPO trainer: TRL's GRPOTrainer with four additions, each a class of its own.
 
 - `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss;
 - `RolloutLogprobGap`: keeps the sampled tokens' log-probs and logs `rollout/logprob_gap` against the training
@@ -7,10 +7,7 @@
   the rollouts are the same on any number of processes (sampling.py);
 - `LengthSortedScoring`: the scoring forwards (policy and reference) on rows sorted by length, 32 at a time,
   each group cut to its own widths, instead of one forward padded to the longest prompt and completion (22% off
-  a step on the embedded default, bench/README.md);
-- `UnscoredOut`: a completion that any of its rewards could not score (None) is unscored as a whole, so that it
-  stays out of its group's baseline; TRL sums the other rewards, so a timed-out answer check beside a format
-  reward scored as a wrong answer.
+  a step on the embedded default, bench/README.md).
 
 They reach TRL only through `trl_compat.grpo_hook_trainer()`'s hooks; `grpo_trainer_class()` composes them.
 """
@@ -186,22 +183,14 @@ class LengthSortedScoring:
                 torch.stack(aux).mean() if compute_aux_loss else None)
 
 
-class UnscoredOut:
-    def after_rewards(self, rewards_per_func):
-        rewards_per_func = super().after_rewards(rewards_per_func)
-        partly = torch.isnan(rewards_per_func).any(dim=1)
-        return rewards_per_func.masked_fill(partly[:, None], float("nan")) if partly.any() else rewards_per_func
-
-
 def grpo_trainer_class():
     """`LatentAlignGRPOTrainer(..., routing_replay=None, logprob_gap=False, row_seeded_sampling=False)`:
-    GRPOTrainer with the five above."""
+    GRPOTrainer with the four above."""
     from ..trl_compat import grpo_hook_trainer, metric_logger
 
     base = grpo_hook_trainer()
 
-    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, RowSeededRollouts, LengthSortedScoring,
-                                 UnscoredOut, base):
+    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, RowSeededRollouts, LengthSortedScoring, base):
         def __init__(self, *args, routing_replay: RoutingReplay | None = None, logprob_gap: bool = False,
                      row_seeded_sampling: bool = False, **kwargs):
             super().__init__(*args, **kwargs)

@@ -40,7 +40,7 @@ def test_a_folder_is_read_file_by_file_with_the_hub_split_names(tmp_path):
     assert load_rows(flat.parent)[0][0]["answer"] == str(10 ** 30)  # no split word: all of it is train
 
 
-def test_a_folder_of_configurations_or_splits_sharing_a_word_is_one_clear_error(tmp_path):
+def test_a_folder_of_configurations_is_one_clear_error_and_split_names_read_as_datasets_reads_them(tmp_path):
     for config in ("main", "socratic"):
         write(tmp_path / "gsm" / config / "train-00000-of-00001.jsonl", '{"prompt": "q", "answer": "1"}\n')
     with pytest.raises(DataError, match=r"several folders \(main, socratic\), a configuration each; name one"):
@@ -49,9 +49,13 @@ def test_a_folder_of_configurations_or_splits_sharing_a_word_is_one_clear_error(
     pair = json.dumps({"chosen": "a", "rejected": "b"}) + "\n"
     write(tmp_path / "uf" / "data" / "train_prefs-00000-of-00001.jsonl", pair)
     write(tmp_path / "uf" / "data" / "train_sft-00000-of-00001.jsonl", json.dumps({"messages": [user("q"), bot("a")]}))
-    with pytest.raises(DataError, match=r"several splits \(train_prefs, train_sft\) read as 'train'"):
-        load_rows(tmp_path / "uf")
     assert load_rows(tmp_path / "uf", split="train_prefs") == ([{"chosen": "a", "rejected": "b"}], "preference")
+    row = '{{"prompt": "{}", "answer": "1"}}\n'
+    for name, prompt in (("train-00000-of-00002-aaaa", "a"), ("train-00001-of-00002-bbbb", "b"), ("train1", "c"),
+                         ("test1", "d"), ("train_0", "e")):  # shards as push_to_hub named them; digits as separators
+        write(tmp_path / "shards" / "data" / f"{name}.jsonl", row.format(prompt))
+    assert [r["prompt"] for r in load_rows(tmp_path / "shards")[0]] == ["a", "b", "c", "e"]
+    assert [r["prompt"] for r in load_rows(tmp_path / "shards", split="test")[0]] == ["d"]
 
 
 def test_a_dataset_saved_by_datasets_is_loaded(tmp_path):
@@ -128,3 +132,11 @@ def test_a_stage_reads_text_prompts_as_chat_and_warns_when_its_training_file_is_
     with caplog.at_level(logging.WARNING, logger="latentalign.training.loop"):
         load_stage_data(cfg, ("rl",), ("rl",))
     assert "is the training file itself, and a file is one split: the held-out figure scores rows" in caplog.text
+
+
+def test_what_a_format_drops_is_not_checked_and_a_prompt_is_cut_only_at_a_turns_end(tmp_path):
+    meta = write(tmp_path / "meta.jsonl", json.dumps({"messages": [user("q"), bot("a")], "id": 1}) + "\n"
+                 + json.dumps({"messages": [user("r"), bot("b")], "id": "b-2"}) + "\n")
+    assert [r["messages"][0]["content"] for r in load_rows(meta)[0]] == ["q", "r"]  # `id` is not trained on
+    pair = {"prompt": "Yes", "chosen": "Yes, and more.", "rejected": "Yesterday."}  # a prefix by chance
+    assert load_rows(write(tmp_path / "p.jsonl", json.dumps(pair) + "\n"))[0] == [pair]

@@ -147,10 +147,10 @@ def test_extraction_and_references():
     assert final_answer("nothing here") is None
     assert reference_answer("She sold 48/2 = 24 clips.\n#### 1,234") == "1,234"
     assert reference_answer("so $x = \\boxed{\\frac{3}{4}}$.") == "\\frac{3}{4}"
-    # NuminaMath boxes each of several answers; a repeated box, an empty one and a box in a box are one answer
-    solutions = "The solutions are $x=\\boxed{3}$ and $x=\\boxed{-2}$, so $\\boxed{3}$ again.\\ \\boxed{}"
-    assert reference_answer(solutions) == "3, -2" and reference_answer("\\boxed{\\boxed{7}}") == "7"
-    assert is_correct("\\boxed{-2, 3}", solutions) and not is_correct("\\boxed{-2}", solutions)
+    # The last box that holds something (a step boxed before the answer; an empty box after it); a box in a box
+    solution = "First \\boxed{12} cookies remain, so half is \\boxed{6}.\\ \\boxed{}"
+    assert reference_answer(solution) == "6" and reference_answer("\\boxed{\\boxed{7}}") == "7"
+    assert is_correct("The answer is \\boxed{6}.", solution) and not is_correct("\\boxed{12}", solution)
 
 
 def test_a_box_in_a_box_is_its_answer_read_once():
