@@ -146,6 +146,8 @@ class GRPOHooks:
 
     - `generating()`: a context manager around each rollout generation;
     - `after_rollout(output)`: the batch dict of `_generate_and_score_completions`, returned (changed);
+    - `after_rewards(rewards_per_func)`: every process's completions scored by each reward function (NaN where
+      one said None), as TRL gathered them, returned (changed);
     - `score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss)`:
       the per-token log-probs (entropies, aux loss) TRL computes, for layouts `can_score` accepts (`trl_score`
       is TRL's own); `on_scored(logps)` sees every result;
@@ -158,6 +160,9 @@ class GRPOHooks:
 
     def after_rollout(self, output: dict) -> dict:
         return output
+
+    def after_rewards(self, rewards_per_func):
+        return rewards_per_func
 
     def can_score(self, attention_mask, logits_to_keep, extra: dict) -> bool:
         return False
@@ -186,6 +191,9 @@ class GRPOHooks:
 
     def _generate_and_score_completions(self, inputs):
         return self.after_rollout(super()._generate_and_score_completions(inputs))
+
+    def _calculate_rewards(self, *args, **kwargs):
+        return self.after_rewards(super()._calculate_rewards(*args, **kwargs))
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):

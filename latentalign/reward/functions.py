@@ -181,6 +181,10 @@ def pairwise_accuracy(scorer, rows) -> dict:
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / max(len(rows), 1)}
 
 
+class CallTimedOut(TimeoutError):
+    """A reward call past `guarded`'s timeout."""
+
+
 class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     """Wrap a reward so that an exception or a timeout scores `None` instead of stopping training.
 
@@ -190,7 +194,9 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     "nonfinite" for a NaN or infinite score, which scores None too). A wrong number of returned values raises a
     `RewardError` naming the function: that is a bug, not a flaky reward. With `timeout_s`, the call runs in a
     worker thread; past the timeout its result is discarded (Python cannot stop a running thread: keep CPU-bound
-    work in subprocesses, as the code reward does).
+    work in subprocesses, as the code reward does). `last_failed` marks the samples of the last call that
+    failed (an exception, the timeout, a non-finite score), apart from those the function itself said None for
+    (a row it does not cover: math on a code row).
     """
 
     def __init__(self, fn, timeout_s: float | None = None):
@@ -198,6 +204,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.failures = Counter()
         self.calls = 0
+        self.last_failed: list[bool] = []
 
     def _call(self, prompts, completions, **kwargs):
         if self.timeout_s is None:
@@ -214,7 +221,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         worker.start()
         worker.join(self.timeout_s)
         if worker.is_alive():
-            raise TimeoutError(f"reward {self.__name__} took longer than {self.timeout_s}s")
+            raise CallTimedOut(f"reward {self.__name__} took longer than {self.timeout_s}s")
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -226,17 +233,19 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         if single:  # zipped with the completions, a string gives them its characters as their answers
             raise RewardError(f"reward {self.__name__!r}: column(s) {single} hold one string, not one value per "
                               f"completion; pass a list.")
+        self.last_failed = [False] * n
         try:
             return self._checked(self._call(prompts, completions, **kwargs), n)
         except RewardError:
             raise
-        except TimeoutError:
+        except CallTimedOut:  # the whole call: a TimeoutError of the function's own is any other exception
             self.failures["TimeoutError"] += n
+            self.last_failed = [True] * n
             return [None] * n
         except Exception:  # noqa: BLE001 -- the batch failed: score sample by sample, None where that fails
             return [self._one(i, prompts, completions, kwargs) for i in range(n)]
 
-    def _checked(self, values, n: int) -> list[float | None]:
+    def _checked(self, values, n: int, at: int = 0) -> list[float | None]:
         values = list(values) if values is not None else None
         if values is None or len(values) != n:
             got = "None" if values is None else f"{len(values)} values"
@@ -248,17 +257,20 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         nonfinite = sum(v is not None and not math.isfinite(v) for v in scores)
         if nonfinite:
             self.failures["nonfinite"] += nonfinite
+            for j, v in enumerate(scores):
+                self.last_failed[at + j] |= v is not None and not math.isfinite(v)
             scores = [v if v is None or math.isfinite(v) else None for v in scores]
         return scores
 
     def _one(self, i: int, prompts, completions, columns: dict) -> float | None:
         one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in columns.items()}
         try:
-            return self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1)[0]
+            return self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1, at=i)[0]
         except RewardError:
             raise
         except Exception as err:  # noqa: BLE001 -- this sample could not be scored
-            self.failures[type(err).__name__] += 1
+            self.failures["TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__] += 1
+            self.last_failed[i] = True
             return None
 
 

@@ -1,4 +1,4 @@
-"""The RL stage's GRPO trainer: TRL's GRPOTrainer with four additions, each a class of its own.
+"""The RL stage's GRPO trainer: TRL's GRPOTrainer with five additions, each a class of its own.
 
 - `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss;
 - `RolloutLogprobGap`: keeps the sampled tokens' log-probs and logs `rollout/logprob_gap` against the training
@@ -7,7 +7,11 @@
   the rollouts are the same on any number of processes (sampling.py);
 - `LengthSortedScoring`: the scoring forwards (policy and reference) on rows sorted by length, 32 at a time,
   each group cut to its own widths, instead of one forward padded to the longest prompt and completion (22% off
-  a step on the embedded default, bench/README.md).
+  a step on the embedded default, bench/README.md);
+- `FailedScoresOut`: a completion that a reward failed to score (an exception, a timeout: `guarded`'s
+  `last_failed`) is unscored as a whole, out of its group's baseline. TRL sums the rewards that scored, which is
+  right for a reward's own None (math on a code row) but scored a timed-out answer check beside `format` as a
+  wrong answer.
 
 They reach TRL only through `trl_compat.grpo_hook_trainer()`'s hooks; `grpo_trainer_class()` composes them.
 """
@@ -183,14 +187,31 @@ class LengthSortedScoring:
                 torch.stack(aux).mean() if compute_aux_loss else None)
 
 
+class FailedScoresOut:
+    def after_rewards(self, rewards_per_func):
+        rewards_per_func = super().after_rewards(rewards_per_func)
+        marks = [f.last_failed for f in self.reward_funcs if getattr(f, "last_failed", None) is not None]
+        if not marks or len({len(m) for m in marks}) != 1:
+            return rewards_per_func
+        from accelerate.utils import gather
+
+        local = torch.tensor([any(row) for row in zip(*marks)], dtype=rewards_per_func.dtype,  # as TRL gathers
+                             device=rewards_per_func.device)
+        failed = gather(local) > 0  # in the order TRL gathered the scores: process by process
+        if failed.numel() != rewards_per_func.shape[0] or not failed.any():
+            return rewards_per_func
+        return rewards_per_func.masked_fill(failed[:, None], float("nan"))
+
+
 def grpo_trainer_class():
     """`LatentAlignGRPOTrainer(..., routing_replay=None, logprob_gap=False, row_seeded_sampling=False)`:
-    GRPOTrainer with the four above."""
+    GRPOTrainer with the five above."""
     from ..trl_compat import grpo_hook_trainer, metric_logger
 
     base = grpo_hook_trainer()
 
-    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, RowSeededRollouts, LengthSortedScoring, base):
+    class LatentAlignGRPOTrainer(RoutingReplayHooks, RolloutLogprobGap, RowSeededRollouts, LengthSortedScoring,
+                                 FailedScoresOut, base):
         def __init__(self, *args, routing_replay: RoutingReplay | None = None, logprob_gap: bool = False,
                      row_seeded_sampling: bool = False, **kwargs):
             super().__init__(*args, **kwargs)

@@ -27,3 +27,36 @@ def test_three_rewards_of_one_function_name_log_apart(tmp_path, monkeypatch):
     funcs, weights = build_rewards(cfg)
     assert [f.__name__ for f in funcs] == ["math_accuracy", "math_accuracy_2", "math_accuracy_3"]
     assert weights == [1.0, 0.5, 0.2]
+
+
+def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_none_is_not():
+    """TRL sums the rewards that scored a completion: right where a reward says None for a row it does not cover
+    (math on a code row), wrong where the answer check failed (a timed-out check beside `format` scored as a
+    wrong answer)."""
+    import torch
+
+    from latentalign.reward import guarded
+    from latentalign.rl.trainer import FailedScoresOut
+
+    def check(prompts, completions, **_):
+        if "slow" in completions:
+            raise TimeoutError("the checker hung")
+        return [None if c == "code row" else 1.0 for c in completions]
+
+    def form(prompts, completions, **_):
+        return [0.5] * len(completions)
+
+    class Base:
+        def after_rewards(self, rewards):
+            return rewards
+
+    class Trainer(FailedScoresOut, Base):
+        reward_funcs = [guarded(check), guarded(form)]
+
+    trainer, completions = Trainer(), ["right", "slow", "code row"]
+    scores = [f([""] * 3, completions) for f in trainer.reward_funcs]
+    assert scores == [[1.0, None, None], [0.5, 0.5, 0.5]] and trainer.reward_funcs[0].last_failed == [False, True, False]
+    rewards = torch.tensor([[float("nan") if v is None else v for v in col] for col in scores]).T
+    out = trainer.after_rewards(rewards)
+    assert out[0].tolist() == [1.0, 0.5] and torch.isnan(out[1]).all()  # failed: out of the baseline
+    assert torch.isnan(out[2, 0]) and out[2, 1] == 0.5  # the reward's own None: the others still count
