@@ -5,9 +5,8 @@ A folder is read file by file with the same readers as a single file, so its row
 Splits follow the hub's naming, as `datasets` reads it: a file or folder whose name holds `train`, `test`,
 `validation` (or their aliases) as a word belongs to that split (`train-00000-of-00002.parquet`, `test1.jsonl`);
 a folder where no name does is all `train`; a split of another name is the files that start with it
-(`train_prefs-00000-of-00001.parquet`). A folder saved by
-`datasets`' `save_to_disk` is loaded with `load_from_disk`; one whose README declares configs goes to
-`datasets.load_dataset`, which reads them.
+(`train_prefs-00000-of-00001.parquet`). A folder saved by `datasets`' `save_to_disk` is loaded with
+`load_from_disk`; one whose README declares configs goes to `datasets.load_dataset`, which reads them.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
 
     trainer, completions = Trainer(), ["right", "slow", "code row"]
     scores = [f([""] * 3, completions) for f in trainer.reward_funcs]
-    assert scores == [[1.0, None, None], [0.5, 0.5, 0.5]] and trainer.reward_funcs[0].last_failed == [False, True, False]
+    assert scores == [[1.0, None, None], [0.5, 0.5, 0.5]]
+    assert trainer.reward_funcs[0].last_failed == [False, True, False]
     rewards = torch.tensor([[float("nan") if v is None else v for v in col] for col in scores]).T
     out = trainer.after_rewards(rewards)
     assert out[0].tolist() == [1.0, 0.5] and torch.isnan(out[1]).all()  # failed: out of the baseline
