@@ -227,20 +227,6 @@ def _warn_dropped(rows: list[dict], keep: set, fmt: str, label: str) -> None:
             "(or rename one of them with dataset_columns).", label, dropped, fmt, "+".join(sorted(keep)))
 
 
-def as_chat(rows: list[dict], fmt: str) -> list[dict]:
-    """Text prompts as the user's turn, and a text completion (or preference pair beside a text prompt) as the
-    assistant's: every stage trains a chat model, and eval, `chat` and the reward-model reward render a text
-    prompt that way; TRL would train and roll out text rows without the chat template. Conversations, `text`
-    rows and preference pairs without a prompt (the whole conversation in each side) are left as they are."""
-    replies = {"completion": ("completion",), "preference": ("chosen", "rejected")}.get(fmt, ())
-    prompted = fmt in ("completion", "preference", "rl", "prompt") and rows and "prompt" in rows[0]
-    if not prompted or not isinstance(rows[0]["prompt"], str):
-        return rows
-    logging.getLogger(__name__).info("text prompts are read as the user's turn of a chat (%s rows)", fmt)
-    return [{**row, "prompt": [{"role": "user", "content": row["prompt"]}],
-             **{key: [{"role": "assistant", "content": row[key]}] for key in replies}} for row in rows]
-
-
 def _without_ties(rows: list[dict], label: str) -> list[dict]:
     """A pair whose chosen and rejected are the same teaches no preference (its loss has no gradient) and is a miss
     in pairwise accuracy: public preference sets hold a few. They are dropped, counted in a warning; a set of

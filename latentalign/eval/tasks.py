@@ -64,7 +64,8 @@ def is_reward_model(model_dir) -> bool:
 
 
 def _rows(opts: EvalOptions, source: str, formats):
-    from ..data.loading import as_chat, load_rows
+    from ..data.chat import as_chat
+    from ..data.loading import load_rows
 
     columns = (opts.columns if source == opts.dataset else opts.preference_columns
                if source == opts.preference_dataset else {})

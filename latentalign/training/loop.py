@@ -109,7 +109,8 @@ def warn_rows_cut(trainer, max_length: int | None, dataset: str) -> int:
 
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
     """(training rows, their format, held-out rows or None), every row checked before anything is built."""
-    from ..data.loading import as_chat, load_rows
+    from ..data.chat import as_chat
+    from ..data.loading import load_rows
 
     rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
                           seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from latentalign.data import DataError, load_rows
-from latentalign.data.loading import as_chat, to_dataset
+from latentalign.data.chat import as_chat
+from latentalign.data.loading import to_dataset
 
 
 def write(path, text):
@@ -140,3 +141,17 @@ def test_what_a_format_drops_is_not_checked_and_a_prompt_is_cut_only_at_a_turns_
     assert [r["messages"][0]["content"] for r in load_rows(meta)[0]] == ["q", "r"]  # `id` is not trained on
     pair = {"prompt": "Yes", "chosen": "Yes, and more.", "rejected": "Yesterday."}  # a prefix by chance
     assert load_rows(write(tmp_path / "p.jsonl", json.dumps(pair) + "\n"))[0] == [pair]
+
+
+def test_hh_rlhf_text_is_the_conversation_it_writes_out():
+    """A reward model trained on HH's text was scored in GRPO through the chat template, a format it never saw."""
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: And?\n\nAssistant: Fine."
+    rows = [{"chosen": chosen, "rejected": chosen.replace("Fine.", "Go away.")}]
+    turns = [user("Hi"), bot("Hello!"), user("And?"), bot("Fine.")]
+    assert as_chat(rows, "preference") == [{"chosen": turns, "rejected": turns[:3] + [bot("Go away.")]}]
+    explicit = [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."}]  # cut
+    assert as_chat(explicit, "preference") == [{"prompt": [user("Hi")], "chosen": [bot("Hello!")],
+                                                "rejected": [bot("Go away.")]}]
+    for text in ("Human: no blank lines\n\nAssistant: x", "\n\nHuman: a question left\n\nAssistant: x\n\nHuman: y",
+                 "\n\nAssistant: first\n\nHuman: x\n\nAssistant: y", "plain text"):
+        assert as_chat([{"chosen": text, "rejected": text + "!"}], "preference")[0]["chosen"] == text

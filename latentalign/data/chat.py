@@ -1,0 +1,58 @@
+"""Text rows as the turns of a chat, for the stages: every stage trains a chat model, and eval, `chat` and the
+reward-model reward render a prompt through the chat template; TRL would train and roll out text rows without it.
+
+- A text `prompt` becomes the user's turn, and its `completion` (or a preference pair's `chosen`/`rejected`) the
+  assistant's reply.
+- Anthropic's HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") becomes the conversation it writes out, with or
+  without an explicit prompt, so that a reward model trained on it is scored in GRPO on the text it saw.
+
+Conversations, `text` rows and other text pairs without a prompt (the whole exchange in each side) stay as they
+are. `load_rows` returns rows as written; the stages and eval call `as_chat`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_turns(text: str, *, prompt: bool = False) -> list[dict] | None:
+    """The messages of HH-RLHF's text, or None where `text` is not that: turns from "Human" and "Assistant"
+    taking turns from the human's, each saying something, and ending with the assistant's (for a `prompt`, with
+    the human's, or an assistant turn left open: "...\\n\\nAssistant:")."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = ["user" if who == "Human" else "assistant" for who in parts[1::2]]
+    contents = [content.strip() for content in parts[2::2]]
+    if prompt and roles[-1] == "assistant" and not contents[-1]:
+        roles, contents = roles[:-1], contents[:-1]
+    alternating = roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+    if not roles or not alternating or not all(contents) or (roles[-1] == "assistant") == prompt:
+        return None
+    return [{"role": role, "content": content} for role, content in zip(roles, contents)]
+
+
+def as_chat(rows: list[dict], fmt: str) -> list[dict]:
+    """`rows` of format `fmt` with their text prompts (and HH-RLHF text) as chat turns (module docstring)."""
+    if fmt == "preference" and rows and "prompt" not in rows[0] and isinstance(rows[0]["chosen"], str):
+        sides = [(hh_turns(row["chosen"]), hh_turns(row["rejected"])) for row in rows]
+        if not all(chosen and rejected for chosen, rejected in sides):
+            return rows
+        logging.getLogger(__name__).info("HH-RLHF text pairs are read as the conversations they write out")
+        return [{**row, "chosen": chosen, "rejected": rejected} for row, (chosen, rejected) in zip(rows, sides)]
+    replies = {"completion": ("completion",), "preference": ("chosen", "rejected")}.get(fmt, ())
+    prompted = fmt in ("completion", "preference", "rl", "prompt") and rows and "prompt" in rows[0]
+    if not prompted or not isinstance(rows[0]["prompt"], str):
+        return rows
+    logging.getLogger(__name__).info("text prompts are read as the user's turn of a chat (%s rows)", fmt)
+    return [_prompted(row, replies) for row in rows]
+
+
+def _prompted(row: dict, replies: tuple) -> dict:
+    hh = hh_turns(row["prompt"], prompt=True)  # its replies follow "Assistant:" with a space the turn drops
+    prompt = hh or [{"role": "user", "content": row["prompt"]}]
+    return {**row, "prompt": prompt,
+            **{key: [{"role": "assistant", "content": row[key].strip() if hh else row[key]}] for key in replies}}
