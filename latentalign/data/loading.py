@@ -195,13 +195,13 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         problem = row_problem(row, fmt)
         if problem:
             raise DataError(f"{label}: row {i}: {problem}.")
-    _check_same_columns(rows, label, kept_columns(fmt, rows[0]))
+    keep = kept_columns(fmt, rows[0])
+    _check_same_columns(rows, label, keep)
     rows = [_text_parts_joined(row) for row in rows]
     if fmt == "preference":
         rows = _without_ties(rows, label)
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
-    keep = kept_columns(fmt, rows[0])
     if keep != set(rows[0]):
         _warn_dropped(rows, keep, fmt, label)
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]

@@ -67,6 +67,8 @@ def get_reward(name: str, **options):
         base = REGISTRY[name]
         if not options:
             return base
+        if unknown := sorted(set(options) - (allowed := _option_names(name))):  # a typo would be swallowed by **_
+            raise RewardError(f"{name}: unknown option(s) {unknown}; {name} takes {sorted(allowed)}.")
         return _named(functools.partial(base, **_sandbox_options(name, options)), name)
     if name.startswith("model:"):
         return RewardModelFunction(name.removeprefix("model:"), **options)
@@ -85,7 +87,7 @@ def unknown_reward(name) -> str:
     return f"unknown reward {name!r}; use one of {sorted(REGISTRY)}, 'model:PATH' or 'module:function'."
 
 
-def reward_option_names(name: str) -> set[str]:
+def _option_names(name: str) -> set[str]:
     """The options a registered reward takes (`length`: max_tokens; `code`: its columns' defaults and the sandbox
     limits): its keyword parameters but the completions, prompts and the column TRL passes."""
     import inspect

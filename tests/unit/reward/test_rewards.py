@@ -214,6 +214,9 @@ def test_registry_dotted_paths_and_unknown_names():
         get_reward("maths")
     with pytest.raises(RewardError, match="cannot import 'nope'"):
         get_reward("latentalign.reward.rules:nope")
+    with pytest.raises(RewardError, match=r"length: unknown option\(s\) \['max_token'\]; length takes"):
+        get_reward("length", max_token=8)  # swallowed by the function's **_ before
+    assert get_reward("length", max_tokens=8)([""], ["x"], completion_ids=[[1] * 8]) == [0.0]
 
 
 def test_weighted_sum_of_rewards():
