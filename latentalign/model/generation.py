@@ -26,9 +26,10 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   5.24), then argmax or `torch.multinomial` as its sampling loop does, so the same seed draws the same samples;
 - what the loop does not do goes to transformers' generate, which decodes eagerly and stays the reference:
   beam search, assisted decoding, a cache passed in, scores, attention weights or hidden states asked for, a
-  streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, expanded MLA
-  decoding on a kernel other than SDPA, models sharded across processes, and forward hooks on the model's modules
-  (a compiled step would run them once per shape, not once per step).
+  streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, attention kernels
+  other than sdpa and eager, expanded MLA decoding on eager, models sharded across processes, and forward hooks on
+  the model's modules (a compiled step would run them once per shape, not once per step);
+- without an attention mask, the mask is inferred from the pad tokens as transformers' generate infers it.
 
 The prefill (the prompt's forward) is not compiled: its shape changes with every prompt batch. Compiling the step
 costs seconds (10-45 s per bucket for the mid-size bench model on 2 CPU cores) and is paid again for each new
@@ -40,9 +41,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from transformers import DynamicCache, GenerationConfig, StaticCache, StoppingCriteriaList
+
+from .modeling import ABSORBED_KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,11 @@ def why_not_compiled(model, kwargs: dict, generation_config: GenerationConfig) -
         return "stop strings or a time limit"
     if kwargs.get("synced_gpus") or kwargs.get("streamer") is not None:
         return "synced processes or a streamer"
-    if model.config.mla_attention == "expanded" and model.config._attn_implementation != "sdpa":
-        return f"expanded MLA on the {model.config._attn_implementation!r} kernel"  # takes no boolean mask
+    implementation = model.config._attn_implementation
+    if implementation not in ABSORBED_KERNELS:  # flex and flash build masks of their own, no (B, 1, 1, L) one
+        return f"the {implementation!r} attention kernel"
+    if model.config.mla_attention == "expanded" and implementation != "sdpa":
+        return f"expanded MLA on the {implementation!r} kernel"  # takes no boolean mask
     extra = sorted(k for k, v in kwargs.items() if v is not None and k not in LOOP_KWARGS
                    and not hasattr(generation_config, k))
     if extra:
@@ -140,14 +148,79 @@ _compiled_steps: dict = {}
 def compiled_step(device: torch.device):
     """`_decode_step` compiled for `device`'s kind: CUDA graphs on GPU; on CPU inductor's default mode with its C++
     wrapper, which calls the step's kernels from generated C++ rather than Python (a decode step at batch 4 is a few
-    hundred small kernels: 1.2x faster that way, the same tokens; bench/README.md, decode); elsewhere the default."""
+    hundred small kernels: 1.2x faster that way, the same tokens; bench/README.md, decode), and its few-row products
+    turned over where this machine's GEMM runs them faster so (`FewRowProducts`); elsewhere the default."""
     kind = device.type
     if kind not in _compiled_steps:
         how = {"cuda": dict(mode="reduce-overhead"), "cpu": dict(options={"cpp_wrapper": True})}.get(kind, {})
         if kind == "cpu":
             logging.getLogger("torch._inductor.ir").addFilter(_without_shim_notes)
+            if few_row_products_turned():
+                how["options"]["post_grad_custom_post_pass"] = FewRowProducts()
         _compiled_steps[kind] = torch.compile(_decode_step, fullgraph=True, dynamic=False, **how)
     return _compiled_steps[kind]
+
+
+FEW_ROWS = 16  # products of at most this many rows are the ones FewRowProducts turns over
+TURN_FEW_ROWS: bool | None = None  # None: measure once whether turning them over pays on this machine
+
+
+class FewRowProducts(CustomGraphPass):
+    """Computes each few-row product of the compiled step, `x @ W.T` (a linear layer's; x of at most FEW_ROWS rows),
+    as `(W @ x.T).T`, made contiguous as the product was: the weight as the product's rows. The same sums, the same
+    tokens; for some GEMM libraries a different kernel: MKL on AMD CPUs reads the weight of a 4-row `x @ W.T` at
+    about 4 GB/s and runs `W @ x.T` twice as fast (bench/README.md, decode). Whether to use it is measured on the
+    machine, not assumed (`few_row_products_turned`)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default) or node.kwargs:
+                continue
+            x, w_t = node.args[-2:]  # addmm's first argument is the bias
+            if x.meta["val"].shape[0] > FEW_ROWS:
+                continue
+            with graph.inserting_before(node):
+                w, x_t = (_node(graph, aten.permute.default, a, [1, 0]) for a in (w_t, x))
+                out = _node(graph, aten.permute.default, _node(graph, aten.mm.default, w, x_t), [1, 0])
+                if node.target is aten.addmm.default:
+                    out = _node(graph, aten.add.Tensor, out, node.args[0])
+                out = _node(graph, aten.clone.default, out, memory_format=torch.contiguous_format)
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))
+
+
+def _node(graph: torch.fx.Graph, op, *args, **kwargs) -> torch.fx.Node:
+    """A call of `op` in `graph`, its fake value (which inductor reads when lowering) computed."""
+    node = graph.call_function(op, args, kwargs)
+    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args), **kwargs)
+    return node
+
+
+def few_row_products_turned() -> bool:
+    """Whether `W @ x.T` is clearly faster than `x @ W.T` here (at least 1.25x for a 4-row product by a 1536 x 512
+    weight, each call on another of 16 weights, so that each is read from memory as in a decode step); measured
+    once per process, unless TURN_FEW_ROWS says."""
+    global TURN_FEW_ROWS
+    if TURN_FEW_ROWS is None:
+        weights = torch.randn(16, 1536, 512)
+        x = torch.randn(4, 512)
+        plain = lambda w: x @ w.T  # noqa: E731
+        turned = lambda w: (w @ x.T).T  # noqa: E731
+        times = {plain: [], turned: []}
+        for _ in range(3):
+            for how, seconds in times.items():
+                start = time.perf_counter()
+                for w in weights:
+                    how(w)
+                seconds.append(time.perf_counter() - start)
+        TURN_FEW_ROWS = min(times[plain]) >= 1.25 * min(times[turned])
+        log.info("compiled_decode: few-row products %s (x @ W.T %.0f us, W @ x.T %.0f us)",
+                 "turned over" if TURN_FEW_ROWS else "kept", *(1e6 * min(t) / len(weights) for t in times.values()))
+    return TURN_FEW_ROWS
 
 
 def _without_shim_notes(record: logging.LogRecord) -> bool:
@@ -170,9 +243,10 @@ def prepare(model, args: tuple, kwargs: dict):
     if reason is not None:
         log.debug("compiled_decode: decoding eagerly (%s)", reason)
         return None
-    mask = kwargs.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     model._prepare_special_tokens(generation_config, True, device=ids.device)
+    mask = kwargs.get("attention_mask")
+    if mask is None:  # as transformers' generate infers it: the pad tokens, where padding is told apart from EOS
+        mask = model._prepare_attention_mask_for_generation(ids, generation_config, model_kwargs)
     processors = model._get_logits_processor(
         generation_config=generation_config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
         logits_processor=kwargs.get("logits_processor"), device=ids.device, model_kwargs=model_kwargs)
@@ -210,7 +284,8 @@ def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
                          f"{model.config.max_position_embeddings} positions.")
     device = ids.device
     cache = static_cache(model, batch, length, next(model.parameters()).dtype, device)
-    logits = _prefill(model, ids, kwargs.get("attention_mask"), cache)
+    logits = _prefill(model, ids, mask, cache)
+    mask = mask.bool()
     keys = torch.zeros(batch, length, dtype=torch.bool, device=device)  # what each row attends to (as the mask)
     keys[:, :prompt] = mask
     sequences = torch.zeros((batch, prompt + new_tokens), dtype=ids.dtype, device=device)

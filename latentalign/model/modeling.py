@@ -361,6 +361,9 @@ class DeepseekMoE(hf.DeepseekV2Moe):
 # ----------------------------------------------------------------------------------------------------------
 
 
+ABSORBED_KERNELS = ("sdpa", "eager")  # attention kernels whose masks the absorbed path applies itself
+
+
 def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor:
     """Apply a transformers attention mask (None, bool keep-mask or additive float) to (B, H, S, T) scores."""
     if mask is None:
@@ -436,8 +439,17 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
 
     def _use_absorbed(self, cache, query_length: int) -> bool:
         """"auto": absorbed once a cache holds past tokens. A static cache (fixed buffers, compiled decoding)
-        is asked nothing about its contents, whose length is a tensor there: one query token means a decode step."""
+        is asked nothing about its contents, whose length is a tensor there: one query token means a decode step.
+        The absorbed path computes its scores itself and takes the masks of the sdpa and eager kernels; under another
+        kernel (flex, flash: a block mask, a 2-D padding mask) "auto" decodes by the expanded path, with that kernel,
+        and "absorbed" is refused."""
         mode = self.config.mla_attention
+        implementation = self.config._attn_implementation
+        if implementation not in ABSORBED_KERNELS:
+            if mode == "absorbed":
+                raise ValueError(f"mla_attention='absorbed' takes the masks of the {ABSORBED_KERNELS} attention "
+                                 f"kernels, not {implementation!r}'s; use mla_attention='auto' or 'expanded'.")
+            return False
         if mode == "auto":
             if cache is None:
                 return False
@@ -449,9 +461,32 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
     @either_cache_name
     def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
         # decided before the cache grows
-        attend = self._absorbed if self._use_absorbed(cache, hidden_states.shape[1]) else self._expanded
+        w_kv = self._kv_b_weight() if self._use_absorbed(cache, hidden_states.shape[1]) else None
         q_nope, q_pe, latent, k_pe = self._project(hidden_states, cache, position_embeddings, **kwargs)
-        return attend(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)  # (output, attention weights or None)
+        if w_kv is None:
+            return self._expanded(q_nope, q_pe, latent, k_pe, attention_mask, **kwargs)
+        return self._absorbed(q_nope, q_pe, latent, k_pe, attention_mask, w_kv, **kwargs)  # (output, weights)
+
+    def _kv_b_weight(self) -> torch.Tensor | None:
+        """kv_b_proj's weight as the layer applies it, for the absorbed path, which reads W^UK and W^UV rather than
+        calling the layer: a PEFT LoRA adapter's unmerged update included (GRPO's rollouts decode with the adapter
+        being trained). None for a wrapper whose weight cannot be read that way (DoRA and other LoRA variants, a
+        LoRA bias, a quantized base): the expanded path, which calls the layer, serves it."""
+        layer = self.kv_b_proj
+        if type(layer) is nn.Linear:
+            return layer.weight
+        base = getattr(layer, "base_layer", None)
+        if type(base) is not nn.Linear or not all(hasattr(layer, a) for a in ("get_delta_weight", "lora_variant")):
+            return None
+        weight = base.weight
+        if layer.disable_adapters or layer.merged:  # merged adapters are in the base weight; PEFT applies no other
+            return weight
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                if name in layer.lora_variant or layer.lora_bias.get(name):
+                    return None
+                weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+        return weight
 
     def _project(self, hidden_states, cache, position_embeddings, **kwargs):
         """Queries (B, H, S, d_nope) and (B, H, S, d_r), and the cached plus new latents (B, 1, T, r) and
@@ -492,15 +527,16 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
                                  dropout=self.attention_dropout if self.training else 0.0, **kwargs)  # (B, S, H, D)
         return self.o_proj(out[..., : self.v_head_dim].reshape(b, s, h * self.v_head_dim)), weights
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, attention_mask, **kwargs):
-        """Attention over the latents themselves: W^UK folds into the query, W^UV applies after attention."""
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, attention_mask, w_kv, **kwargs):
+        """Attention over the latents themselves: W^UK folds into the query, W^UV applies after attention; `w_kv`
+        is kv_b_proj's weight (`_kv_b_weight`)."""
         b, h, s, _ = q_nope.shape
         r, d_rope = self.kv_lora_rank, self.qk_rope_head_dim
         latent, k_pe = latent[:, 0], k_pe[:, 0]  # (B, T, r), (B, T, d_r)
         past = latent.shape[1] - s
 
         # kv_b_proj rows, per head: W^UK (d_nope rows) then W^UV (d_v rows), each over the r latent columns.
-        w_kv = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_kv = w_kv.view(h, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
         # Queries in the latent space, scaled here rather than the (B, H, S, T) scores: fewer elements to touch.
         q_lat = torch.einsum("bhsn,hnr->bhsr", q_nope, w_uk) * self.scaling

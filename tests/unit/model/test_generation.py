@@ -3,10 +3,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentalign.model import LatentAlignForCausalLM
-from latentalign.model.generation import BUCKETS_PER_OCTAVE, MIN_BUCKET, bucketed_length, why_not_compiled
+from latentalign.model import LatentAlignForCausalLM, generation
+from latentalign.model.generation import (BUCKETS_PER_OCTAVE, FEW_ROWS, MIN_BUCKET, FewRowProducts, bucketed_length,
+                                          why_not_compiled)
 
 
 def test_buckets_cover_every_length_with_a_bounded_spare_and_few_sizes():
@@ -23,7 +26,11 @@ def test_buckets_cover_every_length_with_a_bounded_spare_and_few_sizes():
         bucketed_length(0)
 
 
-def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(make_config, make_batch):
+@pytest.mark.parametrize("turned", [False, True], ids=["products-kept", "few-row-products-turned"])
+def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(make_config, make_batch, monkeypatch,
+                                                                             turned):
+    monkeypatch.setattr(generation, "TURN_FEW_ROWS", turned)  # whichever this machine's measurement picks
+    monkeypatch.setattr(generation, "_compiled_steps", {})
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = LatentAlignForCausalLM(make_config(num_hidden_layers=2)).eval()
@@ -34,6 +41,8 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(mak
         eager = model.generate(ids, attention_mask=mask, **kwargs)
         compiled = model.generate(ids, attention_mask=mask, compiled_decode=True, **kwargs)
         assert torch.equal(compiled, eager)
+        # no mask: both infer it from the pad tokens (0, not the end-of-sequence token), as transformers does
+        assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), eager)
     with torch.no_grad():  # an optimizer step, as between two GRPO rollouts: the compiled step sees new weights
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
@@ -41,6 +50,25 @@ def test_compiled_decode_gives_the_eager_tokens_and_compiles_once_per_bucket(mak
                        model.generate(ids, attention_mask=mask, **kwargs))
     assert counters["stats"]["unique_graphs"] - frames == 1  # one compile; the later calls reused the step
     assert len(model._latentalign_static_caches) == 1  # and the cache
+
+
+def test_few_row_products_are_turned_over_with_the_same_values():
+    def linears(x, x3, many, w, b):
+        return F.linear(x, w, b), F.linear(x3, w), F.linear(many, w, b)
+
+    w, b = torch.randn(24, 8), torch.randn(24)
+    inputs = (torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(FEW_ROWS + 1, 8), w, b)
+    graph = make_fx(linears, tracing_mode="fake")(*inputs)
+    FewRowProducts()(graph.graph)
+    graph.recompile()
+    aten = torch.ops.aten
+    products = [n for n in graph.graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]
+    turned = [n for n in products if n.target is aten.mm.default and n.args[0].target is aten.permute.default
+              and n.args[0].args[0].target is aten.t.default]  # the weight (W.T turned back) as the rows
+    assert (len(products), len(turned)) == (3, 2)  # the product of FEW_ROWS + 1 rows is left as it was
+    for got, want in zip(graph(*inputs), linears(*inputs)):
+        assert got.is_contiguous() and got.shape == want.shape
+        torch.testing.assert_close(got, want)
 
 
 V3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,

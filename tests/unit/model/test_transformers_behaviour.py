@@ -124,3 +124,65 @@ def test_the_old_past_key_values_name_still_works(make_config, make_batch):
         full = model(ids[:, :6], attention_mask=mask[:, :6]).logits[:, -1:]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
     assert latentalign.LatentAlignConfig  # the package's public config stays importable
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_an_adapter_on_kv_b_proj_decodes_as_the_merged_model(make_config, make_batch, dora):
+    """The absorbed path reads kv_b_proj's weight rather than calling the layer: an unmerged LoRA update must be in
+    it (GRPO with LoRA samples its rollouts so), and a wrapper whose weight it cannot read (DoRA) decodes expanded."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = model_of(LatentAlignForCausalLM, make_config, num_hidden_layers=2)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=dora, lora_dropout=0.0,
+                                               target_modules=["q_proj", "kv_b_proj", "o_proj"])).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():  # a trained adapter: lora_B no longer zero
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    merged = copy.deepcopy(adapted).merge_and_unload().eval()
+    ids, mask = make_batch((11, 6))
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cache = DynamicCache(config=merged.config)
+        adapted(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        step = torch.full((2, 1), 7)
+        step_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        decoded = adapted(input_ids=step, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+        reference = merged(torch.cat([ids, step], dim=1), attention_mask=step_mask).logits[:, -1:]
+    torch.testing.assert_close(decoded, reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(adapted.generate(input_ids=ids, **kwargs), merged.generate(ids, **kwargs))
+    if not dora:
+        assert torch.equal(adapted.generate(input_ids=ids, compiled_decode=True, **kwargs),
+                           merged.generate(ids, **kwargs))
+
+
+def flash_like_kernel(module, query, key, value, mask, **kwargs):
+    """A kernel with flash attention's masks (transformers hands it a 2-D padding mask or None), on SDPA's compute:
+    flash-attn itself needs a GPU."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if mask is not None and mask.dim() == 2:
+        s, t = query.shape[2], key.shape[2]
+        mask = mask[:, None, None, :].bool() & torch.ones(s, t, dtype=torch.bool).tril(t - s)
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def test_a_kernel_with_masks_of_its_own_decodes_by_the_expanded_path(make_config, make_batch):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("flash_like", flash_like_kernel)
+    AttentionMaskInterface.register("flash_like", flash_attention_mask)
+    model = model_of(LatentAlignForCausalLM, make_config, num_hidden_layers=1)
+    ids, mask = make_batch((9, 5))
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, **kwargs)
+    model.config._attn_implementation = "flash_like"
+    assert torch.equal(model.generate(ids, **kwargs), reference)
+    assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), reference)  # decoded eagerly
+    model.config.mla_attention = "absorbed"
+    with pytest.raises(ValueError, match="flash_like"):
+        model.generate(ids, **kwargs)
