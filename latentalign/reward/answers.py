@@ -227,7 +227,7 @@ _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
 # Units after a number: "5 km/h", "7 apples", "3 m/s", "5 cm^2" and "5 m^2", degrees; not a variable or a constant
 # ("2x", "3i", "2e", "2pi", "2x^3").
 _CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
-_UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
+_UNITS = re.compile(rf"^(.*?[\d}}]%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
                     r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")
 MAX_NUMBER_CHARS = 1_000  # a plain number is read from at most this many characters (its rules scan the text)
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)?$")  # 1 000 000 (SI)
@@ -235,10 +235,10 @@ _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)
 
 def _strip_number(text: str) -> str:
     text = _TEXT.sub(lambda m: f" {m.group(1)} ", text)
-    for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\u2212", "-"),
-                     ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""),
-                     (" percent", "%"), ("€", ""), ("£", ""), ("¥", ""), ("\\[", ""), ("\\]", ""), ("\\(", ""),
-                     ("\\)", "")):
+    for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\\ ", " "),
+                     ("~", " "), ("\u2212", "-"), ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""),
+                     ("\\displaystyle", ""), (" percent", "%"), ("€", ""), ("£", ""), ("¥", ""), ("\\[", ""),
+                     ("\\]", ""), ("\\(", ""), ("\\)", "")):
         text = text.replace(old, new)
     text = re.sub(r"(?<!\d)\*{2,}|\*{2,}(?!\d)", "", text)  # markdown's **bold**, not 2**3; and "3*5" is not 35
     text = re.sub(r"^[\s*]+", "", text)
@@ -246,7 +246,7 @@ def _strip_number(text: str) -> str:
     text = text[:len(text) - end.start()] if end else ""
     text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
     units = _UNITS.match(text)
-    if units and not re.search(r"[a-zA-Z]", units.group(1)):
+    if units and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", units.group(1))):  # \frac{1}{2} cup
         text = units.group(1)
     text = re.sub(r"\s*/\s*", "/", text)
     text = re.sub(r"^([-+])\s+", r"\1", text)

@@ -20,18 +20,28 @@ from importlib import resources
 from .rules import completion_text
 from .sandbox import SandboxLimits, run_programs
 
-_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+# A fenced block: its language tag (any case, a version, spaces around it), then the code up to the closing fence.
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+PYTHON_TAGS = frozenset({"", "python", "python3", "py", "py3"})
+_DEFINES = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+(\w+)", re.MULTILINE)
 
 
-def extract_code(text: str) -> str:
-    """The last fenced ```python block of a completion, or the whole completion when it has none."""
-    blocks = _FENCE.findall(text)
-    return blocks[-1] if blocks else text
+def extract_code(text: str, entry_point: str | None = None) -> str:
+    """The code of a completion: of its fenced Python blocks (tagged python, python3, py or untagged), the last that
+    defines `entry_point`, else the last that defines a function or class (not a later block of usage or asserts),
+    else the last; the whole completion when it has none."""
+    text = text.replace("\r\n", "\n")
+    blocks = [code for tag, code in _FENCE.findall(text) if tag.lower() in PYTHON_TAGS]
+    if not blocks:
+        return text
+    defining = [code for code in blocks if (entry_point in _DEFINES.findall(code) if entry_point
+                                            else _DEFINES.search(code))]
+    return (defining or blocks)[-1]
 
 
-def build_program(completion: str, code_prefix: str | None = None) -> str:
-    """The program a completion stands for: the prompt's code it continues, then its (last fenced) code."""
-    return (code_prefix or "") + extract_code(completion)
+def build_program(completion: str, code_prefix: str | None = None, entry_point: str | None = None) -> str:
+    """The program a completion stands for: the prompt's code it continues, then its (fenced) code."""
+    return (code_prefix or "") + extract_code(completion, entry_point)
 
 
 def code_reward(prompts, completions, test=None, entry_point=None, code_prefix=None,
@@ -45,7 +55,8 @@ def code_reward(prompts, completions, test=None, entry_point=None, code_prefix=N
     entry_point = entry_point or [None] * n
     code_prefix = code_prefix or [None] * n
     runnable = [i for i in range(n) if test[i]]
-    results = run_programs([build_program(completion_text(completions[i]), code_prefix[i]) for i in runnable],
+    results = run_programs([build_program(completion_text(completions[i]), code_prefix[i], entry_point[i])
+                            for i in runnable],
                            limits, tests=[test[i] for i in runnable], entry_points=[entry_point[i] for i in runnable],
                            prefixes=[code_prefix[i] for i in runnable])
     rewards: list[float | None] = [None] * n

@@ -23,7 +23,8 @@ Each program runs in its own process, started through a small bootstrap that, be
   does, without the checks below on the tests' `assert`s and calls).
 
 The parent gives it a private temporary working directory, an environment with nothing but PATH, HOME and the
-locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends.
+locale (no tokens or other secrets), a wall-clock timeout, and kills the whole process group when it ends. Its
+output goes to files with no name, outside that directory, read back through the parent's own descriptors.
 Programs run several at a time in a thread pool.
 
 **Passed means the tests ran to completion, not "exit status 0".** The program and its tests reach the
@@ -31,13 +32,16 @@ bootstrap on standard input, never on disk. The bootstrap runs the program, then
 verdict to a pipe, prefixed with a random nonce that only the parent and the bootstrap know; a missing or
 malformed verdict is a failure. What that defeats (each has a test in tests/unit/reward/test_reward_hacks.py):
 - every early exit: `sys.exit`, `exit()`/`quit()`, `os._exit`, raising SystemExit or KeyboardInterrupt at any
-  point, atexit handlers (the harness leaves with `os._exit` after its verdict, so none runs), killing or
+  point (an exit with status 0 or None at the program's top level, a script's own ending, ends the program and the
+  tests still decide; the program runs as a module named `program`, as HumanEval's harness runs it, so its
+  `if __name__ == "__main__":` block does not run), atexit handlers (the harness leaves with `os._exit` after its verdict, so none runs), killing or
   stopping its own process (signals are refused and the signal functions removed), closing or redirecting the
   verdict pipe;
 - forging the verdict: printing "passed", writing to the verdict pipe, reading the tests or the nonce from a
   file, standard input, /proc/self/mem, another frame (a subinterpreter's included), or an audit hook;
 - values built to compare equal to anything: the function under test must return plain data (the
-  interpreter's own types, exactly: no subclass of int or str with its own `__eq__`); and every comparison in
+  interpreter's own types, exactly: no subclass of int or str with its own `__eq__`; a subclass of a container,
+  a Counter or a namedtuple, counts as its base container, read through the base class's code); and every comparison in
   the tests is rewritten to one that first checks a non-plain operand against private values (a random variant
   of the other operand, which it cannot tell from the tests' own, so a value that equals whatever it meets
   first fails too; a sentinel: equal to anything, both equal and unequal, ordered against anything), and then
@@ -135,10 +139,11 @@ def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: st
                           "memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes,
                           "max_processes": limits.max_processes, "max_files": limits.max_files}).encode()
     try:
-        out_path, err_path = Path(workdir, ".stdout"), Path(workdir, ".stderr")
         if os.geteuid() == 0:  # the program runs as nobody: give it its directory
             os.chown(workdir, 65534, 65534)
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        # Its output goes to files with no name, outside its directory, read back through the parent's own
+        # descriptors: a name in the directory it owns could be replaced by a link to any file, or removed.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(BOOTSTRAP), workdir], cwd=workdir, env=_clean_env(workdir),
                 stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True, close_fds=True,
@@ -158,18 +163,22 @@ def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: st
                 timed_out = True
             finally:
                 _kill_group(proc)
+            stdout, stderr = (_read_back(f, limits.output_bytes) for f in (out, err))
         status = _read_all(status_read)
-        read = lambda p: p.read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")  # noqa: E731
         returncode = None if timed_out else proc.returncode
         verdict = _verdict(status, nonce, timed_out, returncode)
-        return RunResult(passed=verdict == "passed", returncode=returncode, timed_out=timed_out,
-                         stdout=read(out_path), stderr=read(err_path), seconds=time.perf_counter() - start,
-                         verdict=verdict)
+        return RunResult(passed=verdict == "passed", returncode=returncode, timed_out=timed_out, stdout=stdout,
+                         stderr=stderr, seconds=time.perf_counter() - start, verdict=verdict)
     finally:
         os.close(status_read)
         if status_write >= 0:
             os.close(status_write)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_back(file, limit: int) -> str:
+    file.seek(0)
+    return file.read(limit).decode("utf-8", errors="replace")
 
 
 def _read_all(fd: int) -> bytes:

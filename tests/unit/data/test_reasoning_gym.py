@@ -368,7 +368,7 @@ def test_an_answer_that_is_code_is_not_run_by_the_tasks_verifier(task, tmp_path)
     rows, _ = load_rows(f"reasoning_gym:{task}", split="test", formats=("rl",), size=2)
     marker = tmp_path / "ran"
     attacks = [f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w').write('x')",
-               f"(lambda: __import__('pathlib').Path('{marker}').touch())()"]
+               f"(lambda: __import__('pathlib').Path('{marker}').touch())()", "exit()"]  # exit: SystemExit
     before = sum(v for k, v in VERIFIER.failures.items() if k == f"reasoning_gym/{task}/refused")
     for attack in attacks:
         completions = [f"<answer>{attack}</answer>"] * 2
@@ -411,7 +411,8 @@ def test_the_python_list_forms_those_verifiers_accept_still_score():
                                     "factorial(10**8)", "factorial(factorial(20))", "[0]*10**10", "'a'*10**10",
                                     "Symbol('x').__class__", "().__class__.__bases__", "[c for c in ()]",
                                     "__import__('os')", "getattr(x, 'y')()", "f(**{'a': 1})",
-                                    "import os", "from os import system"])
+                                    "import os", "from os import system", "exit()", "quit(0)",
+                                    "sum(range(4*10**8))", "list(range(10**9))", "breakpoint()", "print(1)"])
 def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source):
     import ast
 
@@ -423,7 +424,8 @@ def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source
 @pytest.mark.parametrize("source", ["['a', 'b', 'c']", "[[1, 0], [0, 1]]", "-417560*y**6 + 295723*y**5",
                                     "Integer (3 )*Symbol ('x' )**Integer (2 )+Symbol ('C' )", "2**10000",
                                     "Function ('f' )(Symbol ('x' ))", "sin(x)/cos(x) - exp(2*x)", "(x + 1)**3",
-                                    "factorial(20)", "[-91.9, '17.0']", "from sympy import *"])
+                                    "factorial(20)", "[-91.9, '17.0']", "from sympy import *",
+                                    "abs(Integer (-3 ))+int ('4' )", "max(1, 2)"])
 def test_answers_that_are_expressions_of_literals_and_names_pass(source):
     import ast
 

@@ -34,6 +34,10 @@ ROWS = [
     ("\\boxed{\\sqrt{3}}", "2", False),
     ("\\boxed{5\\text{ cm}}", "5", True),
     ("The area is \\boxed{12 \\text{ square units}}.", "12", True),
+    ("\\boxed{18\\ \\text{dollars}}", "18", True),  # LaTeX's spaces: "\\ " and "~"
+    ("\\boxed{18~\\text{dollars}}", "#### 18", True),
+    ("\\boxed{\\frac{1}{2}\\text{ cup}}", "0.5", True),
+    ("\\boxed{\\frac{1}{3}\\text{ cup}}", "0.5", False),
     ("\\boxed{\\frac{\\pi}{2}}", "\\frac{\\pi}{2}", True),
     ("\\boxed{x = 7}", "7", True),
     ("Therefore, \\(\\boxed{(1, 2)}\\)", "(1,2)", True),

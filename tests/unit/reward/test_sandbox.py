@@ -96,6 +96,22 @@ def test_hostile_program_is_contained(name, tmp_path, open_dir, monkeypatch):
     assert sandbox_processes() == []  # the host survived (we are running) and nothing is left behind
 
 
+def test_the_output_is_read_back_through_the_parent_s_descriptors_not_by_name(tmp_path):
+    """Output files named in the program's directory were read by name after it ended: replaced by a link whose
+    target the audit hook had resolved inside (through a link it then swapped for a folder), the parent read any
+    file, /dev/zero or its own stdin. Its directory now holds none of the parent's files."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root only 1234")
+    secret.chmod(0o600)
+    code = ("import os\nprint('visible', sorted(os.listdir('.')))\nos.makedirs('d/' * 11 + 'd')\n"
+            "os.symlink('d/' * 11 + 'd', 's')\n"
+            f"for name in ('.stdout', '.stderr', 'out'):\n    os.symlink('s/' + '../' * 12 + {str(secret)!r}, name)\n"
+            "os.remove('s')\nos.mkdir('s')\n")
+    result = run_program(code, LIMITS)
+    assert result.passed, result.verdict
+    assert result.stdout == "visible []\n" and result.stderr == ""
+
+
 def test_environment_has_no_secrets(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
@@ -254,3 +270,51 @@ def test_fenced_code_is_extracted():
     program = build_program("Here it is:\n```python\ndef f():\n    return 1\n```\nDone.")
     assert run_program(program, LIMITS, tests="assert f() == 1").passed
     assert not run_program(program, LIMITS, tests="assert f() == 2").passed
+
+
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize("completion", [
+    "```python3\n" + ADD + "```", "```Python\n" + ADD + "```", "``` python \n" + ADD + "```", "```py\n" + ADD + "```",
+    ("Here:\n```python\n" + ADD + "```\n").replace("\n", "\r\n"),
+    "```python\n" + ADD + "```\nUsage:\n```python\nprint(add(2, 3))  # 5\n```",  # a later block uses it
+    "```python\n" + ADD + "```\nTests:\n```python\nassert add(2, 3) == 6\n```",  # or tests it, wrongly
+    "```python\n" + ADD + "```\nOutput:\n```text\n5\n```",  # a block of another language
+    "Steps:\n```python\ndef helper():\n    pass\n```\nThen:\n```python\n" + ADD + "print(add(1, 1))\n```",
+])
+def test_the_block_that_defines_the_code_is_the_program(completion):
+    assert code_reward([""], [completion], test=["assert add(2, 3) == 5"], limits=LIMITS) == [1.0]
+    assert code_reward([""], [completion], test=["assert add(2, 3) == 5"], entry_point=["add"], limits=LIMITS) == [1.0]
+    wrong = completion.replace("return a + b", "return a - b")
+    assert code_reward([""], [wrong], test=["assert add(2, 3) == 5"], limits=LIMITS) == [0.0]
+
+
+@pytest.mark.parametrize("ending", [
+    "if __name__ == '__main__':\n    import sys\n    sys.exit(main())\n",
+    "if __name__ == '__main__':\n    a, b = map(int, input().split())\n    print(add(a, b))\n",
+    "import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n"
+    "if __name__ == '__main__':\n    unittest.main()\n",
+    "print(main())\nexit(0)\n", "raise SystemExit\n",
+])
+def test_a_script_s_own_ending_leaves_the_tests_to_decide(ending):
+    """Its `__main__` block does not run (HumanEval's own harness runs the program under another name), and a
+    successful exit at its top level ends the program, not the run; an exit with another status fails it."""
+    script = ADD + "\ndef main():\n    print(add(2, 3))\n    return 0\n\n" + ending
+    assert run_program(script, LIMITS, tests="assert add(2, 3) == 5").passed
+    assert not run_program(script.replace("a + b", "a * b"), LIMITS, tests="assert add(2, 3) == 5").passed
+    assert not run_program(ADD + "exit(1)\n", LIMITS, tests="assert add(2, 3) == 5").passed
+
+
+@pytest.mark.parametrize("returned, expected", [
+    ("collections.Counter('abca')", "{'a': 2, 'b': 1, 'c': 1}"),
+    ("collections.defaultdict(int, {'a': 2})", "{'a': 2}"),
+    ("collections.OrderedDict(b=1, a=2)", "{'a': 2, 'b': 1}"),
+    ("collections.namedtuple('R', 'sum product')(3, 2)", "(3, 2)"),
+    ("[collections.namedtuple('P', 'x y')(1, 2)]", "[(1, 2)]"),
+])
+def test_a_standard_container_s_subclass_is_the_data_it_holds(returned, expected):
+    program = f"import collections\ndef f():\n    return {returned}\n"
+    tests = f"def check(candidate):\n    assert candidate() == {expected}\n"
+    assert run_program(program, LIMITS, tests=tests, entry_point="f").passed
+    assert not run_program(program, LIMITS, tests=tests.replace("==", "!="), entry_point="f").passed
