@@ -61,7 +61,10 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
 - tests in HumanEval's form (`def check(candidate)`) without an entry point fail, rather than pass unrun.
 What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):
 - a program that special-cases the tests' inputs (hard-coded answers), or reads them from a function the tests
-  pass it (a test-defined function hands its globals over);
+  pass it (a test-defined function hands its globals over; replacing the tests' own comparisons there fails the
+  run, checked after each of its calls returns and after the tests);
+- values built to fool the tests beyond what the checks above look at: a C-level object holding a value of the
+  program (a mappingproxy over its mapping), or a generator whose values the tests read;
 - changes made and undone while the tests run (a standard-library module patched and restored in between two
   of the checks), and modules the program imports first;
 - what `nobody` may read: programs running at the same time share that user (one can read what another wrote),
