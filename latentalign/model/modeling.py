@@ -479,6 +479,8 @@ class MultiHeadLatentAttention(hf.DeepseekV2Attention):
         if type(base) is not nn.Linear or not all(hasattr(layer, a) for a in ("get_delta_weight", "lora_variant")):
             return None
         weight = base.weight
+        if layer.disable_adapters and layer.merged:  # PEFT unmerges when the layer is called, which this path is not
+            return None
         if layer.disable_adapters or layer.merged:  # merged adapters are in the base weight; PEFT applies no other
             return weight
         for name in layer.active_adapters:

@@ -222,21 +222,24 @@ def reference_answer(reference) -> str:
 # ---- plain numbers --------------------------------------------------------------------------------------------
 
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_TEXT_UNIT = re.compile(r"(?<=\})\s*\\(?:text|mathrm|mbox)\s*\{\s*[a-zA-Z][a-zA-Z .]*\}\s*$")  # a unit's words
 _FRAC = re.compile(r"^([-+]?)\\[dt]?frac(?:\{\s*([-+]?[\d.]+)\s*\}\{\s*([\d.]+)\s*\}|(\d)(\d))$")
 _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
 # Units after a number: "5 km/h", "7 apples", "3 m/s", "5 cm^2" and "5 m^2", degrees; not a variable or a constant
 # ("2x", "3i", "2e", "2pi", "2x^3").
 _CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
-_UNITS = re.compile(rf"^(.*?[\d}}]%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
+_UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
                     r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")
 MAX_NUMBER_CHARS = 1_000  # a plain number is read from at most this many characters (its rules scan the text)
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)?$")  # 1 000 000 (SI)
 
 
 def _strip_number(text: str) -> str:
+    text = _TEXT_UNIT.sub("", text)  # \frac{1}{2}\text{ cup}
     text = _TEXT.sub(lambda m: f" {m.group(1)} ", text)
+    text = re.sub(r"(?<=[\d}])~", " ", text)  # LaTeX's unbreakable space, "18~\text{dollars}"; "~72" is a hedge
     for old, new in (("\\%", "%"), ("{,}", ","), ("\\,", ""), ("\\!", ""), ("\\;", ""), ("\\ ", " "),
-                     ("~", " "), ("\u2212", "-"), ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""),
+                     ("\u2212", "-"), ("\\$", ""), ("$", ""), ("\\left", ""), ("\\right", ""),
                      ("\\displaystyle", ""), (" percent", "%"), ("€", ""), ("£", ""), ("¥", ""), ("\\[", ""),
                      ("\\]", ""), ("\\(", ""), ("\\)", "")):
         text = text.replace(old, new)
@@ -246,7 +249,7 @@ def _strip_number(text: str) -> str:
     text = text[:len(text) - end.start()] if end else ""
     text = re.sub(r"^(?:[a-zA-Z]\w*\s*=\s*)", "", text)  # "x = 5"
     units = _UNITS.match(text)
-    if units and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", units.group(1))):  # \frac{1}{2} cup
+    if units and not re.search(r"[a-zA-Z]", units.group(1)):
         text = units.group(1)
     text = re.sub(r"\s*/\s*", "/", text)
     text = re.sub(r"^([-+])\s+", r"\1", text)

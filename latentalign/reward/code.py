@@ -20,23 +20,43 @@ from importlib import resources
 from .rules import completion_text
 from .sandbox import SandboxLimits, run_programs
 
-# A fenced block: its language tag (any case, a version, spaces around it), then the code up to the closing fence.
-_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
-PYTHON_TAGS = frozenset({"", "python", "python3", "py", "py3"})
+# A fenced block as Markdown (CommonMark) reads one: a fence of three or more backticks opening a line, its language
+# tag (any case, a version, spaces around it), the code, then a line that closes it with a fence at least as long,
+# or the end of the text (a completion cut at its token limit).
+_FENCE = re.compile(r"^[ \t]*(`{3,})[ \t]*([\w+.-]*)[^\n`]*\n(.*?)(?:^[ \t]*\1`*[ \t]*$|\Z)",
+                    re.DOTALL | re.MULTILINE)
+PYTHON_TAGS = frozenset({"", "python", "py", "ipython"})  # a version after the name is dropped first: python3.11
 _DEFINES = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+(\w+)", re.MULTILINE)
 
 
+def _python_blocks(text: str) -> list[str]:
+    """The fenced blocks tagged python, python3, py (with any version) or untagged, outermost first: the blocks a
+    four-backtick fence holds are read from inside it."""
+    blocks = []
+    for fence, tag, code in _FENCE.findall(text):
+        if len(fence) > 3:
+            blocks += _python_blocks(code)
+        elif re.sub(r"[\d.]+$", "", tag.lower()) in PYTHON_TAGS:
+            blocks.append(code)
+    return blocks
+
+
+def _defines(code: str, entry_point: str | None) -> bool:
+    names = _DEFINES.findall(code)
+    if entry_point:
+        return entry_point in names
+    return any(not name.lower().startswith("test") for name in names)  # not a later block of tests
+
+
 def extract_code(text: str, entry_point: str | None = None) -> str:
-    """The code of a completion: of its fenced Python blocks (tagged python, python3, py or untagged), the last that
-    defines `entry_point`, else the last that defines a function or class (not a later block of usage or asserts),
-    else the last; the whole completion when it has none."""
+    """The code of a completion: of its fenced Python blocks, the last that defines `entry_point`, else the last that
+    defines a function or class other than tests (not a later block of usage, asserts or unit tests), else the last;
+    the whole completion when it has none."""
     text = text.replace("\r\n", "\n")
-    blocks = [code for tag, code in _FENCE.findall(text) if tag.lower() in PYTHON_TAGS]
+    blocks = _python_blocks(text)
     if not blocks:
         return text
-    defining = [code for code in blocks if (entry_point in _DEFINES.findall(code) if entry_point
-                                            else _DEFINES.search(code))]
-    return (defining or blocks)[-1]
+    return ([code for code in blocks if _defines(code, entry_point)] or blocks)[-1]
 
 
 def build_program(completion: str, code_prefix: str | None = None, entry_point: str | None = None) -> str:

@@ -12,8 +12,8 @@ audit hook (PEP 578; installed once, inert outside the scope):
 
 - checks the source of every `eval`, `exec` and `compile` of a string that reasoning-gym's or sympy's code makes:
   an expression of literals, arithmetic, comparisons, names that do not start with `_`, and calls of named
-  functions (sympy's `Integer(2)`, `sin(x)`, `Function('f')(x)`) passes, but not calls of Python's builtins
-  beyond a few cheap ones (`exit()`, `sum(range(10**15))`, `list(range(10**9))`); attribute access, dunder names,
+  functions (sympy's `Integer(2)`, `sin(x)`, `Function('f')(x)`) passes, but not Python's builtins beyond a few
+  cheap ones (`exit()`, `max(1, key=exit)`, `sum(range(10**15))`, `list(range(10**9))`); attribute access, dunder names,
   lambdas, comprehensions, statements (but sympy's own `from sympy import *`), power towers and huge exponents
   or factorials (`9**9**9`, which would compute for hours), and sequence repetition (`[0]*10**9`) are refused;
 - refuses what no verifier needs and an escape would: running programs, writing, renaming or deleting files,
@@ -50,7 +50,7 @@ MAX_VALUE_DIGITS = 10_000  # a constant expression's value; a power tower's is a
 MAX_INT_DIGITS = 100
 HEAVY_CALLS = frozenset({"factorial", "factorial2", "subfactorial", "gamma", "binomial", "fibonacci", "lucas",
                          "prime", "primorial", "isprime", "factorint", "divisors", "totient"})
-# Python's builtins an answer may call: sympy's parse_expr writes `abs(x)`, `int(...)`; the others exit the process
+# Python's builtins an answer may name: sympy's parse_expr writes `abs(x)`, `int(...)`; the others exit the process
 # (`exit()`), compute or allocate without bound (`sum(range(10**15))`, `list(range(10**9))`) or read and write.
 SAFE_BUILTINS = frozenset({"abs", "bool", "complex", "float", "int", "max", "min", "round"})
 _BUILTINS = frozenset(dir(builtins)) | {"exit", "quit", "copyright", "credits", "license", "help"}  # site's too
@@ -159,8 +159,11 @@ def _why_refused(tree: ast.AST) -> str | None:
             return f"an integer of more than {MAX_INT_DIGITS} digits"
         if isinstance(node, ast.Call) and not _named_call(node.func):
             return "a call of something other than a named function"
-        if isinstance(node, ast.Call) and _name(node.func) in _BUILTINS - SAFE_BUILTINS:
-            return f"a call of the builtin {_name(node.func)}"
+        if isinstance(node, ast.Name) and node.id in _BUILTINS - SAFE_BUILTINS:
+            return f"the builtin {node.id}"  # called, or handed to one that calls it (`max(1, 2, key=exit)`)
+        if isinstance(node, ast.Call) and _name(node.func) == "round" and len(node.args) > 1 \
+                and _too_big(_digits(node.args[1]), MAX_EXPONENT_DIGITS):
+            return f"round to more than {MAX_EXPONENT} digits"  # sympy's round(pi, 10**6) computes them
         if isinstance(node, ast.Call) and _name(node.func) in HEAVY_CALLS \
                 and any(_too_big(_digits(a), MAX_FACTORIAL_DIGITS) for a in node.args):
             return f"{_name(node.func)} of more than {MAX_FACTORIAL}"

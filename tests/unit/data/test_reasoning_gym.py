@@ -412,7 +412,8 @@ def test_the_python_list_forms_those_verifiers_accept_still_score():
                                     "Symbol('x').__class__", "().__class__.__bases__", "[c for c in ()]",
                                     "__import__('os')", "getattr(x, 'y')()", "f(**{'a': 1})",
                                     "import os", "from os import system", "exit()", "quit(0)",
-                                    "sum(range(4*10**8))", "list(range(10**9))", "breakpoint()", "print(1)"])
+                                    "sum(range(4*10**8))", "list(range(10**9))", "breakpoint()", "print(1)",
+                                    "max(1, 2, key=exit)", "max([10**8], key=bytearray)", "round(pi, 10**6)"])
 def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source):
     import ast
 

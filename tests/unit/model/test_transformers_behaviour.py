@@ -157,6 +157,14 @@ def test_an_adapter_on_kv_b_proj_decodes_as_the_merged_model(make_config, make_b
     if not dora:
         assert torch.equal(adapted.generate(input_ids=ids, compiled_decode=True, **kwargs),
                            merged.generate(ids, **kwargs))
+        adapted.merge_adapter()  # then disabled: PEFT unmerges when the layer is called, which absorbed MLA does not
+        with torch.no_grad(), adapted.disable_adapter():
+            logits = {}
+            for path in ("absorbed", "expanded"):  # absorbed first: expanded calls the layer, which unmerges
+                model.config.mla_attention = path
+                logits[path] = adapted(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()  # padding's rows attend to nothing, where the two paths differ
+        torch.testing.assert_close(logits["absorbed"][real], logits["expanded"][real], atol=1e-5, rtol=1e-5)
 
 
 def flash_like_kernel(module, query, key, value, mask, **kwargs):

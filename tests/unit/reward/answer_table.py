@@ -38,6 +38,10 @@ ROWS = [
     ("\\boxed{18~\\text{dollars}}", "#### 18", True),
     ("\\boxed{\\frac{1}{2}\\text{ cup}}", "0.5", True),
     ("\\boxed{\\frac{1}{3}\\text{ cup}}", "0.5", False),
+    ("\\boxed{\\frac{1}{2}bh}", "0.5", False),  # a formula, not a unit
+    ("\\boxed{1~000}", "1000", True),
+    ("The answer is ~72", "72", False),  # "~" before a number: about 72, a hedge
+    ("\\boxed{~72}", "72", False),
     ("\\boxed{\\frac{\\pi}{2}}", "\\frac{\\pi}{2}", True),
     ("\\boxed{x = 7}", "7", True),
     ("Therefore, \\(\\boxed{(1, 2)}\\)", "(1,2)", True),

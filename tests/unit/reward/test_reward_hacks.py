@@ -210,6 +210,16 @@ def test_a_value_that_remembers_its_first_comparison_fails_the_probes_before_it(
     for _ in range(3):  # the probes' number is random
         result = run_program(counts, LIMITS, tests="assert Sum(2, 3) == 5\nassert [1, Sum(2, 3)] == [1, 5]\n")
         assert not result.passed and "compares equal to anything" in result.verdict, result.verdict
+    # one that counts from the sentinel (the probe of another type): yes to the 1st and 3rd number after it, which
+    # were the real question and the tests' own when the sentinel came last before them; now a guess per assert
+    marks = ("class Sum:\n    seen = None\n    def __init__(self, a, b):\n        pass\n"
+             "    def __eq__(self, other):\n        if type(other) not in (int, float):\n"
+             "            self.seen = 0\n            return False\n        if self.seen is None:\n"
+             "            return False\n        self.seen += 1\n        return self.seen in (1, 3)\n"
+             "    def __ne__(self, other):\n        return False\n    __hash__ = None\n")
+    tests = "".join(f"assert Sum({a}, 1) == {a + 2}\n" for a in range(4))  # wrong sums: passing is the hack's
+    for _ in range(2):
+        assert not run_program(marks, LIMITS, tests=tests).passed
 
 
 def test_what_a_method_of_the_program_returns_is_checked_as_a_function_s_value():
@@ -300,3 +310,7 @@ def test_a_function_the_tests_pass_in_cannot_replace_their_comparisons():
         hack = f"def apply_twice(f, x):\n    f.__globals__[{name!r}] = {replacement}\n    return 0\n"
         result = run_program(hack, LIMITS, tests=tests)
         assert not result.passed and "replaced the tests' own" in result.verdict, result.verdict
+    hack = "def apply_twice(f, x):\n    f.__builtins__['all'] = lambda *a: True\n    return 0\n"  # their builtins
+    result = run_program(hack, LIMITS, tests="def double(x):\n    return 2 * x\n\n"
+                                             "assert all([apply_twice(double, 3) == 12])\n")
+    assert not result.passed and "the tests' builtins" in result.verdict, result.verdict

@@ -282,6 +282,13 @@ ADD = "def add(a, b):\n    return a + b\n"
     "```python\n" + ADD + "```\nTests:\n```python\nassert add(2, 3) == 6\n```",  # or tests it, wrongly
     "```python\n" + ADD + "```\nOutput:\n```text\n5\n```",  # a block of another language
     "Steps:\n```python\ndef helper():\n    pass\n```\nThen:\n```python\n" + ADD + "print(add(1, 1))\n```",
+    "```python3.11\n" + ADD + "```", "Call ```add``` with two numbers.\n```python\n" + ADD + "```",  # inline code
+    "I put it in a ```python block:\n```python\n" + ADD + "```",  # a fence named in prose opens no block
+    "````markdown\n```python\n" + ADD + "```\n````",  # a block inside a longer fence
+    "```python\n" + ADD + "```\n```python\ndef test_add():\n    assert add(2, 3) == 6\n\ntest_add()\n```",
+    "```python\n" + ADD + "```\n```python\nimport unittest\nclass TestAdd(unittest.TestCase):\n    def test(self):\n"
+    "        self.assertEqual(add(2, 3), 6)\n```",
+    "Here:\n```python\n" + ADD,  # cut at the token limit before its closing fence
 ])
 def test_the_block_that_defines_the_code_is_the_program(completion):
     assert code_reward([""], [completion], test=["assert add(2, 3) == 5"], limits=LIMITS) == [1.0]
@@ -304,6 +311,13 @@ def test_a_script_s_own_ending_leaves_the_tests_to_decide(ending):
     assert run_program(script, LIMITS, tests="assert add(2, 3) == 5").passed
     assert not run_program(script.replace("a + b", "a * b"), LIMITS, tests="assert add(2, 3) == 5").passed
     assert not run_program(ADD + "exit(1)\n", LIMITS, tests="assert add(2, 3) == 5").passed
+
+
+def test_the_program_is_a_module_its_classes_and_pickle_can_find():
+    program = ("import pickle, sys\nclass Node:\n    def __init__(self, x):\n        self.x = x\n"
+               "assert pickle.loads(pickle.dumps(Node(3))).x == 3 and sys.modules[__name__].Node is Node\n"
+               "def f():\n    return 3\n")
+    assert run_program(program, LIMITS, tests="assert f() == 3").passed
 
 
 @pytest.mark.parametrize("returned, expected", [
