@@ -111,9 +111,36 @@ def ensure_chat_template(tokenizer):
     return tokenizer
 
 
+# Conversations on which a tokenizer's template must write what ours writes to count as ours: a system prompt, several
+# turns, with and without the generation prompt.
+_PROBE_CONVERSATIONS = (
+    [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And 1 + 1?"},
+     {"role": "assistant", "content": "2"}],
+)
+
+
 def training_template_for(tokenizer) -> str | None:
-    """The `{% generation %}`-marked variant when the tokenizer uses our template, else None (leave it to TRL)."""
-    return TRAINING_CHAT_TEMPLATE if tokenizer.chat_template == CHAT_TEMPLATE else None
+    """The `{% generation %}`-marked variant of our template when the tokenizer's template writes what ours writes
+    (ours, or DeepSeek-V2-Chat's own as its tokenizer_config.json spells it: another string, the same text), else
+    None (leave it to TRL)."""
+    template = tokenizer.chat_template
+    if template == CHAT_TEMPLATE:
+        return TRAINING_CHAT_TEMPLATE
+    if not isinstance(template, str):
+        return None
+    try:
+        for messages in _PROBE_CONVERSATIONS:
+            for prompt in (messages, messages[:-1]):
+                rendered = [tokenizer.apply_chat_template(prompt, chat_template=t, tokenize=False,
+                                                          add_generation_prompt=prompt is not messages)
+                            for t in (template, CHAT_TEMPLATE)]
+                if rendered[0] != rendered[1]:
+                    return None
+    except Exception:  # noqa: BLE001 -- a template that cannot render these is not ours
+        return None
+    return TRAINING_CHAT_TEMPLATE
 
 
 def digit_variants(tokenizer) -> list[tuple[int, int]]:

@@ -117,7 +117,10 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
                                                  f"({args.max_length} tokens); raise max_length or shorten the prompts")
         warn_rows_cut(trainer, args.max_length, cfg.dataset)
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
-    meter = ExpertLoadMeter(base, hooks=False)  # fed by the balance loss's forward: real tokens only
+    if getattr(trainer, "aux_loss_enabled", True):
+        meter = ExpertLoadMeter(base, hooks=False)  # fed by the balance loss's forward: real tokens only
+    else:  # router_aux_loss_coef 0 (V3's bias balancing alone): no balance loss runs, the routers are watched
+        meter = ExpertLoadMeter(base, grad_only=True)
     use_deepseek_balance_loss(base, meter)
     trainer.add_callback(ExpertLoadLog(meter))
     if balancer := bias_balancer_for(base, cfg.bias_update_speed, default=0.001):

@@ -244,6 +244,10 @@ def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path
             base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                           seed=cfg.seed, reward=reward)
             model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
+            trained_buffers = dict(trained.named_buffers())  # V3's router biases: moved by no gradient, no adapter's
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias") and name in trained_buffers:
+                    buffer.data.copy_(trained_buffers[name].detach().to(buffer.device, buffer.dtype))
         else:
             model = (load_reward_model if reward else load_model)(gathered)
         save_model_dir(model, tokenizer, out)

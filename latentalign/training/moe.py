@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -182,6 +183,9 @@ class ExpertLoadLog(TrainerCallback):
             state.log_history[-1].update(metrics)  # what is kept (a copy of logs, made before this call)
 
 
+BIASES_FILE = "router_biases.safetensors"  # in each checkpoint folder (BiasBalancer.on_save)
+
+
 class BiasBalancer(TrainerCallback):
     """Auxiliary-loss-free load balancing (DeepSeek-V3 technical report §2.1.2), as a `TrainerCallback`.
 
@@ -233,6 +237,28 @@ class BiasBalancer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        """Keep the biases beside the checkpoint: a LoRA checkpoint holds the adapter only, and no gradient moves
+        them (a resumed run would start again from the starting model's)."""
+        from safetensors.torch import save_file
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_file({str(i): bias.contiguous() for i, bias in enumerate(self.master)}, str(folder / BIASES_FILE))
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run takes the biases its checkpoint kept (`on_save`)."""
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / BIASES_FILE
+        if state.global_step and path.is_file():
+            from safetensors.torch import load_file
+
+            kept = load_file(str(path))
+            for i, router in enumerate(self.routers):
+                self.master[i] = kept[str(i)].clone()
+                router.score_bias.data.copy_(self.master[i].to(router.score_bias.device, router.score_bias.dtype))
         return control
 
 

@@ -89,6 +89,14 @@ def test_full_sft_trains_saves_and_evaluates(tmp_path):
     assert load_tokenizer(metrics["model_dir"]).chat_template == CHAT_TEMPLATE  # the plain one, not the training one
 
 
+def test_expert_load_is_logged_without_a_balance_loss_too(tmp_path):
+    """router_aux_loss_coef 0 (V3 balances by its biases alone): TRL asks for no router logits, whose forward fed
+    the load meter; the routers are watched instead."""
+    metrics = run(small_cfg(tmp_path, "router_aux_loss_coef=0", "max_steps=2", "save_steps=2", "eval_size=1"))
+    logged = [h for h in metrics["log_history"] if "loss" in h]
+    assert logged and all("aux_loss" not in h and 0 < h["moe/load_entropy"] <= 1 for h in logged)
+
+
 def test_balance_loss_is_deepseeks_not_mixtrals(tmp_path):
     """TRL's fused head would return Mixtral's loss; ours must equal the model's own aux_loss."""
     from trl import SFTConfig, SFTTrainer
@@ -145,7 +153,9 @@ def test_lora_changes_only_adapters_and_merges_exactly(tmp_path):
         assert (merged(ids).logits - seen["logits"]).abs().max().item() < 1e-4
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model=tiny-v3", "use_lora=true")], ids=["full", "lora-v3"])
+def test_resume_continues_the_same_loss_curve(tmp_path, extra):
+    """LoRA on V3: its checkpoints hold the adapter, not the router biases the balancer moves (kept beside them)."""
     from transformers import TrainerCallback
 
     class StopAfter(TrainerCallback):  # an interruption right after the step-3 checkpoint
@@ -153,10 +163,17 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
             if state.global_step == 3:
                 control.should_training_stop = True
 
-    full = run(small_cfg(tmp_path / "a", "eval_dataset=null"))
-    stopped = run(small_cfg(tmp_path / "b", "eval_dataset=null"), callbacks=[StopAfter()])
+    full = run(small_cfg(tmp_path / "a", "eval_dataset=null", *extra))
+    stopped = run(small_cfg(tmp_path / "b", "eval_dataset=null", *extra), callbacks=[StopAfter()])
     assert stopped["global_step"] == 3
-    resumed = run(small_cfg(tmp_path / "b", "eval_dataset=null"))
+    resumed = run(small_cfg(tmp_path / "b", "eval_dataset=null", *extra))
+    if extra:
+        from latentalign import load_model
+
+        biases = [{k: v for k, v in load_model(m["model_dir"]).state_dict().items() if "correction_bias" in k}
+                  for m in (full, resumed)]
+        assert biases[0] and any(v.abs().sum() > 0 for v in biases[0].values())  # they moved
+        assert all(torch.equal(biases[0][k], biases[1][k]) for k in biases[0])
     assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
 
     def curve(metrics):
@@ -166,6 +183,39 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert {1, 2, 3} <= set(b) and {4, 5, 6} <= set(b)  # the history of the first part is kept
     for step in range(1, 7):  # same data order and optimizer state: the same curve (fp32, 2 threads)
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+
+
+class _TwoProcesses:
+    """A trainer's accelerator, as seen by the save that follows training, reporting two processes: the save of
+    sharded training (a gather, then the adapter merged into a freshly loaded starting model), in one process."""
+    num_processes, is_fsdp2 = 2, False
+
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def test_the_save_of_several_processes_keeps_the_router_biases_lora_did_not_train(tmp_path, monkeypatch):
+    from trl import SFTTrainer
+
+    from latentalign import load_model
+
+    trained, train = {}, SFTTrainer.train
+
+    def train_then_share(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        trained.update({k: v.detach().clone() for k, v in self.model.get_base_model().state_dict().items()
+                        if "correction_bias" in k})
+        self.accelerator = _TwoProcesses(self.accelerator)
+        return out
+
+    monkeypatch.setattr(SFTTrainer, "train", train_then_share)
+    metrics = run(small_cfg(tmp_path, "eval_dataset=null", "model=tiny-v3", "use_lora=true", "max_steps=3"))
+    saved = load_model(metrics["model_dir"]).state_dict()
+    assert trained and any(v.abs().sum() > 0 for v in trained.values())  # the balancer moved them
+    assert all(torch.equal(saved[k], v) for k, v in trained.items())
 
 
 def run_cli(*args):

@@ -368,3 +368,29 @@ def test_one_hub_id_rule():
     for text in ("./model", "/abs/path", "a/b/c", "name", "org/", "/name", "~/x", "openai/gsm8k:main", "org/na me"):
         assert not is_hub_id(text), text
     assert not is_hub_id("openai/gsm8k:", config=True)
+
+
+# DeepSeek-V2-Chat's template as its tokenizer_config.json spells it: another string than ours, the same text.
+DEEPSEEK_V2_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def test_a_template_that_writes_what_ours_writes_gets_the_marked_training_template():
+    """assistant_only_loss on a DeepSeek-V2-Chat checkpoint: its template is not ours byte for byte, and TRL refused
+    it (no {% generation %} markers)."""
+    from latentalign.data import TRAINING_CHAT_TEMPLATE
+    from latentalign.data.tokenizer import training_template_for
+
+    tokenizer = default_tokenizer()
+    assert training_template_for(tokenizer) == TRAINING_CHAT_TEMPLATE
+    tokenizer.chat_template = DEEPSEEK_V2_CHAT_TEMPLATE
+    assert training_template_for(tokenizer) == TRAINING_CHAT_TEMPLATE
+    for other in (DEEPSEEK_V2_CHAT_TEMPLATE.replace("User: ", "Human: "),  # writes something else
+                  DEEPSEEK_V2_CHAT_TEMPLATE.replace("message['content'] + '\\n\\n' }}{% endif %}", "'' }}{% endif %}"),
+                  "{{ raise_exception('no') }}"):
+        tokenizer.chat_template = other
+        assert training_template_for(tokenizer) is None

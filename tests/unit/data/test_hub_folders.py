@@ -114,6 +114,12 @@ def test_text_prompts_become_the_user_turn_of_a_chat():
         {"prompt": [user("Translate.")], "completion": [bot("Le chat.")]}]
     assert as_chat([{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": 1.0}], "preference") == [
         {"prompt": [user("Q")], "chosen": [bot("a")], "rejected": [bot("b")], "margin": 1.0}]
+    # TRL's rows begin a text reply with a space, which the template writes itself ("Assistant: 4"); code keeps its
+    # indent
+    assert as_chat([{"prompt": "2+2?", "completion": " 4"}, {"prompt": "def f():", "completion": "    return 1"}],
+                   "completion") == [{"prompt": [user("2+2?")], "completion": [bot("4")]},
+                                     {"prompt": [user("def f():")], "completion": [bot("    return 1")]}]
+    assert as_chat([{"prompt": "Q", "chosen": " a", "rejected": " b"}], "preference")[0]["chosen"] == [bot("a")]
     untouched = ([{"chosen": "Q a", "rejected": "Q b"}], "preference"), ([{"text": "abc"}], "text"), (
         [{"prompt": [user("Q")], "answer": "1"}], "rl")
     for rows, fmt in untouched:
@@ -127,7 +133,7 @@ def test_a_stage_reads_text_prompts_as_chat_and_warns_when_its_training_file_is_
     rows = write(tmp_path / "rows.jsonl", json.dumps({"prompt": "2+2?", "completion": " 4"}) + "\n")
     cfg = load_config(None, [f"output_dir={tmp_path}/out", f"dataset={rows}", "eval_dataset=null"])
     assert load_stage_data(cfg, ("completion",), ("rl",))[:2] == (
-        [{"prompt": [user("2+2?")], "completion": [bot(" 4")]}], "completion")
+        [{"prompt": [user("2+2?")], "completion": [bot("4")]}], "completion")
     cfg = load_config(None, [f"output_dir={tmp_path}/out", f"dataset={rows}", f"eval_dataset={rows}",
                              "dataset_columns={completion: answer}"])
     with caplog.at_level(logging.WARNING, logger="latentalign.training.loop"):
