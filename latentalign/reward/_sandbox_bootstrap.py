@@ -447,7 +447,9 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     def checked(fn):
         """The function under test, returning plain data only (standard containers' subclasses as their base)."""
         def candidate(*args, **kwargs):
-            value = as_base(fn(*args, **kwargs))
+            value = fn(*args, **kwargs)
+            if not plain(value):
+                value = as_base(value)  # a walk, and a copy only for what holds a container's subclass
             if not plain(value):
                 violate("the function under test returned a value that is not plain data")
             return value
@@ -588,6 +590,14 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return False
         return foreign(fn)
 
+    def names_of(code) -> set:
+        """The global names a code object and those it holds (functions, classes, comprehensions) look up."""
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance_(const, types.CodeType):
+                names |= names_of(const)
+        return names
+
     harness_names: dict = {}  # the tests' names of the functions above, with what they must stay
     tests_namespaces: list = []
 
@@ -600,8 +610,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             for name, fn in harness_names.items():
                 if namespace.get(name) is not fn:
                     violate("the program replaced the tests' own comparisons or calls")
-            if namespace.get("__builtins__") is not builtins_ or len_(builtins_) != len_(pristine) or any(
-                    builtins_.get(name, violations) is not value for name, value in pristine.items()):
+            if namespace.get("__builtins__") is not builtins_ or any(  # the builtins the tests' code names
+                    builtins_.get(name, violations) is not value for name, value in builtins_used.items()):
                 violate("the program changed the tests' builtins")
 
     def call_checked(fn, *args, **kwargs):
@@ -621,6 +631,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     try:
         tests = RewriteComparisons().visit(ast.parse(payload["tests"] or "", "tests.py"))
         tests_code = compile_(ast.fix_missing_locations(tests), "tests.py", "exec")
+        builtins_used = {name: pristine[name] for name in names_of(tests_code) if name in pristine}
     except SyntaxError as err:
         write(status_fd, nonce + f" error: the tests do not compile: {err}".encode())
         exit_now(1)
