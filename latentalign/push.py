@@ -4,18 +4,21 @@
 (or `deepseek_v3`) layout (LoRA merged, `latentalign.export_native`), the tokenizer with its chat template, the generation
 config, and a model card (README.md with hub metadata, the eval table, the recipe and the lineage of stages).
 `check_export` loads the folder in a fresh Python process that never imports this package, and compares its
-logits with ours. `push` uploads the folder with `huggingface_hub` (create_repo + upload_folder); the token
-comes from `HF_TOKEN` or the huggingface_hub login, and is never printed or written.
+logits with ours. `push` uploads the files the export wrote with `huggingface_hub` (create_repo + upload_folder);
+the token comes from `HF_TOKEN` or the huggingface_hub login, and is never printed or written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class PushError(ValueError):
@@ -126,11 +129,17 @@ def export_chat_model(model_dir, out_dir, *, repo_id: str = "latentalign/model",
     model = load_model(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     out = Path(out_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
     export_native(model, out)
     tokenizer.save_pretrained(out)
     base = (manifest or {}).get("base_model")
     (out / "README.md").write_text(model_card(repo_id, manifest, eval_table, base, model.config.family), encoding="utf-8")
-    result = {"export_dir": str(out), "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+    # What this export wrote is what is uploaded: a reused folder (an earlier export, a checkpoint) may hold
+    # optimizer states, training arguments or a .env, which stay out.
+    written = sorted(p.name for p in out.iterdir() if p.is_file() and before.get(p.name) != p.stat().st_mtime_ns)
+    result = {"export_dir": str(out), "files": written, "left_out": sorted(set(before) - set(written))}
+    if result["left_out"]:
+        log.warning("%s: %s not written by this export, not uploaded", out, ", ".join(result["left_out"]))
     if check:
         result["check"] = check_export(out, model)
     return result
@@ -142,9 +151,9 @@ def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-def upload(export_dir, repo_id: str, *, private: bool = False) -> str:
-    """create_repo + upload_folder; returns the repo URL. Network and auth problems become PushError with the
-    token scrubbed from the message."""
+def upload(export_dir, repo_id: str, files: list[str], *, private: bool = False) -> str:
+    """create_repo + upload_folder of `files` (the export's, by name) in `export_dir`; returns the repo URL. Network
+    and auth problems become PushError with the token scrubbed from the message."""
     from huggingface_hub import HfApi
 
     token = _token()
@@ -153,7 +162,7 @@ def upload(export_dir, repo_id: str, *, private: bool = False) -> str:
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model",
+        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model", allow_patterns=files,
                           commit_message="Upload chat model exported by latentalign")
     except Exception as err:  # noqa: BLE001 -- offline, auth, permissions: the user needs the reason
         message = str(err).replace(token, "***")
@@ -180,14 +189,15 @@ def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: 
     if dry_run:
         result["uploaded"] = False
         return result
-    result["url"] = upload(out_dir, repo_id, private=private)
+    result["url"] = upload(out_dir, repo_id, result["files"], private=private)
     result["uploaded"] = True
     return result
 
 
 def _check_out_dir(out_dir: Path, model_dir: Path) -> None:
-    """The export's folder is uploaded whole: not the model's own folder (its config would be rewritten), not a
-    file, and not a folder of other things (an earlier export, which holds a config.json, is written over)."""
+    """The export's folder: not the model's own folder (its config would be rewritten), not a file, and not a
+    folder of other things (an earlier export, which holds a config.json, is written over; of what it holds, only
+    what this export writes is uploaded)."""
     out, source = out_dir.resolve(), Path(model_dir).resolve()
     if out == source or source in out.parents:
         raise PushError(f"{out_dir}: the export would be written into the model's own folder {model_dir}; name "
@@ -238,7 +248,7 @@ def run_push_stage(runner, name: str, stage) -> dict:
                    f"{', '.join(result['files'])}")
         url = None
     else:
-        url = upload(out, values["repo_id"], private=values.get("private", False))
+        url = upload(out, values["repo_id"], result["files"], private=values.get("private", False))
         runner.log(f"  pushed to {url}")
     runner.manifest["export_dir"] = str(out)
     return {"inputs": {"model": runner.model_dir(stage.init)},

@@ -197,6 +197,40 @@ def test_push_refuses_an_export_folder_that_would_upload_or_overwrite_other_thin
     assert sorted(p.name for p in other.iterdir()) == ["secret.txt"]
 
 
+def test_push_uploads_only_what_the_export_wrote_into_a_reused_folder(model_dirs, tmp_path, monkeypatch):
+    """A folder with a config.json passes for an earlier export, and a training checkpoint has one too: its
+    optimizer state, training arguments or a .env with a token must not reach the hub."""
+    import huggingface_hub
+
+    from latentalign.push import push
+
+    lm, _ = model_dirs
+    out = tmp_path / "checkpoint-50"
+    out.mkdir()
+    stale = {"config.json": "{}", "optimizer.pt": "x", "training_args.bin": "x", ".env": "HF_TOKEN=hf_secret"}
+    for name, text in stale.items():
+        (out / name).write_text(text)
+    uploads = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    result = push(lm, "org/x", out_dir=out)
+    assert result["uploaded"] and result["left_out"] == [".env", "optimizer.pt", "training_args.bin"]
+    assert {"config.json", "model.safetensors", "README.md"} <= set(result["files"])
+    assert uploads and uploads[0]["allow_patterns"] == result["files"]
+    assert not set(uploads[0]["allow_patterns"]) & {".env", "optimizer.pt", "training_args.bin"}
+
+
 def test_eval_cli_scores_reasoning_gym_with_its_verifier(model_dirs, tmp_path):
     pytest.importorskip("reasoning_gym")
     lm, _ = model_dirs
