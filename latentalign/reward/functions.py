@@ -188,7 +188,8 @@ class CallTimedOut(TimeoutError):
 
 
 class guarded:  # noqa: N801 -- used like a function: guarded(fn)
-    """Wrap a reward so that an exception or a timeout scores `None` instead of stopping training.
+    """Wrap a reward so that an exception (a `SystemExit` too) or a timeout scores `None` instead of stopping
+    training; KeyboardInterrupt still stops it.
 
     When a batch call fails, the samples are scored one by one and only those that fail again score `None`;
     when it times out, every sample scores `None` (one by one, each could take as long again).
@@ -244,7 +245,8 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             self.failures["TimeoutError"] += n
             self.last_failed = [True] * n
             return [None] * n
-        except Exception:  # noqa: BLE001 -- the batch failed: score sample by sample, None where that fails
+        except (Exception, SystemExit):  # noqa: BLE001 -- the batch failed (a sys.exit in a user's reward too):
+            # score sample by sample, None where that fails
             return [self._one(i, prompts, completions, kwargs) for i in range(n)]
 
     def _checked(self, values, n: int, at: int = 0) -> list[float | None]:
@@ -270,7 +272,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             return self._checked(self._call(prompts[i:i + 1], completions[i:i + 1], **one), 1, at=i)[0]
         except RewardError:
             raise
-        except Exception as err:  # noqa: BLE001 -- this sample could not be scored
+        except (Exception, SystemExit) as err:  # noqa: BLE001 -- this sample could not be scored
             self.failures["TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__] += 1
             self.last_failed[i] = True
             return None

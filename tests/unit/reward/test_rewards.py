@@ -1,5 +1,6 @@
 """Rule rewards, the reward registry, weights, and failure handling."""
 
+import sys
 import time
 
 import pytest
@@ -251,6 +252,23 @@ def test_guarded_reward_turns_failures_into_none_and_counts_them():
     start = time.perf_counter()
     assert t(["", "", ""], ["a", "b", "c"]) == [None, None, None]  # not retried one by one: 4 timeouts in all
     assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 3
+
+
+def test_a_reward_that_calls_sys_exit_scores_none_and_interrupts_still_stop():
+    def quits(prompts, completions, **_):
+        if any(c == "bad" for c in completions):
+            sys.exit(3)
+        return [1.0] * len(completions)
+
+    for timeout_s in (None, 5):  # in the caller's thread and in a worker thread
+        g = guarded(quits, timeout_s=timeout_s)
+        assert g(["", ""], ["ok", "bad"]) == [1.0, None] and g.failures["SystemExit"] == 1
+
+    def interrupted(prompts, completions, **_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guarded(interrupted)([""], ["a"])
 
 
 def test_a_nan_or_infinite_score_is_no_score():
