@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .hub_id import is_hub_id
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,9 @@ def resolve_model_dir(source) -> tuple[Path, dict | None]:
         final = manifest.get("final_model") if isinstance(manifest, dict) else None
         if not final:
             raise PushError(f"{source}: the run has no finished chat model yet; run it to the end first.")
+        if not isinstance(final, str) or not isinstance(manifest.get("run_dir", ""), str):
+            raise PushError(f"{manifest_path}: final_model and run_dir must be paths (strings), got "
+                            f"{final!r} and {manifest.get('run_dir')!r}; this run's manifest is damaged.")
         # The runner wrote the path as seen from where it ran ("runs/x/sft/model"): the model is that path's place
         # inside the run folder, wherever the folder is now and wherever push runs (a copy of it included).
         try:
@@ -94,7 +99,7 @@ def model_card(repo_id: str, manifest: dict | None, eval_table: str | None, base
     version = "V3" if family == "deepseek_v3" else "V2"
     meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
             f"tags: [{family}, mla, moe, latentalign]"]
-    if base_model and "/" in base_model and not Path(base_model).exists():
+    if isinstance(base_model, str) and is_hub_id(base_model) and not Path(base_model).exists():
         meta.append(f"base_model: {base_model}")
     meta.append("---")
     lines = [*meta, "", f"# {repo_id.rsplit('/', 1)[-1]}", "",
@@ -111,11 +116,15 @@ def model_card(repo_id: str, manifest: dict | None, eval_table: str | None, base
     if manifest:
         lines += ["## Lineage", "", "| stage | type | starts from | steps | minutes | config hash |",
                   "|---|---|---|---|---|---|"]
-        for name, stage in manifest.get("stages", {}).items():
-            steps = (stage.get("metrics") or {}).get("global_step", "-")
+        stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+        for name, stage in stages.items():
+            if not isinstance(stage, dict) or stage.get("status") != "done":  # the lineage: the stages that ran
+                continue
+            steps = (stage.get("metrics") or {}).get("global_step", "-") if stage.get("type") != "eval" else "-"
             minutes = f"{stage['seconds'] / 60:.1f}" if stage.get("seconds") is not None else "-"
-            lines.append(f"| {name} | {stage.get('type')} | {stage.get('init') or stage.get('model') or '-'} | "
-                         f"{steps} | {minutes} | `{stage.get('hash', '')[:12]}` |")
+            start = stage.get("init") or (stage.get("inputs") or {}).get("model") or "-"
+            lines.append(f"| {name} | {stage.get('type')} | {start} | {steps} | {minutes} | "
+                         f"`{str(stage.get('hash', ''))[:12]}` |")
         lines += ["", "## Recipe", "", "```yaml", manifest.get("recipe_yaml", "").rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -132,7 +141,7 @@ def export_chat_model(model_dir, out_dir, *, repo_id: str = "latentalign/model",
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
     export_native(model, out)
     tokenizer.save_pretrained(out)
-    base = (manifest or {}).get("base_model")
+    base = None if (manifest or {}).get("base_model_local") else (manifest or {}).get("base_model")
     (out / "README.md").write_text(model_card(repo_id, manifest, eval_table, base, model.config.family), encoding="utf-8")
     # What this export wrote is what is uploaded: a reused folder (an earlier export, a checkpoint) may hold
     # optimizer states, training arguments or a .env, which stay out.
@@ -174,8 +183,6 @@ def upload(export_dir, repo_id: str, files: list[str], *, private: bool = False)
 def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: bool = False,
          eval_table: str | None = None) -> dict:
     """Export `source` (a run folder or a model directory), check it, and upload it unless `dry_run`."""
-    from .hub_id import is_hub_id
-
     if not is_hub_id(repo_id):
         raise PushError(f"repo id {repo_id!r} must look like ORG/NAME.")
     model_dir, manifest = resolve_model_dir(source)
@@ -218,7 +225,6 @@ PUSH_KEYS = frozenset({"repo_id", "private", "dry_run", "check"})
 
 def check_push_stage(values: dict, stages: dict, where: str) -> dict:
     """Recipe time: a push stage's keys, and a repo id that looks like ORG/NAME."""
-    from .hub_id import is_hub_id
     from .training import ConfigError
 
     bad = set(values) - PUSH_KEYS

@@ -17,19 +17,29 @@ def render_prompts(tokenizer, prompts) -> list[str]:
     return texts
 
 
-def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16, batch_size: int = 64,
-                         do_sample: bool = False, temperature: float = 1.0, progress: bool = True,
-                         desc: str = "generate", chat: bool = True) -> list[str]:
+def generate_completions(model, tokenizer, prompts, **kwargs) -> list[str]:
     """Completions (special tokens stripped) for chat prompts: strings or lists of messages. With
-    `chat=False` the prompts are plain text to continue (the tokenizer adds its special tokens)."""
+    `chat=False` the prompts are plain text to continue (the tokenizer adds its special tokens). The keyword
+    arguments are `generate_with_ends`'."""
+    return generate_with_ends(model, tokenizer, prompts, **kwargs)[0]
+
+
+def generate_with_ends(model, tokenizer, prompts, *, max_new_tokens: int = 16, batch_size: int = 64,
+                       do_sample: bool = False, temperature: float = 1.0, progress: bool = True,
+                       desc: str = "generate", chat: bool = True) -> tuple[list[str], list[bool]]:
+    """(completions, cut): `cut[i]` is true where completion i reached `max_new_tokens` without an end of
+    sequence, so an answer it would have given is missing."""
     import torch
     from tqdm.auto import tqdm
 
     texts = render_prompts(tokenizer, prompts) if chat else list(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    ends = tokenizer.eos_token_id
+    ends = torch.tensor([ends] if isinstance(ends, int) else list(ends or []), dtype=torch.long)
     was_training = model.training
     model.eval()
     out: list[str] = []
+    cut: list[bool] = []
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
@@ -38,11 +48,14 @@ def generate_completions(model, tokenizer, prompts, *, max_new_tokens: int = 16,
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature if do_sample else None, top_p=None, top_k=None,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = ids[:, batch["input_ids"].shape[1]:].cpu()
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+            ended = torch.isin(new, ends).any(dim=1)
+            cut += [bool(c) for c in ~ended & (new.shape[1] >= max_new_tokens)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return out
+    return out, cut
 
 
 def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True
@@ -52,9 +65,9 @@ def exact_match(model, tokenizer, rows, *, batch_size: int = 64, max_new_tokens:
     that only their verifier judges) are left out: no answer equals none."""
     rows = [r for r in rows if has_reference(r["answer"])]
     if not rows:
-        return {"accuracy": 0.0, "correct": 0, "n": 0, "examples": []}
-    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, progress=progress, desc="eval")
+        return {"accuracy": 0.0, "correct": 0, "n": 0, "cut": 0, "examples": []}
+    completions, cut = generate_with_ends(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, progress=progress, desc="eval")
     correct = [is_correct(c, r["answer"]) for c, r in zip(completions, rows)]
-    return {"accuracy": sum(correct) / max(len(rows), 1), "correct": sum(correct), "n": len(rows),
+    return {"accuracy": sum(correct) / max(len(rows), 1), "correct": sum(correct), "n": len(rows), "cut": sum(cut),
             "examples": [{"completion": c, "answer": r["answer"]} for c, r in list(zip(completions, rows))[:5]]}

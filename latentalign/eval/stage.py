@@ -50,7 +50,8 @@ def run_in_recipe(runner, name: str, stage) -> dict:
     folder = runner.stage_dir(name)
     runner.write_json(folder / "results.json", results)
     (folder / "table.md").write_text(table + "\n")
-    runner.manifest["eval_table"] = table
+    runner.manifest["eval_table"] = table  # the run's table: the last eval stage to run (the report plots its figures)
+    runner.manifest["eval_stage"] = name
     return {"inputs": {"models": {m: runner.model_dir(m) for m in stage.values["models"]}, "tasks": tasks},
             "outputs": {"results": str(folder / "results.json"), "table": str(folder / "table.md")},
             "metrics": results}

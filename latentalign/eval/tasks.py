@@ -14,7 +14,9 @@
 | `decode_speed` | causal LM  | greedy decode tokens/s: batch 4, 256-token context, 64 new tokens              |
 | `lm_eval:TASK` | causal LM  | a task of lm-evaluation-harness (the `harness` extra), through its `hf` model  |
 
-Each task returns a flat dict of metrics named `<task>/<metric>` (the headline one is `<task>`).
+Each task returns a flat dict of metrics named `<task>/<metric>` (the headline one is `<task>`). `accuracy/cut`
+and `reasoning_gym/cut` are the shares of greedy completions that reached `max_new_tokens` without ending (scored
+as they stand, with a warning); `lm_eval:TASK` is the harness task's first metric.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..reward.answers import has_reference
 from .options import EvalError, EvalOptions
@@ -92,7 +94,16 @@ def accuracy(model, tokenizer, opts: EvalOptions) -> dict:
 
     result = exact_match(model, tokenizer, _answered_rows(opts), batch_size=opts.batch_size,
                          max_new_tokens=opts.max_new_tokens, progress=False)
-    return {"accuracy": result["accuracy"], "accuracy/n": result["n"]}
+    return {"accuracy": result["accuracy"], "accuracy/n": result["n"],
+            "accuracy/cut": _cut_share("accuracy", result["cut"], result["n"], opts)}
+
+
+def _cut_share(task: str, cut: int, n: int, opts: EvalOptions) -> float:
+    """The share of completions cut at `max_new_tokens` (each scored as it stands), with a warning when any was."""
+    if cut:
+        log.warning("%s: %d of %d completions reached max_new_tokens=%d without ending and were scored as cut; "
+                    "raise max_new_tokens if their answers come late.", task, cut, n, opts.max_new_tokens)
+    return cut / max(n, 1)
 
 
 def _samples_of(model, tokenizer, rows: list[dict], opts: EvalOptions, k: int) -> list[list[str]]:
@@ -151,11 +162,11 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
     """Greedy answers to held-out reasoning-gym entries, each scored by its task's `score_answer` (partial credit
     where the task gives it): the mean overall and per task."""
     from ..data.reasoning_gym import score, task_of
-    from .accuracy import generate_completions
+    from .accuracy import generate_with_ends
 
     rows = _reasoning_gym_rows(opts, "reasoning_gym")
-    completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size=opts.batch_size,
-                                       max_new_tokens=opts.max_new_tokens, progress=False)
+    completions, cut = generate_with_ends(model, tokenizer, [r["prompt"] for r in rows], batch_size=opts.batch_size,
+                                          max_new_tokens=opts.max_new_tokens, progress=False)
     by_task: dict[str, list[float]] = {}
     questions: dict[str, set] = {}
     for completion, row in zip(completions, rows):
@@ -163,7 +174,8 @@ def reasoning_gym_score(model, tokenizer, opts: EvalOptions) -> dict:
         by_task.setdefault(task, []).append(score(completion, row["reasoning_gym"]))
         questions.setdefault(task, set()).add(row["prompt"][-1]["content"])
     scores = [s for values in by_task.values() for s in values]
-    metrics = {"reasoning_gym": sum(scores) / max(len(scores), 1), "reasoning_gym/n": len(scores)}
+    metrics = {"reasoning_gym": sum(scores) / max(len(scores), 1), "reasoning_gym/n": len(scores),
+               "reasoning_gym/cut": _cut_share("reasoning_gym", sum(cut), len(rows), opts)}
     for task, values in sorted(by_task.items()):
         metrics[f"reasoning_gym/{task}"] = sum(values) / len(values)
         metrics[f"reasoning_gym/{task}/n"] = len(values)  # the rows this task's sampling error rests on
@@ -259,6 +271,9 @@ def decode_speed(model, *, batch: int = 4, context: int = 256, new_tokens: int =
 
 
 def lm_eval_task(model_dir, task: str) -> dict:
+    """A harness task through its `hf` model: `lm_eval:<task>` is the task's first metric (its headline, e.g.
+    `acc` or gsm8k's strict-match `exact_match`), and every metric of the task and its subtasks is kept as
+    `lm_eval:<name>/<metric>[,<filter>]` (`,none` dropped; standard errors as `.../<metric>_stderr`)."""
     try:
         import lm_eval
     except ImportError:
@@ -266,11 +281,23 @@ def lm_eval_task(model_dir, task: str) -> dict:
     import latentalign  # noqa: F401 -- registers our model type with the Auto classes the harness uses
 
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=[task])["results"]
+    return harness_metrics(task, results)
+
+
+def harness_metrics(task: str, results: dict) -> dict:
+    """Our metrics from lm-evaluation-harness's `results` ({name: {"acc,none": .., "acc_stderr,none": ..}})."""
     metrics = {}
     for name, values in results.items():
         for key, value in values.items():
-            if isinstance(value, (int, float)) and not key.endswith("_stderr,none"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"lm_eval:{name}/{key.removesuffix(',none')}"] = value
+    headline = results.get(task) or (next(iter(results.values())) if len(results) == 1 else {})
+    scores = [v for k, v in headline.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and not k.split(",")[0].endswith("_stderr")]
+    if not scores:
+        raise EvalError(f"task 'lm_eval:{task}': the harness returned no metric for it (results for "
+                        f"{sorted(results) or 'no task'}).")
+    metrics[f"lm_eval:{task}"] = scores[0]
     return metrics
 
 

@@ -100,7 +100,10 @@ def write_report(run_dir, manifest: dict) -> Path:
     if manifest.get("eval_table"):
         md += ["", "## Metrics after each stage", "", manifest["eval_table"], ""]
         body.append("<h2>Metrics after each stage</h2>" + _table_html(manifest["eval_table"]))
-        eval_stage = next((s for s in manifest["stages"].values() if s.get("type") == "eval"), None)
+        evals = [s for s in manifest["stages"].values() if s.get("type") == "eval"]
+        named = manifest.get("eval_stage")
+        eval_stage = manifest["stages"].get(named) if isinstance(named, str) else None
+        eval_stage = eval_stage or (evals[-1] if evals else None)
         if eval_stage and isinstance(eval_stage.get("metrics"), dict):
             png = plot_accuracy(eval_stage["metrics"], plots / "accuracy.png")
             if png:

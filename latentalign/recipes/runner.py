@@ -74,6 +74,8 @@ class Runner:
         self.manifest = {
             "recipe": recipe.name, "recipe_source": recipe.source, "recipe_yaml": self.recipe_yaml,
             "base_model": recipe.base_model or self._first_model(), "run_dir": str(self.run_dir),
+            # a model card names a hub base model only; a relative folder `org/name` looks like one
+            "base_model_local": Path(str(recipe.base_model or self._first_model())).exists(),
             "stages": {name: stages.get(name, {}) for name in recipe.stages},
             **self._carried_over(manifest),
         }
@@ -88,6 +90,7 @@ class Runner:
         pushed = [name for name in done if self.recipe.stages[name].type == "push"]
         return {"final_model": self.model_dir(chat[-1]) if chat else None,
                 "eval_table": manifest.get("eval_table") if "eval" in types else None,
+                "eval_stage": manifest.get("eval_stage") if "eval" in types else None,
                 # this folder's, not the path the manifest holds (the folder may have moved since)
                 "export_dir": str(self.stage_dir(pushed[-1]) / "export") if pushed else None,
                 "report": manifest.get("report")}

@@ -72,7 +72,8 @@ def test_temperature_zero_is_greedy_accuracy_but_no_sampling(model_dirs, monkeyp
     from latentalign.eval import accuracy
 
     monkeypatch.setattr(tasks, "_rows", lambda *a, **k: [{"prompt": "What is 1 + 1?", "answer": "2"}])
-    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **k: ["2"] * len(prompts))
+    monkeypatch.setattr(accuracy, "generate_with_ends", lambda model, tok, prompts, **k: (["2"] * len(prompts),
+                                                                                          [False] * len(prompts)))
     assert tasks.accuracy(None, None, tasks.EvalOptions(temperature=0))["accuracy"] == 1.0
     with pytest.raises(tasks.EvalError, match="maj@3 and reasoning_gym@3 sample at temperature > 0"):
         tasks.majority(None, None, tasks.EvalOptions(temperature=0), k=3)
@@ -83,8 +84,9 @@ def test_rows_without_a_reference_answer_are_left_to_their_verifier(model_dirs, 
 
     rows = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Solve the cube.", "answer": ""}]
     monkeypatch.setattr(tasks, "_rows", lambda *a, **k: rows)
-    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **k: ["2"] * len(prompts))
-    assert tasks.accuracy(None, None, tasks.EvalOptions()) == {"accuracy": 1.0, "accuracy/n": 1}
+    monkeypatch.setattr(accuracy, "generate_with_ends", lambda model, tok, prompts, **k: (["2"] * len(prompts),
+                                                                                          [False] * len(prompts)))
+    assert tasks.accuracy(None, None, tasks.EvalOptions()) == {"accuracy": 1.0, "accuracy/n": 1, "accuracy/cut": 0.0}
     assert tasks.majority(None, None, tasks.EvalOptions(), k=3)["maj@3"] == 1.0
     rows[0]["answer"] = " "
     with pytest.raises(tasks.EvalError, match="no held-out row holds a reference answer.*--tasks reasoning_gym"):

@@ -167,7 +167,7 @@ def test_eval_task_scores_with_the_same_verifier(good, monkeypatch):
                 for p in prompts]
 
     rows, _ = load_rows(MIX, split="test", formats=("rl",), size=8)
-    monkeypatch.setattr(accuracy, "generate_completions", scripted)
+    monkeypatch.setattr(accuracy, "generate_with_ends", lambda *a, **k: (scripted(*a, **k), [False] * len(a[2])))
     metrics = tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset=MIX, size=8))
     assert metrics["reasoning_gym/n"] == 8
     assert set(metrics) >= {"reasoning_gym/chain_sum", "reasoning_gym/spell_backward"}
@@ -184,11 +184,13 @@ def test_eval_task_warns_when_a_task_repeats_few_questions(monkeypatch, caplog):
 
     few = ("reasoning_gym:{basic_arithmetic: {min_terms: 2, max_terms: 2, max_digits: 1, operators: '+-', "
            "allow_negation: false, allow_parentheses: false}}")
-    monkeypatch.setattr(accuracy, "generate_completions", lambda model, tok, prompts, **_: [""] * len(prompts))
+    monkeypatch.setattr(accuracy, "generate_with_ends", lambda model, tok, prompts, **_: ([""] * len(prompts),
+                                                                                         [True] * len(prompts)))
     with caplog.at_level("WARNING", logger="latentalign.eval.tasks"):
         metrics = tasks.reasoning_gym_score(None, None, tasks.EvalOptions(dataset=few, size=200))
     assert metrics["reasoning_gym/basic_arithmetic/distinct"] < tasks.FEW_QUESTIONS  # one-digit sums: a tenth
     assert "distinct questions" in caplog.text
+    assert metrics["reasoning_gym/cut"] == 1.0 and "200 of 200 completions reached max_new_tokens" in caplog.text
 
 
 def test_eval_task_refuses_a_dataset_that_is_not_reasoning_gym():
