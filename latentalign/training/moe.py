@@ -228,9 +228,14 @@ class BiasBalancer(TrainerCallback):
                 bias = router.score_bias
                 if not torch.equal(bias.detach().cpu(), self.master[i].to(bias.dtype)):
                     self.master[i] = bias.detach().float().cpu().clone()  # loaded from a checkpoint meanwhile
-                self.master[i] += delta
-                bias.data.copy_(self.master[i].to(bias.device, bias.dtype))
+                self._set(i, self.master[i] + delta)
         self.meter.counts.zero_()
+
+    def _set(self, i: int, master) -> None:
+        """Router i's bias from its fp32 master `master` (kept as the new master)."""
+        bias = self.routers[i].score_bias
+        self.master[i] = master
+        bias.data.copy_(master.to(bias.device, bias.dtype))
 
     def remove(self) -> None:
         self.meter.remove()
@@ -256,9 +261,8 @@ class BiasBalancer(TrainerCallback):
             from safetensors.torch import load_file
 
             kept = load_file(str(path))
-            for i, router in enumerate(self.routers):
-                self.master[i] = kept[str(i)].clone()
-                router.score_bias.data.copy_(self.master[i].to(router.score_bias.device, router.score_bias.dtype))
+            for i in range(len(self.routers)):
+                self._set(i, kept[str(i)].float().clone())
         return control
 
 
