@@ -242,15 +242,16 @@ def run_command(
     try:
         if launcher not in ("none", "accelerate"):
             raise ConfigError(f"--launcher must be 'none' or 'accelerate', got {launcher!r}.")
+        if launcher == "accelerate" or validate_only:
+            recipe_obj = load_recipe(recipe, overrides or [])  # fail here, not in every process
         if launcher == "accelerate":
-            load_recipe(recipe, overrides or [])  # fail here, not in every process
             from latentalign.recipes.launch import accelerate_command
 
             command = accelerate_command(recipe, overrides or [], accelerate_config, num_processes, output_dir)
-            typer.echo("launching: " + " ".join(command), err=True)
-            raise typer.Exit(code=subprocess.call(command))
+            typer.echo(("would launch: " if validate_only else "launching: ") + " ".join(command), err=True)
+            if not validate_only:
+                raise typer.Exit(code=subprocess.call(command))
         if validate_only:
-            recipe_obj = load_recipe(recipe, overrides or [])
             kinds = ", ".join(f"{n}:{s.type}" for n, s in recipe_obj.stages.items())
             typer.echo(f"{recipe_obj.source}: valid ({kinds})")
             return

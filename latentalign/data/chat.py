@@ -39,10 +39,17 @@ def as_chat(rows: list[dict], fmt: str) -> list[dict]:
     """`rows` of format `fmt` with their text prompts (and HH-RLHF text) as chat turns (module docstring)."""
     if fmt == "preference" and rows and "prompt" not in rows[0] and isinstance(rows[0]["chosen"], str):
         sides = [(hh_turns(row["chosen"]), hh_turns(row["rejected"])) for row in rows]
-        if not all(chosen and rejected for chosen, rejected in sides):
+        bad = [i for i, (chosen, rejected) in enumerate(sides) if not (chosen and rejected)]
+        if 2 * len(bad) >= len(rows):  # not HH-RLHF's text: pairs of whole exchanges, trained as they are
             return rows
-        logging.getLogger(__name__).info("HH-RLHF text pairs are read as the conversations they write out")
-        return [{**row, "chosen": chosen, "rejected": rejected} for row, (chosen, rejected) in zip(rows, sides)]
+        log = logging.getLogger(__name__)
+        log.info("HH-RLHF text pairs are read as the conversations they write out")
+        if bad:  # HH-RLHF holds a few (a reply left empty): one row of text would leave the set unconverted
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            log.warning("%d of %d HH-RLHF pairs dropped: a side is not a conversation that ends with the "
+                        "assistant saying something (rows %s)", len(bad), len(rows), shown)
+        return [{**row, "chosen": chosen, "rejected": rejected}
+                for row, (chosen, rejected) in zip(rows, sides) if chosen and rejected]
     replies = {"completion": ("completion",), "preference": ("chosen", "rejected")}.get(fmt, ())
     prompted = fmt in ("completion", "preference", "rl", "prompt") and rows and "prompt" in rows[0]
     if not prompted or not isinstance(rows[0]["prompt"], str):

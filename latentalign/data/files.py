@@ -15,10 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from .loading import LOCAL_SUFFIXES, DataError
-
-SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
-               "test": ("test", "testing", "eval", "evaluation")}
+from .loading import LOCAL_SUFFIXES, SPLIT_WORDS, DataError
 
 
 def decoded(path: Path, raw: bytes, where: str) -> str:
@@ -91,6 +88,7 @@ def _read_csv(path: Path) -> list[dict]:
         raise DataError(f"{path}: not valid CSV ({err}).") from None
     if header is None:
         return []
+    header = [name.strip() for name in header]  # `prompt, answer` (a space after each comma) names `answer`
     if len(set(header)) != len(header) or not all(header):
         raise DataError(f"{path}: the header names a column twice or leaves one unnamed: {header}.")
     for line, row in enumerate(rows, start=2):

@@ -142,6 +142,43 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
     raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}{hint}.")
 
 
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
+
+
+def held_out_split(split: str, label: str) -> bool:
+    """Whether `split` asks generated data (the built-ins, reasoning-gym) for its held-out rows: a word of validation
+    or test, not of train. Any other name is an error, not the training rows under a name that looks held out."""
+    words = {word: name for name, group in SPLIT_WORDS.items() for word in group}
+    name = split.strip().lower() if isinstance(split, str) else split
+    if name in words:
+        return words[name] != "train"
+    hint = "; generated rows are not sliced: cap them with dataset_size (--size in eval)" if "[" in str(split) else ""
+    held = ", ".join(SPLIT_WORDS["validation"] + SPLIT_WORDS["test"])
+    raise DataError(f"{label}: unknown split {split!r}: generated data has training rows "
+                    f"({', '.join(SPLIT_WORDS['train'])}) and held-out rows ({held}){hint}.")
+
+
+def file_split(rows: list[dict], split: str, label: str) -> list[dict]:
+    """The rows of `split` in one data file: the file is its only split, so a split's name (any of `SPLIT_WORDS`)
+    gives them all, and `datasets`' slices take part of them (`train[:100]`, `test[-10%:]`, `train[:5]+train[9:]`)."""
+    import datasets
+
+    names = {part.split("[", 1)[0].strip().lower() for part in split.split("+")}
+    words = {word for group in SPLIT_WORDS.values() for word in group}
+    if not names <= words:
+        raise DataError(f"{label}: a single file has no split {split!r}; name its rows train (or test, validation: "
+                        f"the file is its only split), or slice them: train[:100], train[:50%].")
+    if "[" not in split:
+        return rows
+    try:
+        spec = datasets.ReadInstruction.from_spec(split.lower())
+        parts = spec.to_absolute({name: len(rows) for name in names})
+    except (ValueError, AssertionError, KeyError) as err:
+        raise DataError(f"{label}: split {split!r}: {err}") from None
+    return [row for part in parts for row in rows[part.from_:part.to]]
+
+
 def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty: dict | None) -> list[dict]:
     from . import arithmetic
 
@@ -150,7 +187,7 @@ def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty
     except (TypeError, ValueError) as err:
         fields = ", ".join(arithmetic.Difficulty.__dataclass_fields__)
         raise DataError(f"builtin:{name}: bad difficulty {difficulty} ({err}); fields: {fields}.") from None
-    held_out = split in ("test", "validation", "eval")
+    held_out = held_out_split(split, f"builtin:{name}")
     make = {"arithmetic": arithmetic.sft_rows, "arithmetic-preference": arithmetic.preference_rows,
             "arithmetic-rl": arithmetic.rl_rows}[name]
     default_size = {"arithmetic": 20_000, "arithmetic-preference": 30_000, "arithmetic-rl": 2_000}[name]
@@ -343,7 +380,7 @@ def _read_source(source: str, split: str, formats, size, seed, difficulty) -> tu
             raise DataError(f"{source}: no such data file.")
         if path.suffix not in LOCAL_SUFFIXES:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}.")
-        rows = read_file(path)
+        rows = file_split(read_file(path), split, source)
     else:
         from ..hub_id import is_hub_id
 

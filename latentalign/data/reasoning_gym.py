@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import typing
 
-from .loading import DataError
+from .loading import DataError, held_out_split
 
 PREFIX = "reasoning_gym:"
 # reasoning-gym draws entry i of seed s from Random(s + i): streams of nearby seeds are the same entries shifted by
@@ -79,10 +79,12 @@ def parse_source(source: str) -> dict[str, dict]:
     {task: {"weight": w, "options": {...}}}, every task and option checked against reasoning-gym."""
     import yaml
 
+    from ..training.config import _yaml_loader
+
     spec = source.removeprefix(PREFIX).strip()
     if spec.startswith("{"):
         try:
-            tasks = yaml.safe_load(spec)
+            tasks = yaml.load(spec, Loader=_yaml_loader())  # a task named twice is an error, not the last one kept
         except yaml.YAMLError as err:
             raise ReasoningGymError(f"{source}: not a mapping of task -> weight or options ({err}).") from None
     else:
@@ -244,18 +246,32 @@ def rows(source: str, fmt: str, *, split: str = "train", size: int | None = None
     """`size` rows (500 held out, 5,000 for training by default) of `fmt` ("messages", "rl" or "prompt") from the
     tasks of `source`, in proportion to their weights, shuffled by `seed`."""
     tasks = parse_source(source)
-    held_out = split in ("test", "validation", "eval")
+    held_out = held_out_split(split, source)
     n = size or (500 if held_out else 5_000)
     base = HELD_OUT_SEED if held_out else seed * SEED_STRIDE
-    total = sum(t["weight"] for t in tasks.values())
     picked = []
-    for name, task in tasks.items():
-        count = max(1, round(n * task["weight"] / total))
+    for (name, task), count in zip(tasks.items(), _shares(n, [t["weight"] for t in tasks.values()])):
         stream = base if held_out or task["seed"] is None else task["seed"] * SEED_STRIDE  # the task's own seed
         picked += [(name, task["options"], task["working"], stream, i, e)
                    for i, e in _side(name, task["options"], stream, count, held_out)]
     random.Random(seed).shuffle(picked)
     return [_row(fmt, *p) for p in picked[:n]]
+
+
+def _shares(n: int, weights: list[float]) -> list[int]:
+    """`n` rows split in proportion to `weights` (largest remainders), every task at least one row where `n` has
+    one for each: exactly `n` in all."""
+    total = sum(weights)
+    quotas = [n * w / total for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: counts[i] - quotas[i])
+    for i in by_remainder[:n - sum(counts)]:
+        counts[i] += 1
+    for i in range(len(counts)):
+        if counts[i] == 0 and n >= len(counts):
+            counts[counts.index(max(counts))] -= 1
+            counts[i] = 1
+    return counts
 
 
 def _side(task: str, options: dict, seed: int, count: int, held_out: bool) -> list[tuple[int, dict]]:

@@ -113,8 +113,12 @@ def write_report(run_dir, manifest: dict) -> Path:
     md += ["", "## Training curves", ""]
     body.append("<h2>Training curves</h2>")
     for name, stage in manifest["stages"].items():
-        metrics_file = (stage.get("outputs") or {}).get("metrics")
-        if not metrics_file or not Path(metrics_file).is_file():
+        recorded = (stage.get("outputs") or {}).get("metrics")
+        if not isinstance(recorded, str):
+            continue
+        # the stage's folder in this run folder: the recorded path is seen from where the stage ran
+        metrics_file = next((f for f in (run_dir / name / Path(recorded).name, Path(recorded)) if f.is_file()), None)
+        if metrics_file is None:
             continue
         history = json.loads(Path(metrics_file).read_text()).get("log_history", [])
         png = plot_stage(name, history, plots / f"{name}.png")

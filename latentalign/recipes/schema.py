@@ -17,7 +17,11 @@ stages:                        # run in this order
 
 Two top-level shortcuts: `model: tiny-v3` replaces the first training stage's `model:` (so
 `latentalign run quickstart model=tiny-v3` runs the same chain on another model), and `extends: quickstart`
-starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping.
+starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping: a key
+set to null removes the parent's (`rl_preference: null` drops that stage, `rewards: {"model:reward": null}` that
+reward), and the parent's relative dataset paths are read from the parent's folder. A stage's hash covers its
+settings, a local dataset's place seen from the recipe's folder and what the file holds (an edited file reruns
+the stage; a run from another working folder does not).
 
 `model:<stage>` in an RL stage's rewards names the reward model trained by that stage. Every problem (unknown
 key, wrong type, a stage or dataset that does not exist) is one `RecipeError` naming the file and the key.
@@ -86,12 +90,12 @@ class Recipe:
 def find_shipped(spec, folder: Path, what: str) -> Path:
     """A YAML file by path, or one shipped in `folder` by name; the error lists the shipped names."""
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise RecipeError(f"{spec}: no such {what} file.")
         return path
     shipped = folder / f"{spec}.yaml"
-    if shipped.is_file():
+    if shipped.is_file():  # by name, even where a folder here has it (a run folder named like its recipe)
         return shipped
     names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
     raise RecipeError(f"{spec}: neither a {what} file nor a shipped {what} ({names}).")
@@ -108,6 +112,11 @@ def load_recipe(spec, overrides=()) -> Recipe:
     raw = _extended(path, load_yaml)
     _check_override_stages(raw, list(overrides), path)
     raw = apply_overrides(raw, list(overrides), source=str(path))
+    first = _first_training(raw.get("stages"))
+    named = [o for o in map(str, overrides) if o.partition("=")[0].strip() == f"stages.{first}.model"]
+    if named and raw.get("model") is not None:  # the top-level model would replace it, without a word
+        raise RecipeError(f"{path}: override {named[0]!r}: the recipe's top-level model ({raw['model']!r}) sets the "
+                          f"first training stage's model; override model=... instead.")
     return validate(raw, str(path), base_dir=path.parent)
 
 
@@ -125,10 +134,31 @@ def _check_override_stages(raw: dict, overrides: list, path: Path) -> None:
 
 
 def _merged(base: dict, over: dict) -> dict:
+    """`over` on `base`, mappings merged key by key; a key `over` sets to null where `base` has it is removed
+    (a parent's stage, or one of its rewards)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if value is None and key in out:
+            del out[key]
+        else:
+            out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _rebased(raw: dict, folder: Path) -> dict:
+    """A parent recipe's stages with their relative dataset paths read from the parent's folder (where its
+    author put them), for a child recipe in another folder."""
+    stages = raw.get("stages")
+    if not isinstance(stages, dict):
+        return raw
+
+    def rebased(values):
+        if not isinstance(values, dict):
+            return values
+        return {k: str(folder / v) if k in DATA_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+                and not _exists(v) and _exists(folder / v) else v for k, v in values.items()}
+
+    return {**raw, "stages": {name: rebased(values) for name, values in stages.items()}}
 
 
 def _extended(path: Path, load_yaml, chain=()) -> dict:
@@ -150,7 +180,7 @@ def _extended(path: Path, load_yaml, chain=()) -> dict:
     seen = chain + (path.resolve(),)
     if parent_path.resolve() in seen:
         raise RecipeError(f"{path}: extends {parent!r} makes a loop ({' -> '.join(p.name for p in seen)}).")
-    return _merged(_extended(parent_path, load_yaml, seen), raw)
+    return _merged(_rebased(_extended(parent_path, load_yaml, seen), parent_path.parent), raw)
 
 
 def _check_dataset(value, where: str, base_dir: Path | None):
@@ -172,12 +202,12 @@ def _check_dataset(value, where: str, base_dir: Path | None):
             raise RecipeError(f"{where}: {err}") from None
         return value
     path = Path(value)
-    if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
-        candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
-        found = [c for c in candidates if c.is_file() or c.is_dir()]  # a folder: a dataset laid out as the hub's
-        if not found:
-            raise RecipeError(f"{where}: dataset file {value!r} does not exist.")
+    candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
+    found = [c for c in candidates if _exists(c)]  # a folder too: a dataset laid out as the hub's
+    if found:  # `data/gsm8k` beside the recipe is that folder, though it reads like a hub id
         return value if found[0] == path else str(found[0])
+    if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
+        raise RecipeError(f"{where}: dataset file {value!r} does not exist.")
     return value
 
 
@@ -192,6 +222,8 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{source}: 'stages' must be a non-empty mapping of stage name -> settings.")
+    if isinstance(raw.get("name"), int) and not isinstance(raw["name"], bool):  # `name: 2024` reads as a number
+        raw = {**raw, "name": str(raw["name"])}
     for key, what in (("name", "the run folder's default name (runs/<name>)"),):
         if raw.get(key) is not None and not _plain_name(raw[key]):
             raise RecipeError(f"{source}: {key}: {raw[key]!r} is not a plain name ({what}): letters, digits, "
@@ -224,6 +256,8 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
         except ConfigError as err:
             raise RecipeError(str(err)) from None
     first_training = next((s for s in stages.values() if s.kind.makes_model), None)
+    if first_training is None and raw.get("model") is not None:
+        raise RecipeError(f"{source}: model is set but no stage trains a model.")
     if first_training is not None and first_training.init is not None:
         raise RecipeError(f"{source}: stages.{first_training.name}: the first training stage starts from a `model:`.")
     recipe = Recipe(name=str(raw.get("name") or Path(source).stem), source=source, stages=stages,
@@ -241,16 +275,23 @@ def _plain_name(name) -> bool:
 
 def _with_first_model(stages_raw: dict, model, source: str) -> dict:
     """`stages_raw` with the first training stage's `model:` set to the top-level `model:`."""
-    from ..stages import STAGES
-
     if not isinstance(model, str) or not model:
         raise RecipeError(f"{source}: model must be a preset name or a checkpoint path, got {model!r}.")
-    for name, values in stages_raw.items():
-        values = values or {}
-        kind = STAGES.get(values.get("type", name) if isinstance(values, dict) else None)
-        if kind is not None and kind.makes_model:
-            return {**stages_raw, name: {**values, "model": model}}
-    raise RecipeError(f"{source}: model is set but no stage trains a model.")
+    name = _first_training(stages_raw)
+    if name is None:  # said once the stages are checked (a stage's bad `type:` is the likelier cause)
+        return stages_raw
+    return {**stages_raw, name: {**(stages_raw[name] or {}), "model": model}}
+
+
+def _first_training(stages_raw) -> str | None:
+    """The name of the first stage (in a recipe's raw `stages:`) whose type trains a model."""
+    from ..stages import STAGES
+
+    for name, values in (stages_raw.items() if isinstance(stages_raw, dict) else ()):
+        kind = (values or {}).get("type", name) if isinstance(values, (dict, type(None))) else None
+        if isinstance(kind, str) and kind in STAGES and STAGES[kind].makes_model:
+            return name
+    return None
 
 
 def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: str, base_dir) -> Stage:
@@ -293,10 +334,33 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
     if kind.config is not None:
         values = _check_training(kind, values, init, seed, name, where, base_dir)
     else:  # an eval stage's datasets
+        from ..eval.options import EvalOptions
+
         for key in ("dataset", "preference_dataset"):
             if isinstance(values.get(key), str):
                 values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
+        opts = EvalOptions()
+        split = values.get("split", opts.split)
+        _check_split(values.get("dataset", opts.dataset), split, f"{where}: split")
+        _check_split(values.get("preference_dataset", opts.preference_dataset),
+                     values.get("preference_split") or split, f"{where}: preference_split")
     return Stage(name, kind_name, init, values)
+
+
+def _check_split(dataset, split, where: str) -> None:
+    """Recipe time: a split that generated data (the built-ins, reasoning-gym) or a single data file has."""
+    from ..data import reasoning_gym
+    from ..data.loading import BUILTIN, DataError, file_split, held_out_split
+
+    if not isinstance(dataset, str) or not isinstance(split, str):
+        return
+    try:
+        if dataset in BUILTIN or reasoning_gym.is_source(dataset):
+            held_out_split(split, dataset)
+        elif _exists(dataset) and Path(dataset).is_file():
+            file_split([], split, dataset)
+    except DataError as err:
+        raise RecipeError(f"{where}: {err}") from None
 
 
 def _starts_elsewhere(kind, earlier: dict) -> bool:
@@ -329,6 +393,9 @@ def _check_training(kind, values: dict, init, seed: int, name: str, where: str, 
     for key in ("dataset", "eval_dataset"):
         if isinstance(values.get(key), str):
             values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
+    dataset = values.get("dataset", cfg.dataset)
+    _check_split(dataset, cfg.dataset_split, f"{where}: dataset_split")
+    _check_split(values.get("eval_dataset") or dataset, cfg.eval_split, f"{where}: eval_split")
     _check_preset_overrides(checked, where)
     read = {key: cfg.trl[key] if key in cfg.trl else getattr(cfg, key) for key in values}
     return {key: read[key] if _is_number(read[key]) else value for key, value in values.items()}
@@ -355,6 +422,43 @@ def _hash_stages(recipe: Recipe):
         upstream = [stage.init] if stage.init else []
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
-        payload = {"type": stage.type, "values": stage.values, "seed": recipe.stage_seed(stage.name),
+        values = {k: _local_data(v, recipe.source) if k in DATA_KEYS else v for k, v in stage.values.items()}
+        payload = {"type": stage.type, "values": values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+DATA_KEYS = frozenset({"dataset", "eval_dataset", "preference_dataset"})
+WHOLE_HASH_BYTES = 16 << 20  # a data file up to this size is hashed whole; a larger one by its size, head and tail
+
+
+def _local_data(value, recipe_source: str):
+    """What a stage's hash holds of a dataset: a name as written, or for a local file or folder, where it lies seen
+    from the recipe's folder (the same run from any working folder) and what it holds (an edited file reruns)."""
+    if not isinstance(value, str) or not _exists(value):
+        return value
+    import os
+
+    path = Path(value).resolve()
+    where = os.path.relpath(path, Path(recipe_source).resolve().parent)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{size}".encode())
+        with file.open("rb") as handle:
+            if size <= WHOLE_HASH_BYTES:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return {"path": where, "content": digest.hexdigest()}
+
+
+def _exists(path) -> bool:
+    """Whether `path` names a file or folder; a name no file can have (a long reasoning-gym mix) names none."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False

@@ -71,11 +71,18 @@ def use_deepseek_balance_loss(model, meter: ExpertLoadMeter | None = None) -> No
     """
     from ..trl_compat import wrap_forward
 
+    from ..model.modeling import DeepseekRouter
+
     backbone = model.get_decoder()
+    routed = any(isinstance(m, DeepseekRouter) for m in backbone.modules())
 
     def forward(fused, *args, **kwargs):
         if not (kwargs.get("fused_lm_head") and kwargs.get("output_router_logits")):
             return fused(*args, **kwargs)
+        if not routed:  # every layer dense (first_k_dense_replace): no router to balance, a balance loss of 0
+            out = fused(*args, **{**kwargs, "output_router_logits": False})
+            out.aux_loss = out.loss.new_zeros(()) if out.loss is not None else None
+            return out
         captured = {}
         handle = backbone.register_forward_hook(lambda _m, _i, out: captured.setdefault("out", out))
         try:

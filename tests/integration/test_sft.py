@@ -97,6 +97,15 @@ def test_expert_load_is_logged_without_a_balance_loss_too(tmp_path):
     assert logged and all("aux_loss" not in h and 0 < h["moe/load_entropy"] <= 1 for h in logged)
 
 
+def test_a_model_without_moe_layers_trains_with_the_balance_loss_on(tmp_path):
+    """first_k_dense_replace covers every layer: TRL asks for router logits (the config has the field) and got
+    none, which ended in an IndexError in its Mixtral loss."""
+    metrics = run(small_cfg(tmp_path, "max_steps=2", "save_steps=2", "eval_size=1",
+                            f"model_overrides={json.dumps({**SMALL, 'num_hidden_layers': 1})}"))
+    assert metrics["global_step"] == 2 and all(torch.isfinite(torch.tensor(h["loss"]))
+                                                 for h in metrics["log_history"] if "loss" in h)
+
+
 def test_balance_loss_is_deepseeks_not_mixtrals(tmp_path):
     """TRL's fused head would return Mixtral's loss; ours must equal the model's own aux_loss."""
     from trl import SFTConfig, SFTTrainer

@@ -1,6 +1,7 @@
 """The embedded data, the tokenizer and chat template, and data loading with clear errors."""
 
 import json
+import re
 
 import pytest
 
@@ -394,3 +395,59 @@ def test_a_template_that_writes_what_ours_writes_gets_the_marked_training_templa
                   "{{ raise_exception('no') }}"):
         tokenizer.chat_template = other
         assert training_template_for(tokenizer) is None
+
+
+@pytest.mark.parametrize("source", ["arithmetic-rl", "reasoning_gym:chain_sum"])
+def test_a_split_generated_data_does_not_have_is_an_error_not_its_training_rows(source):
+    train = {str(r["prompt"]) for r in load_rows(source, split="train", size=40, formats=("rl",))[0]}
+    for alias in ("test", "dev", "val", "EVAL"):  # held-out rows under each of their names
+        held = {str(r["prompt"]) for r in load_rows(source, split=alias, size=40, formats=("rl",))[0]}
+        assert held and not held & train, alias
+    for bad, hint in (("tset", "unknown split 'tset'"), ("test[:50]", "not sliced: cap them with dataset_size")):
+        with pytest.raises(DataError, match=re.escape(hint)):
+            load_rows(source, split=bad, size=4)
+
+
+def test_a_single_file_is_every_split_and_slices_like_datasets(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(10)])
+
+    def answers(split):
+        return [r["answer"] for r in load_rows(path, split=split)[0]]
+
+    assert answers("train") == answers("test") == [str(i) for i in range(10)]
+    assert answers("train[:2]") == ["0", "1"] and answers("test[-20%:]") == ["8", "9"]
+    assert answers("train[:1]+train[9:]") == ["0", "9"]
+    with pytest.raises(DataError, match="a.jsonl: a single file has no split 'nonsense'"):
+        answers("nonsense")
+    with pytest.raises(DataError, match=r"a.jsonl: split 'train\[:x\]'"):
+        answers("train[:x]")
+
+
+def test_csv_header_names_are_read_without_the_spaces_around_them(tmp_path):
+    (tmp_path / "a.csv").write_text("prompt, answer\nWhat is 1 + 1?, 2\n")
+    rows, fmt = load_rows(tmp_path / "a.csv")
+    assert fmt == "rl" and rows[0]["answer"] == " 2"  # cells as written; only the names are trimmed
+
+
+def test_hh_pairs_that_do_not_parse_are_dropped_by_name_not_the_whole_set_left_as_text(caplog):
+    from latentalign.data.chat import as_chat
+
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    empty = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant:"}
+    rows = as_chat([good, empty, good], "preference")
+    assert len(rows) == 2 and all(r["chosen"][0] == {"role": "user", "content": "hi"} for r in rows)
+    assert "1 of 3 HH-RLHF pairs dropped" in caplog.text and "(rows 1)" in caplog.text
+    text = [{"chosen": "a whole exchange", "rejected": "another"}, empty]
+    assert as_chat(text, "preference") == text  # not HH-RLHF's text: kept as written
+
+
+def test_a_reasoning_gym_mix_gives_the_rows_asked_for_in_proportion():
+    from latentalign.data import reasoning_gym
+
+    for n, weights, expected in ((10, [1, 1, 1], [4, 3, 3]), (7, [1, 1, 1], [3, 2, 2]), (100, [0.001, 1], [1, 99]),
+                                 (5, [0.5, 0.5], [3, 2])):
+        assert reasoning_gym._shares(n, weights) == expected
+    mix = "reasoning_gym:{chain_sum: 1, basic_arithmetic: 1, leg_counting: 1}"
+    assert len(load_rows(mix, size=10)[0]) == 10
+    with pytest.raises(reasoning_gym.ReasoningGymError, match="given twice"):
+        reasoning_gym.parse_source("reasoning_gym:{chain_sum: 1, chain_sum: 2}")
