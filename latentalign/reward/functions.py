@@ -78,8 +78,26 @@ def get_reward(name: str, **options):
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise RewardError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err}).") from None
+        _check_signature(fn, name)
         return _named(functools.partial(fn, **options), attr) if options else fn
     raise RewardError(unknown_reward(name))
+
+
+def _check_signature(fn, name: str) -> None:
+    """A reward of the user's own takes `(prompts, completions, **kwargs)`: TRL passes `completion_ids` and every
+    dataset column as keywords, and without `**kwargs` each call would fail and score nothing."""
+    import inspect
+
+    if not callable(fn):
+        raise RewardError(f"reward {name!r}: {fn!r} is not a function.")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise RewardError(f"reward {name!r}: its signature must end with **kwargs, as in def {name.partition(':')[2]}"
+                          f"(prompts, completions, **kwargs): TRL passes completion_ids and every dataset column "
+                          f"as keywords.")
 
 
 def unknown_reward(name) -> str:
@@ -203,7 +221,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     """
 
     def __init__(self, fn, timeout_s: float | None = None):
-        self.fn, self.timeout_s = fn, timeout_s
+        self.fn, self.timeout_s = (_awaited(fn) if _is_async(fn) else fn), timeout_s
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.failures = Counter()
         self.calls = 0
@@ -250,11 +268,16 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             return [self._one(i, prompts, completions, kwargs) for i in range(n)]
 
     def _checked(self, values, n: int, at: int = 0) -> list[float | None]:
-        values = list(values) if values is not None else None
-        if values is None or len(values) != n:
-            got = "None" if values is None else f"{len(values)} values"
-            raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions.")
-        scores = [None if v is None else float(v) for v in values]
+        """The scores of `values`; what breaks the reward contract (one value per completion, each a number or
+        None) is a RewardError naming the function: a bug of the function, not a sample it could not score."""
+        if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+            got = "None" if values is None else f"{type(values).__name__} {values!r}"[:200]
+            raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions; return a list "
+                              f"of one score (a number, or None) per completion.")
+        values = list(values)
+        if len(values) != n:
+            raise RewardError(f"reward function {self.__name__!r} returned {len(values)} values for {n} completions.")
+        scores = [None if v is None else _score(v, self.__name__, at + i) for i, v in enumerate(values)]
         self.failures["none"] += scores.count(None)
         # NaN or inf would reach every advantage of its group (TRL's sum over rewards skips only NaN, and only
         # where another reward scored the sample): a score the function could not give, counted as such.
@@ -276,6 +299,33 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             self.failures["TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__] += 1
             self.last_failed[i] = True
             return None
+
+
+def _score(value, name: str, row: int) -> float:
+    if not isinstance(value, (str, bytes)):  # True and False score 1 and 0
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise RewardError(f"reward function {name!r} returned {value!r} for completion {row}; a score is a number "
+                      f"(or None where the function does not score the row).")
+
+
+def _is_async(fn) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _awaited(fn):
+    """An async reward (TRL takes them) as a plain one: each call runs it to its end in an event loop of its own."""
+    import asyncio
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return run
 
 
 NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric"})  # what TRL passes beside the columns

@@ -53,18 +53,27 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
     return rewards
 
 
-# Integer equations, not parts of longer numbers or of decimals ("3.5 + 2 = 5.5" is not read as "5 + 2 = 5").
-_EQUATION = re.compile(r"(?<![\d.)])(-?\d+) ?([-+*]) ?(\d+)(?: ?([-+]) ?(\d+))? ?= ?(-?\d+)(?![\d(]|\.\d)")
+# Integer equations of up to 16 terms joined by +, - and *, not parts of longer numbers, of decimals ("3.5 + 2 = 5.5"
+# is not read as "5 + 2 = 5") or of a longer expression ("8 / 2 + 3 = 7" is not read as "2 + 3 = 7").
+_EQUATION = re.compile(r"(?<![\d.)/*+×÷^-])(?<![-+*/×÷^] )(-?\d+(?: ?[-+*] ?\d+){1,15}) ?= ?(-?\d+)(?![\d(]|\.\d)")
+_OPERATOR = re.compile(r" ?([-+*]) ?")
 
 
 def _holds(match: re.Match) -> bool:
-    a, op, b, op2, c, result = match.groups()
-    if max(len(a), len(b), len(c or ""), len(result)) > 1000:  # past Python's int limit of 4,300 digits soon
+    """Whether the equation's left side, evaluated with * before + and -, equals its right side."""
+    expression, result = match.groups()
+    parts = _OPERATOR.split(expression.strip())
+    if parts[0] == "":  # a leading minus
+        parts = ["-" + parts[2], *parts[3:]]
+    if max(len(part) for part in parts + [result]) > 1000:  # past Python's int limit of 4,300 digits soon
         return False
-    value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-    if op2:
-        value = value + int(c) if op2 == "+" else value - int(c)
-    return value == int(result)
+    total, product = 0, int(parts[0])
+    for op, number in zip(parts[1::2], parts[2::2]):
+        if op == "*":
+            product *= int(number)
+        else:
+            total, product = total + product, int(number) if op == "+" else -int(number)
+    return total + product == int(result)
 
 
 def equations_reward(prompts, completions, **_) -> list[float]:

@@ -52,6 +52,9 @@ class RoutingReplay:
         """The last recording as (batch, layers, length, top_k) expert indices, -1 where none was chosen."""
         if self._records is None:
             raise RuntimeError("nothing recorded: generate inside RoutingReplay.recording() first.")
+        if any(not pieces for pieces in self._records):  # a rollout engine outside the model (vLLM)
+            raise RuntimeError("nothing recorded: the rollout ran no forward of this model's routers (vLLM routes "
+                               "in its own engine); turn routing_replay and routing_metrics off for such rollouts.")
         out = torch.full((batch, len(self.routers), length, self.top_k), -1, dtype=torch.long)
         for layer, pieces in enumerate(self._records):
             steps = torch.cat([p.view(batch, -1, self.top_k).cpu() for p in pieces], dim=1)[:, :length]

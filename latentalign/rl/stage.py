@@ -159,12 +159,38 @@ def trl_adjustments(cfg: RLStageConfig) -> dict:
     if "reward_weights" in cfg.trl:
         raise ConfigError(f"reward_weights: each reward's weight is its value in rewards ({cfg.rewards}); set them "
                           f"there, not as TRL's list.")
+    _check_combinations(cfg)
     out = {"reward_weights": [float(w) for w in cfg.rewards.values()]}
     if not cfg.balance_loss:
         out["router_aux_loss_coef"] = 0.0
     if cfg.ref_refresh_steps:
         out.update(sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=cfg.ref_refresh_steps)
     return out
+
+
+def _check_combinations(cfg: RLStageConfig) -> None:
+    """Options that cannot work together, named before a model loads (in a recipe, before any stage trains),
+    not as TRL's error about a key the user never set, or a crash at the first rollout."""
+    def option(key, default=None):
+        return cfg.trl.get(key, GRPO_PRESETS.get(cfg.preset, {}).get(key, TRL_DEFAULTS.get(key, default)))
+
+    beta, vllm = option("beta"), option("use_vllm", False)
+    if cfg.ref_refresh_steps and not beta:
+        raise ConfigError(f"ref_refresh_steps: {cfg.ref_refresh_steps} refreshes the KL term's reference, and "
+                          f"beta is 0 (no KL term, no reference); set beta > 0 or drop ref_refresh_steps.")
+    if cfg.ref_refresh_steps and cfg.use_lora:
+        raise ConfigError("ref_refresh_steps: with use_lora the reference is the model with its adapters off, which "
+                          "TRL cannot refresh; drop one of them.")
+    if cfg.routing_replay and vllm:
+        raise ConfigError("routing_replay: vLLM's rollouts route in vLLM, where the policy cannot record them; set "
+                          "routing_replay false with use_vllm.")
+    if cfg.routing_replay and option("gradient_checkpointing", False):
+        raise ConfigError("routing_replay with gradient_checkpointing: the recomputed forward in backward would route "
+                          "afresh, not replay the rollout's experts; turn one of them off.")
+    if cfg.use_lora and cfg.bias_update_speed and beta:
+        raise ConfigError("bias_update_speed with use_lora and beta > 0: the reference (the model with its adapters "
+                          "off) shares the router biases the balancer moves, so the KL would be to a moving target; "
+                          "set bias_update_speed 0, beta 0 or use_lora false.")
 
 
 def check_recipe_rewards(values: dict, stages: dict, where: str) -> dict:
@@ -204,8 +230,9 @@ def resolve_recipe_rewards(values: dict, runner) -> dict:
     return values
 
 
-def build_rewards(cfg: RLStageConfig):
-    """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`."""
+def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None):
+    """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`. `length` measures
+    against `completion_tokens` (the stage's max_completion_length) unless its options set `max_tokens`."""
     from ..reward import RewardError, get_reward, guarded
 
     unknown = sorted(set(cfg.reward_options) - set(cfg.rewards))
@@ -213,8 +240,11 @@ def build_rewards(cfg: RLStageConfig):
         raise ConfigError(f"reward_options names {unknown}, which are not in rewards {sorted(cfg.rewards)}.")
     funcs, weights = [], []
     for name, weight in cfg.rewards.items():
+        options = dict(cfg.reward_options.get(name, {}))
+        if name == "length" and completion_tokens:
+            options.setdefault("max_tokens", completion_tokens)  # the penalty ends where the rollouts are cut
         try:
-            fn = get_reward(name, **dict(cfg.reward_options.get(name, {})))
+            fn = get_reward(name, **options)
         except (RewardError, TypeError) as err:
             raise ConfigError(f"rewards: {err}") from None
         funcs.append(guarded(fn, timeout_s=cfg.reward_timeout_s))
@@ -261,18 +291,32 @@ def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
     """What TRL reads the starting weights from while the trainer is built (the caller restores the names)."""
     from .vllm import vllm_start_dir
 
-    preset = not model.name_or_path
-    if preset and args.beta != 0:  # TRL builds the KL term's reference from the config's path; a preset has none
+    if args.beta != 0 and _reference_elsewhere(model, cfg):  # TRL builds the KL term's reference from the path
         model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
         model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
 
 
+def _reference_elsewhere(model, cfg: RLStageConfig) -> bool:
+    """Whether the weights TRL would load as the reference from the model's path are not the policy's start: a
+    preset has no path, `model_overrides` are not in the checkpoint's config, and a checkpoint in transformers'
+    own `deepseek_v2` format would load as transformers' class, not ours."""
+    if not model.name_or_path or cfg.model_overrides:
+        return True
+    config = Path(model.name_or_path) / "config.json"
+    try:
+        saved = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        return True
+    return saved is not None and saved != model.config.model_type
+
+
 def _reference_dir(model, tokenizer, output_dir) -> Path:
-    """`output_dir/reference-start`: the starting weights of a policy built from a preset (random init, never
-    saved), from which TRL loads the reference model of the KL term. Rewritten at each start (a rerun rebuilds the
-    same weights from the stage's seed); written aside and renamed, so a crash leaves no half copy."""
+    """`output_dir/reference-start`: the starting weights of the policy as built (a preset's random init, never
+    saved; a checkpoint with `model_overrides`; a native checkpoint), from which TRL loads the KL term's
+    reference. Rewritten at each start (a rerun rebuilds the same weights from the stage's seed); written aside
+    and renamed, so a crash leaves no half copy."""
     from accelerate import PartialState
 
     from .vllm import written_aside
@@ -321,8 +365,8 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from .vllm import native_named_weights
     from .vllm_sync import SyncCheck, probe_prompts, watch
 
-    rewards, _ = build_rewards(cfg)
     args = trl_args(cfg)
+    rewards, _ = build_rewards(cfg, args.max_completion_length)
     rows, eval_rows = _stage_rows(cfg)
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
@@ -332,7 +376,9 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     meter = ExpertLoadMeter(model, grad_only=True)  # the tokens trained on; decoding also routes ended rows
     balancer = bias_balancer_for(model, cfg.bias_update_speed)
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None
-    replay = RoutingReplay(model, enforce=cfg.routing_replay) if cfg.routing_replay or cfg.routing_metrics else None
+    # vLLM's rollouts run no forward of the policy to record (routing_replay with vLLM is refused)
+    recording = (cfg.routing_replay or cfg.routing_metrics) and not args.use_vllm
+    replay = RoutingReplay(model, enforce=cfg.routing_replay) if recording else None
     if cfg.compiled_decode and not args.use_vllm:
         _compile_rollouts(model, tokenizer, rows, args.max_completion_length, recording=replay is not None)
     name_or_path = model.name_or_path

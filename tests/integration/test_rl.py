@@ -365,6 +365,18 @@ def test_grpo_from_a_preset_draws_its_reference_from_the_starting_weights(tmp_pa
     assert "reference-start" not in saved.get("_name_or_path", "")  # the trained model does not point at it
 
 
+def test_a_checkpoint_with_model_overrides_is_its_own_reference(tmp_path, policy_dir):
+    """TRL loads the reference from the checkpoint's path, without the overrides the policy was built with."""
+    import json
+
+    overrides = {**SMALL, "num_experts_per_tok": 1, "routed_scaling_factor": 20.0}
+    metrics = run(small_cfg(tmp_path, policy_dir, f"model_overrides={json.dumps(overrides)}", "max_steps=1",
+                            "beta=0.04", "eval_dataset=null"))
+    first = [h for h in metrics["log_history"] if "kl" in h][0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert (tmp_path / "rl" / "reference-start" / "config.json").is_file()
+
+
 def test_a_preset_under_vllm_gets_both_paths(tmp_path, monkeypatch):
     """vLLM starts from an export (the model's name_or_path); TRL's reference loads from the config's path."""
     from types import SimpleNamespace

@@ -207,6 +207,42 @@ def test_equations_reward_scores_the_share_of_true_steps():
     assert equations_reward(None, [f"{huge} * {huge} = 1, 2 + 2 = 4", "1 + 1 = 2"]) == [0.5, 1.0]
 
 
+def test_equations_are_read_whole_with_multiplication_first():
+    """GSM8K-style working: "2 + 3 * 4 = 14" holds; its tail "3 * 4 = 14" is not an equation of its own."""
+    held = ["2 + 3 * 4 = 14", "2 * 3 * 4 = 24", "10 - 2 * 3 = 4", "-3 + 5 = 2", "2+3*4=14"]
+    assert equations_reward(None, held) == [1.0] * len(held)
+    assert equations_reward(None, ["2 + 3 * 4 = 20", "10 - 2 * 3 = 24"]) == [0.0, 0.0]
+    # part of a longer expression the checker cannot read: not read as the equation of its tail
+    assert equations_reward(None, ["8 / 2 + 3 = 7, and 1 + 1 = 2"]) == [1.0]
+
+
+def test_rewards_that_break_the_contract_are_errors_naming_them_not_samples_scored_none():
+    def scalar(prompts, completions, **_):
+        return 1.0
+
+    def words(prompts, completions, **_):
+        return ["correct" if c else "wrong" for c in completions]
+
+    for fn, message in ((scalar, r"'scalar' returned float 1.0 for 2 completions; return a list"),
+                        (words, r"'words' returned 'correct' for completion 0; a score is a number")):
+        for timeout_s in (None, 5):
+            with pytest.raises(RewardError, match=message):
+                guarded(fn, timeout_s=timeout_s)(["", ""], ["a", "b"])
+    assert guarded(lambda p, c, **_: [True, False])(["", ""], ["a", "b"]) == [1.0, 0.0]
+
+
+def test_a_reward_of_ones_own_needs_kwargs_and_may_be_async(tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text("def strict(prompts, completions):\n    return [1.0] * len(completions)\n"
+                                      "async def slow(prompts, completions, **kwargs):\n"
+                                      "    return [float(len(c)) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match=r"reward 'mine:strict': its signature must end with \*\*kwargs"):
+        get_reward("mine:strict")
+    slow = guarded(get_reward("mine:slow"), timeout_s=5)
+    assert slow(["", ""], ["ab", "c"], answer=["x", "y"]) == [2.0, 1.0] and slow.__name__ == "slow"
+    assert guarded(get_reward("mine:slow"))([""], ["abc"]) == [3.0]
+
+
 def test_registry_dotted_paths_and_unknown_names():
     assert get_reward("math") is math_accuracy
     fn = get_reward("latentalign.reward.rules:format_reward")

@@ -48,3 +48,12 @@ def test_v3_replay_undoes_a_moved_score_bias(make_config, make_batch):
         replayed = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(replayed, logits, rtol=0, atol=1e-5)
     assert replay.pop_agreement() < 1.0  # and the agreement metric saw the drift
+
+
+def test_assembling_a_rollout_that_ran_no_forward_is_a_clear_error(make_config):
+    """vLLM's rollouts run in vLLM's engine: the policy's routers record nothing."""
+    replay = RoutingReplay(LatentAlignForCausalLM(make_config()))
+    with replay.recording():
+        pass
+    with pytest.raises(RuntimeError, match="ran no forward of this model's routers"):
+        replay.assemble(2, 8)

@@ -61,3 +61,30 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
     out = trainer.after_rewards(rewards)
     assert out[0].tolist() == [1.0, 0.5] and torch.isnan(out[1]).all()  # failed: out of the baseline
     assert torch.isnan(out[2, 0]) and out[2, 1] == 0.5  # the reward's own None: the others still count
+
+
+@pytest.mark.parametrize("options, message", [
+    (["ref_refresh_steps=2", "beta=0.0"], "ref_refresh_steps: 2 refreshes the KL term's reference, and beta is 0"),
+    (["ref_refresh_steps=2", "use_lora=true"], "ref_refresh_steps: with use_lora"),
+    (["routing_replay=true", "use_vllm=true"], "routing_replay: vLLM's rollouts route in vLLM"),
+    (["routing_replay=true", "gradient_checkpointing=true"], "routing_replay with gradient_checkpointing"),
+    (["use_lora=true", "bias_update_speed=0.001"], "bias_update_speed with use_lora and beta > 0"),
+])
+def test_options_that_cannot_work_together_are_named_before_a_model_loads(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        trl_args(rl_config(tmp_path, *options))
+
+
+def test_options_that_work_together_pass(tmp_path):
+    for options in (["ref_refresh_steps=2"], ["use_lora=true", "bias_update_speed=0.001", "beta=0.0"],
+                    ["routing_replay=true"], ["preset=deepseekmath", "ref_refresh_steps=4"]):
+        trl_args(rl_config(tmp_path, *options))
+
+
+def test_the_length_reward_penalises_up_to_the_stages_completion_limit(tmp_path):
+    (length,), _ = build_rewards(rl_config(tmp_path, 'rewards={"length": 1.0}'), completion_tokens=64)
+    ids = [[1] * 64, [1] * 40, [1] * 56]
+    assert length([""] * 3, ["a", "b", "c"], completion_ids=ids) == [0.0, 1.0, 0.5]  # cut at the limit: 0
+    cfg = rl_config(tmp_path, 'rewards={"length": 1.0}', 'reward_options={"length": {"max_tokens": 128}}')
+    (length,), _ = build_rewards(cfg, completion_tokens=64)
+    assert length([""], ["a"], completion_ids=[[1] * 64]) == [1.0]  # the user's max_tokens wins
