@@ -184,9 +184,6 @@ def _check_combinations(cfg: RLStageConfig) -> None:
     if cfg.routing_replay and vllm:
         raise ConfigError("routing_replay: vLLM's rollouts route in vLLM, where the policy cannot record them; set "
                           "routing_replay false with use_vllm.")
-    if cfg.routing_replay and option("gradient_checkpointing", False):
-        raise ConfigError("routing_replay with gradient_checkpointing: the recomputed forward in backward would route "
-                          "afresh, not replay the rollout's experts; turn one of them off.")
     if cfg.use_lora and cfg.bias_update_speed and beta:
         raise ConfigError("bias_update_speed with use_lora and beta > 0: the reference (the model with its adapters "
                           "off) shares the router biases the balancer moves, so the KL would be to a moving target; "
@@ -289,47 +286,14 @@ def _stage_rows(cfg: RLStageConfig) -> tuple[list, list | None]:
 
 def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
     """What TRL reads the starting weights from while the trainer is built (the caller restores the names)."""
+    from .reference import reference_dir, reference_elsewhere
     from .vllm import vllm_start_dir
 
-    if args.beta != 0 and _reference_elsewhere(model, cfg):  # TRL builds the KL term's reference from the path
-        model.name_or_path = model.config._name_or_path = str(_reference_dir(model, tokenizer, cfg.output_dir))
+    if args.beta != 0 and reference_elsewhere(model, cfg.model_overrides):  # TRL loads the reference from the path
+        model.name_or_path = model.config._name_or_path = str(reference_dir(model, tokenizer, cfg.output_dir))
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
         model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
-
-
-def _reference_elsewhere(model, cfg: RLStageConfig) -> bool:
-    """Whether the weights TRL would load as the reference from the model's path are not the policy's start: a
-    preset has no path, `model_overrides` are not in the checkpoint's config, and a checkpoint in transformers'
-    own `deepseek_v2` format would load as transformers' class, not ours."""
-    if not model.name_or_path or cfg.model_overrides:
-        return True
-    config = Path(model.name_or_path) / "config.json"
-    try:
-        saved = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    except (ValueError, OSError, AttributeError):
-        return True
-    return saved is not None and saved != model.config.model_type
-
-
-def _reference_dir(model, tokenizer, output_dir) -> Path:
-    """`output_dir/reference-start`: the starting weights of the policy as built (a preset's random init, never
-    saved; a checkpoint with `model_overrides`; a native checkpoint), from which TRL loads the KL term's
-    reference. Rewritten at each start (a rerun rebuilds the same weights from the stage's seed); written aside
-    and renamed, so a crash leaves no half copy."""
-    from accelerate import PartialState
-
-    from .vllm import written_aside
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    out = Path(output_dir) / "reference-start"
-    with PartialState().main_process_first():
-        if PartialState().is_main_process:
-            written_aside(out, write)
-    return out
 
 
 def _freeze_routers(model) -> None:
@@ -397,6 +361,10 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
             probe = SyncCheck(probe_prompts(tokenizer, rows, cfg.vllm_sync_probe_size), max_gap=cfg.vllm_sync_max_gap,
                               dtype=next(model.parameters()).dtype, eos_token_id=tokenizer.eos_token_id)
             watch(trainer, probe)
+    if cfg.ref_refresh_steps:  # TRL's checkpoints hold the policy, not the reference it refreshed
+        from .reference import ReferenceKeeper
+
+        trainer.add_callback(ReferenceKeeper(trainer))
     if cfg.balance_loss:  # the loss only: the meter logs the expert load, one writer per metric
         use_deepseek_balance_loss(trainer.model.get_base_model() if cfg.use_lora else trainer.model)
 

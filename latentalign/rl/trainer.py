@@ -18,7 +18,7 @@ They reach TRL only through `trl_compat.grpo_hook_trainer()`'s hooks; `grpo_trai
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +47,34 @@ class RoutingReplayHooks:
         output["routing"] = routing.masked_fill(~real[:, None, :, None], -1)
         return output
 
+    _replay_open: ExitStack | None = None  # the training step's: a replay entered there ends after its backward
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with ExitStack() as stack:
+            self._replay_open = stack
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._replay_open = None
+
     @contextmanager
     def loss_context(self, inputs):
-        replaying = self.routing_replay.replaying(inputs["routing"]) if self.routing_replay else nullcontext()
+        if self.routing_replay and self._replay_open is not None:
+            # Open until the step's backward has run: gradient checkpointing recomputes the layers there, and
+            # they must route as the forward did.
+            self._replay_open.enter_context(self.routing_replay.replaying(inputs["routing"]))
+            replaying = nullcontext()
+        else:
+            replaying = self.routing_replay.replaying(inputs["routing"]) if self.routing_replay else nullcontext()
         with super().loss_context(inputs), replaying:
             yield
+
+    def can_score(self, attention_mask, logits_to_keep, extra: dict) -> bool:
+        # A checkpointed loss forward is recomputed in backward, after a narrowed group's replay has moved on:
+        # it runs as one forward of the whole batch, whose replay stays in place.
+        if self.routing_replay and self.args.gradient_checkpointing and torch.is_grad_enabled():
+            return False
+        return super().can_score(attention_mask, logits_to_keep, extra)
 
     def narrowed(self, rows, cols):
         return self.routing_replay.narrowed(rows, cols) if self.routing_replay else super().narrowed(rows, cols)

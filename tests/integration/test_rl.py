@@ -259,6 +259,32 @@ def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_keeps_the_reference_it_refreshed(tmp_path, policy_dir, monkeypatch):
+    """ref_refresh_steps=2: after step 2 the reference is the policy of step 2. A run stopped at step 3 and resumed
+    scores step 4's KL against that reference, not the start (TRL's checkpoints hold the policy only)."""
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
+        float(len(str(c)) % 2) for c in completions])  # a reward that varies within a group: the policy moves
+    extra = ["eval_dataset=null", "max_steps=4", "save_steps=3", "beta=0.04", "ref_refresh_steps=2",
+             "max_completion_length=8", 'rewards={"parity": 1.0}']
+    full = run(small_cfg(tmp_path / "full", policy_dir, *extra))
+    run(small_cfg(tmp_path / "cut", policy_dir, *extra), callbacks=[StopAt3()])
+    assert (tmp_path / "cut" / "rl" / "checkpoint-3" / "reference.safetensors").is_file()
+    resumed = run(small_cfg(tmp_path / "cut", policy_dir, *extra))
+
+    def kl(metrics):
+        return {h["step"]: h["kl"] for h in metrics["log_history"] if "kl" in h}
+
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert kl(resumed)[4] == pytest.approx(kl(full)[4], rel=0.05, abs=1e-5)  # from the start instead: 10x larger
+
+
 @pytest.mark.parametrize("replay", [True, False])
 def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, monkeypatch, replay):
     from contextlib import contextmanager
@@ -309,6 +335,26 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
         assert min(agreement) < 1.0  # the router on its own would have chosen otherwise: replay did the work
     else:
         assert share < 1.0 and min(agreement) < 1.0  # without replay the drift shows, and is logged
+
+
+def test_routing_replay_holds_through_the_recompute_of_gradient_checkpointing(tmp_path, policy_dir):
+    """The checkpointed layers recompute in backward; routed afresh there they would save other tensors (torch
+    stops) or take gradients through other experts. The same steps with and without checkpointing train alike."""
+    from safetensors.torch import load_file
+
+    # plain SGD: Adam's first steps move every weight by about the learning rate, whatever the gradient's size
+    extra = ["routing_replay=true", "num_iterations=2", "max_steps=2", "optim=sgd", "learning_rate=3.0",
+             "eval_dataset=null", 'rewards={"format": 1.0}', "save_steps=10"]
+    plain = run(small_cfg(tmp_path / "plain", policy_dir, *extra))
+    checkpointed = run(small_cfg(tmp_path / "gc", policy_dir, *extra, "gradient_checkpointing=true"))
+    assert checkpointed["global_step"] == plain["global_step"] == 2
+    agreement = [h["moe/routing_agreement"] for h in plain["log_history"] if "moe/routing_agreement" in h]
+    assert min(agreement) < 1.0  # the second update's router would route otherwise: the replay is what holds
+    a, b = (load_file(f"{m['model_dir']}/model.safetensors") for m in (plain, checkpointed))
+    moved = load_file(f"{policy_dir}/model.safetensors")
+    assert any(not torch.equal(a[k], moved[k]) for k in a)  # the steps trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypatch):

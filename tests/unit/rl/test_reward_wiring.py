@@ -67,7 +67,6 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
     (["ref_refresh_steps=2", "beta=0.0"], "ref_refresh_steps: 2 refreshes the KL term's reference, and beta is 0"),
     (["ref_refresh_steps=2", "use_lora=true"], "ref_refresh_steps: with use_lora"),
     (["routing_replay=true", "use_vllm=true"], "routing_replay: vLLM's rollouts route in vLLM"),
-    (["routing_replay=true", "gradient_checkpointing=true"], "routing_replay with gradient_checkpointing"),
     (["use_lora=true", "bias_update_speed=0.001"], "bias_update_speed with use_lora and beta > 0"),
 ])
 def test_options_that_cannot_work_together_are_named_before_a_model_loads(tmp_path, options, message):
