@@ -88,7 +88,8 @@ def _training(name: str, module, summary: str, makes_model: str, init_from: tupl
 
 STAGES: dict[str, StageKind] = {
     "sft": _training("sft", sft_stage, "supervised fine-tuning (TRL SFTTrainer)", "chat", ("chat",)),
-    "reward": _training("reward", reward_stage, "reward model (TRL RewardTrainer)", "reward", ("chat", "reward")),
+    "reward": _training("reward", reward_stage, "reward model (TRL RewardTrainer)", "reward", ("chat", "reward"),
+                        adjust=reward_stage.trl_adjustments),
     "rl": _training("rl", rl_stage, "GRPO (TRL GRPOTrainer)", "chat", ("chat",),
                     presets=MappingProxyType(rl_stage.GRPO_PRESETS), adjust=rl_stage.trl_adjustments,
                     check=rl_stage.check_recipe_rewards, resolve=rl_stage.resolve_recipe_rewards,

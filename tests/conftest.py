@@ -43,6 +43,23 @@ def make_batch():
     return padded_batch
 
 
+class _TwoProcesses:
+    """A trainer's accelerator, as seen by the save that follows training, reporting two processes: the save of
+    sharded training (a gather, then the adapter merged into a freshly loaded starting model), in one process."""
+    num_processes, is_fsdp2 = 2, False
+
+    def __init__(self, accelerator):
+        self._accelerator = accelerator
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+@pytest.fixture
+def two_processes():
+    return _TwoProcesses
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("-m") or os.environ.get("LATENTALIGN_SLOW") == "1":
         return

@@ -62,11 +62,11 @@ def _prompted(row: dict, replies: tuple) -> dict:
     hh = hh_turns(row["prompt"], prompt=True)  # its replies follow "Assistant:" with a space the turn drops
     prompt = hh or [{"role": "user", "content": row["prompt"]}]
     return {**row, "prompt": prompt,
-            **{key: [{"role": "assistant", "content": row[key].strip() if hh else _reply(row[key])}]
+            **{key: [{"role": "assistant", "content": row[key].strip() if hh else reply_text(row[key])}]
                for key in replies}}
 
 
-def _reply(text: str) -> str:
+def reply_text(text: str) -> str:
     """A text completion as the assistant's turn: without the one space TRL's prompt/completion rows begin it with
     (" 4"), which the template writes itself ("Assistant: 4"); an indented line of code keeps its indent."""
     return text[1:] if text[:1] == " " and text[1:2].strip() else text

@@ -15,7 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from .loading import LOCAL_SUFFIXES, SPLIT_WORDS, DataError
+from .loading import LOCAL_SUFFIXES, DataError
+from .splits import SPLIT_WORDS
 
 
 def decoded(path: Path, raw: bytes, where: str) -> str:

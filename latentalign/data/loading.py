@@ -23,6 +23,8 @@ import logging
 import math
 from pathlib import Path
 
+from .splits import file_split, held_out_split
+
 ROLES = ("system", "user", "assistant")
 FORMATS = {
     "messages": ("messages",),
@@ -117,6 +119,10 @@ def row_problem(row: dict, fmt: str) -> str | None:
         return f"{pair[0]!r} and {pair[1]!r} must both be strings or both be conversations"
     if fmt == "preference" and "prompt" in row and isinstance(row["prompt"], str) != isinstance(row["chosen"], str):
         return "'prompt' and 'chosen' must both be strings or both be conversations"
+    margin = row.get("margin") if fmt == "preference" else None  # TRL's per-pair Bradley-Terry margin
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        return f"'margin' must be a finite number (or null: the stage's margin), got {margin!r}"
     if fmt == "rl":
         answer = row["answer"]
         if not isinstance(answer, (str, int, float)):  # a bool too (an int): BoolQ's true reads as "True"
@@ -140,43 +146,6 @@ def detect_format(columns, source: str, allowed=tuple(FORMATS)) -> str:
     hint = (f"; to read {named!r} as the prompt, rename it: dataset_columns: {{{named}: prompt}} in a stage, "
             f"--columns {named}=prompt for eval" if named and "prompt" not in columns else "")
     raise DataError(f"{source}: missing columns: expected {wanted}; found {sorted(columns) or 'no columns'}{hint}.")
-
-
-SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
-               "test": ("test", "testing", "eval", "evaluation")}
-
-
-def held_out_split(split: str, label: str) -> bool:
-    """Whether `split` asks generated data (the built-ins, reasoning-gym) for its held-out rows: a word of validation
-    or test, not of train. Any other name is an error, not the training rows under a name that looks held out."""
-    words = {word: name for name, group in SPLIT_WORDS.items() for word in group}
-    name = split.strip().lower() if isinstance(split, str) else split
-    if name in words:
-        return words[name] != "train"
-    hint = "; generated rows are not sliced: cap them with dataset_size (--size in eval)" if "[" in str(split) else ""
-    held = ", ".join(SPLIT_WORDS["validation"] + SPLIT_WORDS["test"])
-    raise DataError(f"{label}: unknown split {split!r}: generated data has training rows "
-                    f"({', '.join(SPLIT_WORDS['train'])}) and held-out rows ({held}){hint}.")
-
-
-def file_split(rows: list[dict], split: str, label: str) -> list[dict]:
-    """The rows of `split` in one data file: the file is its only split, so a split's name (any of `SPLIT_WORDS`)
-    gives them all, and `datasets`' slices take part of them (`train[:100]`, `test[-10%:]`, `train[:5]+train[9:]`)."""
-    import datasets
-
-    names = {part.split("[", 1)[0].strip().lower() for part in split.split("+")}
-    words = {word for group in SPLIT_WORDS.values() for word in group}
-    if not names <= words:
-        raise DataError(f"{label}: a single file has no split {split!r}; name its rows train (or test, validation: "
-                        f"the file is its only split), or slice them: train[:100], train[:50%].")
-    if "[" not in split:
-        return rows
-    try:
-        spec = datasets.ReadInstruction.from_spec(split.lower())
-        parts = spec.to_absolute({name: len(rows) for name in names})
-    except (ValueError, AssertionError, KeyError) as err:
-        raise DataError(f"{label}: split {split!r}: {err}") from None
-    return [row for part in parts for row in rows[part.from_:part.to]]
 
 
 def _read_builtin(name: str, split: str, size: int | None, seed: int, difficulty: dict | None) -> list[dict]:
@@ -223,7 +192,7 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
     if fmt == "preference":
-        rows = [_without_repeated_prompt(row) for row in rows]
+        rows = [_numeric_margin(_without_repeated_prompt(row)) for row in rows]
     required = FORMATS[fmt]
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row or row[c] is None]
@@ -243,6 +212,17 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
         _warn_dropped(rows, keep, fmt, label)
         rows = [{k: v for k, v in row.items() if k in keep} for row in rows]
     return rows, fmt
+
+
+def _numeric_margin(row: dict) -> dict:
+    """A margin written as text (every CSV cell is) as the number it spells; the row check names anything else."""
+    margin = row.get("margin")
+    if isinstance(margin, str):
+        try:
+            return {**row, "margin": float(margin)} if margin.strip() else {**row, "margin": None}
+        except ValueError:
+            pass
+    return row
 
 
 def kept_columns(fmt: str, row: dict) -> set:

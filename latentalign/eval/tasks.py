@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..reward.answers import has_reference
+from . import harness
 from .options import EvalError, EvalOptions
 
 log = logging.getLogger(__name__)
@@ -270,37 +271,6 @@ def decode_speed(model, *, batch: int = 4, context: int = 256, new_tokens: int =
     return {"decode_speed": batch * (new_tokens - 1) / decode, "decode_speed/prefill_s": prefill}
 
 
-def lm_eval_task(model_dir, task: str) -> dict:
-    """A harness task through its `hf` model: `lm_eval:<task>` is the task's first metric (its headline, e.g.
-    `acc` or gsm8k's strict-match `exact_match`), and every metric of the task and its subtasks is kept as
-    `lm_eval:<name>/<metric>[,<filter>]` (`,none` dropped; standard errors as `.../<metric>_stderr`)."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise EvalError(f"task 'lm_eval:{task}' needs lm-evaluation-harness: pip install 'latentalign[harness]'.") from None
-    import latentalign  # noqa: F401 -- registers our model type with the Auto classes the harness uses
-
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=[task])["results"]
-    return harness_metrics(task, results)
-
-
-def harness_metrics(task: str, results: dict) -> dict:
-    """Our metrics from lm-evaluation-harness's `results` ({name: {"acc,none": .., "acc_stderr,none": ..}})."""
-    metrics = {}
-    for name, values in results.items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics[f"lm_eval:{name}/{key.removesuffix(',none')}"] = value
-    headline = results.get(task) or (next(iter(results.values())) if len(results) == 1 else {})
-    scores = [v for k, v in headline.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-              and not k.split(",")[0].endswith("_stderr")]
-    if not scores:
-        raise EvalError(f"task 'lm_eval:{task}': the harness returned no metric for it (results for "
-                        f"{sorted(results) or 'no task'}).")
-    metrics[f"lm_eval:{task}"] = scores[0]
-    return metrics
-
-
 @dataclass(frozen=True)
 class Task:
     """An eval task: `run(ctx, arg)` -> metrics, the model it `needs` ("lm": a causal LM, "reward": a reward
@@ -358,7 +328,7 @@ TASKS: dict[str, Task] = {
                            parse_arg=_samples("reasoning_gym@"), reads_dataset=True),
     "kv_cache": Task(lambda ctx, _: kv_cache_bytes(_any_model(ctx)), needs="any", format="{:,.0f} B/token"),
     "decode_speed": Task(lambda ctx, _: decode_speed(ctx.model, seed=ctx.opts.seed), format="{:,.0f} tok/s"),
-    "lm_eval:": Task(lambda ctx, name: lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,
+    "lm_eval:": Task(lambda ctx, name: harness.lm_eval_task(ctx.model_dir, name), parse_arg=_harness_task,
                      format="{:.4g}"),
 }
 

@@ -95,6 +95,25 @@ class Runner:
                 "export_dir": str(self.stage_dir(pushed[-1]) / "export") if pushed else None,
                 "report": manifest.get("report")}
 
+    def _rerunnable_yaml(self) -> str:
+        """The recipe as run, its local datasets named from the run folder (where this copy lies), so that
+        `latentalign run <run>/recipe.yaml` reads the same files; the manifest and model card keep them as written."""
+        import copy
+        import os
+
+        import yaml
+
+        from .datasets import DATA_KEYS, exists
+
+        raw = copy.deepcopy(self.recipe.raw)
+        for name, stage in self.recipe.stages.items():
+            written = (raw.get("stages") or {}).get(name)
+            for key in DATA_KEYS & set(stage.values) if isinstance(written, dict) else ():
+                value = stage.values[key]
+                if isinstance(value, str) and key in written and exists(value):
+                    written[key] = os.path.relpath(Path(value).resolve(), self.run_dir.resolve())
+        return yaml.safe_dump(raw, sort_keys=False)
+
     def _first_model(self) -> str | None:
         first = next((s for s in self.recipe.stages.values() if s.kind.makes_model), None)
         return first.values.get("model", "tiny") if first else None
@@ -147,7 +166,7 @@ class Runner:
     def run(self) -> dict:
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(self.recipe_yaml)
+            (self.run_dir / "recipe.yaml").write_text(self._rerunnable_yaml())
         self._save_manifest()
         _barrier()
         total = len(self.recipe.stages)

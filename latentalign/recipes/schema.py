@@ -20,8 +20,8 @@ Two top-level shortcuts: `model: tiny-v3` replaces the first training stage's `m
 starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping: a key
 set to null removes the parent's (`rl_preference: null` drops that stage, `rewards: {"model:reward": null}` that
 reward), and the parent's relative dataset paths are read from the parent's folder. A stage's hash covers its
-settings, a local dataset's place seen from the recipe's folder and what the file holds (an edited file reruns
-the stage; a run from another working folder does not).
+settings and what a local dataset holds, not where it lies (an edited file reruns the stage; a run from another
+working folder does not).
 
 `model:<stage>` in an RL stage's rewards names the reward model trained by that stage. Every problem (unknown
 key, wrong type, a stage or dataset that does not exist) is one `RecipeError` naming the file and the key.
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..training import ConfigError
+from .datasets import DATA_KEYS, check_dataset, check_split, local_data, rebased
 
 RUN_FILES = frozenset({"manifest.json", "recipe.yaml", "report.md", "report.html", "plots"})  # the runner's own
 TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "model", "stages"}
@@ -133,32 +134,21 @@ def _check_override_stages(raw: dict, overrides: list, path: Path) -> None:
                               + (f"; did you mean {close[0]!r}?" if close else f"; stages: {names}."))
 
 
-def _merged(base: dict, over: dict) -> dict:
-    """`over` on `base`, mappings merged key by key; a key `over` sets to null where `base` has it is removed
-    (a parent's stage, or one of its rewards)."""
+REMOVABLE = ("stages", "rewards", "reward_options")  # the mappings in which `extends:`'s null removes a key
+
+
+def _merged(base: dict, over: dict, within: str | None = None) -> dict:
+    """`over` on `base`, mappings merged key by key. Null for a key of `stages:`, `rewards:` or `reward_options:`
+    that `base` has removes it (a parent's stage or reward); anywhere else null is a value (`eval_dataset: null`)."""
     out = dict(base)
     for key, value in over.items():
-        if value is None and key in out:
+        if value is None and key in out and within in REMOVABLE:
             del out[key]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value, key)
         else:
-            out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+            out[key] = value
     return out
-
-
-def _rebased(raw: dict, folder: Path) -> dict:
-    """A parent recipe's stages with their relative dataset paths read from the parent's folder (where its
-    author put them), for a child recipe in another folder."""
-    stages = raw.get("stages")
-    if not isinstance(stages, dict):
-        return raw
-
-    def rebased(values):
-        if not isinstance(values, dict):
-            return values
-        return {k: str(folder / v) if k in DATA_KEYS and isinstance(v, str) and not Path(v).is_absolute()
-                and not _exists(v) and _exists(folder / v) else v for k, v in values.items()}
-
-    return {**raw, "stages": {name: rebased(values) for name, values in stages.items()}}
 
 
 def _extended(path: Path, load_yaml, chain=()) -> dict:
@@ -180,35 +170,7 @@ def _extended(path: Path, load_yaml, chain=()) -> dict:
     seen = chain + (path.resolve(),)
     if parent_path.resolve() in seen:
         raise RecipeError(f"{path}: extends {parent!r} makes a loop ({' -> '.join(p.name for p in seen)}).")
-    return _merged(_rebased(_extended(parent_path, load_yaml, seen), parent_path.parent), raw)
-
-
-def _check_dataset(value, where: str, base_dir: Path | None):
-    """The dataset as the stage will read it: built-ins and hub ids pass (a hub id is only reachable at run time);
-    a reasoning-gym source's tasks and options must exist; a local file must exist, here or beside the recipe
-    (then its path from here is returned: the stage reads paths from where the command runs)."""
-    from ..data import reasoning_gym
-    from ..data.loading import BUILTIN, LOCAL_SUFFIXES
-    from ..hub_id import is_hub_id
-
-    if value is None or value in BUILTIN:
-        return value
-    if not value.strip():
-        raise RecipeError(f"{where}: an empty name; give a built-in dataset, a file or a hub dataset id.")
-    if reasoning_gym.is_source(value):
-        try:
-            reasoning_gym.parse_source(value)
-        except reasoning_gym.ReasoningGymError as err:
-            raise RecipeError(f"{where}: {err}") from None
-        return value
-    path = Path(value)
-    candidates = [path] + ([base_dir / path] if base_dir and not path.is_absolute() else [])
-    found = [c for c in candidates if _exists(c)]  # a folder too: a dataset laid out as the hub's
-    if found:  # `data/gsm8k` beside the recipe is that folder, though it reads like a hub id
-        return value if found[0] == path else str(found[0])
-    if path.suffix in LOCAL_SUFFIXES or not is_hub_id(value, config=True):
-        raise RecipeError(f"{where}: dataset file {value!r} does not exist.")
-    return value
+    return _merged(rebased(_extended(parent_path, load_yaml, seen), parent_path.parent), raw)
 
 
 def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
@@ -239,6 +201,8 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
         raise RecipeError(f"{source}: output_dir: expected a path, got {raw['output_dir']!r}.")
     if raw.get("model") is not None:
         stages_raw = _with_first_model(stages_raw, raw["model"], source)
+        if _first_training(stages_raw) is None and _all_typed(stages_raw):  # else a stage's bad type says why
+            raise RecipeError(f"{source}: model is set but no stage trains a model.")
     try:
         seed = check_type(raw.get("seed", 0), int, "seed", source)
     except ConfigError as err:
@@ -256,8 +220,6 @@ def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:
         except ConfigError as err:
             raise RecipeError(str(err)) from None
     first_training = next((s for s in stages.values() if s.kind.makes_model), None)
-    if first_training is None and raw.get("model") is not None:
-        raise RecipeError(f"{source}: model is set but no stage trains a model.")
     if first_training is not None and first_training.init is not None:
         raise RecipeError(f"{source}: stages.{first_training.name}: the first training stage starts from a `model:`.")
     recipe = Recipe(name=str(raw.get("name") or Path(source).stem), source=source, stages=stages,
@@ -281,6 +243,14 @@ def _with_first_model(stages_raw: dict, model, source: str) -> dict:
     if name is None:  # said once the stages are checked (a stage's bad `type:` is the likelier cause)
         return stages_raw
     return {**stages_raw, name: {**(stages_raw[name] or {}), "model": model}}
+
+
+def _all_typed(stages_raw: dict) -> bool:
+    """Whether every stage of a raw `stages:` names a stage type (its `type:`, or its own name)."""
+    from ..stages import STAGES
+
+    kinds = [(v or {}).get("type", n) if isinstance(v, (dict, type(None))) else None for n, v in stages_raw.items()]
+    return all(isinstance(kind, str) and kind in STAGES for kind in kinds)
 
 
 def _first_training(stages_raw) -> str | None:
@@ -338,29 +308,17 @@ def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: 
 
         for key in ("dataset", "preference_dataset"):
             if isinstance(values.get(key), str):
-                values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
-        opts = EvalOptions()
+                values[key] = check_dataset(values[key], f"{where}: {key}", base_dir)
+        from ..eval.tasks import parse_tasks, task_of
+
+        opts, names = EvalOptions(), [task_of(t) for t in parse_tasks(values.get("tasks", ["accuracy"]))]
         split = values.get("split", opts.split)
-        _check_split(values.get("dataset", opts.dataset), split, f"{where}: split")
-        _check_split(values.get("preference_dataset", opts.preference_dataset),
-                     values.get("preference_split") or split, f"{where}: preference_split")
+        if any(task.reads_dataset for _, task, _ in names):  # the splits the tasks read
+            check_split(values.get("dataset", opts.dataset), split, f"{where}: split")
+        if any(key == "pairwise" for key, _, _ in names):
+            check_split(values.get("preference_dataset", opts.preference_dataset),
+                         values.get("preference_split") or split, f"{where}: preference_split")
     return Stage(name, kind_name, init, values)
-
-
-def _check_split(dataset, split, where: str) -> None:
-    """Recipe time: a split that generated data (the built-ins, reasoning-gym) or a single data file has."""
-    from ..data import reasoning_gym
-    from ..data.loading import BUILTIN, DataError, file_split, held_out_split
-
-    if not isinstance(dataset, str) or not isinstance(split, str):
-        return
-    try:
-        if dataset in BUILTIN or reasoning_gym.is_source(dataset):
-            held_out_split(split, dataset)
-        elif _exists(dataset) and Path(dataset).is_file():
-            file_split([], split, dataset)
-    except DataError as err:
-        raise RecipeError(f"{where}: {err}") from None
 
 
 def _starts_elsewhere(kind, earlier: dict) -> bool:
@@ -392,10 +350,10 @@ def _check_training(kind, values: dict, init, seed: int, name: str, where: str, 
         raise RecipeError(f"{where}: {err}") from None
     for key in ("dataset", "eval_dataset"):
         if isinstance(values.get(key), str):
-            values[key] = _check_dataset(values[key], f"{where}: {key}", base_dir)
-    dataset = values.get("dataset", cfg.dataset)
-    _check_split(dataset, cfg.dataset_split, f"{where}: dataset_split")
-    _check_split(values.get("eval_dataset") or dataset, cfg.eval_split, f"{where}: eval_split")
+            values[key] = check_dataset(values[key], f"{where}: {key}", base_dir)
+    check_split(values.get("dataset", cfg.dataset), cfg.dataset_split, f"{where}: dataset_split")
+    if cfg.eval_dataset:  # none: no held-out evaluation, no split read
+        check_split(values.get("eval_dataset", cfg.eval_dataset), cfg.eval_split, f"{where}: eval_split")
     _check_preset_overrides(checked, where)
     read = {key: cfg.trl[key] if key in cfg.trl else getattr(cfg, key) for key in values}
     return {key: read[key] if _is_number(read[key]) else value for key, value in values.items()}
@@ -422,43 +380,9 @@ def _hash_stages(recipe: Recipe):
         upstream = [stage.init] if stage.init else []
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
-        values = {k: _local_data(v, recipe.source) if k in DATA_KEYS else v for k, v in stage.values.items()}
+        values = {k: local_data(v) if k in DATA_KEYS else v for k, v in stage.values.items()}
         payload = {"type": stage.type, "values": values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-DATA_KEYS = frozenset({"dataset", "eval_dataset", "preference_dataset"})
-WHOLE_HASH_BYTES = 16 << 20  # a data file up to this size is hashed whole; a larger one by its size, head and tail
-
-
-def _local_data(value, recipe_source: str):
-    """What a stage's hash holds of a dataset: a name as written, or for a local file or folder, where it lies seen
-    from the recipe's folder (the same run from any working folder) and what it holds (an edited file reruns)."""
-    if not isinstance(value, str) or not _exists(value):
-        return value
-    import os
-
-    path = Path(value).resolve()
-    where = os.path.relpath(path, Path(recipe_source).resolve().parent)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{size}".encode())
-        with file.open("rb") as handle:
-            if size <= WHOLE_HASH_BYTES:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(1 << 20))
-                handle.seek(-(1 << 20), os.SEEK_END)
-                digest.update(handle.read())
-    return {"path": where, "content": digest.hexdigest()}
-
-
-def _exists(path) -> bool:
-    """Whether `path` names a file or folder; a name no file can have (a long reasoning-gym mix) names none."""
-    try:
-        return Path(path).exists()
-    except OSError:
-        return False

@@ -23,6 +23,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from ..data.chat import reply_text
 from . import code, rules
 
 REGISTRY = {
@@ -137,12 +138,17 @@ class RewardModelFunction:
     """A trained reward model as a reward function: scores prompt + completion through its own tokenizer and
     chat template, in batches."""
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None):
+    MAX_LENGTH = 1024
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = MAX_LENGTH, device: str | None = None):
         from ..model import load_reward_model
         from ..training.model_dir import load_tokenizer
 
         from ..eval.tasks import is_reward_model
 
+        for key, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RewardError(f"model:{path}: {key} must be a positive whole number, got {value!r}.")
         self.path = path
         if (Path(path) / "config.json").is_file() and not is_reward_model(path):
             raise RewardError(f"model:{path}: not a reward model (its config names no reward head); its score "
@@ -161,7 +167,7 @@ class RewardModelFunction:
         out = []
         for prompt, completion in zip(prompts, completions):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            reply = rules.completion_text(completion).strip()
+            reply = reply_text(rules.completion_text(completion))  # as the reward stage trained on replies
             out.append(self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}],
                                                           tokenize=False))
         return out
@@ -178,23 +184,31 @@ class RewardModelFunction:
     def __call__(self, prompts, completions, **_) -> list[float]:
         return self.score_texts(self.texts(prompts, completions))
 
-    def score_texts(self, texts: list[str]) -> list[float]:
+    def score_texts(self, texts: list[str], special: list[bool] | None = None) -> list[float]:
+        """Scores of `texts`; where `special[i]`, text i is tokenized with the tokenizer's special tokens (a BOS),
+        as TRL tokenizes a pair's plain text (a chat render holds its own)."""
         import torch
 
-        scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
-            with torch.no_grad():
-                logits = self.model(**batch.to(self.model.device)).logits
-            scores += logits[:, 0].float().tolist()
+        special = special or [False] * len(texts)
+        scores: list[float | None] = [None] * len(texts)
+        for flag in set(special):
+            chosen = [i for i, s in enumerate(special) if s == flag]
+            for start in range(0, len(chosen), self.batch_size):
+                rows = chosen[start:start + self.batch_size]
+                batch = self.tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
+                                       max_length=self.max_length, add_special_tokens=flag)
+                with torch.no_grad():
+                    logits = self.model(**batch.to(self.model.device)).logits
+                for i, value in zip(rows, logits[:, 0].float().tolist()):
+                    scores[i] = value
         return scores
 
 
 def pairwise_accuracy(scorer, rows) -> dict:
     """Share of preference pairs whose chosen side `scorer` (a `RewardModelFunction`) scores above the rejected
     one, each side read as the reward model was trained on it (a pair without a prompt too)."""
-    chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows])
+    chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows],
+                                           special=[not isinstance(r[side], list) for r in rows])
                         for side in ("chosen", "rejected"))
     wins = [c > r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(wins) / max(len(rows), 1), "n": len(rows),
@@ -229,12 +243,12 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
 
     def _call(self, prompts, completions, **kwargs):
         if self.timeout_s is None:
-            return self.fn(prompts, completions, **kwargs)
+            return self.fn(prompts=prompts, completions=completions, **kwargs)  # by name, as TRL calls
         box: dict = {}
 
         def target():
             try:
-                box["value"] = self.fn(prompts, completions, **kwargs)
+                box["value"] = self.fn(prompts=prompts, completions=completions, **kwargs)
             except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
                 box["error"] = err
 
@@ -274,7 +288,11 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             got = "None" if values is None else f"{type(values).__name__} {values!r}"[:200]
             raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions; return a list "
                               f"of one score (a number, or None) per completion.")
-        values = list(values)
+        try:
+            values = list(values)
+        except TypeError:  # a 0-d array or tensor: one value
+            raise RewardError(f"reward function {self.__name__!r} returned one value ({values!r}) for {n} "
+                              f"completions; return a list of one score per completion.") from None
         if len(values) != n:
             raise RewardError(f"reward function {self.__name__!r} returned {len(values)} values for {n} completions.")
         scores = [None if v is None else _score(v, self.__name__, at + i) for i, v in enumerate(values)]
@@ -317,15 +335,28 @@ def _is_async(fn) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
+_ASYNC_LOOP: list = []  # one event loop for every async reward, run by a thread of its own
+
+
 def _awaited(fn):
-    """An async reward (TRL takes them) as a plain one: each call runs it to its end in an event loop of its own."""
+    """An async reward (TRL takes them) as a plain one: each call runs on one event loop in a thread of its own,
+    which lives as long as the process: a client bound to its loop keeps working from call to call, and a caller
+    inside a running loop (a notebook) is not refused."""
     import asyncio
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
+        with _ASYNC_LOCK:
+            if not _ASYNC_LOOP:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, daemon=True, name="async-rewards").start()
+                _ASYNC_LOOP.append(loop)
+        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), _ASYNC_LOOP[0]).result()
 
     return run
+
+
+_ASYNC_LOCK = threading.Lock()
 
 
 NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric"})  # what TRL passes beside the columns
@@ -342,7 +373,12 @@ def weighted_sum(weights: dict, name: str = "weighted"):
         raise RewardError(f"weighted_sum: every weight must be a finite number, got {list(weights.values())}.")
 
     def combined(prompts, completions, **kwargs):
-        columns = [fn(prompts, completions, **kwargs) for fn, _ in parts]
+        columns = [fn(prompts=prompts, completions=completions, **kwargs) for fn, _ in parts]
+        for (fn, _), values in zip(parts, columns):
+            if values is None or len(values) != len(completions):
+                got = "None" if values is None else f"{len(values)} values"
+                raise RewardError(f"weighted_sum: reward {getattr(fn, '__name__', fn)!r} returned {got} for "
+                                  f"{len(completions)} completions.")
         out = []
         for values in zip(*columns):
             out.append(None if any(v is None for v in values) else sum(w * v for (_, w), v in zip(parts, values)))

@@ -65,6 +65,18 @@ def trl_config_class():
     return RewardConfig
 
 
+def trl_adjustments(cfg: RewardStageConfig) -> dict:
+    """No TRL default follows from our options; the check of the ones that cannot work together."""
+    from ..training import ConfigError
+
+    pooling = cfg.model_overrides.get("score_pooling", cfg.score_pooling)
+    if pooling == "likelihood" and cfg.trl.get("center_rewards_coefficient"):
+        raise ConfigError("center_rewards_coefficient with score_pooling: likelihood: that score holds the sequence's "
+                          "summed log-likelihood (hundreds), whose square the centring term would weigh far above "
+                          "the preference loss; use score_pooling: last, or leave center_rewards_coefficient unset.")
+    return {}
+
+
 def starting_model(cfg: RewardStageConfig):
     """(reward model, tokenizer) as the stage starts from them: `cfg.model` with a new score head pooled by
     `cfg.score_pooling` (a `model_overrides` entry of that name wins)."""
@@ -86,12 +98,14 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     args = trl_args(cfg)
     rows, _, eval_rows = load_stage_data(cfg, ("preference",), ("preference",))
-    if cfg.margin is not None:
-        rows = [{"margin": cfg.margin, **r} for r in rows]
+    if cfg.margin is not None or any("margin" in r for r in rows):  # a row's own margin wins; null: the stage's
+        rows = [{**r, "margin": r["margin"] if r.get("margin") is not None else cfg.margin or 0.0} for r in rows]
 
     model, tokenizer = starting_model(cfg)
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
+    evaluated = eval_rows if eval_rows and args.eval_strategy != "no" else None  # TRL's eval loss and accuracy
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),
+                            eval_dataset=to_dataset(evaluated, cfg.eval_dataset) if evaluated else None,
                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     check_rows_kept(trainer, len(rows), cfg, f"TRL drops a pair whose chosen or rejected conversation is longer than "
                                              f"max_length ({args.max_length} tokens); raise max_length or shorten them")
@@ -99,7 +113,9 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     trainer.add_callback(ExpertLoadLog(ExpertLoadMeter(base)))  # logged as for the other stages
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
-        metrics["eval"] = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), eval_rows)
+        scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size,
+                                     max_length=args.max_length or RewardModelFunction.MAX_LENGTH)  # as trained
+        metrics["eval"] = pairwise_accuracy(scorer, eval_rows)
         metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
     return write_metrics(cfg, metrics)

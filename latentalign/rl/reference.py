@@ -77,7 +77,9 @@ class ReferenceKeeper(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ref = self._reference()
         if ref is not None and state.is_world_process_zero and folder.is_dir():
-            save_model(ref, str(folder / REFERENCE_FILE))
+            partial = folder / (REFERENCE_FILE + ".partial")  # renamed when whole: a kill leaves no half file
+            save_model(ref, str(partial))
+            partial.replace(folder / REFERENCE_FILE)
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):

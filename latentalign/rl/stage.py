@@ -289,11 +289,33 @@ def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
     from .reference import reference_dir, reference_elsewhere
     from .vllm import vllm_start_dir
 
-    if args.beta != 0 and reference_elsewhere(model, cfg.model_overrides):  # TRL loads the reference from the path
+    # TRL loads the reference from the path (with LoRA it is the policy with its adapters off: no copy)
+    if args.beta != 0 and not cfg.use_lora and reference_elsewhere(model, cfg.model_overrides):
         model.name_or_path = model.config._name_or_path = str(reference_dir(model, tokenizer, cfg.output_dir))
     if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
         model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
+
+
+LONG_PROMPT_ROWS = 10_000  # the rows `_warn_long_prompts` renders (a template render each)
+
+
+def _warn_long_prompts(model, tokenizer, rows: list[dict], completion_tokens: int) -> None:
+    """Prompts that with a whole completion pass the model's positions (TRL cuts no prompt): named, not trained
+    on positions the model never learnt without a word."""
+    from .vllm_sync import probe_prompts
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    checked = min(len(rows), LONG_PROMPT_ROWS)
+    lengths = map(len, probe_prompts(tokenizer, rows, checked))
+    long = [i for i, n in enumerate(lengths) if n + completion_tokens > limit]
+    if long:
+        shown = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+        log.warning("%d of %d prompts (the first %d rows) with max_completion_length=%d tokens pass the model's %d "
+                    "positions (rows %s); shorten them, filter them out or lower max_completion_length.", len(long),
+                    checked, checked, completion_tokens, limit, shown)
 
 
 def _freeze_routers(model) -> None:
@@ -316,18 +338,37 @@ def _compile_rollouts(model, tokenizer, rows, completion_tokens: int, recording:
     model.decode_cache_floor = max(map(len, probe_prompts(tokenizer, rows, len(rows))), default=0) + completion_tokens
 
 
+def _attach(trainer, cfg: RLStageConfig, args, model, tokenizer, rows) -> None:
+    """What the built trainer gets beside TRL's own: vLLM's weight names and sync check, the reference kept with
+    the checkpoints, the balance loss."""
+    from ..training import use_deepseek_balance_loss
+    from ..trl_compat import wrap_vllm_weights
+    from .vllm import native_named_weights
+    from .vllm_sync import SyncCheck, probe_prompts, watch
+
+    if args.use_vllm:
+        wrap_vllm_weights(trainer, native_named_weights)  # fused experts -> vLLM's per-expert names at each sync
+        if cfg.vllm_sync_check:
+            probe = SyncCheck(probe_prompts(tokenizer, rows, cfg.vllm_sync_probe_size), max_gap=cfg.vllm_sync_max_gap,
+                              dtype=next(model.parameters()).dtype, eos_token_id=tokenizer.eos_token_id)
+            watch(trainer, probe)
+    if cfg.ref_refresh_steps:  # TRL's checkpoints hold the policy, not the reference it refreshed
+        from .reference import ReferenceKeeper
+
+        trainer.add_callback(ReferenceKeeper(trainer))
+    if cfg.balance_loss:  # the loss only: the meter logs the expert load, one writer per metric
+        use_deepseek_balance_loss(trainer.model.get_base_model() if cfg.use_lora else trainer.model)
+
+
 def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from ..data import to_dataset
     from ..eval import exact_match
     from ..reward.answers import VERIFIER
     from ..stages import trl_args
     from ..training import (ExpertLoadMeter, bias_balancer_for, load_starting_point, make_peft_config,
-                            newest_checkpoint, train_and_save, use_deepseek_balance_loss, write_metrics)
-    from ..trl_compat import wrap_vllm_weights
+                            newest_checkpoint, train_and_save, write_metrics)
     from .replay import RoutingReplay
     from .trainer import grpo_trainer_class
-    from .vllm import native_named_weights
-    from .vllm_sync import SyncCheck, probe_prompts, watch
 
     args = trl_args(cfg)
     rewards, _ = build_rewards(cfg, args.max_completion_length)
@@ -335,6 +376,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)
+    _warn_long_prompts(model, tokenizer, rows, args.max_completion_length)
     if cfg.freeze_router:
         _freeze_routers(model)
     meter = ExpertLoadMeter(model, grad_only=True)  # the tokens trained on; decoding also routes ended rows
@@ -355,18 +397,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
             callbacks=[_log_callback(rewards, meter, replay), *([balancer] if balancer else []), *(callbacks or [])])
     finally:
         model.name_or_path = model.config._name_or_path = name_or_path
-    if args.use_vllm:
-        wrap_vllm_weights(trainer, native_named_weights)  # fused experts -> vLLM's per-expert names at each sync
-        if cfg.vllm_sync_check:
-            probe = SyncCheck(probe_prompts(tokenizer, rows, cfg.vllm_sync_probe_size), max_gap=cfg.vllm_sync_max_gap,
-                              dtype=next(model.parameters()).dtype, eos_token_id=tokenizer.eos_token_id)
-            watch(trainer, probe)
-    if cfg.ref_refresh_steps:  # TRL's checkpoints hold the policy, not the reference it refreshed
-        from .reference import ReferenceKeeper
-
-        trainer.add_callback(ReferenceKeeper(trainer))
-    if cfg.balance_loss:  # the loss only: the meter logs the expert load, one writer per metric
-        use_deepseek_balance_loss(trainer.model.get_base_model() if cfg.use_lora else trainer.model)
+    _attach(trainer, cfg, args, model, tokenizer, rows)
 
     before = None
     if eval_rows and not newest_checkpoint(cfg.output_dir):

@@ -59,7 +59,7 @@ class RoutingReplayHooks:
 
     @contextmanager
     def loss_context(self, inputs):
-        if self.routing_replay and self._replay_open is not None:
+        if self._replay_through_backward() and self._replay_open is not None:
             # Open until the step's backward has run: gradient checkpointing recomputes the layers there, and
             # they must route as the forward did.
             self._replay_open.enter_context(self.routing_replay.replaying(inputs["routing"]))
@@ -72,9 +72,13 @@ class RoutingReplayHooks:
     def can_score(self, attention_mask, logits_to_keep, extra: dict) -> bool:
         # A checkpointed loss forward is recomputed in backward, after a narrowed group's replay has moved on:
         # it runs as one forward of the whole batch, whose replay stays in place.
-        if self.routing_replay and self.args.gradient_checkpointing and torch.is_grad_enabled():
+        if self._replay_through_backward() and torch.is_grad_enabled():
             return False
         return super().can_score(attention_mask, logits_to_keep, extra)
+
+    def _replay_through_backward(self) -> bool:
+        """Replay enforced under gradient checkpointing (measured only, the recompute may route afresh)."""
+        return bool(self.routing_replay and self.routing_replay.enforce and self.args.gradient_checkpointing)
 
     def narrowed(self, rows, cols):
         return self.routing_replay.narrowed(rows, cols) if self.routing_replay else super().narrowed(rows, cols)
@@ -213,7 +217,9 @@ class LengthSortedScoring:
 class FailedScoresOut:
     def after_rewards(self, rewards_per_func):
         rewards_per_func = super().after_rewards(rewards_per_func)
-        marks = [f.last_failed for f in self.reward_funcs if getattr(f, "last_failed", None) is not None]
+        # a reward weighed 0 (logged only) decides no sample's score: its failures unscore nothing
+        marks = [f.last_failed for f, w in zip(self.reward_funcs, self.reward_weights.tolist())
+                 if getattr(f, "last_failed", None) is not None and w != 0]
         if not marks or len({len(m) for m in marks}) != 1:
             return rewards_per_func
         from accelerate.utils import gather

@@ -116,7 +116,8 @@ def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[li
                           seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
     rows = as_chat(rows, fmt)
     eval_rows = None
-    if cfg.eval_dataset and cfg.eval_dataset == cfg.dataset and Path(cfg.dataset).is_file():
+    sliced = "[" in cfg.dataset_split or "[" in cfg.eval_split  # `train[:90%]` and `train[-10%:]`: the user's cut
+    if cfg.eval_dataset and cfg.eval_dataset == cfg.dataset and Path(cfg.dataset).is_file() and not sliced:
         logging.getLogger(__name__).warning(
             "eval_dataset %s is the training file itself, and a file is one split: the held-out figure scores rows "
             "trained on (set eval_dataset to a file of held-out rows for one that is not).", cfg.eval_dataset)
@@ -241,7 +242,10 @@ def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path
         if (gathered / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
+            overrides = dict(cfg.model_overrides)
+            if reward and getattr(cfg, "score_pooling", None):  # the head the reward stage built (reward.stage)
+                overrides = {"score_pooling": cfg.score_pooling, **overrides}
+            base, _ = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=overrides,
                                           seed=cfg.seed, reward=reward)
             model = PeftModel.from_pretrained(base, str(gathered)).merge_and_unload()
             trained_buffers = dict(trained.named_buffers())  # V3's router biases: moved by no gradient, no adapter's

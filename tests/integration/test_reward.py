@@ -22,7 +22,7 @@ def small_cfg(tmp_path, *extra):
 
 
 def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tmp_path):
-    metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01"))
+    metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01", "score_pooling=last"))
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -102,3 +102,91 @@ def test_pairs_longer_than_max_length_are_named_not_a_sampler_error(tmp_path, ca
     data.write_text("\n".join(json.dumps(r) for r in [long_pair] + [short_pair] * 15) + "\n")
     metrics = run(small_cfg(tmp_path, f"dataset={data}", "max_length=24", "eval_dataset=null", "max_steps=1"))
     assert metrics["global_step"] == 1 and "1 of 16 rows left out" in caplog.text
+
+
+def test_centring_a_likelihood_score_is_refused(tmp_path):
+    """That score holds a sum of log-likelihoods (hundreds): TRL's centring term, its square, swamped the loss."""
+    from latentalign.training import ConfigError
+
+    with pytest.raises(ConfigError, match="center_rewards_coefficient with score_pooling: likelihood"):
+        run(small_cfg(tmp_path, "center_rewards_coefficient=0.01"))
+    assert not (tmp_path / "rm").exists()
+
+
+def test_the_save_of_several_processes_keeps_the_lora_reward_models_head(tmp_path, monkeypatch, two_processes):
+    """The multi-process save merges the adapter into a freshly built start: with the stage's pooling, not the
+    config default, or it scores otherwise than the model trained."""
+    from trl import RewardTrainer
+
+    from latentalign import load_reward_model
+    from latentalign.training import load_starting_point, save_model_dir
+
+    lm, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    save_model_dir(lm, tokenizer, tmp_path / "sft")
+    scores, train = {}, RewardTrainer.train
+    ids = tokenizer(["User: 2 + 3?\n\nAssistant: 5"], return_tensors="pt")
+
+    def train_then_share(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        with torch.no_grad():
+            scores["trained"] = self.model(**ids).logits.item()
+        self.accelerator = two_processes(self.accelerator)
+        return out
+
+    monkeypatch.setattr(RewardTrainer, "train", train_then_share)
+    metrics = run(small_cfg(tmp_path, f"model={tmp_path / 'sft'}", "use_lora=true", "lora_r=4", "max_steps=2",
+                            "eval_dataset=null"))
+    saved = load_reward_model(metrics["model_dir"]).eval()
+    assert saved.config.score_pooling == "likelihood"
+    with torch.no_grad():
+        assert saved(**ids).logits.item() == pytest.approx(scores["trained"], abs=1e-4)
+
+
+def test_pair_margins_and_held_out_evaluation_during_training(tmp_path, caplog):
+    from latentalign.data import DataError
+
+    pairs = [{"prompt": f"{i} + 1?", "chosen": f" {i + 1}", "rejected": f" {i + 2}", "margin": None if i % 2 else 1.0}
+             for i in range(16)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
+    metrics = run(small_cfg(tmp_path, f"dataset={data}", "margin=0.5", "max_steps=2", "eval_strategy=steps",
+                            "eval_steps=1", "score_pooling=last"))
+    assert any("eval_loss" in h for h in metrics["log_history"])  # TRL evaluated the held-out pairs
+    (tmp_path / "bad.csv").write_text("prompt,chosen,rejected,margin\nq, a, b,1.5\nq, c, d,lots\n")
+    with pytest.raises(DataError, match=r"bad.csv: row 1: 'margin' must be a finite number"):
+        run(small_cfg(tmp_path, f"dataset={tmp_path / 'bad.csv'}", "max_steps=1", "eval_dataset=null"))
+
+
+def test_a_reward_model_scores_text_and_replies_as_it_was_trained(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    from latentalign.reward import RewardError, weighted_sum
+    from latentalign.reward.functions import pairwise_accuracy
+    from latentalign.training import load_starting_point, save_model_dir
+
+    rm, tokenizer = load_starting_point("tiny", overrides={**SMALL, "score_pooling": "last"}, reward=True)
+    folder = save_model_dir(rm, tokenizer, tmp_path / "rm")
+    scorer = RewardModelFunction(str(folder))
+    # GRPO scores a reply as training saw it: TRL's leading space dropped, an indented line of code kept
+    assert scorer.texts(["q"], [" 5"])[0].endswith("Assistant: 5" + tokenizer.eos_token)
+    assert scorer.texts(["q"], ["  return 1\n"])[0].endswith("Assistant:   return 1\n" + tokenizer.eos_token)
+    # a tokenizer that adds a BOS: TRL tokenizes a pair's plain text with it, and so does the held-out score
+    bos = tokenizer.bos_token_id
+    scorer.tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)])
+    text = scorer.training_text(None, "5")
+    with torch.no_grad():
+        ids = scorer.tokenizer(text, return_tensors="pt")
+        assert ids["input_ids"][0, 0] == bos
+        expected = scorer.model(**ids).logits[0, 0].item()
+    assert scorer.score_texts([text], special=[True])[0] == pytest.approx(expected, abs=1e-5)
+    pairs = [{"chosen": "5", "rejected": "6"}]
+    assert pairwise_accuracy(scorer, pairs)["mean_margin"] == pytest.approx(
+        expected - scorer.score_texts([scorer.training_text(None, "6")], special=[True])[0], abs=1e-5)
+    with pytest.raises(RewardError, match="batch_size must be a positive whole number, got 0"):
+        RewardModelFunction(str(folder), batch_size=0)
+    with pytest.raises(RewardError, match="weighted_sum: reward 'short' returned 1 values for 2 completions"):
+        def short(prompts, completions, **_):
+            return [1.0]
+
+        weighted_sum({short: 1.0})(["", ""], ["a", "b"])

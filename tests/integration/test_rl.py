@@ -432,7 +432,7 @@ def test_a_preset_under_vllm_gets_both_paths(tmp_path, monkeypatch):
 
     model, tokenizer = load_starting_point("tiny", overrides=SMALL)
     monkeypatch.setattr(vllm, "vllm_start_dir", lambda *a, **k: tmp_path / "vllm-start")
-    cfg = SimpleNamespace(model="tiny", model_overrides=SMALL, output_dir=str(tmp_path))
+    cfg = SimpleNamespace(model="tiny", model_overrides=SMALL, output_dir=str(tmp_path), use_lora=False)
     stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(use_vllm=True, beta=0.04))
     assert model.name_or_path == str(tmp_path / "vllm-start")
     assert model.config._name_or_path == str(tmp_path / "reference-start")

@@ -194,19 +194,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path, extra):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
 
 
-class _TwoProcesses:
-    """A trainer's accelerator, as seen by the save that follows training, reporting two processes: the save of
-    sharded training (a gather, then the adapter merged into a freshly loaded starting model), in one process."""
-    num_processes, is_fsdp2 = 2, False
-
-    def __init__(self, accelerator):
-        self._accelerator = accelerator
-
-    def __getattr__(self, name):
-        return getattr(self._accelerator, name)
-
-
-def test_the_save_of_several_processes_keeps_the_router_biases_lora_did_not_train(tmp_path, monkeypatch):
+def test_the_save_of_several_processes_keeps_the_router_biases_lora_did_not_train(tmp_path, monkeypatch,
+                                                                                   two_processes):
     from trl import SFTTrainer
 
     from latentalign import load_model
@@ -217,7 +206,7 @@ def test_the_save_of_several_processes_keeps_the_router_biases_lora_did_not_trai
         out = train(self, *args, **kwargs)
         trained.update({k: v.detach().clone() for k, v in self.model.get_base_model().state_dict().items()
                         if "correction_bias" in k})
-        self.accelerator = _TwoProcesses(self.accelerator)
+        self.accelerator = two_processes(self.accelerator)
         return out
 
     monkeypatch.setattr(SFTTrainer, "train", train_then_share)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from latentalign.eval import accuracy, tasks
+from latentalign.eval import accuracy, harness, tasks
 from latentalign.eval.options import EvalError
 from latentalign.push import PushError, model_card, resolve_model_dir
 from latentalign.recipes import report
@@ -18,18 +18,20 @@ MMLU = {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.02, "alias": "mmlu"},
 
 
 def test_harness_results_give_the_task_a_headline_the_table_shows():
-    metrics = tasks.harness_metrics("gsm8k", GSM8K)
+    metrics = harness.harness_metrics("gsm8k", GSM8K)
     assert metrics["lm_eval:gsm8k"] == 0.25  # the first metric, not its standard error
     assert metrics["lm_eval:gsm8k/exact_match,flexible-extract"] == 0.5
     assert metrics["lm_eval:gsm8k/exact_match_stderr,strict-match"] == 0.01
     assert not any(isinstance(v, str) for v in metrics.values())  # "N/A" is no figure
-    group = tasks.harness_metrics("mmlu", MMLU)
+    group = harness.harness_metrics("mmlu", MMLU)
     assert group["lm_eval:mmlu"] == 0.4 and group["lm_eval:mmlu_anatomy/acc"] == 0.3
     assert "lm_eval:mmlu/acc_stderr" in group
     table = tasks.format_table({"sft": metrics})
     assert "lm_eval:gsm8k" in table.splitlines()[0] and "| sft | 0.25 |" in table
     with pytest.raises(EvalError, match="lm_eval:gsm8k.*no metric"):
-        tasks.harness_metrics("gsm8k", {"gsm8k": {"alias": "gsm8k", "acc_stderr,none": 0.1}})
+        harness.harness_metrics("gsm8k", {"gsm8k": {"alias": "gsm8k"}})
+    tag = harness.harness_metrics("ai2_arc", {"arc_easy": {"acc,none": 0.7}, "arc_challenge": {"acc,none": 0.4}})
+    assert "lm_eval:ai2_arc" not in tag and tag["lm_eval:arc_easy/acc"] == 0.7  # a tag: its tasks', no headline
 
 
 class _Scripted(torch.nn.Module):

@@ -30,6 +30,11 @@ def test_the_stage_hash_holds_where_the_data_lies_from_the_recipe_and_what_it_ho
     assert load_recipe("exp/r.yaml").stages["sft"].hash == inside  # the same run from the parent folder
     data.write_text("\n".join(map(json.dumps, ROWS[:3])) + "\n")
     assert load_recipe("exp/r.yaml").stages["sft"].hash != inside  # edited data trains again
+    _write(tmp_path / "exp" / "r2.yaml", RECIPE.replace("data.jsonl", "folder"))
+    _write(tmp_path / "exp" / "folder" / "train.jsonl", json.dumps(ROWS[0]) + "\n")
+    before = load_recipe("exp/r2.yaml").stages["sft"].hash
+    _write(tmp_path / "exp" / "folder" / ".cache" / "lock", "a download's bookkeeping")
+    assert load_recipe("exp/r2.yaml").stages["sft"].hash == before
 
 
 def test_a_folder_beside_the_recipe_named_like_a_hub_id_is_that_folder(tmp_path, monkeypatch):
@@ -51,6 +56,8 @@ def test_extends_reads_the_parents_data_from_its_folder_and_null_removes(tmp_pat
     _write(tmp_path / "child" / "drop.yaml", "extends: ../base/base.yaml\nstages:\n  rl: null\n"
            "  eval: {models: [sft]}\n")
     assert list(load_recipe("child/drop.yaml").stages) == ["sft", "eval"]
+    _write(tmp_path / "child" / "off.yaml", "extends: ../base/base.yaml\nstages:\n  sft: {eval_dataset: null}\n")
+    assert load_recipe("child/off.yaml").stages["sft"].values["eval_dataset"] is None  # a value, not a removal
 
 
 def test_splits_names_and_overrides_are_checked_at_load_time(tmp_path, monkeypatch):
@@ -60,6 +67,16 @@ def test_splits_names_and_overrides_are_checked_at_load_time(tmp_path, monkeypat
         load_recipe("s.yaml")
     _write(tmp_path / "e.yaml", "stages:\n  sft: {model: tiny}\n  eval: {models: [sft], split: dev}\n")
     assert load_recipe("e.yaml").stages["eval"].values["split"] == "dev"  # a held-out word
+    _write(tmp_path / "data.jsonl", json.dumps(ROWS[0]) + "\n")
+    _write(tmp_path / "d.yaml", "stages:\n  sft: {model: tiny, dataset: data.jsonl, eval_split: 'test[:20]'}\n")
+    with pytest.raises(RecipeError, match=r"eval_split: .*arithmetic-rl.*not sliced"):  # the held-out rows' source
+        load_recipe("d.yaml")
+    _write(tmp_path / "o.yaml", "stages:\n  sft: {model: tiny, dataset: data.jsonl, eval_dataset: null, "
+                                "eval_split: test_sft}\n")
+    assert load_recipe("o.yaml").stages["sft"].values["eval_split"] == "test_sft"  # no held-out rows: not read
+    _write(tmp_path / "k.yaml", "stages:\n  sft: {model: tiny}\n  eval: {models: [sft], tasks: [accuracy], "
+                                "dataset: data.jsonl, split: 'test[:1]'}\n")
+    assert load_recipe("k.yaml").stages["eval"].values["split"] == "test[:1]"  # no pairwise: no preference split
     _write(tmp_path / "n.yaml", "name: 2024\nstages:\n  sft: {model: tiny}\n")
     assert load_recipe("n.yaml").name == "2024"
     _write(tmp_path / "t.yaml", "model: tiny\nstages:\n  a: {type: [sft]}\n")
@@ -100,3 +117,18 @@ def test_the_report_draws_the_curves_of_a_run_folder_that_moved(tmp_path):
                 "stages": {"sft": {"type": "sft", "status": "done", "outputs": recorded}}}
     write_report(run, manifest)
     assert (run / "plots" / "sft.png").is_file() and "plots/sft.png" in (run / "report.md").read_text()
+
+
+def test_the_recipe_a_run_keeps_reads_the_same_data_from_the_run_folder(tmp_path, monkeypatch):
+    from latentalign.recipes.runner import Runner
+
+    _write(tmp_path / "exp" / "r.yaml", RECIPE)
+    _write(tmp_path / "exp" / "data.jsonl", json.dumps(ROWS[0]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("exp/r.yaml")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    kept = _write(tmp_path / "runs" / "r" / "recipe.yaml", Runner(recipe, tmp_path / "runs" / "r")._rerunnable_yaml())
+    again = load_recipe(kept)
+    assert Path(again.stages["sft"].values["dataset"]).resolve() == tmp_path / "exp" / "data.jsonl"
+    assert again.stages["sft"].hash == recipe.stages["sft"].hash  # the same stage: a rerun from it skips
+    assert "data.jsonl" in Runner(recipe, tmp_path / "runs" / "r").manifest["recipe_yaml"]  # the card's: as written

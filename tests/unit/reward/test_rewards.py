@@ -1,9 +1,11 @@
 """Rule rewards, the reward registry, weights, and failure handling."""
 
+import asyncio
 import sys
 import time
 
 import pytest
+import torch
 
 from latentalign.reward import RewardError, get_reward, guarded, weighted_sum
 from latentalign.reward.rules import (equations_reward, extract_answer, format_reward, length_reward,
@@ -214,6 +216,7 @@ def test_equations_are_read_whole_with_multiplication_first():
     assert equations_reward(None, ["2 + 3 * 4 = 20", "10 - 2 * 3 = 24"]) == [0.0, 0.0]
     # part of a longer expression the checker cannot read: not read as the equation of its tail
     assert equations_reward(None, ["8 / 2 + 3 = 7, and 1 + 1 = 2"]) == [1.0]
+    assert equations_reward(None, ["- 2 + 3 = 5\n- 5 * 4 = 20", "* 2 + 3 = 5"]) == [1.0, 1.0]  # bullets
 
 
 def test_rewards_that_break_the_contract_are_errors_naming_them_not_samples_scored_none():
@@ -228,19 +231,31 @@ def test_rewards_that_break_the_contract_are_errors_naming_them_not_samples_scor
         for timeout_s in (None, 5):
             with pytest.raises(RewardError, match=message):
                 guarded(fn, timeout_s=timeout_s)(["", ""], ["a", "b"])
-    assert guarded(lambda p, c, **_: [True, False])(["", ""], ["a", "b"]) == [1.0, 0.0]
+    assert guarded(lambda prompts, completions, **_: [True, False])(["", ""], ["a", "b"]) == [1.0, 0.0]
+    with pytest.raises(RewardError, match="returned one value"):  # a 0-d tensor
+        guarded(lambda prompts, completions, **_: torch.tensor(0.5))(["", ""], ["a", "b"])
 
 
 def test_a_reward_of_ones_own_needs_kwargs_and_may_be_async(tmp_path, monkeypatch):
     (tmp_path / "mine.py").write_text("def strict(prompts, completions):\n    return [1.0] * len(completions)\n"
                                       "async def slow(prompts, completions, **kwargs):\n"
-                                      "    return [float(len(c)) for c in completions]\n")
+                                      "    return [float(len(c)) for c in completions]\n"
+                                      "def reward_len(completions, **kwargs):\n"  # TRL's own example
+                                      "    return [-abs(3 - len(c)) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardError, match=r"reward 'mine:strict': its signature must end with \*\*kwargs"):
         get_reward("mine:strict")
     slow = guarded(get_reward("mine:slow"), timeout_s=5)
     assert slow(["", ""], ["ab", "c"], answer=["x", "y"]) == [2.0, 1.0] and slow.__name__ == "slow"
     assert guarded(get_reward("mine:slow"))([""], ["abc"]) == [3.0]
+
+    async def inside_a_running_loop():  # a notebook, an async app
+        return guarded(get_reward("mine:slow"))([""], ["abcd"])
+
+    assert asyncio.run(inside_a_running_loop()) == [4.0]
+    # TRL passes everything by name: a reward that takes no prompts is called as TRL would call it
+    assert guarded(get_reward("mine:reward_len"))(["", ""], ["abc", "a"]) == [0.0, -2.0]
+    assert weighted_sum({get_reward("mine:reward_len"): 2.0})(["", ""], ["abc", "a"]) == [0.0, -4.0]
 
 
 def test_registry_dotted_paths_and_unknown_names():

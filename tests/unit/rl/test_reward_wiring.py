@@ -52,6 +52,7 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
 
     class Trainer(FailedScoresOut, Base):
         reward_funcs = [guarded(check), guarded(form)]
+        reward_weights = torch.tensor([1.0, 1.0])
 
     trainer, completions = Trainer(), ["right", "slow", "code row"]
     scores = [f([""] * 3, completions) for f in trainer.reward_funcs]
@@ -61,6 +62,8 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
     out = trainer.after_rewards(rewards)
     assert out[0].tolist() == [1.0, 0.5] and torch.isnan(out[1]).all()  # failed: out of the baseline
     assert torch.isnan(out[2, 0]) and out[2, 1] == 0.5  # the reward's own None: the others still count
+    trainer.reward_weights = torch.tensor([0.0, 1.0])  # the failing check only logged: it unscores nothing
+    assert not torch.isnan(trainer.after_rewards(rewards)[1, 1])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -87,3 +90,55 @@ def test_the_length_reward_penalises_up_to_the_stages_completion_limit(tmp_path)
     cfg = rl_config(tmp_path, 'rewards={"length": 1.0}', 'reward_options={"length": {"max_tokens": 128}}')
     (length,), _ = build_rewards(cfg, completion_tokens=64)
     assert length([""], ["a"], completion_ids=[[1] * 64]) == [1.0]  # the user's max_tokens wins
+
+
+def test_prompts_that_pass_the_models_positions_are_named(caplog):
+    """TRL cuts no prompt: with a whole completion, a long one runs past the positions the model learnt."""
+    from types import SimpleNamespace
+
+    from latentalign.data import default_tokenizer
+    from latentalign.rl.stage import _warn_long_prompts
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    rows = [{"prompt": [{"role": "user", "content": text}]} for text in ("1 + 1?", "9 " * 60, "2 + 2?")]
+    with caplog.at_level("WARNING", logger="latentalign.rl.stage"):
+        _warn_long_prompts(model, default_tokenizer(), rows, completion_tokens=16)
+    assert "1 of 3 prompts" in caplog.text and "(rows 1)" in caplog.text
+    caplog.clear()
+    _warn_long_prompts(model, default_tokenizer(), rows[:1] + rows[2:], completion_tokens=16)
+    assert not caplog.text
+
+
+def test_length_sorted_scoring_stays_on_unless_replay_must_hold_through_a_recompute():
+    from types import SimpleNamespace
+
+    import torch
+
+    from latentalign.rl.trainer import LengthSortedScoring, RoutingReplayHooks
+
+    class Hooks(RoutingReplayHooks, LengthSortedScoring):
+        pass
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    for enforce, checkpointing, expected in ((True, True, False), (False, True, True), (True, False, True)):
+        hooks = Hooks()
+        hooks.routing_replay = SimpleNamespace(enforce=enforce)
+        hooks.args = SimpleNamespace(gradient_checkpointing=checkpointing)
+        assert hooks.can_score(mask, 3, {}) is expected, (enforce, checkpointing)
+
+
+def test_no_reference_copy_where_trl_does_not_load_one(tmp_path):
+    """With LoRA the reference is the policy with its adapters off; a copy of the start would be a model's worth
+    of disk at every start."""
+    from types import SimpleNamespace
+
+    from latentalign.rl import stage
+    from latentalign.training import load_starting_point
+
+    model, tokenizer = load_starting_point("tiny")
+    for use_lora, written in ((True, False), (False, True)):
+        cfg = SimpleNamespace(model="tiny", model_overrides={}, output_dir=str(tmp_path / str(use_lora)),
+                              use_lora=use_lora)
+        stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(use_vllm=False, beta=0.04))
+        assert (tmp_path / str(use_lora) / "reference-start").is_dir() is written
+        model.name_or_path = model.config._name_or_path = ""
