@@ -17,6 +17,18 @@ def render_prompts(tokenizer, prompts) -> list[str]:
     return texts
 
 
+def end_tokens(model, tokenizer) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS and those of the model's generation config (a chat
+    model whose turn ends with a token of its own lists it there)."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for token in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids
+
+
 def generate_completions(model, tokenizer, prompts, **kwargs) -> list[str]:
     """Completions (special tokens stripped) for chat prompts: strings or lists of messages. With
     `chat=False` the prompts are plain text to continue (the tokenizer adds its special tokens). The keyword
@@ -34,8 +46,8 @@ def generate_with_ends(model, tokenizer, prompts, *, max_new_tokens: int = 16, b
 
     texts = render_prompts(tokenizer, prompts) if chat else list(prompts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    ends = tokenizer.eos_token_id
-    ends = torch.tensor([ends] if isinstance(ends, int) else list(ends or []), dtype=torch.long)
+    stops = end_tokens(model, tokenizer)
+    ends = torch.tensor(stops, dtype=torch.long)
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -47,7 +59,7 @@ def generate_with_ends(model, tokenizer, prompts, *, max_new_tokens: int = 16, b
             with torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
             new = ids[:, batch["input_ids"].shape[1]:].cpu()
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
             ended = torch.isin(new, ends).any(dim=1)

@@ -43,6 +43,7 @@ class _Scripted(torch.nn.Module):
         self.device = torch.device("cpu")
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
+        self.asked = kwargs
         return torch.cat([input_ids, self.new_tokens[: len(input_ids)]], dim=1)
 
 
@@ -58,6 +59,14 @@ def test_completions_that_reach_max_new_tokens_without_ending_are_counted_as_cut
     assert cut == [False, False, False]  # every row stopped before the limit
     rows = [{"prompt": p, "answer": "4"} for p in "abc"]
     assert accuracy.exact_match(model, tokenizer, rows, max_new_tokens=3, progress=False)["cut"] == 1
+    # a chat model whose turn ends with a token of its own, listed in its generation config: it stops there too
+    from transformers import GenerationConfig
+
+    turn_end = tokenizer.convert_tokens_to_ids("7")
+    model.generation_config = GenerationConfig(eos_token_id=[eos, turn_end])
+    model.new_tokens = torch.tensor([[word, turn_end, pad]])
+    _, cut = accuracy.generate_with_ends(model, tokenizer, ["a"], max_new_tokens=3, progress=False)
+    assert cut == [False] and model.asked["eos_token_id"] == [eos, turn_end]
 
 
 def _manifest(**stages):
