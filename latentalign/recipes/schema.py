@@ -17,9 +17,11 @@ stages:                        # run in this order
 
 Two top-level shortcuts: `model: tiny-v3` replaces the first training stage's `model:` (so
 `latentalign run quickstart model=tiny-v3` runs the same chain on another model), and `extends: quickstart`
-starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping: a key
-set to null removes the parent's (`rl_preference: null` drops that stage, `rewards: {"model:reward": null}` that
-reward), and the parent's relative dataset paths are read from the parent's folder. A stage's hash covers its
+starts from another recipe (shipped name or path) and merges this file's keys over it, mapping by mapping: in
+`stages:`, `rewards:` and `reward_options:` a key set to null removes the parent's (`rl_preference: null` drops
+that stage, `rewards: {"model:reward": null}` that reward); anywhere else null is the value, as in a recipe of its
+own (`eval_dataset: null` turns the held-out evaluation off). The parent's relative dataset paths are read from
+the parent's folder. A stage's hash covers its
 settings and what a local dataset holds, not where it lies (an edited file reruns the stage; a run from another
 working folder does not).
 

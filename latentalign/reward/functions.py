@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..data.chat import reply_text
 from . import code, rules
+from .calling import awaited, call_reward, is_async
 
 REGISTRY = {
     "math": rules.math_accuracy,
@@ -235,7 +236,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     """
 
     def __init__(self, fn, timeout_s: float | None = None):
-        self.fn, self.timeout_s = (_awaited(fn) if _is_async(fn) else fn), timeout_s
+        self.fn, self.timeout_s = (awaited(fn) if is_async(fn) else fn), timeout_s
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.failures = Counter()
         self.calls = 0
@@ -243,12 +244,12 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
 
     def _call(self, prompts, completions, **kwargs):
         if self.timeout_s is None:
-            return self.fn(prompts=prompts, completions=completions, **kwargs)  # by name, as TRL calls
+            return call_reward(self.fn, prompts, completions, kwargs)
         box: dict = {}
 
         def target():
             try:
-                box["value"] = self.fn(prompts=prompts, completions=completions, **kwargs)
+                box["value"] = call_reward(self.fn, prompts, completions, kwargs)
             except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
                 box["error"] = err
 
@@ -329,36 +330,6 @@ def _score(value, name: str, row: int) -> float:
                       f"(or None where the function does not score the row).")
 
 
-def _is_async(fn) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
-
-
-_ASYNC_LOOP: list = []  # one event loop for every async reward, run by a thread of its own
-
-
-def _awaited(fn):
-    """An async reward (TRL takes them) as a plain one: each call runs on one event loop in a thread of its own,
-    which lives as long as the process: a client bound to its loop keeps working from call to call, and a caller
-    inside a running loop (a notebook) is not refused."""
-    import asyncio
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with _ASYNC_LOCK:
-            if not _ASYNC_LOOP:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, daemon=True, name="async-rewards").start()
-                _ASYNC_LOOP.append(loop)
-        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), _ASYNC_LOOP[0]).result()
-
-    return run
-
-
-_ASYNC_LOCK = threading.Lock()
-
-
 NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric"})  # what TRL passes beside the columns
 
 
@@ -373,12 +344,18 @@ def weighted_sum(weights: dict, name: str = "weighted"):
         raise RewardError(f"weighted_sum: every weight must be a finite number, got {list(weights.values())}.")
 
     def combined(prompts, completions, **kwargs):
-        columns = [fn(prompts=prompts, completions=completions, **kwargs) for fn, _ in parts]
-        for (fn, _), values in zip(parts, columns):
+        columns = []
+        for fn, _ in parts:
+            values = call_reward(fn, prompts, completions, kwargs)
+            try:
+                values = list(values)
+            except TypeError:  # None, one number, a 0-d array
+                values = None
             if values is None or len(values) != len(completions):
-                got = "None" if values is None else f"{len(values)} values"
+                got = "no list" if values is None else f"{len(values)} values"
                 raise RewardError(f"weighted_sum: reward {getattr(fn, '__name__', fn)!r} returned {got} for "
                                   f"{len(completions)} completions.")
+            columns.append(values)
         out = []
         for values in zip(*columns):
             out.append(None if any(v is None for v in values) else sum(w * v for (_, w), v in zip(parts, values)))

@@ -54,8 +54,9 @@ def math_accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
 
 
 # Integer equations of up to 16 terms joined by +, - and *, not parts of longer numbers, of decimals ("3.5 + 2 = 5.5"
-# is not read as "5 + 2 = 5") or of a longer expression ("8 / 2 + 3 = 7" is not read as "2 + 3 = 7").
-_EQUATION = re.compile(r"(?<![\d.)/*+×÷^-])(?<![\d)] [-+*/×÷^] )(?<![\d)][-+*/×÷^] )"
+# is not read as "5 + 2 = 5") or of a longer expression ("8 / 2 + 3 = 7", "x * 2 + 3 = 7" are not read as
+# "2 + 3 = 7"); an operator at a line's start is a bullet ("- 2 + 3 = 5").
+_EQUATION = re.compile(r"(?<![\d.)/*+×÷^-])(?<!\S [-+*/×÷^] )(?<!\S[-+*/×÷^] )"
                        r"(-?\d+(?: ?[-+*] ?\d+){1,15}) ?= ?(-?\d+)(?![\d(]|\.\d)")
 _OPERATOR = re.compile(r" ?([-+*]) ?")
 

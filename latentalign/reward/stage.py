@@ -4,7 +4,8 @@ The model starts from an SFT checkpoint (DeepSeek-V2 initialised its reward mode
 §10 of the design facts) or any source `latentalign.load_reward_model` reads; a preset builds one from scratch.
 Options beside TRL's `RewardConfig` ones: a constant `margin` (TRL reads a per-pair `margin` column; a
 dataset's own column wins), LoRA, and held-out pairwise accuracy measured after training. TRL's
-`center_rewards_coefficient` passes through. The MoE balance loss is not added here: RewardTrainer computes
+`center_rewards_coefficient` passes through with `score_pooling: last` or `mean` (refused with `likelihood`,
+whose score holds a summed log-likelihood). The MoE balance loss is not added here: RewardTrainer computes
 the Bradley-Terry loss alone.
 """
 
@@ -87,6 +88,13 @@ def starting_model(cfg: RewardStageConfig):
                                reward=True)
 
 
+def _with_margins(rows: list[dict] | None, margin: float | None) -> list[dict] | None:
+    """Each pair's Bradley-Terry margin for TRL: its own, else the stage's `margin`, else 0 where others have one."""
+    if not rows or (margin is None and not any("margin" in r for r in rows)):
+        return rows
+    return [{**r, "margin": r["margin"] if r.get("margin") is not None else margin or 0.0} for r in rows]
+
+
 def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     from trl import RewardTrainer
 
@@ -98,8 +106,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     args = trl_args(cfg)
     rows, _, eval_rows = load_stage_data(cfg, ("preference",), ("preference",))
-    if cfg.margin is not None or any("margin" in r for r in rows):  # a row's own margin wins; null: the stage's
-        rows = [{**r, "margin": r["margin"] if r.get("margin") is not None else cfg.margin or 0.0} for r in rows]
+    rows, eval_rows = _with_margins(rows, cfg.margin), _with_margins(eval_rows, cfg.margin)
 
     model, tokenizer = starting_model(cfg)
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None

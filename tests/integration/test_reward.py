@@ -149,8 +149,8 @@ def test_pair_margins_and_held_out_evaluation_during_training(tmp_path, caplog):
              for i in range(16)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
-    metrics = run(small_cfg(tmp_path, f"dataset={data}", "margin=0.5", "max_steps=2", "eval_strategy=steps",
-                            "eval_steps=1", "score_pooling=last"))
+    metrics = run(small_cfg(tmp_path, f"dataset={data}", f"eval_dataset={data}", "margin=0.5", "max_steps=2",
+                            "eval_strategy=steps", "eval_steps=1", "score_pooling=last"))  # null margins held out too
     assert any("eval_loss" in h for h in metrics["log_history"])  # TRL evaluated the held-out pairs
     (tmp_path / "bad.csv").write_text("prompt,chosen,rejected,margin\nq, a, b,1.5\nq, c, d,lots\n")
     with pytest.raises(DataError, match=r"bad.csv: row 1: 'margin' must be a finite number"):

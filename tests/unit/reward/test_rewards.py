@@ -217,6 +217,7 @@ def test_equations_are_read_whole_with_multiplication_first():
     # part of a longer expression the checker cannot read: not read as the equation of its tail
     assert equations_reward(None, ["8 / 2 + 3 = 7, and 1 + 1 = 2"]) == [1.0]
     assert equations_reward(None, ["- 2 + 3 = 5\n- 5 * 4 = 20", "* 2 + 3 = 5"]) == [1.0, 1.0]  # bullets
+    assert equations_reward(None, ["Let x = 2. x * 2 + 3 = 7, so 4 + 4 = 8"]) == [1.0]  # not "2 + 3 = 7"
 
 
 def test_rewards_that_break_the_contract_are_errors_naming_them_not_samples_scored_none():
@@ -253,9 +254,22 @@ def test_a_reward_of_ones_own_needs_kwargs_and_may_be_async(tmp_path, monkeypatc
         return guarded(get_reward("mine:slow"))([""], ["abcd"])
 
     assert asyncio.run(inside_a_running_loop()) == [4.0]
-    # TRL passes everything by name: a reward that takes no prompts is called as TRL would call it
+    (tmp_path / "nested.py").write_text(
+        "from latentalign.reward import get_reward, guarded\n"
+        "async def outer(prompts, completions, **kwargs):\n"
+        "    return guarded(get_reward('mine:slow'))(prompts, completions)\n")
+    nested = guarded(get_reward("nested:outer"), timeout_s=20)
+    assert nested([""], ["abc"]) == [3.0] and slow(["", ""], ["ab", "c"]) == [2.0, 1.0]  # the loop is not stuck
+    # TRL passes everything by name: a reward that takes no prompts is called as TRL would call it; one that
+    # names its parameters otherwise, by position
     assert guarded(get_reward("mine:reward_len"))(["", ""], ["abc", "a"]) == [0.0, -2.0]
     assert weighted_sum({get_reward("mine:reward_len"): 2.0})(["", ""], ["abc", "a"]) == [0.0, -4.0]
+
+    def own_names(p, c, **_):
+        return (float(len(x)) for x in c)  # a generator
+
+    assert guarded(own_names)(["", ""], ["ab", "c"]) == [2.0, 1.0]
+    assert weighted_sum({own_names: 1.0})(["", ""], ["ab", "c"]) == [2.0, 1.0]
 
 
 def test_registry_dotted_paths_and_unknown_names():
