@@ -79,12 +79,12 @@ def parse_source(source: str) -> dict[str, dict]:
     {task: {"weight": w, "options": {...}}}, every task and option checked against reasoning-gym."""
     import yaml
 
-    from ..training.config import _yaml_loader
+    from ..training.config import unique_keys_loader
 
     spec = source.removeprefix(PREFIX).strip()
     if spec.startswith("{"):
         try:
-            tasks = yaml.load(spec, Loader=_yaml_loader())  # a task named twice is an error, not the last one kept
+            tasks = yaml.load(spec, Loader=unique_keys_loader())  # a task named twice: an error, not the last kept
         except yaml.YAMLError as err:
             raise ReasoningGymError(f"{source}: not a mapping of task -> weight or options ({err}).") from None
     else:

@@ -21,9 +21,8 @@ starts from another recipe (shipped name or path) and merges this file's keys ov
 `stages:`, `rewards:` and `reward_options:` a key set to null removes the parent's (`rl_preference: null` drops
 that stage, `rewards: {"model:reward": null}` that reward); anywhere else null is the value, as in a recipe of its
 own (`eval_dataset: null` turns the held-out evaluation off). The parent's relative dataset paths are read from
-the parent's folder. A stage's hash covers its
-settings and what a local dataset holds, not where it lies (an edited file reruns the stage; a run from another
-working folder does not).
+the parent's folder. A stage's hash covers its settings and what a local dataset holds, not where it lies (an
+edited file reruns the stage; a run from another working folder does not).
 
 `model:<stage>` in an RL stage's rewards names the reward model trained by that stage. Every problem (unknown
 key, wrong type, a stage or dataset that does not exist) is one `RecipeError` naming the file and the key.
@@ -242,7 +241,7 @@ def _with_first_model(stages_raw: dict, model, source: str) -> dict:
     if not isinstance(model, str) or not model:
         raise RecipeError(f"{source}: model must be a preset name or a checkpoint path, got {model!r}.")
     name = _first_training(stages_raw)
-    if name is None:  # said once the stages are checked (a stage's bad `type:` is the likelier cause)
+    if name is None:  # `validate` says why: no training stage, or a stage's bad `type:`
         return stages_raw
     return {**stages_raw, name: {**(stages_raw[name] or {}), "model": model}}
 
@@ -251,8 +250,7 @@ def _all_typed(stages_raw: dict) -> bool:
     """Whether every stage of a raw `stages:` names a stage type (its `type:`, or its own name)."""
     from ..stages import STAGES
 
-    kinds = [(v or {}).get("type", n) if isinstance(v, (dict, type(None))) else None for n, v in stages_raw.items()]
-    return all(isinstance(kind, str) and kind in STAGES for kind in kinds)
+    return all(_raw_type(name, values) in STAGES for name, values in stages_raw.items())
 
 
 def _first_training(stages_raw) -> str | None:
@@ -260,10 +258,16 @@ def _first_training(stages_raw) -> str | None:
     from ..stages import STAGES
 
     for name, values in (stages_raw.items() if isinstance(stages_raw, dict) else ()):
-        kind = (values or {}).get("type", name) if isinstance(values, (dict, type(None))) else None
-        if isinstance(kind, str) and kind in STAGES and STAGES[kind].makes_model:
+        kind = _raw_type(name, values)
+        if kind in STAGES and STAGES[kind].makes_model:
             return name
     return None
+
+
+def _raw_type(name: str, values) -> str | None:
+    """A raw stage's type name: its `type:`, or its own name; None where that is not a name."""
+    kind = (values or {}).get("type", name) if isinstance(values, (dict, type(None))) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _stage(name: str, values, earlier: dict, all_names: list, seed: int, where: str, base_dir) -> Stage:
@@ -378,11 +382,18 @@ def _check_preset_overrides(values: dict, where: str):
 def _hash_stages(recipe: Recipe):
     """Each stage's hash covers its type, settings and the hashes of the stages it reads, so that changing a
     stage invalidates everything downstream of it."""
+    read: dict = {}  # a data file several stages read is hashed once
+
+    def data(value):
+        if isinstance(value, str) and value not in read:
+            read[value] = local_data(value)
+        return read.get(value, value) if isinstance(value, str) else value
+
     for stage in recipe.stages.values():
         upstream = [stage.init] if stage.init else []
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
-        values = {k: local_data(v) if k in DATA_KEYS else v for k, v in stage.values.items()}
+        values = {k: data(v) if k in DATA_KEYS else v for k, v in stage.values.items()}
         payload = {"type": stage.type, "values": values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

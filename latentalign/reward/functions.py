@@ -285,17 +285,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
     def _checked(self, values, n: int, at: int = 0) -> list[float | None]:
         """The scores of `values`; what breaks the reward contract (one value per completion, each a number or
         None) is a RewardError naming the function: a bug of the function, not a sample it could not score."""
-        if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
-            got = "None" if values is None else f"{type(values).__name__} {values!r}"[:200]
-            raise RewardError(f"reward function {self.__name__!r} returned {got} for {n} completions; return a list "
-                              f"of one score (a number, or None) per completion.")
-        try:
-            values = list(values)
-        except TypeError:  # a 0-d array or tensor: one value
-            raise RewardError(f"reward function {self.__name__!r} returned one value ({values!r}) for {n} "
-                              f"completions; return a list of one score per completion.") from None
-        if len(values) != n:
-            raise RewardError(f"reward function {self.__name__!r} returned {len(values)} values for {n} completions.")
+        values = one_per_completion(values, n, f"reward function {self.__name__!r}")
         scores = [None if v is None else _score(v, self.__name__, at + i) for i, v in enumerate(values)]
         self.failures["none"] += scores.count(None)
         # NaN or inf would reach every advantage of its group (TRL's sum over rewards skips only NaN, and only
@@ -318,6 +308,22 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
             self.failures["TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__] += 1
             self.last_failed[i] = True
             return None
+
+
+def one_per_completion(values, n: int, who: str) -> list:
+    """`values` as a list of `n`, or a RewardError saying what `who` (a reward) returned instead."""
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        got = "None" if values is None else f"{type(values).__name__} {values!r}"[:200]
+        raise RewardError(f"{who} returned {got} for {n} completions; return a list of one score (a number, or "
+                          f"None) per completion.")
+    try:
+        values = list(values)
+    except TypeError:  # a 0-d array or tensor: one value
+        raise RewardError(f"{who} returned one value ({values!r}) for {n} completions; return a list of one score "
+                          f"per completion.") from None
+    if len(values) != n:
+        raise RewardError(f"{who} returned {len(values)} values for {n} completions.")
+    return values
 
 
 def _score(value, name: str, row: int) -> float:
@@ -344,18 +350,8 @@ def weighted_sum(weights: dict, name: str = "weighted"):
         raise RewardError(f"weighted_sum: every weight must be a finite number, got {list(weights.values())}.")
 
     def combined(prompts, completions, **kwargs):
-        columns = []
-        for fn, _ in parts:
-            values = call_reward(fn, prompts, completions, kwargs)
-            try:
-                values = list(values)
-            except TypeError:  # None, one number, a 0-d array
-                values = None
-            if values is None or len(values) != len(completions):
-                got = "no list" if values is None else f"{len(values)} values"
-                raise RewardError(f"weighted_sum: reward {getattr(fn, '__name__', fn)!r} returned {got} for "
-                                  f"{len(completions)} completions.")
-            columns.append(values)
+        columns = [one_per_completion(call_reward(fn, prompts, completions, kwargs), len(completions),
+                                      f"weighted_sum: reward {getattr(fn, '__name__', fn)!r}") for fn, _ in parts]
         out = []
         for values in zip(*columns):
             out.append(None if any(v is None for v in values) else sum(w * v for (_, w), v in zip(parts, values)))

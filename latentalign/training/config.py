@@ -84,7 +84,7 @@ def check_difficulty(difficulty: dict) -> None:
 MAX_YAML_NODES = 1_000_000
 
 
-def _yaml_loader():
+def unique_keys_loader():
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last without a word, so
     a stage named twice in a recipe would drop the first)."""
     import yaml
@@ -130,7 +130,7 @@ def load_yaml(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file.")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_keys_loader()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
