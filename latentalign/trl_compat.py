@@ -11,7 +11,7 @@ Pinned: trl 1.16 (pyproject.toml).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 # (module, class, attribute): the private names below rely on, checked by tests/unit/test_trl_compat.py.
 RELIED_ON = (
@@ -151,7 +151,10 @@ class GRPOHooks:
     - `score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss)`:
       the per-token log-probs (entropies, aux loss) TRL computes, for layouts `can_score` accepts (`trl_score`
       is TRL's own); `on_scored(logps)` sees every result;
-    - `loss_context(inputs)`: a context manager around each loss computation.
+    - `loss_context(inputs)`: a context manager around each loss computation;
+    - `old_logps_context(attention_mask, logits_to_keep)`: a context manager around the policy's scoring forward
+      of a fresh batch, which TRL runs for the importance ratio where a batch serves more than one update
+      (`num_iterations` > 1, or `steps_per_generation` beyond the accumulation).
     """
 
     @contextmanager
@@ -183,26 +186,45 @@ class GRPOHooks:
     def loss_context(self, inputs):
         yield
 
+    @contextmanager
+    def old_logps_context(self, attention_mask, logits_to_keep):
+        yield
+
     # -- TRL's private methods, each handing over to a hook ---------------------------------------------------------
 
     def _generate_single_turn(self, *args, **kwargs):
         with self.generating():
             return super()._generate_single_turn(*args, **kwargs)
 
+    _old_logps_next = False  # the next scoring of the policy is TRL's old log-probs of a fresh batch
+
     def _generate_and_score_completions(self, inputs):
-        return self.after_rollout(super()._generate_and_score_completions(inputs))
+        # TRL's condition for scoring the old log-probs, whose forward comes before the reference's
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._old_logps_next = bool(self.args.gradient_accumulation_steps % generate_every
+                                    or (self.use_vllm and self.vllm_importance_sampling_correction))
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._old_logps_next = False
+        return self.after_rollout(output)
 
     def _calculate_rewards(self, *args, **kwargs):
         return self.after_rewards(super()._calculate_rewards(*args, **kwargs))
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
-        if self.can_score(attention_mask, logits_to_keep, extra):
-            out = self.score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
-                             compute_aux_loss)
-        else:
-            out = self.trl_score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
-                                 compute_aux_loss, **extra)
+        around = nullcontext()
+        if self._old_logps_next and model is self.model:
+            self._old_logps_next = False
+            around = self.old_logps_context(attention_mask, logits_to_keep)
+        with around:
+            if self.can_score(attention_mask, logits_to_keep, extra):
+                out = self.score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                 compute_aux_loss)
+            else:
+                out = self.trl_score(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                     compute_aux_loss, **extra)
         self.on_scored(out[0])
         return out
 

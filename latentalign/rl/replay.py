@@ -75,6 +75,11 @@ class RoutingReplay:
                 handle.remove()
             self._active = self._current = None
 
+    @property
+    def active(self) -> bool:
+        """Inside `replaying`."""
+        return self._active is not None
+
     @contextmanager
     def narrowed(self, rows: torch.Tensor, cols: slice):
         """Inside `replaying`, around a forward of only those rows and columns of the assembled layout."""

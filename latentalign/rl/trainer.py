@@ -1,6 +1,7 @@
 """The RL stage's GRPO trainer: TRL's GRPOTrainer with five additions, each a class of its own.
 
-- `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss;
+- `RoutingReplayHooks`: records the rollout's routing while generating and replays (or measures) it in the loss
+  and in the old log-probs' forward of a batch that serves several updates;
 - `RolloutLogprobGap`: keeps the sampled tokens' log-probs and logs `rollout/logprob_gap` against the training
   forward's own (no extra forward; only on a batch's first use, as later iterations score moved weights);
 - `RowSeededRollouts`: samples each completion from noise keyed by (seed, step, its row in the global batch), so
@@ -38,14 +39,24 @@ class RoutingReplayHooks:
         output = super().after_rollout(output)
         if self.routing_replay is None:
             return output
-        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
-        length = prompt_ids.shape[1] + completion_ids.shape[1]
-        routing = self.routing_replay.assemble(prompt_ids.shape[0], length).to(prompt_ids.device)
+        output["routing"] = self._rollout_routing(torch.cat([output["prompt_mask"], output["completion_mask"]], 1))
+        return output
+
+    def _rollout_routing(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last rollout's routing in the layout of prompt + completion."""
+        routing = self.routing_replay.assemble(*attention_mask.shape).to(attention_mask.device)
         # Padding (left of the prompt, after the end of a completion) is neither replayed nor counted in the
         # agreement: no loss reads it, and its routing differs between batched prefill and training at will.
-        real = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1).bool()
-        output["routing"] = routing.masked_fill(~real[:, None, :, None], -1)
-        return output
+        return routing.masked_fill(~attention_mask.bool()[:, None, :, None], -1)
+
+    @contextmanager
+    def old_logps_context(self, attention_mask, logits_to_keep):
+        # The importance ratio's denominator scores the network the rollout sampled from, as the loss will; the
+        # reference's forward routes on its own (a model of its own, or the adapters off).
+        with super().old_logps_context(attention_mask, logits_to_keep), (
+                self.routing_replay.replaying(self._rollout_routing(attention_mask)) if self.routing_replay
+                else nullcontext()):
+            yield
 
     _replay_open: ExitStack | None = None  # the training step's: a replay entered there ends after its backward
 
@@ -82,6 +93,11 @@ class RoutingReplayHooks:
 
     def narrowed(self, rows, cols):
         return self.routing_replay.narrowed(rows, cols) if self.routing_replay else super().narrowed(rows, cols)
+
+    def trl_score(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
+        if self.routing_replay is not None and self.routing_replay.active:
+            batch_size = None  # TRL's chunks of rows would not match the replayed layout: one forward of it all
+        return super().trl_score(model, input_ids, attention_mask, logits_to_keep, batch_size, *args, **kwargs)
 
 
 class RolloutLogprobGap:

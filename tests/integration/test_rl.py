@@ -337,6 +337,53 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
         assert share < 1.0 and min(agreement) < 1.0  # without replay the drift shows, and is logged
 
 
+def test_routing_replay_scores_the_old_logprobs_on_the_rollout_experts(tmp_path, policy_dir, monkeypatch):
+    """A batch that serves two updates is scored once more right after the rollout, for the importance ratio's
+    denominator; that forward replays the rollout's experts too, so the first update's ratio is 1, wherever the
+    rollout routed (here: every token one expert over from what the router would choose)."""
+    from contextlib import contextmanager
+
+    from latentalign.rl import trainer as trainer_module
+
+    cls = trainer_module.grpo_trainer_class()
+    firsts = []  # (old log-probs, the first update's own, completion mask) of each batch
+
+    class Shifted(cls):
+        @contextmanager
+        def generating(self):
+            with super().generating():
+                routers = self.routing_replay.routers
+                n = routers[0].config.n_routed_experts
+                # prepended: the recording hook sees the shifted choice, as if the rollout had routed so
+                handles = [r.register_forward_hook(lambda _m, _i, out: (out[0], out[1], (out[2] + 1) % n),
+                                                   prepend=True) for r in routers]
+                try:
+                    yield
+                finally:
+                    for handle in handles:
+                        handle.remove()
+
+        def _compute_loss(self, model, inputs):
+            old = inputs["old_per_token_logps"]
+            if not firsts or not torch.equal(firsts[-1][0], old):
+                firsts.append([old, None, inputs["completion_mask"].bool()])
+            return super()._compute_loss(model, inputs)
+
+        def on_scored(self, logps):
+            if torch.is_grad_enabled() and firsts and firsts[-1][1] is None:
+                firsts[-1][1] = logps.detach()
+            super().on_scored(logps)
+
+    monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Shifted)
+    metrics = run(small_cfg(tmp_path, policy_dir, "routing_replay=true", "num_iterations=2", "max_steps=4",
+                            'rewards={"format": 1.0}', "eval_dataset=null"))
+    agreement = [h["moe/routing_agreement"] for h in metrics["log_history"] if "moe/routing_agreement" in h]
+    assert max(agreement) < 0.5  # the shift took: the router on its own chooses otherwise
+    assert len(firsts) == 2
+    for old, new, mask in firsts:  # routed on its own, the old forward differs on nearly every token
+        torch.testing.assert_close(old[mask], new[mask], rtol=0, atol=1e-4)
+
+
 def test_routing_replay_holds_through_the_recompute_of_gradient_checkpointing(tmp_path, policy_dir):
     """The checkpointed layers recompute in backward; routed afresh there they would save other tensors (torch
     stops) or take gradients through other experts. The same steps with and without checkpointing train alike."""
