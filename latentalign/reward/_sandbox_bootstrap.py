@@ -199,12 +199,22 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         removed[_posixshmem] = ("shm_open", "shm_unlink")
     except ImportError:
         pass
+    try:  #    named semaphores are files in /dev/shm too, made by `SemLock` (no process can share them here)
+        import _multiprocessing
+
+        removed[_multiprocessing] = ("SemLock", "sem_unlink")
+    except ImportError:
+        pass
+    #    The collector's debug flags keep what it frees in `gc.garbage`, frames included.
+    import gc
+
+    removed[gc] = ("set_debug",)
     for module, names in removed.items():
         for name in names:
             if hasattr(module, name):
                 delattr(module, name)
     no_reimport = {"signal", "_signal", "_thread", "threading", "ctypes", "_ctypes", "_posixsubprocess", "posix",
-                   "_posixshmem"}
+                   "_posixshmem", "_multiprocessing", "gc"}
     # Compiled modules never loaded: subinterpreters run code that no audit hook of this one sees, and the test
     # modules reach the interpreter's internals. Any compiled module loads from the interpreter's own folders
     # only (not one the program wrote: a library of its own is native code beyond every check here).
@@ -215,6 +225,19 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                       "xxlimited", "xxlimited_35"}
     native_folders = tuple({os.path.realpath(p) + "/" for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                                 sys.base_exec_prefix)})
+    #    A module compiled into the interpreter is made anew by `_imp.create_builtin`, which raises no audit event
+    #    (a fresh `_signal` with `signal` in it): every one is loaded now, and the function then refuses.
+    import _imp
+
+    for name in sys.builtin_module_names:
+        if name not in native_refused and name not in sys.modules:
+            __import__(name)
+
+    def no_builtin(spec):
+        raise ImportError(f"sandbox: creating the built-in module {getattr(spec, 'name', spec)!r} anew is not "
+                          f"allowed")
+
+    _imp.create_builtin = detached(no_builtin)
 
     class Quitter:
         """`exit()` and `quit()`, as the `site` module (off under -S) would define them."""
@@ -444,6 +467,12 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return {as_base(k, depth + 1): as_base(v, depth + 1) for k, v in dict.items(value)}
         return value
 
+    def opaque(fn):
+        """`fn` as the tests see it: a function the tests hand the program gives it their globals, and so these;
+        a Python function's closure cells can be rebound (`cell_contents`, no audit event), so the tests get a
+        C callable that calls `fn` and shows neither it nor its closure (lru_cache's wrapper, caching nothing)."""
+        return lru_wrapper(fn, 0, False, None)
+
     def checked(fn):
         """The function under test, returning plain data only (standard containers' subclasses as their base)."""
         def candidate(*args, **kwargs):
@@ -482,8 +511,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         if depth >= 50:
             return False
         heap = flags_of(kind) & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a Python class
-        if (heap and id_(kind) not in known_types) or kind in proxies:  # a weak proxy: of what, unseen
-            return True
+        if (heap and id_(kind) not in known_types and not tests_class(kind)) or kind in proxies:  # a weak proxy:
+            return True  # of what, unseen
         held = []  # what it holds, read through the built-in classes' own code (a subclass's is the program's)
         for base in (list, tuple, set, frozenset, deque):
             if issubclass_(kind, base):
@@ -503,6 +532,34 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             except AttributeError:  # no instance dictionary
                 pass
         return any(foreign(v, depth + 1) for v in held)
+
+    descriptors = (types.GetSetDescriptorType, types.MemberDescriptorType)  # `__dict__`, `__weakref__`, slots
+
+    def tests_class(kind, depth=0) -> bool:
+        """A class the tests or the prompt define (a TreeNode the tests build inputs of, which the program hands
+        back): the class `type`, its bases known or such classes too, and everything in it their code or data
+        (a method the program set on it since makes it the program's)."""
+        if depth > 20 or type_(kind) is not type_:
+            return False
+        if any(base is not object and id_(base) not in known_types and not tests_class(base, depth + 1)
+               for base in kind.__bases__):
+            return False
+        for name, attr in vars(kind).items():
+            if name in ("__annotations__", "__orig_bases__"):  # read by no operation on a value
+                continue
+            attr = attr.__func__ if type_(attr) in (staticmethod, classmethod) else attr
+            if type_(attr) is property:
+                parts = [f for f in (attr.fget, attr.fset, attr.fdel) if f is not None]
+            else:
+                parts = [attr]
+            for part in parts:
+                if type_(part) is types.FunctionType:
+                    if id_(part.__code__) not in trusted_code:
+                        return False
+                elif not (plain(part) or any(type_(part) is d for d in descriptors)):
+                    return False
+        # code of theirs in it or in a base (a class with neither is anyone's: the program's then)
+        return any(type_(a) is types.FunctionType for a in vars(kind).values()) or kind.__bases__ != (object,)
 
     def loosely_checked(fn):
         """A function of the program that tests without an entry point call by name: no value of its own class."""
@@ -525,6 +582,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     # Tracebacks' frames are refused, and assertRaises clears its traceback's frames: not under the tests.
     real_clear_frames, no_clear_frames = traceback.clear_frames, detached(lambda tb: None)
     proxies, partial = (weakref.ProxyType, weakref.CallableProxyType), functools.partial
+    from _functools import _lru_cache_wrapper as lru_wrapper
     c_callables = (types.BuiltinFunctionType, types.MethodWrapperType, types.WrapperDescriptorType,
                    types.MethodDescriptorType, types.ClassMethodDescriptorType)
 
@@ -614,7 +672,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                     builtins_.get(name, violations) is not value for name, value in builtins_used.items()):
                 violate("the program changed the tests' builtins")
 
-    def call_checked(fn, *args, **kwargs):
+    def call_checked(fn, /, *args, **kwargs):
         """Every call in the tests (rewritten to call this). What a function, method or callable object of the
         program hands the tests may not be a value of a class it defined, as for the functions tests call by
         name (a LeetCode `Solution().method` included); a class of the program must make one of its own."""
@@ -728,7 +786,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event in frame_events or (event == "object.__getattr__" and args[1] in frame_attrs):
             raise ValueError(f"sandbox: {event} is not allowed")  # ValueError: what stdlib callers expect
-        if event == "import" and args[0] in no_reimport:
+        if event == "import" and str(args[0]).rpartition(".")[2] in no_reimport:  # `_imp.create_dynamic`'s too
             raise PermissionError(f"sandbox: importing {args[0]} anew is not allowed")
         if event == "import" and (str(args[0]).rpartition(".")[2] in native_refused or (
                 args[1] is not None and not absolute(args[1]).startswith(native_folders))):
@@ -802,10 +860,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__") and (k not in pristine
                                                                                       or k == entry_point)}
         if not entry_point:  # tests that call the program's functions (or callable objects, partials) by name
-            tests_ns.update({k: loosely_checked(v) for k, v in tests_ns.items()
+            tests_ns.update({k: opaque(loosely_checked(v)) for k, v in tests_ns.items()
                              if callable(v) and not isinstance_(v, type)})
-        harness_names.update(__latentalign_compare__=compare, __latentalign_compare_chain__=compare_chain,
-                             __latentalign_call__=call_checked)
+        harness_names.update(__latentalign_compare__=opaque(compare),
+                             __latentalign_compare_chain__=opaque(compare_chain), __latentalign_call__=opaque(call_checked))
         tests_ns.update(__name__="__main__", __builtins__=dict(pristine), **harness_names)
         tests_namespaces.append((tests_ns, tests_ns["__builtins__"]))
         if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them
@@ -818,7 +876,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         if entry_point:
             if entry_point not in program_ns:
                 return finish(f"failed: the program defines no {entry_point!r}")
-            tests_ns[entry_point] = checked(program_ns[entry_point])
+            tests_ns[entry_point] = opaque(checked(program_ns[entry_point]))
         # The tests' TestCases are run below, whatever unittest.main would do; their namespace stays private (a
         # module in sys.modules would hand the program the harness's functions the tests call).
         unittest.main = unittest_main

@@ -12,9 +12,11 @@ Each program runs in its own process, started through a small bootstrap that, be
   directory in a way that yields its descriptor (a `dir_fd` to write through; temporary files are still made),
   writing files outside its private temporary directory (paths resolved through symbolic links: /dev/fd/../.. is
   /proc), making more than `max_files` files there (so the disk a program fills is bounded; `os.mkfifo`,
-  `os.mknod` and POSIX shared memory, which raise no audit event, are removed; SQLite, which writes its files
-  itself, is refused), the ways to reach another frame or object (sys._getframe, tracebacks' and generators'
-  frames, gc's object lists, trace and profile hooks), audit hooks of its own (one would see the tests' code),
+  `os.mknod`, POSIX shared memory and named semaphores, which raise no audit event, are removed, and a module
+  compiled into the interpreter cannot be made anew with them back: every one is loaded first and
+  `_imp.create_builtin` then refuses; SQLite, which writes its files itself, is refused), the ways to reach
+  another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists and its debug
+  flags, which keep freed frames, trace and profile hooks), audit hooks of its own (one would see the tests' code),
   swapping the code or defaults of a standard-library function, and compiled modules that reach past the hook
   (subinterpreters, the interpreter's test modules) or that live outside the interpreter's own folders (a
   library it wrote). So `traceback.format_exc()`, `asyncio.run` (signal handlers, a socket pair) and sqlite3
@@ -47,7 +49,9 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   first fails too; a sentinel: equal to anything, both equal and unequal, ordered against anything), and then
   requires the tests' comparison to give the answer the checks got;
 - reaching the harness: the functions of its that a program can call (`exit`, its module finder) have a
-  namespace of their own, not the harness's, whose names the harness's functions look up;
+  namespace of their own, not the harness's, whose names the harness's functions look up; those the tests call
+  (their rewritten comparisons and calls, the function under test), which a function the tests pass in hands
+  over with their globals, are C callables that show no closure (its cells could be rebound);
 - replacing what the tests use: the tests see a private copy of the builtins (a program's `def abs` does not
   shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
   and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
@@ -56,7 +60,9 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   LeetCode's `Solution().twoSum(...)`, a closure it returned): every call in the tests is rewritten to one that
   checks what a function, method or callable object of the program returns. It may not be a value of a class
   the program defined (whose `__sub__` would say 0), nor one holding such a value (in a container, a UserList's
-  data, a Fraction's slots, behind a weak proxy); a class of the program called must make its own instance;
+  data, a Fraction's slots, behind a weak proxy); a class of the program called must make its own instance. A
+  class the tests or the prompt define (LeetCode's TreeNode) is theirs while all its code is (a method the
+  program sets on it makes it the program's);
 - the tests' random inputs: the random module is seeded afresh before the tests, whatever the program seeded;
 - tests in HumanEval's form (`def check(candidate)`) without an entry point fail, rather than pass unrun.
 What it cannot defeat (it is a process sandbox, not a container or a verifier of intent):

@@ -61,6 +61,14 @@ HOSTILE = {
                                    "c.execute(\"ATTACH DATABASE '{open_dir}/escaped.db' AS o\")\n"
                                    "c.execute('CREATE TABLE o.t (x)')\nc.commit()\n",
     "POSIX shared memory": "import _posixshmem\n_posixshmem.shm_open('/latentalign-escaped', 0o102)\n",
+    "POSIX shared memory through the module loaded under another name": (
+        "import _imp, sys, types\nshm = _imp.create_dynamic(types.SimpleNamespace(name='x._posixshmem', "
+        "origin=sys.modules['_posixshmem'].__file__))\nshm.shm_open('/latentalign-escaped', 0o102)\n"),
+    "a named semaphore (a file in /dev/shm)": "import _multiprocessing\n"
+                                               "_multiprocessing.SemLock(1, 1, 1, '/latentalign-escaped', False)\n",
+    "a FIFO outside through a fresh posix": "import _imp, importlib.machinery as m\n"
+                                            "p = _imp.create_builtin(m.BuiltinImporter.find_spec('posix'))\n"
+                                            "p.mkfifo({open_dir!r} + '/escaped')\n",
     "an extended attribute outside": "import os\nos.setxattr({open_dir!r}, 'user.x', b'1')\n",
     "read /proc through /dev/fd": "print(open('/dev/fd/../../self/status').read())\n",
     "change another process's limits": "import resource\nprint(resource.prlimit(0, resource.RLIMIT_NOFILE))\n",
@@ -91,6 +99,8 @@ def test_hostile_program_is_contained(name, tmp_path, open_dir, monkeypatch):
     assert time.perf_counter() - start < LIMITS.timeout_s + 3
     assert code_reward([""], [code], test=["pass"], limits=LIMITS) == [0.0]
     assert not escape.exists() and list(open_dir.iterdir()) == []
+    shm = Path("/dev/shm")
+    assert not (shm.is_dir() and [p for p in shm.iterdir() if "latentalign-escaped" in p.name])
     assert "hf_secret_value_123" not in result.stdout + result.stderr
     assert len(result.stdout) <= LIMITS.output_bytes and len(result.stderr) <= LIMITS.output_bytes
     assert sandbox_processes() == []  # the host survived (we are running) and nothing is left behind
