@@ -223,14 +223,52 @@ def _scratch() -> str:
     return path
 
 
-@functools.lru_cache(maxsize=100_000)
+# The entries of the rows made in this process, by key. A few generators draw from the global random state beside
+# their seeded one (list_functions: entry i is another question each time it is made), so the entry a row was made
+# of is the one scored, not one made again from its key.
+_MADE: dict[str, dict] = {}
+MAX_MADE = 1_000_000
+
+
+def _remember(key: str, e: dict) -> None:
+    if len(_MADE) < MAX_MADE:
+        _MADE[key] = e
+
+
 def entry(key: str) -> dict:
-    """The entry a row's `reasoning_gym` column names, rebuilt from reasoning-gym (cached: GRPO scores each
-    prompt's entry once per completion)."""
+    """The entry a row's `reasoning_gym` column names: the one its row was made of, or, for a row made in another
+    process, made again from reasoning-gym (twice, to refuse a task whose entries are not the same again)."""
+    if key in _MADE:
+        return _MADE[key]
     ref = json.loads(key)
     dataset = _dataset(ref["task"], ref["seed"], ref["index"] + 1, json.dumps(ref["options"], sort_keys=True))
-    with _working_dir_for(ref["task"]):
-        return dataset[ref["index"]]
+    made, *again = (_made_under(dataset, ref, global_seed) for global_seed in (1, 2, 3))
+    if any(made["question"] != e["question"] or str(made["answer"]) != str(e["answer"]) for e in again):
+        raise ReasoningGymError(
+            f"reasoning_gym:{ref['task']}: entry {ref['index']} is another question each time it is made (the task's "
+            f"generator draws from the global random state), so a row made in another process cannot be scored "
+            f"here; score its rows in the process that made them.")
+    _remember(key, made)
+    return made
+
+
+def _made_under(dataset, ref: dict, global_seed: int) -> dict:
+    """Entry `ref["index"]` made with Python's (and numpy's, if loaded) global random state seeded so, that state
+    then put back: a generator that draws from it makes another entry under another seed."""
+    import sys
+
+    numpy = sys.modules.get("numpy")
+    state, numpy_state = random.getstate(), numpy.random.get_state() if numpy else None
+    try:
+        random.seed(global_seed)
+        if numpy:
+            numpy.random.seed(global_seed)
+        with _working_dir_for(ref["task"]):
+            return dataset[ref["index"]]
+    finally:
+        random.setstate(state)
+        if numpy:
+            numpy.random.set_state(numpy_state)
 
 
 def task_of(key: str) -> str:
@@ -307,6 +345,7 @@ def _row(fmt: str, task: str, options: dict, working: bool, seed: int, index: in
                 raise ReasoningGymError(f"reasoning_gym:{task} (options {options}, seed {seed}): {err}") from None
         return {"messages": [user, {"role": "assistant", "content": reply}]}
     key = json.dumps({"task": task, "seed": seed, "index": index, "options": options}, sort_keys=True)
+    _remember(key, e)
     row = {"prompt": [user], "reasoning_gym": key}
     if fmt == "rl":  # "" where the task keeps no reference answer: only its verifier can judge one
         row["answer"] = "" if e["answer"] is None else str(e["answer"])

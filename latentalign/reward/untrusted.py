@@ -50,6 +50,13 @@ MAX_VALUE_DIGITS = 10_000  # a constant expression's value; a power tower's is a
 MAX_INT_DIGITS = 100
 HEAVY_CALLS = frozenset({"factorial", "factorial2", "subfactorial", "gamma", "binomial", "fibonacci", "lucas",
                          "prime", "primorial", "isprime", "factorint", "divisors", "totient"})
+# Slower still: seconds at a few thousand (bell(2000) 15 s, euler(3000) 9 s, harmonic(20000) 24 s), held to
+# arguments of at most MAX_SLOW_ARGUMENT.
+SLOW_CALLS = frozenset({"harmonic", "bernoulli", "euler", "bell", "genocchi", "andre", "motzkin", "catalan",
+                        "partition", "npartitions", "tribonacci", "primepi", "nextprime", "prevprime", "primerange",
+                        "divisor_sigma", "divisor_count", "mobius", "stirling", "zeta", "polygamma", "RisingFactorial",
+                        "FallingFactorial", "rf", "ff", "multinomial_coefficients"})
+MAX_SLOW_ARGUMENT = 1_000
 # Python's builtins an answer may name: sympy's parse_expr writes `abs(x)`, `int(...)`; the others exit the process
 # (`exit()`), compute or allocate without bound (`sum(range(10**15))`, `list(range(10**9))`) or read and write.
 SAFE_BUILTINS = frozenset({"abs", "bool", "complex", "float", "int", "max", "min", "round"})
@@ -167,6 +174,9 @@ def _why_refused(tree: ast.AST) -> str | None:
         if isinstance(node, ast.Call) and _name(node.func) in HEAVY_CALLS \
                 and any(_too_big(_digits(a), MAX_FACTORIAL_DIGITS) for a in node.args):
             return f"{_name(node.func)} of more than {MAX_FACTORIAL}"
+        if isinstance(node, ast.Call) and _name(node.func) in SLOW_CALLS \
+                and any(_too_big(_digits(a), math.log10(MAX_SLOW_ARGUMENT + 1.0)) for a in node.args):
+            return f"{_name(node.func)} of more than {MAX_SLOW_ARGUMENT}"
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) \
                 and _too_big(_digits(node.right), MAX_EXPONENT_DIGITS):
             return f"an exponent of more than {MAX_EXPONENT}"

@@ -2,6 +2,7 @@
 the reward (bare and guarded) and as the eval task, and one clear error for a bad task or option."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,28 @@ def test_entry_keys_are_plain_json():
     assert rg.entry(rows[0]["reasoning_gym"])["question"] == rows[0]["prompt"][0]["content"]
 
 
+def test_a_row_is_scored_on_the_entry_it_was_made_of(monkeypatch):
+    """list_functions' generator draws from the global random state too: made again from its key, entry i is
+    another question. The row's own entry is scored; one made elsewhere, not reproducible here, is an error."""
+    random.seed(0)  # which entries fall on the held-out side depends on their questions, and so on this state
+    rows, _ = load_rows("reasoning_gym:list_functions", split="test", formats=("rl",), size=40)
+    for row in rows:
+        assert rg.entry(row["reasoning_gym"])["question"] == row["prompt"][0]["content"]
+        assert rg.score(f"<answer>{row['answer']}</answer>", row["reasoning_gym"]) == 1.0
+    monkeypatch.setattr(rg, "_MADE", {})  # as in a process that did not make these rows
+    refused = 0
+    for row in rows:  # some of its generators draw from the global state, some do not
+        try:
+            rg.entry(row["reasoning_gym"])
+        except rg.ReasoningGymError as err:
+            assert "list_functions" in str(err) and "another question each time" in str(err)
+            refused += 1
+    assert refused > 0
+    chain, _ = load_rows("reasoning_gym:chain_sum", split="test", formats=("rl",), size=1)
+    monkeypatch.setattr(rg, "_MADE", {})
+    assert rg.entry(chain[0]["reasoning_gym"])["question"] == chain[0]["prompt"][0]["content"]  # reproducible
+
+
 WORKED = ("reasoning_gym:{basic_arithmetic: {min_terms: 2, max_terms: 2, max_digits: 2, operators: '+-', "
           "allow_negation: false, allow_parentheses: false, working: true}, "
           "chain_sum: {min_terms: 3, max_terms: 4, max_digits: 2, working: true}}")
@@ -415,7 +438,9 @@ def test_the_python_list_forms_those_verifiers_accept_still_score():
                                     "__import__('os')", "getattr(x, 'y')()", "f(**{'a': 1})",
                                     "import os", "from os import system", "exit()", "quit(0)",
                                     "sum(range(4*10**8))", "list(range(10**9))", "breakpoint()", "print(1)",
-                                    "max(1, 2, key=exit)", "max([10**8], key=bytearray)", "round(pi, 10**6)"])
+                                    "max(1, 2, key=exit)", "max([10**8], key=bytearray)", "round(pi, 10**6)",
+                                    "harmonic(20000)", "bell(2000)", "euler(3000)", "primepi(10**12)",
+                                    "npartitions(10**8)", "Integer (2 )*bernoulli (Integer (200000 ))"])
 def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source):
     import ast
 
@@ -428,7 +453,7 @@ def test_expressions_that_run_code_or_would_compute_for_hours_are_refused(source
                                     "Integer (3 )*Symbol ('x' )**Integer (2 )+Symbol ('C' )", "2**10000",
                                     "Function ('f' )(Symbol ('x' ))", "sin(x)/cos(x) - exp(2*x)", "(x + 1)**3",
                                     "factorial(20)", "[-91.9, '17.0']", "from sympy import *",
-                                    "abs(Integer (-3 ))+int ('4' )", "max(1, 2)"])
+                                    "abs(Integer (-3 ))+int ('4' )", "max(1, 2)", "harmonic(10)", "bell(x)"])
 def test_answers_that_are_expressions_of_literals_and_names_pass(source):
     import ast
 
