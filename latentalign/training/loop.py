@@ -94,16 +94,19 @@ def check_rows_kept(trainer, n_rows: int, cfg: TrainingStageConfig, why: str) ->
 
 
 def warn_rows_cut(trainer, max_length: int | None, dataset: str) -> int:
-    """TRL cuts a row longer than max_length to its first max_length tokens: the end of its reply, where the answer
-    is, is not trained on. The rows that reach max_length (cut, or exactly that long) are counted and named."""
+    """TRL cuts a row longer than max_length to its first max_length tokens (its last, under `truncation_mode:
+    keep_end`): the end of its reply, where the answer is, is not trained on (or the prompt's start). The rows that
+    reach max_length (cut, or exactly that long) are counted and named."""
     data = trainer.train_dataset
     if max_length is None or "input_ids" not in (data.column_names or ()):
         return 0
     cut = sum(len(ids) >= max_length for ids in data["input_ids"])
     if cut:
+        lost = ("their starts (the prompts' beginnings)" if getattr(trainer.args, "truncation_mode", None) == "keep_end"
+                else "the ends of their replies")
         logging.getLogger(__name__).warning(
-            "%s: %d of %d rows reach max_length (%d tokens) and are cut there, so the ends of their replies are not "
-            "trained on; raise max_length to train on them whole", dataset, cut, len(data), max_length)
+            "%s: %d of %d rows reach max_length (%d tokens) and are cut there, so %s are not trained on; raise "
+            "max_length to train on them whole", dataset, cut, len(data), max_length, lost)
     return cut
 
 
@@ -181,6 +184,25 @@ def _wait_for_every_process(trainer) -> None:
     trainer._save_rng_state = save_then_wait
 
 
+LARGE_MODEL = 100_000_000  # parameters: past the tiny presets the stage defaults were chosen on
+
+
+def warn_preset_defaults(model, cfg: TrainingStageConfig, learning_rate: float) -> bool:
+    """Warn where a model past the tiny presets trains at the stage's default learning rate, which was chosen for
+    those trained from scratch (the SFT stage's 2e-3 would undo a pretrained checkpoint); True if it warned."""
+    from ..stages import kind_of
+
+    default = kind_of(cfg).defaults.get("learning_rate")
+    size = sum(p.numel() for p in model.parameters())
+    if "learning_rate" in cfg.trl or learning_rate != default or size < LARGE_MODEL:
+        return False
+    logging.getLogger(__name__).warning(
+        "learning_rate %g is the %s stage's default, chosen for the tiny presets trained from scratch; %s has %.2fB "
+        "parameters, for which it is likely far too high (DeepSeek-V2's SFT used 5e-6). Set learning_rate (and check "
+        "max_steps and max_length).", learning_rate, cfg.stage_name, cfg.model, size / 1e9)
+    return True
+
+
 def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     """Train (resuming from TRL's `resume_from_checkpoint` when set, else from the newest checkpoint when
     `cfg.resume`), save `output_dir/model`, and return the stage's metrics so far. Under several processes only
@@ -198,6 +220,7 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
         logging.getLogger(__name__).warning("%s is incomplete: the run stopped while saving it. Resuming from %s.",
                                             folder, resume_from or "the start")
     _record_settings(cfg, resume_from)
+    warn_preset_defaults(trainer.model, cfg, trainer.args.learning_rate)
     if resume_from:
         _check_same_model(resume_from, trainer.model.config)
     trainer.add_callback(finite_weights_callback())

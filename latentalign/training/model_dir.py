@@ -127,8 +127,27 @@ def save_model_dir(model, tokenizer, out_dir) -> Path:
         tokenizer.chat_template = CHAT_TEMPLATE
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = end_token_ids(model.generation_config.eos_token_id,
+                                                             tokenizer.eos_token_id)
         model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(out)
+    # TRL switches the router logits on in the config for its balance loss; the saved model computes no balance
+    # loss unless asked (a loss with labels is the cross-entropy alone, as for the model the stage started from).
+    config = getattr(model, "config", None)
+    training_value = getattr(config, "output_router_logits", None)
+    if training_value:
+        config.output_router_logits = False
+    try:
+        model.save_pretrained(out)
+    finally:
+        if training_value:
+            config.output_router_logits = training_value
     tokenizer.save_pretrained(out)
     return out
+
+
+def end_token_ids(listed, eos: int | None):
+    """The generation config's end tokens kept (a chat model's end-of-turn token beside the EOS), the tokenizer's
+    EOS first: one id alone as an int, as transformers writes it."""
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = ([eos] if eos is not None else []) + [i for i in listed if i != eos]
+    return ids[0] if len(ids) == 1 else ids or None

@@ -78,3 +78,21 @@ def test_a_reward_head_new_to_a_causal_lm_checkpoint_is_the_same_every_run(tmp_p
     other, _ = load_starting_point(str(saved), reward=True, seed=4)
     assert torch.equal(first.score.weight, second.score.weight)
     assert not torch.equal(first.score.weight, other.score.weight)
+
+
+def test_a_saved_model_keeps_its_end_tokens_and_computes_no_balance_loss_unasked(tmp_path):
+    """A checkpoint whose turns end with a token of their own lists it beside the EOS in its generation config:
+    saving keeps it (generation stops there). The router logits TRL switches on for its balance loss are off in
+    the saved config, and stay on in the model being trained."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    model.config.output_router_logits = True
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id]
+    saved = save_model_dir(model, tokenizer, tmp_path / "m")
+    assert GenerationConfig.from_pretrained(saved).eos_token_id == [tokenizer.eos_token_id, 7]
+    loaded, _ = load_starting_point(str(saved))
+    assert loaded.config.output_router_logits is False and model.config.output_router_logits is True
+    model.generation_config.eos_token_id = None
+    assert GenerationConfig.from_pretrained(save_model_dir(model, tokenizer, tmp_path / "n")).eos_token_id == \
+        tokenizer.eos_token_id
