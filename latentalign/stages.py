@@ -87,7 +87,8 @@ def _training(name: str, module, summary: str, makes_model: str, init_from: tupl
 
 
 STAGES: dict[str, StageKind] = {
-    "sft": _training("sft", sft_stage, "supervised fine-tuning (TRL SFTTrainer)", "chat", ("chat",)),
+    "sft": _training("sft", sft_stage, "supervised fine-tuning (TRL SFTTrainer)", "chat", ("chat",),
+                     adjust=sft_stage.trl_adjustments),
     "reward": _training("reward", reward_stage, "reward model (TRL RewardTrainer)", "reward", ("chat", "reward"),
                         adjust=reward_stage.trl_adjustments),
     "rl": _training("rl", rl_stage, "GRPO (TRL GRPOTrainer)", "chat", ("chat",),

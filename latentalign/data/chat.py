@@ -70,3 +70,62 @@ def reply_text(text: str) -> str:
     """A text completion as the assistant's turn: without the one space TRL's prompt/completion rows begin it with
     (" 4"), which the template writes itself ("Assistant: 4"); an indented line of code keeps its indent."""
     return text[1:] if text[:1] == " " and text[1:2].strip() else text
+
+
+def without_end_token(rows: list[dict], eos: str | None, keys=("messages", "completion", "chosen", "rejected")):
+    """`rows` with the tokenizer's EOS text taken off the end of each assistant turn: the chat template writes it
+    after every one, so a reply that spelled it (" 2<EOS>", as a prompt/completion split often does) would train
+    two."""
+    if not eos:
+        return rows
+
+    def turn(message):
+        if not (isinstance(message, dict) and message.get("role") == "assistant"):
+            return message
+        content = message.get("content")
+        if not isinstance(content, str) or not content.endswith(eos):
+            return message
+        return {**message, "content": content[: -len(eos)]}
+
+    changed = 0
+    out = []
+    for row in rows:
+        fixed = {k: [turn(m) for m in row[k]] if isinstance(row.get(k), list) else row.get(k) for k in keys if k in row}
+        if any(fixed[k] != row[k] for k in fixed):
+            changed += 1
+            row = {**row, **fixed}
+        out.append(row)
+    if changed:
+        logging.getLogger(__name__).info("%d rows had assistant turns ending with %r, which the chat template "
+                                         "adds itself: taken off", changed, eos)
+    return out
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def from_sharegpt(rows: list[dict], label: str) -> list[dict]:
+    """ShareGPT's conversations (`conversations` or `messages` of `{"from": "human" | "gpt" | "system", "value"}`)
+    as `messages`, as TRL's SFTTrainer reads them; other rows as they are."""
+    from .loading import DataError
+
+    column = "conversations" if "conversations" in rows[0] and "messages" not in rows[0] else "messages"
+    turns = rows[0].get(column)
+    if not (isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]):
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        turns = row.get(column)
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+            raise DataError(f"{label}: row {i}: {column} is not a list of ShareGPT turns ({{from, value}}), as the "
+                            f"first row's are.")
+        messages = []
+        for j, turn in enumerate(turns):
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                raise DataError(f"{label}: row {i}: turn {j} is from {turn['from']!r}; ShareGPT turns are from "
+                                f"{', '.join(SHAREGPT_ROLES)}.")
+            messages.append({"role": role, "content": turn["value"]})
+        out.append({**{k: v for k, v in row.items() if k != column}, "messages": messages})
+    logging.getLogger(__name__).info("%s: ShareGPT conversations read as messages", label)
+    return out

@@ -23,6 +23,7 @@ import logging
 import math
 from pathlib import Path
 
+from .chat import from_sharegpt
 from .splits import file_split, held_out_split
 
 ROLES = ("system", "user", "assistant")
@@ -190,6 +191,7 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
                 raise DataError(f"{label}: row {i}: dataset_columns renames {', '.join(clashes)}, a column the row "
                                 f"already has; rename that one too (or away), or it would be overwritten.")
         rows = [{columns.get(k, k): v for k, v in row.items()} for row in rows]
+    rows = from_sharegpt(rows, label)
     fmt = detect_format(rows[0].keys(), label, allowed=formats)
     if fmt == "preference":
         rows = [_numeric_margin(_without_repeated_prompt(row)) for row in rows]

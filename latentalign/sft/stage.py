@@ -66,6 +66,18 @@ TRL_DEFAULTS = dict(
 STAGE_CONFIG = SFTStageConfig
 
 
+def trl_adjustments(cfg: SFTStageConfig) -> dict:
+    """No TRL default follows from our options; TRL's evaluation during training is refused, as the stage hands
+    TRL no eval set (its `eval_dataset` is prompt + answer rows, scored by exact match after training)."""
+    from ..training import ConfigError
+
+    for key in ("eval_strategy", "load_best_model_at_end"):
+        if cfg.trl.get(key) not in (None, False, "no"):
+            raise ConfigError(f"{key}: the sft stage evaluates after training only (eval_dataset: prompt + answer "
+                              f"rows, exact match), with no loss on held-out rows during training; remove {key}.")
+    return {}
+
+
 def load_config(path=None, overrides=()):
     """This stage's config from a YAML file and `key=value` overrides (`latentalign.stages.load_config`)."""
     from ..stages import load_config as load
@@ -86,6 +98,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
     from trl import SFTTrainer
 
     from ..data import to_dataset
+    from ..data.chat import without_end_token
     from ..data.tokenizer import training_template_for
     from ..eval import exact_match
     from ..stages import trl_args
@@ -101,6 +114,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)
+    rows = without_end_token(rows, tokenizer.eos_token)
     if args.assistant_only_loss and (template := training_template_for(tokenizer)):
         tokenizer.chat_template = template
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None

@@ -260,6 +260,8 @@ def build(stage_cls, trl_cls, values: dict, source: str):
         elif key in theirs:
             if key == "scale_rewards" and isinstance(value, bool):  # TRL's own spelling of group and none
                 value = "group" if value else "none"
+            if key.endswith("_strategy") and value is False:  # YAML reads `save_strategy: no` as false
+                value = "no"
             trl[key] = numbers_read(check_type(value, trl_types[key], key, source))
             check_finite(key, trl[key], source)
             check_range(key, trl[key], source)

@@ -451,3 +451,35 @@ def test_a_reasoning_gym_mix_gives_the_rows_asked_for_in_proportion():
     assert len(load_rows(mix, size=10)[0]) == 10
     with pytest.raises(reasoning_gym.ReasoningGymError, match="given twice"):
         reasoning_gym.parse_source("reasoning_gym:{chain_sum: 1, chain_sum: 2}")
+
+
+def test_a_reply_that_spells_the_end_token_is_trained_with_one():
+    """DeepSeek's guide writes a prompt/completion split as " 2<EOS>"; the chat template adds the EOS after every
+    assistant turn, so such a row rendered two."""
+    from latentalign.data.chat import as_chat, without_end_token
+
+    tok = default_tokenizer()
+    eos = tok.eos_token
+    rows = as_chat([{"prompt": "What is 1 + 1?", "completion": f" 2{eos}"}], "completion")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": f"Hello{eos}"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]
+    fixed = without_end_token(rows + [{"messages": messages}], eos)
+    text = tok.apply_chat_template(fixed[0]["prompt"] + fixed[0]["completion"], tokenize=False)
+    assert text.count(eos) == 1 and text.endswith(f"2{eos}")
+    assert tok.apply_chat_template(fixed[1]["messages"], tokenize=False).count(eos) == 2  # one a reply
+    assert without_end_token([{"text": f"a{eos}"}], eos) == [{"text": f"a{eos}"}]  # TRL adds none where one ends it
+
+
+def test_sharegpt_conversations_are_read_as_messages(tmp_path):
+    """ShareGPT's `conversations` of {from, value}, which TRL's SFTTrainer reads, were refused as missing columns."""
+    path = tmp_path / "sharegpt.jsonl"
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    path.write_text(json.dumps({"conversations": turns, "id": 1}) + "\n")
+    rows, fmt = load_rows(str(path), formats=("messages", "completion", "text"))
+    assert fmt == "messages" and rows == [{"messages": [{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hello"}]}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n"
+                    + json.dumps({"conversations": [{"from": "bot", "value": "?"}]}) + "\n")
+    with pytest.raises(DataError, match=r"sharegpt.jsonl: row 1: turn 0 is from 'bot'"):
+        load_rows(str(path), formats=("messages",))

@@ -64,3 +64,37 @@ def test_trl_options_read_only_a_step_in_are_checked_when_the_config_is_built(tm
     # YAML reads 1e-2 (an exponent, no dot) as text; the scheduler's arithmetic failed on it after warmup
     args = args_for(tmp_path, "lr_scheduler_type=cosine_with_min_lr", "lr_scheduler_kwargs={min_lr_rate: 1e-2}")
     assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.01}
+
+
+def test_a_strategy_of_no_written_plainly_is_no(tmp_path):
+    """YAML reads `save_strategy: no` as false, which TRL's strategies refused as 'False is not valid'."""
+    args = args_for(tmp_path, "save_strategy=no", "logging_strategy=no", kind="reward")
+    assert args.save_strategy == "no" and args.logging_strategy == "no"
+
+
+def test_sft_refuses_evaluation_during_training_it_has_no_eval_set_for(tmp_path):
+    """TRL stopped with a traceback after the model was built: the stage passes it no eval set."""
+    from latentalign.training import ConfigError
+
+    for option in ("eval_strategy=steps", "load_best_model_at_end=true"):
+        with pytest.raises(ConfigError, match="the sft stage evaluates after training only"):
+            args_for(tmp_path, option)
+    assert args_for(tmp_path, "eval_strategy=no").eval_strategy == "no"
+
+
+def test_a_large_model_at_the_tiny_presets_learning_rate_is_warned_about(tmp_path, monkeypatch, caplog):
+    from latentalign.model import LatentAlignConfig, LatentAlignForCausalLM
+    from latentalign.training import loop
+
+    model = LatentAlignForCausalLM(LatentAlignConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                     moe_intermediate_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, kv_lora_rank=8, qk_rope_head_dim=4,
+                                                     qk_nope_head_dim=4, v_head_dim=4, n_routed_experts=4,
+                                                     num_experts_per_tok=2))
+    cfg = load_config("sft", None, [f"output_dir={tmp_path}", "model=/checkpoints/mine"])
+    default = STAGES["sft"].defaults["learning_rate"]
+    assert not loop.warn_preset_defaults(model, cfg, default)  # a small model: what the defaults are for
+    monkeypatch.setattr(loop, "LARGE_MODEL", 1000)
+    assert loop.warn_preset_defaults(model, cfg, default) and "far too high" in caplog.text
+    chosen = load_config("sft", None, [f"output_dir={tmp_path}", "learning_rate=1e-5"])
+    assert not loop.warn_preset_defaults(model, chosen, 1e-5)
