@@ -94,6 +94,7 @@ class LatentAlignConfig(DeepseekV2Config):
     auto_map = MappingProxyType({})  # no remote code; tools that read it (TRL, the Auto classes) find it empty
 
     num_experts_per_tok: int | None = 6  # transformers leaves it unset; every DeepSeek-V2 model routes to 6
+    n_shared_experts: int | None = 2  # transformers types it int; DeepSeek's original code reads null as none
     aux_loss_alpha: float = 0.001
     device_aux_loss_alpha: float = 0.0
     comm_aux_loss_alpha: float = 0.0
@@ -108,6 +109,12 @@ class LatentAlignConfig(DeepseekV2Config):
     ep_size: int = 1
     rope_interleave: bool = True
     num_nextn_predict_layers: int = 0
+
+    def __post_init__(self, **kwargs):
+        # A native checkpoint's config says `deepseek_v2`; kept on the instance, transformers would treat this class
+        # as custom code of that type and skip the per-expert -> fused weight conversion (random experts).
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
 
     def _validate_sizes(self):
         """Widths and counts above 0 (a 0 builds layers of no width that train without complaint), and the

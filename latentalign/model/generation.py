@@ -238,12 +238,19 @@ def prepare(model, args: tuple, kwargs: dict):
         log.debug("compiled_decode: decoding eagerly (no input_ids tensor)")
         return None
     rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "generation_config")}
-    generation_config, model_kwargs = model._prepare_generation_config(kwargs.get("generation_config"), **rest)
+    given = kwargs.get("generation_config")
+    defaults = {name: kwargs.get(name) is None and (given is None or getattr(given, name) is None)
+                and getattr(model.generation_config, name, None) is None for name in ("max_length", "min_length")}
+    generation_config, model_kwargs = model._prepare_generation_config(given, **rest)
     reason = why_not_compiled(model, {**model_kwargs, **rest}, generation_config)
     if reason is not None:
         log.debug("compiled_decode: decoding eagerly (%s)", reason)
         return None
     model._prepare_special_tokens(generation_config, True, device=ids.device)
+    # max_length and min_length as transformers' generate reads them: a default max_length is new tokens (20),
+    # max_new_tokens counts from the prompt (the forced EOS and length processors below take them so)
+    generation_config = model._prepare_generated_length(generation_config, defaults["max_length"],
+                                                        defaults["min_length"], "input_ids", ids.shape[1], ids)
     mask = kwargs.get("attention_mask")
     if mask is None:  # as transformers' generate infers it: the pad tokens, where padding is told apart from EOS
         mask = model._prepare_attention_mask_for_generation(ids, generation_config, model_kwargs)
@@ -274,9 +281,7 @@ def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
     config, processors, criteria, ids, mask = prepared
     batch, prompt = ids.shape
-    new_tokens = config.max_new_tokens
-    if new_tokens is None:
-        new_tokens = max((config.max_length or prompt + 1) - prompt, 1)
+    new_tokens = max((config.max_length or prompt + 1) - prompt, 1)
     needed = max(prompt + new_tokens, getattr(model, "decode_cache_floor", None) or 0)
     length = bucketed_length(needed, model.config.max_position_embeddings)
     if prompt + new_tokens > length:

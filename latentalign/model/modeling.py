@@ -22,6 +22,8 @@ Where this departs from transformers 5.24 (the reasons are in the design facts, 
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -638,11 +640,21 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
         )
         result = LatentAlignModelOutput(**out)
         if output_router_logits and out.router_logits:
+            if out.last_hidden_state.requires_grad and not any(r.requires_grad for r in out.router_logits):
+                _warn_balance_loss_without_gradient()
             batch = out.last_hidden_state.shape[0]
             biases = [layer.mlp.gate.score_bias for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
             stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch, biases=biases)
             result.aux_loss, result.expert_load = stats.loss, stats.expert_load
         return result
+
+
+@functools.cache
+def _warn_balance_loss_without_gradient() -> None:
+    logging.getLogger(__name__).warning(
+        "The balance loss has no gradient: the router logits were computed without one, as reentrant gradient "
+        "checkpointing (use_reentrant=True) computes its layers' outputs; the routers get no balance gradient. Use "
+        "gradient_checkpointing_kwargs: {use_reentrant: false}.")
 
 
 class LatentAlignForCausalLM(LatentAlignPreTrainedModel, hf.DeepseekV2ForCausalLM):

@@ -61,6 +61,16 @@ def test_transformers_native_round_trip_through_export(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(ours), atol=1e-5, rtol=0)
 
 
+def test_the_class_s_own_from_pretrained_reads_a_native_checkpoint_s_experts(tmp_path):
+    """`LatentAlignForCausalLM.from_pretrained(native dir)` kept the file's model_type, so transformers took the
+    class for custom code of that type and skipped the per-expert -> fused conversion: random experts."""
+    reference = native_model()
+    reference.save_pretrained(tmp_path / "native")
+    ours = LatentAlignForCausalLM.from_pretrained(tmp_path / "native").eval()
+    assert ours.config.model_type == "latentalign_deepseek_v2"
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+
+
 def test_saved_checkpoint_reloads_with_auto_class(tmp_path):
     torch.manual_seed(0)
     model = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2)).eval()

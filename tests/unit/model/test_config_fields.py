@@ -182,3 +182,10 @@ def test_export_writes_only_keys_transformers_knows(make_config, tmp_path):
         with pytest.raises(CheckpointError, match=f"{key}={value!r}"):
             export_native(bad, tmp_path / key)
     assert DecoderLayer  # the decoder builds each layer from config.is_moe_layer
+
+
+def test_n_shared_experts_null_is_routed_experts_only(make_config):
+    """DeepSeek's original code reads `n_shared_experts: null` as no shared expert; transformers' typed field
+    refused it."""
+    model = LatentAlignForCausalLM(make_config(n_shared_experts=None, first_k_dense_replace=0))
+    assert all(layer.mlp.shared_experts is None for layer in model.model.layers)

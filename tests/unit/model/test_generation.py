@@ -159,3 +159,19 @@ def test_what_a_static_cache_cannot_serve_decodes_eagerly(make_config, make_batc
                   num_beams=2)
     assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), model.generate(ids, **kwargs))
     assert not hasattr(model, "_latentalign_static_caches")  # beam search never built a static cache
+
+
+def test_lengths_as_transformers_reads_them_when_none_or_max_length_is_given(make_config, make_batch):
+    """No length given is 20 new tokens, as transformers' generate takes its default max_length; a forced EOS
+    comes at max_new_tokens. The compiled loop read the default as a total length (a 15-token prompt got 5)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    model.decode_cache_floor = 100
+    ids, mask = make_batch((15, 9, 12))
+    for kwargs in (dict(), dict(max_length=19), dict(max_new_tokens=6, forced_eos_token_id=5),
+                   dict(max_new_tokens=8, min_new_tokens=4, eos_token_id=3)):
+        kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+        eager = model.generate(ids, **kwargs)
+        assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), eager), kwargs
+    assert model.generate(ids, attention_mask=mask, pad_token_id=0, compiled_decode=True).shape[1] == ids.shape[1] + 20

@@ -189,3 +189,20 @@ def test_yarn_softmax_scale_of_the_presets():
     mscale = 0.1 * 0.707 * math.log(40) + 1
     assert model.model.layers[0].self_attn.scaling == pytest.approx(192 ** -0.5 * mscale ** 2)
     assert model.model.layers[0].self_attn.scaling == pytest.approx(0.114721, abs=1e-6)
+
+
+def test_a_balance_loss_left_without_gradient_by_reentrant_checkpointing_is_warned_about(make_config, caplog):
+    """Reentrant checkpointing runs the layers without gradients, so the router logits the balance loss reads
+    carry none: the loss became a constant, silently."""
+    from latentalign.model import modeling
+
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=2, first_k_dense_replace=0)).train()
+    ids = torch.randint(0, 32, (2, 6))
+    for reentrant in (False, True):
+        modeling._warn_balance_loss_without_gradient.cache_clear()
+        caplog.clear()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        out = model(ids, output_router_logits=True, use_cache=False)
+        assert out.aux_loss.requires_grad is not reentrant
+        assert ("balance loss has no gradient" in caplog.text) is reentrant
+        model.gradient_checkpointing_disable()
