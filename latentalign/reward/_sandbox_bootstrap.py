@@ -1,6 +1,7 @@
 """Sandbox bootstrap: limits, isolation, an audit hook, then the untrusted program and its tests (see sandbox.py).
 
-Run as `python -I -S _sandbox_bootstrap.py WORKDIR` with a JSON payload on standard input:
+Run (by sandbox.py, after its ISOLATE stage) as `python -I -S _sandbox_bootstrap.py WORKDIR` with a JSON payload
+on standard input:
 `{"nonce", "status_fd", "program", "tests", "entry_point", "prefix", "cpu_s", "memory_mb", "output_bytes",
 "max_processes"}`. Uses the standard library only.
 
@@ -144,18 +145,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 pass
         install_library_finder(os.path.dirname(os.__file__))
 
-    # 1. No network: a new network namespace has only a down loopback. Best effort (needs root or user
-    #    namespaces); the audit hook below refuses sockets in any case.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(0x40000000) != 0 and os.geteuid() != 0:  # CLONE_NEWNET, else with CLONE_NEWUSER
-            libc.unshare(0x10000000 | 0x40000000)
-        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: /proc/self/mem and the like are root's, not the program's
-        del libc, ctypes
-    except Exception:  # noqa: BLE001
-        pass
+    # 1. No network: left before this process image began (sandbox.py's ISOLATE, which needs ctypes: never
+    #    loaded here, where its objects would read and write any address with no audit event).
 
     # 2. Resource limits (only ever lowered; the program cannot raise them back).
     for kind, value in ((resource.RLIMIT_CPU, payload["cpu_s"]), (resource.RLIMIT_AS, payload["memory_mb"] << 20),
@@ -205,10 +196,11 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         removed[_multiprocessing] = ("SemLock", "sem_unlink")
     except ImportError:
         pass
-    #    The collector's debug flags keep what it frees in `gc.garbage`, frames included.
+    #    The collector's debug flags keep what it frees in `gc.garbage`, frames included; its callbacks would run
+    #    the program's code at any allocation while the tests run.
     import gc
 
-    removed[gc] = ("set_debug",)
+    removed[gc] = ("set_debug", "callbacks")
     for module, names in removed.items():
         for name in names:
             if hasattr(module, name):
@@ -222,16 +214,23 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                       "_interpqueues", "_testcapi", "_testinternalcapi", "_testmultiphase", "_testsinglephase",
                       "_testbuffer", "_testimportmultiple", "_testclinic", "_testclinic_limited", "_testlimitedcapi",
                       "_testexternalinspection", "_remote_debugging", "_ctypes_test", "_xxtestfuzz", "xxsubtype",
-                      "xxlimited", "xxlimited_35"}
+                      "xxlimited", "xxlimited_35",
+                      # ... and those that open files in C, with no audit event, or write to the host's log
+                      "readline", "_dbm", "_gdbm", "_tkinter", "_curses", "_curses_panel", "syslog", "nis",
+                      "ossaudiodev", "spwd"}
     native_folders = tuple({os.path.realpath(p) + "/" for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                                 sys.base_exec_prefix)})
     #    A module compiled into the interpreter is made anew by `_imp.create_builtin`, which raises no audit event
     #    (a fresh `_signal` with `signal` in it): every one is loaded now, and the function then refuses.
     import _imp
 
-    for name in sys.builtin_module_names:
-        if name not in native_refused and name not in sys.modules:
-            __import__(name)
+    import warnings
+
+    with warnings.catch_warnings():  # a deprecated one (spwd) says so on loading
+        warnings.simplefilter("ignore")
+        for name in sys.builtin_module_names:
+            if name not in native_refused and name not in sys.modules:
+                __import__(name)
 
     def no_builtin(spec):
         raise ImportError(f"sandbox: creating the built-in module {getattr(spec, 'name', spec)!r} anew is not "
@@ -262,6 +261,35 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
 
     sys.settrace = sys.setprofile = detached(no_trace)
 
+    #    The tests' TestCases are run by the harness, whatever unittest.main would do, and their frames are
+    #    refused, which assertRaises clears: both replaced now, for the program too (a swap when the tests begin
+    #    would tell the program they have).
+    import traceback
+    import unittest
+
+    unittest.main = detached(lambda *args, **kwargs: None)
+    traceback.clear_frames = detached(lambda tb: None)
+    #    Code objects are made only by compiling (one made from bytes of the program's reads any memory):
+    #    `types.coroutine`, which sets a flag of a function's own code (asyncio is made with it), is the one
+    #    place the hook lets one be made anew, through a C callable whose state the program cannot reach.
+    from _functools import _lru_cache_wrapper as lru_wrapper
+
+    real_coroutine, code_allowed, real_type, function_type = types.coroutine, [0], type, types.FunctionType
+
+    def coroutine(func):  # types.coroutine's own steps, with nothing the program can replace (builtins) between
+        if real_type(func) is not function_type or func.__code__.co_flags & 0x1A0 != 0x20:  # not a generator's
+            return real_coroutine(func)  # (or one already made a coroutine): no code is made anew
+        code = func.__code__
+        code_allowed[0] += 1
+        try:
+            code = code.replace(co_flags=code.co_flags | 0x100)  # CO_ITERABLE_COROUTINE
+        finally:
+            code_allowed[0] -= 1
+        func.__code__ = code
+        return func
+
+    types.coroutine = lru_wrapper(detached(coroutine), 0, False, None)
+
     # 5. Everything the harness uses from here on, bound before the program runs. The functions defined below
     #    look their builtins up in a private copy, not in the `builtins` module the program can change.
     pristine = dict(vars(builtins))
@@ -271,6 +299,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     snapshot = {name: (m, dict(vars(m))) for name, m in list(modules.items())
                 if isinstance(m, types.ModuleType) and name not in volatile}
     snapshot["builtins"] = (builtins, dict(pristine))
+    snapshot_names = {id(module): name for name, (module, _) in snapshot.items()}
     # The methods of the classes and module-level objects those modules hold (`random.Random.randrange`,
     # `random._inst`): a method replaced or added there changes what the tests' own calls do.
     owners = {id(v): v for _, attrs in snapshot.values() for v in attrs.values()
@@ -286,6 +315,14 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     flags_of = vars(type)["__flags__"].__get__  # not `cls.__flags__`, which a metaclass of the program can define
     exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
     urandom, getattribute, issubclass_ = os.urandom, object.__getattribute__, issubclass
+    gc_disable, gc_count, gc_collect = gc.disable, gc.get_count, gc.collect
+    import decimal
+    import re
+
+    re_purge, set_decimal_context, getattr_ = re.purge, decimal.setcontext, getattr
+    context_values = dict(prec=28, rounding=decimal.ROUND_HALF_EVEN, Emin=-999999, Emax=999999, capitals=1, clamp=0,
+                          flags=[], traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow])
+    decimal_context = decimal.Context  # made with context_values: decimal's defaults
     import random
 
     reseed = random.seed  # the module's generator's own method, bound before the program could replace it
@@ -296,6 +333,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     scalars = (int, float, complex, bool, str, bytes, type(None))
     sequences = (list, tuple, set, frozenset)
     violations: list[str] = []
+
+    class RefusedImport(ImportError):
+        """A module refused: an ImportError, so that the standard library's optional imports fall back (dbm to
+        dbm.dumb, cmd without readline)."""
 
     class Violation(BaseException):
         """A value built to fool the tests; a BaseException, so `except Exception` in a test does not hide it."""
@@ -467,33 +508,50 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return {as_base(k, depth + 1): as_base(v, depth + 1) for k, v in dict.items(value)}
         return value
 
-    def opaque(fn):
+    def opaque(fn, shown=None):
         """`fn` as the tests see it: a function the tests hand the program gives it their globals, and so these;
         a Python function's closure cells can be rebound (`cell_contents`, no audit event), so the tests get a
         C callable that calls `fn` and shows neither it nor its closure (lru_cache's wrapper, caching nothing)."""
-        return lru_wrapper(fn, 0, False, None)
+        wrapper = lru_wrapper(fn, 0, False, None)
+        (harness_wrappers if shown is None else wrapping_program).add(id_(wrapper))
+        keep.append(wrapper)
+        if type_(shown) is types.FunctionType:  # the program's function it calls: its name, doc and signature
+            for name in ("__name__", "__qualname__", "__doc__"):
+                if isinstance_(value := getattr(shown, name), str):
+                    setattr(wrapper, name, value)
+            try:
+                wrapper.__signature__ = signature_of(shown)
+            except (TypeError, ValueError):
+                pass
+        return wrapper
 
     def checked(fn):
-        """The function under test, returning plain data only (standard containers' subclasses as their base)."""
+        """The function under test, returning plain data only (standard containers' subclasses as their base), as
+        a copy made here: the program keeps no hold of what the tests compare (a finalizer of its could change it
+        between the check and the comparison)."""
         def candidate(*args, **kwargs):
-            value = fn(*args, **kwargs)
-            if not plain(value):
-                value = as_base(value)  # a walk, and a copy only for what holds a container's subclass
+            value = as_base(fn(*args, **kwargs))  # every container made anew, by the base class's code
             if not plain(value):
                 violate("the function under test returned a value that is not plain data")
             return value
         return candidate
 
+    def module_changed(name: str) -> str | None:
+        module, attrs = snapshot[name]
+        if modules.get(name) is not module:
+            return f"sys.modules[{name!r}] was replaced"
+        now, missing = vars(module) if name != "builtins" else module.__dict__, Sentinel()
+        for key, value in attrs.items():
+            if now.get(key, missing) is not value:
+                return f"{name}.{key} was changed"
+        return None
+
     def tampering() -> str | None:
         """A module or builtin the program replaced, deleted, or swapped out of sys.modules."""
         missing = Sentinel()
-        for name, (module, attrs) in snapshot.items():
-            if modules.get(name) is not module:
-                return f"sys.modules[{name!r}] was replaced"
-            now = vars(module) if name != "builtins" else module.__dict__
-            for key, value in attrs.items():
-                if now.get(key, missing) is not value:
-                    return f"{name}.{key} was changed"
+        for name in snapshot:
+            if changed := module_changed(name):
+                return changed
         for owner, attrs in methods:
             now = vars(owner)
             for key, value in now.items():
@@ -554,7 +612,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 parts = [attr]
             for part in parts:
                 if type_(part) is types.FunctionType:
-                    if id_(part.__code__) not in trusted_code:
+                    if id_(part.__code__) not in tests_code_ids:  # theirs: not the standard library's
                         return False
                 elif not (plain(part) or any(type_(part) is d for d in descriptors)):
                     return False
@@ -570,19 +628,12 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return value
         return call
 
-    import io
-    import traceback
-    import unittest
-
     import functools
+    import inspect
     import weakref
 
-    real_unittest_main, unittest_case = unittest.main, unittest.TestCase
-    unittest_main = detached(lambda *args, **kwargs: None)
-    # Tracebacks' frames are refused, and assertRaises clears its traceback's frames: not under the tests.
-    real_clear_frames, no_clear_frames = traceback.clear_frames, detached(lambda tb: None)
+    unittest_case, signature_of = unittest.TestCase, inspect.signature
     proxies, partial = (weakref.ProxyType, weakref.CallableProxyType), functools.partial
-    from _functools import _lru_cache_wrapper as lru_wrapper
     c_callables = (types.BuiltinFunctionType, types.MethodWrapperType, types.WrapperDescriptorType,
                    types.MethodDescriptorType, types.ClassMethodDescriptorType)
 
@@ -636,7 +687,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
 
     def program_callable(fn, depth=0) -> bool:
         """Whether calling `fn` runs the program's code: a function whose code is not the tests', the prompt's or
-        the standard library's (loaded before the program), a method of one, a callable object of its class."""
+        the standard library's (loaded before the program), a method of one, a callable object of its class, an
+        lru_cache of one (one without `__wrapped__` is the harness's own wrapper, or else the program's)."""
         kind = type_(fn)
         if kind is types.FunctionType:
             return id_(fn.__code__) not in trusted_code
@@ -644,6 +696,11 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return depth > 8 or program_callable(fn.__func__, depth + 1)
         if kind is partial:
             return depth > 8 or program_callable(fn.func, depth + 1)
+        if kind is lru_wrapper:
+            if id_(fn) in wrapping_program:
+                return True
+            inner = vars(fn).get("__wrapped__", None)
+            return id_(fn) not in harness_wrappers if inner is None else depth > 8 or program_callable(inner, depth + 1)
         if issubclass_(kind, c_callables) or issubclass_(kind, type_):
             return False
         return foreign(fn)
@@ -672,17 +729,119 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                     builtins_.get(name, violations) is not value for name, value in builtins_used.items()):
                 violate("the program changed the tests' builtins")
 
+    def watched(namespace) -> tuple:
+        """The tests' names of functions, classes, modules and other callables: what the checks after each call
+        look at (their data, rebound by every loop, is not), worked out again only when names come or go."""
+        entry = watched_names.get(id_(namespace))
+        if entry is None or entry[0] != len_(namespace):
+            names = tuple(k for k, v in namespace.items() if callable(v) or type_(v) is types.ModuleType)
+            entry = watched_names[id_(namespace)] = (len_(namespace), names)
+        return entry[1]
+
+    def watched_values(namespace) -> tuple:
+        """(names, values, their ids, the classes among them the tests define) of `watched(namespace)`; the
+        classes worked out again only when a value changed (a call of the program looks at this twice)."""
+        names = watched(namespace)
+        values = tuple(map(namespace.get, names))
+        ids = tuple(map(id_, values))
+        cached = classes_of.get(id_(namespace))
+        if cached is None or cached[0] != ids:
+            classes = [v for v in values if isinstance_(v, type_) and id_(v) not in known_types]
+            held_modules = [snapshot_names[id_(v)] for v in values
+                            if type_(v) is types.ModuleType and id_(v) in snapshot_names]
+            cached = classes_of[id_(namespace)] = (ids, classes, held_modules)
+        return names, values, ids, cached[1], cached[2]
+
+    def tests_state() -> list:
+        """What a call of the program may not change: the tests' names of functions, classes and modules (and how
+        many names there are), and what the classes they define hold (any of their methods hands the program
+        their globals)."""
+        state = []
+        for namespace, _ in tests_namespaces:
+            _, _, ids, classes, _ = watched_values(namespace)
+            state += [len_(namespace), ids, *[tuple(map(id_, vars(c).values())) for c in classes]]
+        return state
+
+    def tests_code_replaced() -> bool:
+        """Code of the program's in the tests' namespace (other than what the harness put there and what its calls
+        handed the tests), or in a class the tests define: put there at any time (by a finalizer of its run
+        between the tests' statements). Only bindings and classes changed since the last look are looked at."""
+        def callables(value) -> list:
+            value = value.__func__ if type_(value) in (staticmethod, classmethod) else value
+            return [value.fget, value.fset, value.fdel] if type_(value) is property else [value]
+
+        def program_code(value) -> bool:
+            return any(p is not None and callable(p) and not isinstance_(p, type_) and program_callable(p)
+                       for p in callables(value))
+
+        for namespace, _ in tests_namespaces:
+            names, values, ids, classes, _ = watched_values(namespace)
+            if looked.get(id_(namespace)) != ids:
+                looked[id_(namespace)] = ids
+                for name, value, i in zip(names, values, ids):
+                    if looked.get(name) != i:
+                        looked[name] = i
+                        if i not in program_bound and i not in handed_ids and program_code(value):
+                            return True
+            for cls in classes:
+                members = list(vars(cls).values())
+                key = tuple(map(id_, members))
+                if looked.get(id_(cls)) != key:
+                    looked[id_(cls)] = key
+                    ours = [f for m in members for f in callables(m) if type_(f) is types.FunctionType]
+                    if any(id_(f.__code__) in tests_code_ids for f in ours) and any(program_code(m) for m in members):
+                        return True
+        return False
+
+    def collect_here() -> int:
+        """The collector's work, done where the checks follow (it is off while the tests run, as a collection runs
+        the program's finalizers): the garbage of cycles, as an honest program's linked structures leave."""
+        counts = gc_count()
+        if counts[0] > 10_000:
+            return gc_collect(2 if counts[2] > 10 else 1 if counts[1] > 10 else 0)
+        return 0
+
+    def after_program_call(before: list, arguments: tuple, foreign_before: list) -> None:
+        """What a call of the program changed of what the tests use; the rest of the standard library is checked
+        after the tests (every module and method after each call would double a run's time)."""
+        if collect_here() and any(foreign(v) for v in held):  # a finalizer of its, run there, changed one
+            violate("a value the program handed the tests came to hold a value of a class it defined")
+        gc_disable()  # switched on inside the call (`gc.enable()` after a `gc.disable()` of its own): off again
+        replaced_harness()
+        if tests_state() != before or tests_code_replaced():
+            violate("the program changed the tests' own functions or classes")
+        for argument, was in zip(arguments, foreign_before):  # one of its values left in the tests' data
+            if not was and foreign(argument):
+                violate("the program left a value of a class it defined in what the tests passed it")
+        for namespace, _ in tests_namespaces:  # the modules the tests hold (`import math`)
+            for name in watched_values(namespace)[4]:
+                if changed := module_changed(name):
+                    violate(changed)
+
     def call_checked(fn, /, *args, **kwargs):
         """Every call in the tests (rewritten to call this). What a function, method or callable object of the
         program hands the tests may not be a value of a class it defined, as for the functions tests call by
-        name (a LeetCode `Solution().method` included); a class of the program must make one of its own."""
-        value = fn(*args, **kwargs)
-        replaced_harness()
+        name (a LeetCode `Solution().method` included); a class of the program must make one of its own. What
+        the program changes while it runs (the tests' functions, a standard-library module) is checked after,
+        and what it returns after that (a collection there runs its finalizers). What the program handed the
+        tests, and the callables of its they called, are kept alive to the end: dropped by the tests, their
+        finalizers would run in between the tests' statements, after every check."""
+        before, arguments = tests_state(), (*args, *kwargs.values())
+        foreign_before = [foreign(a) for a in arguments]
+        try:
+            value = fn(*args, **kwargs)
+        finally:  # a call that raises (as the tests expect of some) is checked too
+            after_program_call(before, arguments, foreign_before)
         if issubclass_(type_(fn), type_):
             if flags_of(fn) & (1 << 9) and id_(fn) not in known_types and not issubclass_(type_(value), fn):
                 violate(f"a class of the program made a value of another class ({type_(value).__name__})")
-        elif program_callable(fn) and foreign(value):
-            violate("a function of the program returned a value of a class it defined")
+        elif program_callable(fn):
+            if foreign(value):
+                violate("a function of the program returned a value of a class it defined")
+            keep.extend((fn, getattr_(fn, "__self__", None) if type_(fn) is types.MethodType else None, value))
+            handed_ids.add(id_(value))
+            if not plain(value) and not callable(value):  # a Fraction, a datetime: fields a finalizer could set
+                held.append(value)
         return value
 
     # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
@@ -702,12 +861,14 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     trusted = [f.__code__ for f in (*(v for _, attrs in snapshot.values() for v in attrs.values()),
                                     *(getattr(v, "__func__", v) for _, attrs in methods for v in attrs.values()))
                if isinstance(f, types.FunctionType)]
-    pending = [tests_code] + ([prefix_code] if prefix_code is not None else [])
+    pending, theirs = [tests_code] + ([prefix_code] if prefix_code is not None else []), []
     while pending:  # the tests' and the prompt's code, their functions' and classes' included
         code = pending.pop()
-        trusted.append(code)
+        theirs.append(code)
         pending += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    trusted += theirs
     trusted_code = {id(c) for c in trusted}  # `trusted` keeps each alive, so that no id is reused
+    tests_code_ids = {id(c) for c in theirs}
     program_code = payload.pop("program")
     entry_point = payload.get("entry_point")
 
@@ -728,6 +889,12 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     accmode, writable, o_path = os.O_ACCMODE, (os.O_WRONLY, os.O_RDWR), getattr(os, "O_PATH", 0)
     lstat, readlink, stat_ = os.lstat, os.readlink, os.stat
     created, max_files = [0], payload["max_files"]
+    imported = set()  # the modules imported through the import system since the hook
+    program_bound = set()  # what the tests' namespace held before their code ran: the program's, the harness's
+    keep, handed_ids, looked, held = [], set(), {}, []  # kept alive to the end; what its calls handed the tests
+    watched_names = {}  # id of a tests' namespace -> (its size, its names of functions, classes and modules)
+    classes_of = {}  # id of a tests' namespace -> (its watched values' ids, the tests' classes, modules held)
+    harness_wrappers, wrapping_program = set(), set()  # `opaque`'s wrappers: of the harness's, of the program's
 
     def absolute(path) -> str:
         """The absolute path with every symbolic link resolved (/dev/fd/../.. is /proc), computed here with
@@ -782,15 +949,21 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             raise PermissionError(f"sandbox: more than {max_files} new files")
 
     def hook(event, args):
+        if event == "builtins.id":  # the most frequent event by far (the checks after each call take ids)
+            return
         if event in process_events:
             raise PermissionError(f"sandbox: {event} is not allowed")
+        if event in ("marshal.loads", "marshal.load") or (event == "code.__new__" and not code_allowed[0]):
+            raise PermissionError(f"sandbox: {event} is not allowed")  # bytecode of its own reads any memory
         if event in frame_events or (event == "object.__getattr__" and args[1] in frame_attrs):
             raise ValueError(f"sandbox: {event} is not allowed")  # ValueError: what stdlib callers expect
         if event == "import" and str(args[0]).rpartition(".")[2] in no_reimport:  # `_imp.create_dynamic`'s too
-            raise PermissionError(f"sandbox: importing {args[0]} anew is not allowed")
+            raise RefusedImport(f"sandbox: importing {args[0]} anew is not allowed")
         if event == "import" and (str(args[0]).rpartition(".")[2] in native_refused or (
                 args[1] is not None and not absolute(args[1]).startswith(native_folders))):
-            raise PermissionError(f"sandbox: loading the compiled module {args[0]} is not allowed")
+            raise RefusedImport(f"sandbox: loading the compiled module {args[0]} is not allowed")
+        if event == "import":
+            imported.add(str(args[0]))  # through the import system: not a module the program made itself
         if event == "sys.addaudithook":  # a hook of the program's would see the tests' code as it is run
             raise PermissionError("sandbox: sys.addaudithook is not allowed")
         if event == "object.__setattr__" and args[1] in code_attrs and id_(args[0]) in known_functions:
@@ -860,10 +1033,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         tests_ns = {k: v for k, v in program_ns.items() if not k.startswith("__") and (k not in pristine
                                                                                       or k == entry_point)}
         if not entry_point:  # tests that call the program's functions (or callable objects, partials) by name
-            tests_ns.update({k: opaque(loosely_checked(v)) for k, v in tests_ns.items()
+            tests_ns.update({k: opaque(loosely_checked(v), v) for k, v in tests_ns.items()
                              if callable(v) and not isinstance_(v, type)})
-        harness_names.update(__latentalign_compare__=opaque(compare),
-                             __latentalign_compare_chain__=opaque(compare_chain), __latentalign_call__=opaque(call_checked))
+        harness_names.update(__latentalign_compare__=opaque(compare), __latentalign_call__=opaque(call_checked),
+                             __latentalign_compare_chain__=opaque(compare_chain))
         tests_ns.update(__name__="__main__", __builtins__=dict(pristine), **harness_names)
         tests_namespaces.append((tests_ns, tests_ns["__builtins__"]))
         if prefix_code is not None:  # the prompt's own helpers, not the program's versions of them
@@ -876,12 +1049,21 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         if entry_point:
             if entry_point not in program_ns:
                 return finish(f"failed: the program defines no {entry_point!r}")
-            tests_ns[entry_point] = opaque(checked(program_ns[entry_point]))
-        # The tests' TestCases are run below, whatever unittest.main would do; their namespace stays private (a
-        # module in sys.modules would hand the program the harness's functions the tests call).
-        unittest.main = unittest_main
-        traceback.clear_frames = no_clear_frames
+            tests_ns[entry_point] = opaque(checked(program_ns[entry_point]), program_ns[entry_point])
+        # The tests' namespace stays private (a module in sys.modules would hand the program the harness's
+        # functions the tests call); a module the program put there is not what the tests import (a `numpy` of
+        # its own): the tests import such names afresh.
+        for name in [n for n in modules if n not in snapshot and n not in volatile and n != "program"
+                     and n not in imported]:
+            del modules[name]
+        program_bound.update(id_(v) for v in tests_ns.values())  # the program's names, as the harness put them
+        keep.extend(tests_ns.values())
+        re_purge()  # compiled patterns the program left in re's cache, and the decimal context it set: not theirs
+        set_decimal_context(decimal_context(**context_values))
         reseed(int.from_bytes(urandom(16), "big"))  # the tests' random inputs: not the stream the program seeded
+        # No collection while the tests run: it would run the program's finalizers (`__del__`) in between the
+        # tests' statements, where no check sees what they change; each call of the program is checked after.
+        gc_disable()
         try:
             exec_(tests_code, tests_ns)
             if own(tests_ns, program_ns, "check") and not entry_point:
@@ -893,10 +1075,10 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             if violations:
                 return finish(f"failed: {violations[0]}")
             return finish(f"failed: {type_(err).__name__}{line_of(err)} in the tests")
-        finally:
-            unittest.main, traceback.clear_frames = real_unittest_main, real_clear_frames
         try:
             replaced_harness()  # after the last of the tests' calls too
+            if tests_code_replaced():
+                violate("the program changed the tests' own functions or classes")
         except Violation:
             pass
         if violations or failed:
@@ -904,9 +1086,12 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         changed = tampering()
         return finish(f"failed: {changed}" if changed else "passed")
 
+    # Modules imported from here on are compiled from their source, not read from bytecode caches (marshal, which
+    # the hook refuses), and no cache is written.
+    sys.pycache_prefix, sys.dont_write_bytecode = "/dev/null/no-bytecode", True
     sys.addaudithook(hook)
     run()
 
 
-if __name__ == "__main__":  # run as a script by sandbox.py
+if __name__ == "__main__":  # run by sandbox.py, through ISOLATE there
     _main()

@@ -3,9 +3,15 @@ otherwise; an `async def` reward run to its end on an event loop of its own thre
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import threading
+
+# Set (an Event) around a reward call that `guarded` may give up on; set when it does. Work the call started and
+# cannot finish in time stops at it: the code reward's programs not yet run are skipped, running ones killed.
+ABANDONED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("latentalign_reward_abandoned",
+                                                                                  default=None)
 
 
 def call_reward(fn, prompts, completions, columns: dict):

@@ -16,6 +16,7 @@ number of values is an error that names it.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ..data.chat import reply_text
 from . import code, rules
-from .calling import awaited, call_reward, is_async
+from .calling import ABANDONED, awaited, call_reward, is_async
 
 REGISTRY = {
     "math": rules.math_accuracy,
@@ -246,10 +247,12 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         if self.timeout_s is None:
             return call_reward(self.fn, prompts, completions, kwargs)
         box: dict = {}
+        abandoned, context = threading.Event(), contextvars.copy_context()
+        context.run(ABANDONED.set, abandoned)
 
         def target():
             try:
-                box["value"] = call_reward(self.fn, prompts, completions, kwargs)
+                box["value"] = context.run(call_reward, self.fn, prompts, completions, kwargs)
             except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
                 box["error"] = err
 
@@ -257,6 +260,7 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         worker.start()
         worker.join(self.timeout_s)
         if worker.is_alive():
+            abandoned.set()  # what stops at it (the sandbox's runs) frees the machine for the next call
             raise CallTimedOut(f"reward {self.__name__} took longer than {self.timeout_s}s")
         if "error" in box:
             raise box["error"]

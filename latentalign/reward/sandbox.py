@@ -3,7 +3,9 @@
 Each program runs in its own process, started through a small bootstrap that, before a line of the program runs:
 - sets resource limits: CPU seconds, address space (memory), file size (which also caps the captured output),
   open files and, where the OS enforces it, the process count;
-- leaves the network: a fresh network namespace with no interfaces where the kernel allows one;
+- leaves the network: a fresh network namespace with no interfaces where the kernel allows one, made by a first
+  stage that then runs the bootstrap in its place (`ISOLATE`: the call needs ctypes, which is never loaded where
+  the program runs: its objects read and write any address with no audit event);
 - drops root privileges to `nobody` when started as root, so the parent's files and processes are out of reach;
 - makes itself non-dumpable (its /proc files become root's, not the program's);
 - installs an audit hook that refuses the calls a test program never needs: process and thread creation
@@ -16,7 +18,10 @@ Each program runs in its own process, started through a small bootstrap that, be
   compiled into the interpreter cannot be made anew with them back: every one is loaded first and
   `_imp.create_builtin` then refuses; SQLite, which writes its files itself, is refused), the ways to reach
   another frame or object (sys._getframe, tracebacks' and generators' frames, gc's object lists and its debug
-  flags, which keep freed frames, trace and profile hooks), audit hooks of its own (one would see the tests' code),
+  flags, which keep freed frames, trace and profile hooks), code objects made from bytes (`CodeType`,
+  `code.replace`, marshal: bytecode of the program's own reads any memory; modules are compiled from source, and
+  `types.coroutine` alone may set a flag of a function's code), compiled modules that write files in C
+  (readline, dbm) or to the host's log (syslog), audit hooks of its own (one would see the tests' code),
   swapping the code or defaults of a standard-library function, and compiled modules that reach past the hook
   (subinterpreters, the interpreter's test modules) or that live outside the interpreter's own folders (a
   library it wrote). So `traceback.format_exc()`, `asyncio.run` (signal handlers, a socket pair) and sqlite3
@@ -55,7 +60,15 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
 - replacing what the tests use: the tests see a private copy of the builtins (a program's `def abs` does not
   shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
   and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
-  loaded module (`random.Random.randrange`) that the program changed fails the run;
+  loaded module (`random.Random.randrange`) that the program changed fails the run; a module the program put in
+  sys.modules itself (not imported) is imported afresh by the tests; the tests' own functions and classes (reachable through any of
+  their methods) and the modules they hold (`import math`) changed by a call of the program fail it when it
+  returns or raises (the rest of the standard library after the tests), and so does a value of its class left
+  in the data the tests passed it; a function of the program's found among the tests' or in their classes at
+  any later check fails it too; the collector runs only right before those checks (its callbacks are removed),
+  what the program's calls hand the tests (and the objects whose methods they called) is kept alive to the end,
+  and the function under test returns a copy the harness made: a finalizer of the program's cannot change an
+  answer between its check and the tests' comparison;
 - what the program hands the tests through a call, whatever the tests' style (MBPP's `assert add(2, 3) == 5`,
   LeetCode's `Solution().twoSum(...)`, a closure it returned): every call in the tests is rewritten to one that
   checks what a function, method or callable object of the program returns. It may not be a value of a class
@@ -70,9 +83,13 @@ What it cannot defeat (it is a process sandbox, not a container or a verifier of
   pass it (a test-defined function hands its globals over; replacing the tests' own comparisons there fails the
   run, checked after each of its calls returns and after the tests);
 - values built to fool the tests beyond what the checks above look at: a C-level object holding a value of the
-  program (a mappingproxy over its mapping), or a generator whose values the tests read;
-- changes made and undone while the tests run (a standard-library module patched and restored in between two
-  of the checks), and modules the program imports first;
+  program (a mappingproxy over its mapping), a generator whose values the tests read, a value built to answer
+  the probing comparisons as an honest one would before it meets the tests' own; and objects of the tests' that
+  the program keeps hold of and changes from a finalizer run at one of the collections above (a node of theirs
+  it was passed, given a value of its class where only plain data is checked);
+- changes made and undone within one call of the program (a standard-library module patched and restored before
+  it returns, the tests' statements run in between only through callbacks it is handed), and changes to a
+  standard-library module the harness did not load, which the program imports and changes before the tests do;
 - what `nobody` may read: programs running at the same time share that user (one can read what another wrote),
   and the files of the installation (a dataset a package ships, with its answers);
 - bugs in CPython itself, and kernel-level escapes: for adversarial workloads at scale, run rewards in a
@@ -85,15 +102,19 @@ import json
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from .calling import ABANDONED
 
 BOOTSTRAP = Path(__file__).with_name("_sandbox_bootstrap.py")
 
@@ -126,19 +147,42 @@ class RunResult:
     verdict: str = ""  # the harness's own words: "passed", "failed: AssertionError (line 3) in the tests", ...
 
 
+# The first stage of each run: a network namespace of its own (only a down loopback; best effort, as it needs root
+# or user namespaces, and the bootstrap's audit hook refuses sockets in any case), then the bootstrap run in its
+# place. The call needs ctypes, whose objects read and write any address with no audit event, so it is never loaded
+# where the program runs. That process, started as root, drops to nobody, which also makes it non-dumpable
+# (/proc/self/mem and the like are root's).
+ISOLATE = """import os, sys
+try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0 and os.geteuid() != 0:  # CLONE_NEWNET, else with CLONE_NEWUSER
+        libc.unshare(0x10000000 | 0x40000000)
+except Exception:
+    pass
+os.execv(sys.executable, [sys.executable, "-I", "-S", *sys.argv[1:]])
+"""
+
+
 def _clean_env(home: str) -> dict:
     return {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
 
 def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: str | None = None,
-                entry_point: str | None = None, prefix: str | None = None) -> RunResult:
+                entry_point: str | None = None, prefix: str | None = None,
+                abandoned: threading.Event | None = None) -> RunResult:
     """Run `code` (Python source), then `tests` against it, in the sandbox, and report how it ended.
 
     With `entry_point` the tests see that function through a wrapper that accepts plain return values only,
     and HumanEval's `check(candidate)` is called with it. `prefix` is trusted source the program continues
-    (HumanEval's prompt): its helpers are what the tests see under their names.
+    (HumanEval's prompt): its helpers are what the tests see under their names. Once `abandoned` is set (the
+    reward call's, by default: `calling.ABANDONED`) the run is not started, or is killed.
     """
+    abandoned = abandoned or ABANDONED.get()
+    if abandoned is not None and abandoned.is_set():
+        return RunResult(passed=False, returncode=None, timed_out=True, stdout="", stderr="", seconds=0.0,
+                         verdict="failed: not run (the reward call was abandoned)")
     workdir = tempfile.mkdtemp(prefix="latentalign-sandbox-")
     start = time.perf_counter()
     status_read, status_write = os.pipe()
@@ -154,7 +198,8 @@ def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: st
         # descriptors: a name in the directory it owns could be replaced by a link to any file, or removed.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(BOOTSTRAP), workdir], cwd=workdir, env=_clean_env(workdir),
+                [sys.executable, "-I", "-S", "-c", ISOLATE, str(BOOTSTRAP), workdir], cwd=workdir,
+                env=_clean_env(workdir),
                 stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True, close_fds=True,
                 pass_fds=(status_write,),
             )
@@ -167,9 +212,7 @@ def run_program(code: str, limits: SandboxLimits = SandboxLimits(), *, tests: st
                     proc.stdin.close()
                 except BrokenPipeError:
                     pass
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                timed_out = not _ended(proc, limits.timeout_s, abandoned)
             finally:
                 _kill_group(proc)
             stdout, stderr = (_read_back(f, limits.output_bytes) for f in (out, err))
@@ -215,6 +258,36 @@ def _verdict(status: bytes, nonce: str, timed_out: bool, returncode: int | None)
     return status[len(prefix):].decode("utf-8", errors="replace")
 
 
+def _ended(proc: subprocess.Popen, timeout: float, abandoned: threading.Event | None = None) -> bool:
+    """Whether the process ended within `timeout` seconds (False once `abandoned` is set), left unreaped (a zombie
+    keeps its process group's id, which `_kill_group` then kills: reaped first, the id could be another run's
+    group by then)."""
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): reaped by wait
+        pidfd = None
+    poller = None
+    if pidfd is not None:  # poll, not select: a descriptor past 1023 (a trainer with many files open) is fine
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+    try:
+        while (left := deadline - time.monotonic()) > 0 and not (abandoned is not None and abandoned.is_set()):
+            step = min(left, 0.1) if abandoned is not None else left
+            if poller is not None and poller.poll(step * 1000):
+                return True
+            if poller is None:
+                try:
+                    proc.wait(timeout=step)
+                    return True
+                except subprocess.TimeoutExpired:
+                    pass
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -230,6 +303,7 @@ def run_programs(codes: list[str], limits: SandboxLimits = SandboxLimits(), work
     n = len(codes)
     jobs = list(zip(codes, tests or [None] * n, entry_points or [None] * n, prefixes or [None] * n))
     workers = workers or max(1, min(n, os.cpu_count() or 1))
+    abandoned = ABANDONED.get()  # the pool's threads do not see the caller's context
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: run_program(job[0], limits, tests=job[1], entry_point=job[2],
-                                                     prefix=job[3]), jobs))
+                                                     prefix=job[3], abandoned=abandoned), jobs))

@@ -112,6 +112,29 @@ FORGERIES = {  # pretending the tests ran
         "for f in [o for o in gc.garbage if type(o).__name__ == 'frame']:\n    while f is not None:\n"
         "        if 'nonce' in f.f_locals:\n            os.write(f.f_locals['status_fd'], f.f_locals['nonce'] + b' passed')\n"
         "            os._exit(0)\n        f = f.f_back\n" + WRONG),
+    # memory read and written below every audit hook: ctypes' objects, and bytecode of the program's own
+    "the nonce read from memory through ctypes": (  # the collector's list of objects, walked to a cell holding it
+        "import ctypes, gc, os, stat, types\nclass U(ctypes.Union):\n    _fields_ = [('i', ctypes.c_size_t), "
+        "('p', ctypes.POINTER(ctypes.c_size_t)), ('o', ctypes.py_object)]\nu = U()\n"
+        "def rd(a):\n    u.i = a\n    return u.p[0]\ndef obj(a):\n    u.i = a\n    return u.o\n"
+        "anchor = [object()]\ngc.collect()\nstart = id(anchor) - 16\ng = rd(start)\nnonce = None\n"
+        "while g != start:\n    if rd(g + 24) == id(types.CellType):\n        try:\n"
+        "            v = obj(g + 16).cell_contents\n        except ValueError:\n            v = None\n"
+        "        if type(v) is bytes and len(v) == 32:\n            nonce = v\n            break\n    g = rd(g)\n"
+        "for fd in range(3, 64):\n    try:\n        if stat.S_ISFIFO(os.fstat(fd).st_mode):\n"
+        "            os.write(fd, nonce + b' passed')\n    except (OSError, TypeError):\n        pass\n"
+        "os._exit(0)\n" + WRONG),
+    "a frame read by bytecode of its own": (
+        "import dis, os\ndef f():\n    zz = 0\n    try:\n        raise Exception\n    except Exception:\n"
+        "        pass\n    return (zz, zz, zz, zz)\nco = f.__code__\nb = bytearray(co.co_code)\n"
+        "LF, EA, BT = dis.opmap['LOAD_FAST'], dis.opmap['EXTENDED_ARG'], dis.opmap['BUILD_TUPLE']\n"
+        "at = bytes(b).find(bytes([LF, co.co_varnames.index('zz')] * 4 + [BT, 4]))\n"
+        "b[at:at + 10] = bytes([EA, 255, EA, 255, EA, 255, LF, 252, BT, 1])\n"
+        "f.__code__ = co.replace(co_code=bytes(b))\nfr = f()[0]\nwhile fr is not None:\n"
+        "    if 'nonce' in fr.f_locals:\n        os.write(fr.f_locals['status_fd'], fr.f_locals['nonce'] + b' passed')\n"
+        "        os._exit(0)\n    fr = fr.f_back\n" + WRONG),
+    "a code object from marshal": "import marshal\ncode = marshal.loads(marshal.dumps(compile('1', 'x', 'eval')))\n"
+                                  + WRONG,
     # a module compiled into the interpreter made anew (no audit event): a signal handler receives frames
     "frame walk from a fresh _signal's handler": (
         "import _imp, importlib.machinery as m, os\n_sig = _imp.create_builtin(m.BuiltinImporter.find_spec('_signal'))\n"
@@ -261,8 +284,10 @@ def test_what_a_method_of_the_program_returns_is_checked_as_a_function_s_value()
 def test_compiled_modules_that_reach_past_the_audit_hook_are_not_loaded(name):
     """A subinterpreter runs code no audit hook of the harness's sees; the test modules rewrite the interpreter's
     configuration. Neither loads: imported, or copied into the program's folder and loaded from there."""
+    direct = run_program(f"import {name}\n", LIMITS, tests="pass")
+    assert not direct.passed and "RefusedImport" in direct.verdict, direct.verdict  # an ImportError, refused
     result = run_program(COMPILED_MODULE + f"module = load({name!r})\nprint('loaded', module)\n", LIMITS, tests="pass")
-    assert not result.passed and "PermissionError" in result.verdict and "loaded" not in result.stdout, result.verdict
+    assert not result.passed and "loaded" not in result.stdout, result.verdict
 
 
 def test_functions_called_by_name_may_return_the_interpreter_s_own_objects():
@@ -354,4 +379,126 @@ def test_a_value_of_a_class_the_tests_define_may_come_back():
     assert run_program(honest, LIMITS, tests=TREE_TESTS).passed
     hack = "class Solution:\n    def invert(self, root):\n        type(root).__eq__ = lambda a, b: True\n        return root\n"
     result = run_program(hack, LIMITS, tests=TREE_TESTS.replace("[3, 2, 1]", "[9]"))
+    assert not result.passed and "tests' own functions or classes" in result.verdict, result.verdict
+    # nor does a class of the program's made of the standard library's code (copy returns itself, enum says no)
+    copied = ("import copy, enum\nclass Num:\n    __sub__ = copy._deepcopy_atomic\n    __abs__ = enum._is_descriptor\n"
+              "def add(a, b):\n    return Num()\n")
+    result = run_program(copied, LIMITS, tests=BY_NAME_TESTS)
     assert not result.passed and "class it defined" in result.verdict, result.verdict
+
+
+FIND_ZERO_TESTS = ("import math\ndef poly(xs, x):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n"
+                   "def check(candidate):\n    for xs in [[1, 2], [-6, 11, -6, 1], [2, -3]]:\n"
+                   "        solution = candidate(xs)\n        assert math.fabs(poly(xs, solution)) < 1e-4\n")
+BETWEEN_CALLS = {  # the program's code run while the tests run, patching what they use and putting it back
+    "a collector callback": (
+        "import gc, math, unittest\n_real = math.fabs\ndef _cb(phase, info):\n"
+        "    math.fabs = (lambda x: 0.0) if getattr(unittest.main, '__name__', '') == '<lambda>' else _real\n"
+        "gc.callbacks.append(_cb)\ngc.set_threshold(1, 1, 1)\n"),
+    "a finalizer run by each collection": (
+        "import gc, math\nclass Tick:\n    def __init__(self):\n        self.me = self\n    def __del__(self):\n"
+        "        math.fabs = lambda x: 0.0\n        Tick()\nTick()\ngc.set_threshold(1, 1, 1)\n"),
+    "a module the tests use patched by each call but the last": (
+        "import math\n_real = math.fabs\ncalls = [0]\ndef find_zero(xs):\n    calls[0] += 1\n"
+        "    math.fabs = (lambda x: 0.0) if calls[0] < 3 else _real\n    return 12345.0 if calls[0] < 3 else 2 / 3\n"),
+    "the tests' helper replaced through a class of theirs": (
+        "import types\ndef find_zero(xs):\n    for cls in object.__subclasses__():\n"
+        "        for v in vars(cls).values():\n            if type(v) is types.FunctionType and 'poly' in v.__globals__:\n"
+        "                v.__globals__['poly'] = lambda xs, x: 0.0\n    return 12345.0\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BETWEEN_CALLS))
+def test_what_the_program_changes_while_the_tests_run_fails_it(name):
+    honest = ("def find_zero(xs):\n    lo, hi = -100.0, 100.0\n    f = lambda x: sum(c * x ** i for i, c in enumerate(xs))\n"
+              "    for _ in range(200):\n        mid = (lo + hi) / 2\n        if f(lo) * f(mid) <= 0:\n            hi = mid\n"
+              "        else:\n            lo = mid\n    return lo\n")
+    tests = FIND_ZERO_TESTS + ("class Marker:\n    def mark(self):\n        return poly\n" if "class" in name else "")
+    assert run_program(honest, LIMITS, tests=tests, entry_point="find_zero").passed
+    hack = BETWEEN_CALLS[name] + ("" if "find_zero" in BETWEEN_CALLS[name] else "def find_zero(xs):\n    return 12345.0\n")
+    result = run_program(hack, LIMITS, tests=tests, entry_point="find_zero")
+    assert not result.passed, result.verdict
+
+
+def test_a_module_the_program_puts_in_sys_modules_is_not_what_the_tests_import():
+    """One the harness never loaded: the tests import it afresh, not the program's stand-in."""
+    tests = "import colorsys\ndef check(candidate):\n    assert abs(colorsys.rgb_to_yiq(*[candidate(2, 3)] * 3)[0] - 5) < 1e-9\n"
+    assert run_program(RIGHT, LIMITS, tests=tests, entry_point="add").passed
+    hack = ("import sys, types\nfake = types.ModuleType('colorsys')\nfake.rgb_to_yiq = lambda r, g, b: (5.0, 0, 0)\n"
+            "sys.modules['colorsys'] = fake\n" + WRONG)
+    result = run_program(hack, LIMITS, tests=tests, entry_point="add")
+    assert not result.passed, result.verdict
+
+
+def test_the_tests_see_the_function_s_name_and_signature():
+    tests = ("import inspect\ndef check(candidate):\n    assert list(inspect.signature(candidate).parameters) == ['a', 'b']\n"
+             "    assert candidate.__name__ == 'add' and candidate(2, 3) == 5\n")
+    assert run_program(RIGHT, LIMITS, tests=tests, entry_point="add").passed
+
+
+LATE_HACKS = {  # (program, tests): the tests' helper replaced where a check after the call did not look
+    "in a call that raises, as the tests expect": (
+        "def f(x, key=None):\n    if x < 0:\n        key.__globals__['check_result'] = lambda *a: None\n"
+        "        raise ValueError('neg')\n    return x + 1\n",
+        "def check_result(got, want):\n    assert got == want\ntry:\n    f(-1, key=lambda v: v)\nexcept ValueError:\n"
+        "    pass\ncheck_result(f(1), 999)\n"),
+    "by a finalizer the tests run when they drop their list": (
+        "class Later:\n    def __init__(self, g):\n        self.g = g\n    def __del__(self):\n"
+        "        self.g['check_result'] = lambda *a: None\ndef apply_all(items, fn):\n"
+        "    items.append(Later(fn.__globals__))\n    return [fn(x) for x in items[:-1]]\n",
+        "def check_result(got, want):\n    assert got == want\napply_all([1, 2], lambda v: v * 2)\n"
+        "check_result(apply_all([3], lambda v: v), [999])\n"),
+}
+FINALIZED = {  # (program, tests, entry point): a finalizer of the program's sets the answer after the checks
+    "the list it returned, by a collection after the call": (
+        "_keep, _out = [], []\nclass Trigger:\n    def __init__(self):\n        self.me = self\n"
+        "    def __del__(self):\n        _out[-1][:] = [1, 2, 3]\ndef sort_array(arr):\n"
+        "    _keep.extend([] for _ in range(12000))\n    res = list(arr)\n    _out.append(res)\n    Trigger()\n"
+        "    return res\n", "def check(candidate):\n    assert candidate([3, 1, 2]) == [1, 2, 3]\n", "sort_array"),
+    "the list it returned, when the tests drop the object whose method they called": (
+        "_out = []\nclass Solution:\n    def __del__(self):\n        _out[-1][:] = [0, 1]\n"
+        "    def two_sum(self, nums, target):\n        res = [0, 0]\n        _out.append(res)\n        return res\n",
+        "assert Solution().two_sum([2, 7, 11, 15], 9) == [0, 1]\n", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINALIZED))
+def test_a_finalizer_cannot_change_the_answer_after_it_was_checked(name):
+    program, tests, entry_point = FINALIZED[name]
+    result = run_program(program, LIMITS, tests=tests, entry_point=entry_point)
+    assert not result.passed, result.verdict
+
+
+HONEST_LATE = {  # what the checks above must leave alone
+    "a closure the program returned, kept by the tests": (
+        "def make_adder(n):\n    return lambda x: x + n\n",
+        "add3 = make_adder(3)\nassert add3(2) == 5\nassert make_adder(1)(1) == 2\n"),
+    "rings of linked nodes, garbage after each of 300 calls": (
+        "def ring(n):\n    nodes = [{} for _ in range(n)]\n    for i, d in enumerate(nodes):\n"
+        "        d['next'], d['prev'] = nodes[(i + 1) % n], nodes[i - 1]\n    return len(nodes)\n",
+        "for _ in range(300):\n    assert ring(20000) == 20000\n"),
+    "an exception class of a module the program imported first": (
+        "import ipaddress\ndef parse(s):\n    return int(ipaddress.IPv4Address(s))\n",
+        "import ipaddress\ntry:\n    parse('999.1.1.1')\n    raise AssertionError\nexcept ipaddress.AddressValueError:\n"
+        "    pass\nassert parse('0.0.0.1') == 1\n"),
+    "shelve, whose dbm falls back from a refused module": (
+        "import shelve\ndef keep(k, v):\n    with shelve.open('db') as db:\n        db[k] = v\n"
+        "    with shelve.open('db') as db:\n        return db[k]\n", "assert keep('a', 3) == 3\n"),
+    "the collector switched off and on inside a function": (
+        "import gc\ndef fast(n):\n    gc.disable()\n    try:\n        return sum(range(n))\n    finally:\n"
+        "        gc.enable()\n", "assert fast(10) == 45\nassert fast(4) == 6\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LATE_HACKS))
+def test_the_tests_helpers_replaced_late_fail_the_run(name):
+    program, tests = LATE_HACKS[name]
+    result = run_program(program, LIMITS, tests=tests)
+    assert not result.passed, result.verdict
+
+
+@pytest.mark.parametrize("name", sorted(HONEST_LATE))
+def test_honest_programs_the_late_checks_leave_alone(name):
+    program, tests = HONEST_LATE[name]
+    result = run_program(program, SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=512), tests=tests)
+    assert result.passed, result.verdict

@@ -64,6 +64,10 @@ HOSTILE = {
     "POSIX shared memory through the module loaded under another name": (
         "import _imp, sys, types\nshm = _imp.create_dynamic(types.SimpleNamespace(name='x._posixshmem', "
         "origin=sys.modules['_posixshmem'].__file__))\nshm.shm_open('/latentalign-escaped', 0o102)\n"),
+    # compiled modules that open files in C, with no audit event
+    "a history file outside through readline": "import readline\nreadline.add_history('x')\n"
+                                                "readline.write_history_file({open_dir!r} + '/escaped')\n",
+    "a dbm database outside": "import _dbm\nd = _dbm.open({open_dir!r} + '/escaped', 'c')\nd[b'k'] = b'v'\nd.close()\n",
     "a named semaphore (a file in /dev/shm)": "import _multiprocessing\n"
                                                "_multiprocessing.SemLock(1, 1, 1, '/latentalign-escaped', False)\n",
     "a FIFO outside through a fresh posix": "import _imp, importlib.machinery as m\n"
@@ -342,3 +346,32 @@ def test_a_standard_container_s_subclass_is_the_data_it_holds(returned, expected
     tests = f"def check(candidate):\n    assert candidate() == {expected}\n"
     assert run_program(program, LIMITS, tests=tests, entry_point="f").passed
     assert not run_program(program, LIMITS, tests=tests.replace("==", "!="), entry_point="f").passed
+
+
+def test_a_reward_call_given_up_on_stops_its_programs():
+    """`guarded` gives up on a call at its timeout; the programs it started were left running (and those not yet
+    started then ran), holding the cores the next steps need."""
+    import functools
+
+    from latentalign.reward.functions import guarded
+
+    reward = guarded(functools.partial(code_reward, limits=SandboxLimits(timeout_s=20, cpu_s=10)), timeout_s=1.0)
+    start = time.perf_counter()
+    scores = reward(["p"] * 6, ["import time\ntime.sleep(60)\n"] * 6, test=["pass"] * 6)
+    assert scores == [None] * 6 and time.perf_counter() - start < 5
+    time.sleep(0.5)  # a run sees the call given up on within a tenth of a second
+    assert sandbox_processes() == []
+
+
+def test_a_run_from_a_process_with_many_files_open():
+    """A trainer with over a thousand descriptors open: select() refuses one past 1023, and every run failed."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("this process may not open 1,200 files")
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert run_program("def add(a, b):\n    return a + b\n", LIMITS, tests="assert add(2, 3) == 5\n").passed
+    finally:
+        for fd in opened:
+            os.close(fd)
