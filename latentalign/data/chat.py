@@ -72,11 +72,17 @@ def reply_text(text: str) -> str:
     return text[1:] if text[:1] == " " and text[1:2].strip() else text
 
 
-def without_end_token(rows: list[dict], eos: str | None, keys=("messages", "completion", "chosen", "rejected")):
-    """`rows` with the tokenizer's EOS text taken off the end of each assistant turn: the chat template writes it
-    after every one, so a reply that spelled it (" 2<EOS>", as a prompt/completion split often does) would train
-    two."""
-    if not eos:
+def without_end_token(rows: list[dict], tokenizer, keys=("messages", "completion", "chosen", "rejected")):
+    """`rows` with the tokenizer's EOS text taken off the end of each assistant turn, where its chat template
+    writes it after every one: a reply that spelled it (" 2<EOS>", as a prompt/completion split often does) would
+    train two."""
+    eos = getattr(tokenizer, "eos_token", None)
+    try:
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        ends_turns = bool(eos) and tokenizer.apply_chat_template(probe, tokenize=False).endswith(eos)
+    except Exception:  # noqa: BLE001 -- no chat template: TRL adds no EOS to a conversation's turns either
+        ends_turns = False
+    if not ends_turns:
         return rows
 
     def turn(message):

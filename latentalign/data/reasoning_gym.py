@@ -227,7 +227,7 @@ def _scratch() -> str:
 # their seeded one (list_functions: entry i is another question each time it is made), so the entry a row was made
 # of is the one scored, not one made again from its key.
 _MADE: dict[str, dict] = {}
-MAX_MADE = 1_000_000
+MAX_MADE = 200_000
 
 
 def _remember(key: str, e: dict) -> None:

@@ -110,8 +110,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     rows, eval_rows = _with_margins(rows, cfg.margin), _with_margins(eval_rows, cfg.margin)
 
     model, tokenizer = starting_model(cfg)
-    rows = without_end_token(rows, tokenizer.eos_token)
-    eval_rows = without_end_token(eval_rows, tokenizer.eos_token) if eval_rows else eval_rows
+    rows = without_end_token(rows, tokenizer)
+    eval_rows = without_end_token(eval_rows, tokenizer) if eval_rows else eval_rows
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     evaluated = eval_rows if eval_rows and args.eval_strategy != "no" else None  # TRL's eval loss and accuracy
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),

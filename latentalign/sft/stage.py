@@ -114,7 +114,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)
-    rows = without_end_token(rows, tokenizer.eos_token)
+    rows = without_end_token(rows, tokenizer)
     if args.assistant_only_loss and (template := training_template_for(tokenizer)):
         tokenizer.chat_template = template
     peft_config = make_peft_config(cfg, model) if cfg.use_lora else None

@@ -463,11 +463,13 @@ def test_a_reply_that_spells_the_end_token_is_trained_with_one():
     rows = as_chat([{"prompt": "What is 1 + 1?", "completion": f" 2{eos}"}], "completion")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": f"Hello{eos}"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]
-    fixed = without_end_token(rows + [{"messages": messages}], eos)
+    fixed = without_end_token(rows + [{"messages": messages}], tok)
     text = tok.apply_chat_template(fixed[0]["prompt"] + fixed[0]["completion"], tokenize=False)
     assert text.count(eos) == 1 and text.endswith(f"2{eos}")
     assert tok.apply_chat_template(fixed[1]["messages"], tokenize=False).count(eos) == 2  # one a reply
-    assert without_end_token([{"text": f"a{eos}"}], eos) == [{"text": f"a{eos}"}]  # TRL adds none where one ends it
+    assert without_end_token([{"text": f"a{eos}"}], tok) == [{"text": f"a{eos}"}]  # TRL adds none where one ends it
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # ends turns without the EOS
+    assert without_end_token(rows, tok) == rows
 
 
 def test_sharegpt_conversations_are_read_as_messages(tmp_path):
