@@ -289,6 +289,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         return func
 
     types.coroutine = lru_wrapper(detached(coroutine), 0, False, None)
+    coroutine_wrapper = types.coroutine
 
     # 5. Everything the harness uses from here on, bound before the program runs. The functions defined below
     #    look their builtins up in a private copy, not in the `builtins` module the program can change.
@@ -316,13 +317,9 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     exec_, compile_, type_, isinstance_, bool_, len_, id_ = exec, compile, type, isinstance, bool, len, id
     urandom, getattribute, issubclass_ = os.urandom, object.__getattribute__, issubclass
     gc_disable, gc_count, gc_collect = gc.disable, gc.get_count, gc.collect
-    import decimal
     import re
 
-    re_purge, set_decimal_context, getattr_ = re.purge, decimal.setcontext, getattr
-    context_values = dict(prec=28, rounding=decimal.ROUND_HALF_EVEN, Emin=-999999, Emax=999999, capitals=1, clamp=0,
-                          flags=[], traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow])
-    decimal_context = decimal.Context  # made with context_values: decimal's defaults
+    re_purge, getattr_, is_ = re.purge, getattr, operator.is_
     import random
 
     reseed = random.seed  # the module's generator's own method, bound before the program could replace it
@@ -530,7 +527,9 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         a copy made here: the program keeps no hold of what the tests compare (a finalizer of its could change it
         between the check and the comparison)."""
         def candidate(*args, **kwargs):
-            value = as_base(fn(*args, **kwargs))  # every container made anew, by the base class's code
+            value = fn(*args, **kwargs)
+            if not any(value is a for a in (*args, *kwargs.values())):  # the tests' own object: theirs already
+                value = as_base(value)  # every container made anew, by the base class's code
             if not plain(value):
                 violate("the function under test returned a value that is not plain data")
             return value
@@ -561,13 +560,17 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 return f"a method of {getattr(owner, '__qualname__', type_(owner).__qualname__)} was deleted"
         return None
 
-    def foreign(value, depth=0) -> bool:
+    def foreign(value, depth=0, seen=None) -> bool:
         """A value of a class the program defined (a Python class the standard library did not hold before it
         ran), or one holding such a value: in a container, or in the fields of a standard-library object
         (a UserList's `data`, a Fraction's slots). Its arithmetic and comparisons are the program's code."""
         kind = type_(value)  # the real class: `isinstance` would ask the value's own `__class__`
-        if depth >= 50:
+        if depth >= 50 or any(kind is t for t in scalars):
             return False
+        seen = set() if seen is None else seen
+        if id_(value) in seen:  # met before on this walk (a parent pointer, a ring): looked at there
+            return False
+        seen.add(id_(value))
         heap = flags_of(kind) & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a Python class
         if (heap and id_(kind) not in known_types and not tests_class(kind)) or kind in proxies:  # a weak proxy:
             return True  # of what, unseen
@@ -589,7 +592,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 held += list(getattribute(value, "__dict__").values())
             except AttributeError:  # no instance dictionary
                 pass
-        return any(foreign(v, depth + 1) for v in held)
+        return any(foreign(v, depth + 1, seen) for v in held)
 
     descriptors = (types.GetSetDescriptorType, types.MemberDescriptorType)  # `__dict__`, `__weakref__`, slots
 
@@ -612,12 +615,13 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                 parts = [attr]
             for part in parts:
                 if type_(part) is types.FunctionType:
-                    if id_(part.__code__) not in tests_code_ids:  # theirs: not the standard library's
+                    if id_(part.__code__) not in trusted_code:  # theirs, or the standard library's (total_ordering)
                         return False
                 elif not (plain(part) or any(type_(part) is d for d in descriptors)):
                     return False
-        # code of theirs in it or in a base (a class with neither is anyone's: the program's then)
-        return any(type_(a) is types.FunctionType for a in vars(kind).values()) or kind.__bases__ != (object,)
+        # code of the tests' own in it, or a base of theirs (a class with neither is anyone's: the program's then)
+        return any(type_(a) is types.FunctionType and id_(a.__code__) in tests_code_ids for a in vars(kind).values()) \
+            or kind.__bases__ != (object,)
 
     def loosely_checked(fn):
         """A function of the program that tests without an entry point call by name: no value of its own class."""
@@ -699,6 +703,8 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         if kind is lru_wrapper:
             if id_(fn) in wrapping_program:
                 return True
+            if fn is coroutine_wrapper:
+                return False
             inner = vars(fn).get("__wrapped__", None)
             return id_(fn) not in harness_wrappers if inner is None else depth > 8 or program_callable(inner, depth + 1)
         if issubclass_(kind, c_callables) or issubclass_(kind, type_):
@@ -752,44 +758,63 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             cached = classes_of[id_(namespace)] = (ids, classes, held_modules)
         return names, values, ids, cached[1], cached[2]
 
+    def unwrapped(value) -> list:
+        """The functions a class member calls: a staticmethod's, a classmethod's, a property's three."""
+        value = value.__func__ if type_(value) in (staticmethod, classmethod) else value
+        return [value.fget, value.fset, value.fdel] if type_(value) is property else [value]
+
+    def tests_own(cls) -> bool:
+        """A class the tests define: code of theirs in it."""
+        return any(type_(f) is types.FunctionType and id_(f.__code__) in tests_code_ids
+                   for m in list(vars(cls).values()) for f in unwrapped(m))
+
     def tests_state() -> list:
-        """What a call of the program may not change: the tests' names of functions, classes and modules (and how
-        many names there are), and what the classes they define hold (any of their methods hands the program
-        their globals)."""
+        """What a call of the program may not change: the tests' names of functions, classes and modules, the
+        code in the classes the tests define (any of their methods hands the program their globals), and what the
+        modules they hold and unittest's TestCase hold (each, as it is before the call)."""
         state = []
         for namespace, _ in tests_namespaces:
-            _, _, ids, classes, _ = watched_values(namespace)
-            state += [len_(namespace), ids, *[tuple(map(id_, vars(c).values())) for c in classes]]
+            _, values, _, classes, modules_held = watched_values(namespace)
+            state.append(values)
+            state += [tuple(v for v in vars(c).values() if callable(v) or hasattr(type_(v), "__get__"))
+                      for c in classes if tests_own(c)]
+            state += [tuple(vars(snapshot[name][0]).values()) for name in modules_held]
+        state.append(tuple(vars(unittest_case).values()))
         return state
 
-    def tests_code_replaced() -> bool:
-        """Code of the program's in the tests' namespace (other than what the harness put there and what its calls
-        handed the tests), or in a class the tests define: put there at any time (by a finalizer of its run
-        between the tests' statements). Only bindings and classes changed since the last look are looked at."""
-        def callables(value) -> list:
-            value = value.__func__ if type_(value) in (staticmethod, classmethod) else value
-            return [value.fget, value.fset, value.fdel] if type_(value) is property else [value]
+    def same(before: list, after: list) -> bool:
+        """The states hold the same objects (compared by identity: `==` would run the program's code)."""
+        return len_(before) == len_(after) and all(
+            len_(b) == len_(a) and all(map(is_, b, a)) for b, a in zip(before, after))
 
+    def tests_code_replaced() -> bool:
+        """Code of the tests' (or the standard library's) in their namespace, or in a class they define, replaced
+        by the program's since the last look (a finalizer of its, run between the tests' statements, could), or a
+        builtin the tests name shadowed by the program's code."""
         def program_code(value) -> bool:
             return any(p is not None and callable(p) and not isinstance_(p, type_) and program_callable(p)
-                       for p in callables(value))
+                       for p in unwrapped(value))
 
         for namespace, _ in tests_namespaces:
             names, values, ids, classes, _ = watched_values(namespace)
             if looked.get(id_(namespace)) != ids:
                 looked[id_(namespace)] = ids
                 for name, value, i in zip(names, values, ids):
-                    if looked.get(name) != i:
-                        looked[name] = i
-                        if i not in program_bound and i not in handed_ids and program_code(value):
-                            return True
+                    previous = looked.get(name)
+                    looked[name] = (i, value)
+                    replaced = previous is not None and previous[0] != i and not program_code(previous[1])
+                    if (replaced or (previous is None and name in builtins_used)) and program_code(value):
+                        return True
             for cls in classes:
-                members = list(vars(cls).values())
-                key = tuple(map(id_, members))
-                if looked.get(id_(cls)) != key:
-                    looked[id_(cls)] = key
-                    ours = [f for m in members for f in callables(m) if type_(f) is types.FunctionType]
-                    if any(id_(f.__code__) in tests_code_ids for f in ours) and any(program_code(m) for m in members):
+                members = dict(vars(cls))
+                key = tuple(map(id_, members.values()))
+                previous = looked.get(id_(cls))
+                looked[id_(cls)] = (key, members)
+                if previous is None or previous[0] == key or not tests_own(cls):
+                    continue
+                for name, member in members.items():  # a member of theirs now the program's
+                    was = previous[1].get(name)
+                    if was is not member and program_code(member) and (was is None or not program_code(was)):
                         return True
         return False
 
@@ -801,47 +826,49 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             return gc_collect(2 if counts[2] > 10 else 1 if counts[1] > 10 else 0)
         return 0
 
-    def after_program_call(before: list, arguments: tuple, foreign_before: list) -> None:
-        """What a call of the program changed of what the tests use; the rest of the standard library is checked
-        after the tests (every module and method after each call would double a run's time)."""
+    def after_program_call(before: list | None) -> None:
+        """What a call changed of what the tests use: checked after every call in the tests (a collection there
+        runs the program's finalizers), compared with before the call where it was the program's."""
         if collect_here() and any(foreign(v) for v in held):  # a finalizer of its, run there, changed one
             violate("a value the program handed the tests came to hold a value of a class it defined")
         gc_disable()  # switched on inside the call (`gc.enable()` after a `gc.disable()` of its own): off again
         replaced_harness()
-        if tests_state() != before or tests_code_replaced():
+        if before is not None and not same(before, tests_state()):
+            violate("the program changed the tests' own functions or classes, or a module they hold")
+        if tests_code_replaced():
             violate("the program changed the tests' own functions or classes")
-        for argument, was in zip(arguments, foreign_before):  # one of its values left in the tests' data
-            if not was and foreign(argument):
-                violate("the program left a value of a class it defined in what the tests passed it")
-        for namespace, _ in tests_namespaces:  # the modules the tests hold (`import math`)
-            for name in watched_values(namespace)[4]:
-                if changed := module_changed(name):
-                    violate(changed)
 
     def call_checked(fn, /, *args, **kwargs):
         """Every call in the tests (rewritten to call this). What a function, method or callable object of the
         program hands the tests may not be a value of a class it defined, as for the functions tests call by
         name (a LeetCode `Solution().method` included); a class of the program must make one of its own. What
-        the program changes while it runs (the tests' functions, a standard-library module) is checked after,
-        and what it returns after that (a collection there runs its finalizers). What the program handed the
-        tests, and the callables of its they called, are kept alive to the end: dropped by the tests, their
-        finalizers would run in between the tests' statements, after every check."""
-        before, arguments = tests_state(), (*args, *kwargs.values())
-        foreign_before = [foreign(a) for a in arguments]
+        the program changes while it runs (the tests' functions, the modules they hold) is checked after, and
+        what it returns after that (a collection there runs its finalizers). What the program was handed, what
+        it handed the tests and the objects whose methods they called are kept alive to the end: dropped by the
+        tests, their finalizers would run in between the tests' statements, after every check."""
+        is_class = issubclass_(type_(fn), type_)
+        program = (bool_(flags_of(fn) & (1 << 9)) and id_(fn) not in known_types and not tests_own(fn)) if is_class \
+            else program_callable(fn)
+        before = tests_state() if program else None
         try:
             value = fn(*args, **kwargs)
         finally:  # a call that raises (as the tests expect of some) is checked too
-            after_program_call(before, arguments, foreign_before)
-        if issubclass_(type_(fn), type_):
-            if flags_of(fn) & (1 << 9) and id_(fn) not in known_types and not issubclass_(type_(value), fn):
+            after_program_call(before)
+        if is_class:
+            if program and not issubclass_(type_(value), fn):
                 violate(f"a class of the program made a value of another class ({type_(value).__name__})")
-        elif program_callable(fn):
+        elif program:
             if foreign(value):
                 violate("a function of the program returned a value of a class it defined")
-            keep.extend((fn, getattr_(fn, "__self__", None) if type_(fn) is types.MethodType else None, value))
-            handed_ids.add(id_(value))
-            if not plain(value) and not callable(value):  # a Fraction, a datetime: fields a finalizer could set
-                held.append(value)
+            keep.extend((fn, getattr_(fn, "__self__", None) if type_(fn) is types.MethodType else None, args, kwargs))
+            if plain(value):  # a copy, unless it is the tests' own object: the program keeps no hold of it
+                if not any(value is a for a in (*args, *kwargs.values())):
+                    value = as_base(value)
+            else:  # kept, and looked at again after each collection
+                keep.append(value)
+                handed_ids.add(id_(value))
+                if not callable(value):  # a Fraction, a datetime: fields a finalizer could set
+                    held.append(value)
         return value
 
     # The tests are compiled now, while `ast` and `compile` are still the interpreter's own.
@@ -1058,8 +1085,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
             del modules[name]
         program_bound.update(id_(v) for v in tests_ns.values())  # the program's names, as the harness put them
         keep.extend(tests_ns.values())
-        re_purge()  # compiled patterns the program left in re's cache, and the decimal context it set: not theirs
-        set_decimal_context(decimal_context(**context_values))
+        re_purge()  # compiled patterns the program left in re's cache: not the tests' own
         reseed(int.from_bytes(urandom(16), "big"))  # the tests' random inputs: not the stream the program seeded
         # No collection while the tests run: it would run the program's finalizers (`__del__`) in between the
         # tests' statements, where no check sees what they change; each call of the program is checked after.

@@ -61,14 +61,14 @@ malformed verdict is a failure. What that defeats (each has a test in tests/unit
   shadow it there), the prompt's own helpers (HumanEval's `poly`) rather than the program's versions of them,
   and any module attribute, builtin, sys.modules entry, or method of a class or module-level object of a
   loaded module (`random.Random.randrange`) that the program changed fails the run; a module the program put in
-  sys.modules itself (not imported) is imported afresh by the tests; the tests' own functions and classes (reachable through any of
-  their methods) and the modules they hold (`import math`) changed by a call of the program fail it when it
-  returns or raises (the rest of the standard library after the tests), and so does a value of its class left
-  in the data the tests passed it; a function of the program's found among the tests' or in their classes at
-  any later check fails it too; the collector runs only right before those checks (its callbacks are removed),
-  what the program's calls hand the tests (and the objects whose methods they called) is kept alive to the end,
-  and the function under test returns a copy the harness made: a finalizer of the program's cannot change an
-  answer between its check and the tests' comparison;
+  sys.modules itself (not imported) is imported afresh by the tests; the tests' own functions and classes
+  (reachable through any of their methods), the modules they hold (`import math`) and unittest's TestCase
+  changed by a call of the program fail it when it returns or raises (the rest of the standard library after
+  the tests); code of theirs replaced by the program's, found at any later check, fails it too; the collector
+  runs only right before those checks (its callbacks are removed); what the program was handed, the objects
+  whose methods the tests called and what its calls return are kept alive to the end, and plain data a call
+  returns reaches the tests as a copy the harness made: a finalizer of the program's cannot change an answer
+  between its check and the tests' comparison;
 - what the program hands the tests through a call, whatever the tests' style (MBPP's `assert add(2, 3) == 5`,
   LeetCode's `Solution().twoSum(...)`, a closure it returned): every call in the tests is rewritten to one that
   checks what a function, method or callable object of the program returns. It may not be a value of a class

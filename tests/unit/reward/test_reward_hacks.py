@@ -502,3 +502,51 @@ def test_honest_programs_the_late_checks_leave_alone(name):
     program, tests = HONEST_LATE[name]
     result = run_program(program, SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=512), tests=tests)
     assert result.passed, result.verdict
+
+
+REVIEWED_HONEST = {  # (program, tests, entry point): honest programs the per-call checks once failed
+    'class_counter': ('\nclass Employee:\n    count = 0\n    def __init__(self, name):\n        self.name = name\n        Employee.count += 1\n',
+        "e1 = Employee('a')\ne2 = Employee('b')\nassert Employee.count == 2\n", None),
+    'singleton': ('\nclass Config:\n    _instance = None\n    def __new__(cls):\n        if cls._instance is None:\n            cls._instance = super().__new__(cls)\n        return cls._instance\n',
+        'a = Config()\nb = Config()\nassert a is b\n', None),
+    'bound_method_alias': ('\nclass Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n                return [seen[target - x], i]\n            seen[x] = i\n',
+        'f = Solution().twoSum\nassert f([2, 7, 11], 9) == [0, 1]\nassert f([3, 3], 6) == [0, 1]\n', None),
+    'partial_of_candidate': ('def add(a, b):\n    return a + b\n',
+        'from functools import partial\ninc = partial(add, 1)\nassert inc(2) == 3\nassert inc(5) == 6\n', None),
+    'testcase_staticmethod': ('def add(a, b):\n    return a + b\n',
+        '\nimport unittest\nclass T(unittest.TestCase):\n    f = staticmethod(add)\n    def test_add(self):\n        self.assertEqual(self.f(2, 3), 5)\nunittest.main()\n', None),
+    'tests_global_helper': ('def add(a, b):\n    return a + b\n',
+        '\ndef setup():\n    global results\n    results = []\nsetup()\nresults.append(add(1, 2))\nassert results == [3]\n', None),
+    'decimal_prog_ctx': ('from decimal import Decimal, getcontext\ngetcontext().prec = 50\ndef sqrt2():\n    return str(Decimal(2).sqrt())\n',
+        "assert sqrt2() == '1.4142135623730950488016887242096980785696718753769'\n", None),
+    'catch_warnings': ('def add(a, b):\n    return a + b\n',
+        "import warnings\nwith warnings.catch_warnings():\n    warnings.simplefilter('ignore')\n    assert add(1, 2) == 3\n", None),
+    'tests_patch_restore': ('import random\ndef roll():\n    return random.randint(1, 6)\n',
+        'import random\norig = random.randint\nrandom.randint = lambda a, b: 4\nassert roll() == 4\nrandom.randint = orig\n', None),
+    'perf_parent_tree': ('def depth(node):\n    d = 0\n    while node.parent is not None:\n        node, d = node.parent, d + 1\n    return d\n',
+        '\nclass Node:\n    def __init__(self, parent=None):\n        self.parent = parent\n        self.children = []\n        if parent is not None:\n            parent.children.append(self)\nroot = Node()\nn = root\nfor _ in range(30):\n    n = Node(n)\nassert depth(n) == 30\n', None),
+    'total_ordering_tests_class': ('def biggest(items):\n    return max(items)\n',
+        '\nfrom functools import total_ordering\n@total_ordering\nclass Item:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n        return self.v == o.v\n    def __lt__(self, o):\n        return self.v < o.v\na, b = Item(1), Item(2)\nassert biggest([a, b]) is b\n', None),
+    'returns_input_identity': ('def sort_in_place(xs):\n    xs.sort()\n    return xs\n',
+        'def check(candidate):\n    a = [3, 1, 2]\n    assert candidate(a) is a\n', 'sort_in_place'),
+    'tests_import_coroutine': ('def add(a, b):\n    return a + b\n',
+        'from types import coroutine\nassert add(1, 2) == 3\n', None),
+    'perf_big_arg': ('def search(a, t):\n    import bisect\n    i = bisect.bisect_left(a, t)\n    return i if i < len(a) and a[i] == t else -1\n',
+        'arr = list(range(100000))\nfor t in range(0, 100000, 500):\n    assert search(arr, t) == t\n', None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REVIEWED_HONEST))
+def test_honest_programs_the_per_call_checks_leave_alone(name):
+    program, tests, entry_point = REVIEWED_HONEST[name]
+    result = run_program(program, SandboxLimits(timeout_s=20, cpu_s=10, memory_mb=512), tests=tests,
+                         entry_point=entry_point)
+    assert result.passed, result.verdict
+
+
+def test_a_testcase_method_patched_and_put_back_by_its_teardown_fails():
+    """unittest's own methods are compared after each call of the program, not only after the tests (a
+    tearDownClass of the program's put them back before that)."""
+    c = ('\nimport unittest\n_TC = unittest.TestCase\n_orig = {n: _TC.__dict__[n] for n in ("assertEqual", "tearDownClass")}\ndef _fake(self, first, second, msg=None):\n    return None\ndef _restore(cls):\n    for n, v in _orig.items():\n        setattr(_TC, n, v)\nclass Solution:\n    def __init__(self):\n        _TC.assertEqual = _fake\n        _TC.tearDownClass = classmethod(_restore)\n    def add(self, a, b):\n        return 0\n', '\nimport unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        s = Solution()\n        self.assertEqual(s.add(2, 3), 5)\n        self.assertEqual(s.add(1, 1), 2)\nif __name__ == "__main__":\n    unittest.main()\n', None)
+    result = run_program(c[0], LIMITS, tests=c[1], entry_point=c[2])
+    assert not result.passed, result.verdict
