@@ -608,20 +608,16 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         for name, attr in vars(kind).items():
             if name in ("__annotations__", "__orig_bases__"):  # read by no operation on a value
                 continue
-            attr = attr.__func__ if type_(attr) in (staticmethod, classmethod) else attr
-            if type_(attr) is property:
-                parts = [f for f in (attr.fget, attr.fset, attr.fdel) if f is not None]
-            else:
-                parts = [attr]
-            for part in parts:
+            for part in unwrapped(attr):
+                if part is None:  # a property without a setter or deleter
+                    continue
                 if type_(part) is types.FunctionType:
                     if id_(part.__code__) not in trusted_code:  # theirs, or the standard library's (total_ordering)
                         return False
                 elif not (plain(part) or any(type_(part) is d for d in descriptors)):
                     return False
         # code of the tests' own in it, or a base of theirs (a class with neither is anyone's: the program's then)
-        return any(type_(a) is types.FunctionType and id_(a.__code__) in tests_code_ids for a in vars(kind).values()) \
-            or kind.__bases__ != (object,)
+        return tests_own(kind) or kind.__bases__ != (object,)
 
     def loosely_checked(fn):
         """A function of the program that tests without an entry point call by name: no value of its own class."""
@@ -745,8 +741,9 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         return entry[1]
 
     def watched_values(namespace) -> tuple:
-        """(names, values, their ids, the classes among them the tests define) of `watched(namespace)`; the
-        classes worked out again only when a value changed (a call of the program looks at this twice)."""
+        """(names, values, their ids, the classes among them the tests define, the modules they hold as the
+        snapshot names them) of `watched(namespace)`; the classes worked out again only when a value changed (a
+        call of the program looks at this twice)."""
         names = watched(namespace)
         values = tuple(map(namespace.get, names))
         ids = tuple(map(id_, values))
@@ -866,7 +863,6 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
                     value = as_base(value)
             else:  # kept, and looked at again after each collection
                 keep.append(value)
-                handed_ids.add(id_(value))
                 if not callable(value):  # a Fraction, a datetime: fields a finalizer could set
                     held.append(value)
         return value
@@ -917,8 +913,7 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
     lstat, readlink, stat_ = os.lstat, os.readlink, os.stat
     created, max_files = [0], payload["max_files"]
     imported = set()  # the modules imported through the import system since the hook
-    program_bound = set()  # what the tests' namespace held before their code ran: the program's, the harness's
-    keep, handed_ids, looked, held = [], set(), {}, []  # kept alive to the end; what its calls handed the tests
+    keep, looked, held = [], {}, []  # kept alive to the end; what its calls handed the tests
     watched_names = {}  # id of a tests' namespace -> (its size, its names of functions, classes and modules)
     classes_of = {}  # id of a tests' namespace -> (its watched values' ids, the tests' classes, modules held)
     harness_wrappers, wrapping_program = set(), set()  # `opaque`'s wrappers: of the harness's, of the program's
@@ -1083,7 +1078,6 @@ def _main():  # noqa: C901 -- one closure on purpose: nothing here is reachable 
         for name in [n for n in modules if n not in snapshot and n not in volatile and n != "program"
                      and n not in imported]:
             del modules[name]
-        program_bound.update(id_(v) for v in tests_ns.values())  # the program's names, as the harness put them
         keep.extend(tests_ns.values())
         re_purge()  # compiled patterns the program left in re's cache: not the tests' own
         reseed(int.from_bytes(urandom(16), "big"))  # the tests' random inputs: not the stream the program seeded
