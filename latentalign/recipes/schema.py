@@ -119,6 +119,9 @@ def load_recipe(spec, overrides=()) -> Recipe:
     if named and raw.get("model") is not None:  # the top-level model would replace it, without a word
         raise RecipeError(f"{path}: override {named[0]!r}: the recipe's top-level model ({raw['model']!r}) sets the "
                           f"first training stage's model; override model=... instead.")
+    keys = [str(o).partition("=")[0].strip() for o in overrides]
+    if any(k in ("model", f"stages.{first}.model") for k in keys) and "base_model" not in keys:
+        raw.pop("base_model", None)  # the recipe's base model was its own model's, not the one run now
     return validate(raw, str(path), base_dir=path.parent)
 
 
@@ -171,7 +174,12 @@ def _extended(path: Path, load_yaml, chain=()) -> dict:
     seen = chain + (path.resolve(),)
     if parent_path.resolve() in seen:
         raise RecipeError(f"{path}: extends {parent!r} makes a loop ({' -> '.join(p.name for p in seen)}).")
-    return _merged(rebased(_extended(parent_path, load_yaml, seen), parent_path.parent), raw)
+    merged = _merged(rebased(_extended(parent_path, load_yaml, seen), parent_path.parent), raw)
+    first = _first_training(merged.get("stages"))
+    own_stage = ((raw.get("stages") or {}) if isinstance(raw.get("stages"), dict) else {}).get(first)
+    if "base_model" not in raw and (raw.get("model") or (isinstance(own_stage, dict) and own_stage.get("model"))):
+        merged.pop("base_model", None)  # the parent's base model was the parent's model, which this one replaces
+    return merged
 
 
 def validate(raw: dict, source: str, base_dir: Path | None = None) -> Recipe:

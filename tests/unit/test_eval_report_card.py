@@ -115,3 +115,22 @@ def test_a_run_notes_a_base_model_that_is_a_local_folder(tmp_path, monkeypatch):
     assert Runner(load_recipe(tmp_path / "r.yaml"), tmp_path / "run").manifest["base_model_local"] is False
     (tmp_path / "org" / "base").mkdir(parents=True)  # `org/base` names a folder here, not the hub's model
     assert Runner(load_recipe(tmp_path / "r.yaml"), tmp_path / "run").manifest["base_model_local"] is True
+
+
+def test_a_base_model_follows_the_model_that_replaces_it(tmp_path):
+    """A recipe's `base_model` names its own starting model: `model=` on the command line, or a recipe that
+    extends it with a model of its own, starts elsewhere, and the card must not name the old one."""
+    from latentalign.recipes.runner import Runner
+    from latentalign.recipes.schema import load_recipe
+
+    def base(spec, *overrides):
+        return Runner(load_recipe(spec, overrides), tmp_path / "run").manifest["base_model"]
+
+    assert base("deepseek-v2-lite") == "deepseek-ai/DeepSeek-V2-Lite"
+    assert base("deepseek-v2-lite", "model=org/other") == "org/other"
+    assert base("deepseek-v2-lite", "stages.sft.model=org/other") == "org/other"
+    assert base("deepseek-v2-lite", "model=org/other", "base_model=org/said") == "org/said"
+    (tmp_path / "child.yaml").write_text("extends: deepseek-v2-lite\nmodel: org/child\n")
+    assert base(tmp_path / "child.yaml") == "org/child"
+    (tmp_path / "same.yaml").write_text("extends: deepseek-v2-lite\nname: mine\n")
+    assert base(tmp_path / "same.yaml") == "deepseek-ai/DeepSeek-V2-Lite"
