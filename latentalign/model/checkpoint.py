@@ -1,7 +1,8 @@
 """Loading and exporting checkpoints of both families (DeepSeek-V2, and DeepSeek-V3 / R1 / Moonlight / Kimi-K2).
 
 - ours: `model_type: latentalign_deepseek_v2`, written by `save_pretrained` of our models (either family);
-- transformers-native: `model_type: deepseek_v2` or `deepseek_v3`, fused 3-D expert weights or per-expert names;
+- transformers-native: `model_type: deepseek_v2` or `deepseek_v3`, fused 3-D expert weights or per-expert names
+  (Kimi-K2's `kimi_k2`, whose config.json names `DeepseekV3ForCausalLM`, reads as `deepseek_v3`);
 - the original hub format: the same model types with `auto_map`, `rope_scaling`, per-expert weight names
   (`mlp.experts.E.{gate,up,down}_proj.weight`); V3's also carries `mlp.gate.e_score_correction_bias` and its
   multi-token-prediction layers after the last decoder layer (skipped on load, with a logged note). FP8
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 NATIVE_MODEL_TYPE = "deepseek_v2"
 NATIVE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 NATIVE_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+V3_LIKE = {"kimi_k2": "DeepseekV3ForCausalLM"}  # model_type -> the architecture its config.json names
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Keys of a saved config that describe the file rather than the architecture.
 _FILE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
@@ -103,6 +105,8 @@ def read_config(path, **overrides) -> LatentAlignConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object of config fields, got a {type(raw).__name__}.")
     model_type = raw.get("model_type")
+    if model_type in V3_LIKE and V3_LIKE[model_type] in (raw.get("architectures") or [V3_LIKE[model_type]]):
+        model_type = "deepseek_v3"  # DeepSeek-V3's architecture under another name: its code, its keys
     if model_type not in (MODEL_TYPE, *NATIVE_MODEL_TYPES):
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is not a DeepSeek-V2/V3 architecture; latentalign loads "

@@ -117,3 +117,20 @@ def test_the_v3_presets_carry_their_hub_routing():
     for config in (v3, moonlight, tiny):
         assert config.family == "deepseek_v3" and config.norm_topk_prob
     assert latentalign.model_config("tiny").family == "deepseek_v2"
+
+
+def test_a_kimi_k2_checkpoint_reads_as_deepseek_v3(make_config, tmp_path, make_batch):
+    """Kimi-K2's config.json says `model_type: kimi_k2` over DeepSeek-V3's architecture and keys."""
+    ours, _ = pair(make_config, **GROUPED)
+    export_native(ours, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    back = load_model(tmp_path).eval()
+    assert back.config.family == "deepseek_v3" and back.config.n_group == 4
+    ids, _ = make_batch([16, 16], ours.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ours.eval()(ids).logits)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2",
+                                                      "architectures": ["KimiVLForConditionalGeneration"]}))
+    with pytest.raises(CheckpointError, match="'kimi_k2' is not a DeepSeek-V2/V3 architecture"):
+        load_model(tmp_path)
