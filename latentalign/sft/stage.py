@@ -68,13 +68,18 @@ STAGE_CONFIG = SFTStageConfig
 
 def trl_adjustments(cfg: SFTStageConfig) -> dict:
     """No TRL default follows from our options; TRL's evaluation during training is refused, as the stage hands
-    TRL no eval set (its `eval_dataset` is prompt + answer rows, scored by exact match after training)."""
+    TRL no eval set (its `eval_dataset` is prompt + answer rows, scored by exact match after training), and so is
+    `padding_free` where TRL would refuse it after the model is built."""
     from ..training import ConfigError
 
     for key in ("eval_strategy", "load_best_model_at_end"):
         if cfg.trl.get(key) not in (None, False, "no"):
             raise ConfigError(f"{key}: the sft stage evaluates after training only (eval_dataset: prompt + answer "
                               f"rows, exact match), with no loss on held-out rows during training; remove {key}.")
+    max_length = cfg.trl.get("max_length", TRL_DEFAULTS["max_length"])
+    if cfg.trl.get("padding_free") and not cfg.trl.get("packing") and max_length is not None:
+        raise ConfigError(f"padding_free: without packing TRL cuts no row to max_length ({max_length}); set packing: "
+                          f"true (its bfd packing is padding-free too), or max_length: null to train whole rows.")
     return {}
 
 

@@ -82,6 +82,16 @@ def test_sft_refuses_evaluation_during_training_it_has_no_eval_set_for(tmp_path)
     assert args_for(tmp_path, "eval_strategy=no").eval_strategy == "no"
 
 
+def test_sft_refuses_padding_free_that_trl_would_refuse_after_building_the_model(tmp_path):
+    from latentalign.training import ConfigError
+
+    for options in (["padding_free=true"], ["padding_free=true", "max_length=64"]):
+        with pytest.raises(ConfigError, match=r"padding_free: without packing TRL cuts no row to max_length \("):
+            args_for(tmp_path, *options)
+    assert args_for(tmp_path, "padding_free=true", "max_length=null").padding_free
+    assert args_for(tmp_path, "padding_free=true", "packing=true").packing
+
+
 def test_a_large_model_at_the_tiny_presets_learning_rate_is_warned_about(tmp_path, monkeypatch, caplog):
     from latentalign.model import LatentAlignConfig, LatentAlignForCausalLM
     from latentalign.training import loop
