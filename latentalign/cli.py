@@ -288,12 +288,12 @@ def eval_model(
     (greedy, pass@k), KV bytes, speed."""
     from latentalign.eval.options import renames_of
     from latentalign.eval.tasks import EvalError, EvalOptions, evaluate, format_table, parse_tasks, task_of
-    from latentalign.model.checkpoint import CheckpointError
+    from latentalign.model.checkpoint import CheckpointError, not_a_model_dir
 
     _check_output(output)
     try:
         if not (model_dir / "config.json").is_file():
-            raise CheckpointError(f"{model_dir}: not a model directory (no config.json).")
+            raise CheckpointError(not_a_model_dir(model_dir))
         renames = renames_of(columns or [])
         reads = any(task_of(t)[1].reads_dataset for t in parse_tasks(tasks))  # else --columns is the pairs'
         if dataset != "arithmetic-rl" and not reads:

@@ -63,6 +63,10 @@ def resolve_model_dir(source) -> tuple[Path, dict | None]:
             raise PushError(f"{source}: the manifest's final model {final} is not inside its run folder "
                             f"{manifest.get('run_dir')}.") from None
         return source / inside, manifest
+    if (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
+        from .model.checkpoint import not_a_model_dir
+
+        raise PushError(not_a_model_dir(source))
     if not (source / "config.json").is_file():
         raise PushError(f"{source}: neither a run folder (manifest.json) nor a model directory (config.json).")
     return source, None

@@ -83,6 +83,15 @@ def local_checkpoint_dir(path) -> Path | None:
     return None
 
 
+def not_a_model_dir(local: Path) -> str:
+    """Why a folder without config.json is not a model: a LoRA checkpoint of a stage is met most often."""
+    if (local / "adapter_config.json").is_file():
+        return (f"{local}: a LoRA adapter checkpoint (adapter_config.json, no config.json), not a model: a LoRA stage "
+                f"writes the merged model to its model/ folder ({local.parent / 'model'}) when it ends; rerun the "
+                f"stage into the same output_dir to resume from its last checkpoint and get it.")
+    return f"{local}: missing config.json; this is not a saved model directory."
+
+
 def read_config(path, **overrides) -> LatentAlignConfig:
     """Our config from any of the three formats (a directory or a hub id)."""
     local = local_checkpoint_dir(path)
@@ -97,7 +106,7 @@ def read_config(path, **overrides) -> LatentAlignConfig:
     else:
         config_file = local / "config.json"
         if not config_file.is_file():
-            raise CheckpointError(f"{local}: missing config.json; this is not a saved model directory.")
+            raise CheckpointError(not_a_model_dir(local))
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

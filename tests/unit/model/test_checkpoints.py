@@ -211,6 +211,27 @@ def test_missing_config(tmp_path):
         latentalign.load_model(tmp_path)
 
 
+def test_a_lora_checkpoint_is_named_as_one_where_a_model_is_expected(tmp_path):
+    """A LoRA stage's checkpoint-N holds the adapter only: chat, eval, generate and push say so and where the
+    merged model is, not that the folder is no model."""
+    from typer.testing import CliRunner
+
+    from latentalign.cli import app
+    from latentalign.push import PushError, resolve_model_dir
+
+    checkpoint = tmp_path / "sft" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": null}')
+    said = f"a LoRA adapter checkpoint .* merged model to its model/ folder \\({tmp_path / 'sft' / 'model'}\\)"
+    with pytest.raises(CheckpointError, match=said):
+        latentalign.load_model(checkpoint)
+    with pytest.raises(PushError, match=said):
+        resolve_model_dir(checkpoint)
+    for args in (["chat", str(checkpoint), "-p", "hi"], ["eval", str(checkpoint)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and "a LoRA adapter checkpoint" in result.output, result.output
+
+
 def test_missing_weights(tmp_path):
     path = _saved(tmp_path)
     (path / "model.safetensors").unlink()
