@@ -54,9 +54,10 @@ def _user_errors():
     """The exception types that mean bad input rather than a bug."""
     from latentalign.data.loading import DataError
     from latentalign.model.checkpoint import CheckpointError
+    from latentalign.reward.functions import RewardError
     from latentalign.training import ConfigError
 
-    return ConfigError, DataError, CheckpointError
+    return ConfigError, DataError, CheckpointError, RewardError  # RewardError: a reward broke its contract
 
 
 @app.callback()

@@ -78,12 +78,28 @@ def get_reward(name: str, **options):
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            fn = getattr(importlib.import_module(module_name), attr)
+            fn = getattr(_user_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise RewardError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err}).") from None
+            raise RewardError(f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err}; a module is "
+                              f"looked for on PYTHONPATH and in the working folder).") from None
         _check_signature(fn, name)
         return _named(functools.partial(fn, **options), attr) if options else fn
     raise RewardError(unknown_reward(name))
+
+
+def _user_module(module_name: str):
+    """The module of a `module:function` reward, from the working folder too (`rewards.py` beside the recipe), as
+    TRL's own scripts look for it."""
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name.partition(".")[0] or os.getcwd() in sys.path or "" in sys.path:
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(module_name)
 
 
 def _check_signature(fn, name: str) -> None:
@@ -309,9 +325,25 @@ class guarded:  # noqa: N801 -- used like a function: guarded(fn)
         except RewardError:
             raise
         except (Exception, SystemExit) as err:  # noqa: BLE001 -- this sample could not be scored
-            self.failures["TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__] += 1
+            cause = "TimeoutError" if isinstance(err, CallTimedOut) else type(err).__name__
+            if not self.failures[cause]:  # the first of its kind, shown: a count alone hides a bug in the reward
+                _said_once(self.__name__, cause, err, completions[i])
+            self.failures[cause] += 1
             self.last_failed[i] = True
             return None
+
+
+def _said_once(name: str, cause: str, err: BaseException, completion) -> None:
+    """A warning with what a reward raised, and where, the first time it raises it."""
+    import logging
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    shape = "a list of chat messages" if isinstance(completion, list) else type(completion).__name__
+    logging.getLogger(__name__).warning(
+        "reward %r raised %s%s on a completion (%s): %s. Such samples score None, counted in reward_failures; "
+        "further ones are not shown.", name, cause, where, shape, str(err)[:300] or "(no message)")
 
 
 def one_per_completion(values, n: int, who: str) -> list:

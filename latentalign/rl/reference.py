@@ -66,7 +66,7 @@ class ReferenceKeeper(TrainerCallback):
             return None
         ref = self.trainer.accelerator.unwrap_model(ref)
         if any(p.numel() == 0 for p in ref.parameters()):  # sharded (ZeRO-3): its parameters live elsewhere
-            log.warning("ref_refresh_steps: the reference is sharded and is not kept with the checkpoints; a "
+            log.warning("The refreshed reference is sharded and is not kept with the checkpoints; a "
                         "resumed run refreshes it from the policy at its next refresh step.")
             return None
         return ref
@@ -90,6 +90,6 @@ class ReferenceKeeper(TrainerCallback):
 
             load_model(ref, str(path))
         elif ref is not None:
-            log.warning("ref_refresh_steps: checkpoint-%d holds no reference; the run resumes against the starting "
+            log.warning("Reference refresh: checkpoint-%d holds no reference; the run resumes against the starting "
                         "weights until the next refresh.", state.global_step)
         return control

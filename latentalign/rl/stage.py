@@ -88,30 +88,9 @@ class RLStageConfig(TrainingStageConfig):
             raise ValueError(f"reward_timeout_s must be > 0 or null, got {self.reward_timeout_s}.")
         if self.eval_max_new_tokens < 1:
             raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}.")
-        _check_rewards(self.rewards, self.reward_options)
+        from .checks import check_rewards
 
-
-def _check_rewards(rewards: dict, options: dict) -> None:
-    """Names a reward can have (the registry's, `model:PATH`, `module:function`), finite weights, and options
-    only for rewards that are named: found before a model is built, or in a recipe before any stage trains."""
-    import math
-
-    from ..reward.functions import REGISTRY, RewardError, get_reward, unknown_reward
-
-    for name, weight in rewards.items():
-        if not isinstance(name, str) or not (name in REGISTRY or ":" in name):  # get_reward's names
-            raise ValueError(f"rewards: {unknown_reward(name)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"rewards: {name}: the weight must be a finite number, got {weight!r}.")
-    for name, value in options.items():
-        if name not in rewards:
-            raise ValueError(f"reward_options: {name!r} is not one of the rewards ({', '.join(map(str, rewards))}).")
-        if not isinstance(value, dict):
-            raise ValueError(f"reward_options: {name}: expected a mapping of options, got {value!r}.")
-        try:
-            get_reward(name, **value) if name in REGISTRY else None  # option names; the sandbox's limits by value
-        except RewardError as err:
-            raise ValueError(f"reward_options: {err}") from None
+        check_rewards(self.rewards, self.reward_options)
 
 
 # For the embedded default on CPU: worked answers up to 64 tokens, groups of 16 (fewer groups without a right and
@@ -159,35 +138,16 @@ def trl_adjustments(cfg: RLStageConfig) -> dict:
     if "reward_weights" in cfg.trl:
         raise ConfigError(f"reward_weights: each reward's weight is its value in rewards ({cfg.rewards}); set them "
                           f"there, not as TRL's list.")
-    _check_combinations(cfg)
+    from .checks import check_combinations
+
+    check_combinations(cfg, lambda key, default=None: cfg.trl.get(
+        key, GRPO_PRESETS.get(cfg.preset, {}).get(key, TRL_DEFAULTS.get(key, default))))
     out = {"reward_weights": [float(w) for w in cfg.rewards.values()]}
     if not cfg.balance_loss:
         out["router_aux_loss_coef"] = 0.0
     if cfg.ref_refresh_steps:
         out.update(sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=cfg.ref_refresh_steps)
     return out
-
-
-def _check_combinations(cfg: RLStageConfig) -> None:
-    """Options that cannot work together, named before a model loads (in a recipe, before any stage trains),
-    not as TRL's error about a key the user never set, or a crash at the first rollout."""
-    def option(key, default=None):
-        return cfg.trl.get(key, GRPO_PRESETS.get(cfg.preset, {}).get(key, TRL_DEFAULTS.get(key, default)))
-
-    beta, vllm = option("beta"), option("use_vllm", False)
-    if cfg.ref_refresh_steps and not beta:
-        raise ConfigError(f"ref_refresh_steps: {cfg.ref_refresh_steps} refreshes the KL term's reference, and "
-                          f"beta is 0 (no KL term, no reference); set beta > 0 or drop ref_refresh_steps.")
-    if cfg.ref_refresh_steps and cfg.use_lora:
-        raise ConfigError("ref_refresh_steps: with use_lora the reference is the model with its adapters off, which "
-                          "TRL cannot refresh; drop one of them.")
-    if cfg.routing_replay and vllm:
-        raise ConfigError("routing_replay: vLLM's rollouts route in vLLM, where the policy cannot record them; set "
-                          "routing_replay false with use_vllm.")
-    if cfg.use_lora and cfg.bias_update_speed and beta:
-        raise ConfigError("bias_update_speed with use_lora and beta > 0: the reference (the model with its adapters "
-                          "off) shares the router biases the balancer moves, so the KL would be to a moving target; "
-                          "set bias_update_speed 0, beta 0 or use_lora false.")
 
 
 def check_recipe_rewards(values: dict, stages: dict, where: str) -> dict:
@@ -352,7 +312,7 @@ def _attach(trainer, cfg: RLStageConfig, args, model, tokenizer, rows) -> None:
             probe = SyncCheck(probe_prompts(tokenizer, rows, cfg.vllm_sync_probe_size), max_gap=cfg.vllm_sync_max_gap,
                               dtype=next(model.parameters()).dtype, eos_token_id=tokenizer.eos_token_id)
             watch(trainer, probe)
-    if cfg.ref_refresh_steps:  # TRL's checkpoints hold the policy, not the reference it refreshed
+    if args.sync_ref_model:  # TRL's checkpoints hold the policy, not the reference it refreshed
         from .reference import ReferenceKeeper
 
         trainer.add_callback(ReferenceKeeper(trainer))

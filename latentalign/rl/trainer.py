@@ -101,9 +101,14 @@ class RoutingReplayHooks:
 
 
 class RolloutLogprobGap:
+    """`rollout/logprob_gap`: the mean |log-prob| gap per completion token between the rollout's sampling and the
+    training forward, on the weights that sampled it only: a generation batch's first use (not a later iteration)
+    and its slices trained in the optimizer step right after it (with steps_per_generation above
+    gradient_accumulation_steps, later slices meet moved weights)."""
     logprob_gap: bool = False
     _rollout_logps: torch.Tensor | None = None
     _scored: list | None = None
+    _slices_left: int = 0  # micro-batches of the generation batch before the next optimizer step
 
     @contextmanager
     def generating(self):
@@ -135,6 +140,7 @@ class RolloutLogprobGap:
             rollout[:, :width] = self._rollout_logps[:, :width].to(rollout.device)
             output["rollout_logps"] = rollout
             self._rollout_logps = None
+            self._slices_left = self.args.gradient_accumulation_steps
         return output
 
     def on_scored(self, logps: torch.Tensor) -> None:
@@ -145,6 +151,8 @@ class RolloutLogprobGap:
     @contextmanager
     def loss_context(self, inputs):
         rollout = inputs.pop("rollout_logps", None)
+        if rollout is not None:
+            rollout, self._slices_left = (rollout if self._slices_left > 0 else None), self._slices_left - 1
         self._scored = [] if rollout is not None else None
         try:
             with super().loss_context(inputs):

@@ -174,3 +174,24 @@ def test_a_file_cut_short_is_an_error_with_its_traceback_not_aborted(monkeypatch
     assert result.exit_code == 1 and "Aborted" not in result.output
     assert isinstance(result.exception, RuntimeError) and isinstance(result.exception.__cause__, EOFError)
     assert "a file ended before its end" in str(result.exception)
+
+
+def test_a_reward_that_breaks_its_contract_ends_the_stage_in_one_line(monkeypatch):
+    """A reward returning 7 scores for 8 completions stops the run with a RewardError naming it: one line from
+    the CLI, as for bad config or data, not a traceback."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from latentalign.cli import app
+    from latentalign.reward import RewardError
+    from latentalign.stages import STAGES
+
+    def breaks(cfg, callbacks=None):
+        raise RewardError("reward function 'wronglen' returned 7 values for 8 completions")
+
+    monkeypatch.setitem(STAGES, "rl", dataclasses.replace(STAGES["rl"], run=breaks))
+    result = CliRunner().invoke(app, ["rl", "max_steps=1"])
+    assert result.exit_code == 2, result.output
+    assert "error: reward function 'wronglen' returned 7 values" in result.output
+    assert "Traceback" not in result.output

@@ -259,9 +259,12 @@ def test_resume_continues_the_step_count_and_the_data_order(tmp_path, policy_dir
     assert steps == [1, 2, 3, 4]
 
 
-def test_a_resumed_run_keeps_the_reference_it_refreshed(tmp_path, policy_dir, monkeypatch):
-    """ref_refresh_steps=2: after step 2 the reference is the policy of step 2. A run stopped at step 3 and resumed
-    scores step 4's KL against that reference, not the start (TRL's checkpoints hold the policy only)."""
+@pytest.mark.parametrize("refresh", [["ref_refresh_steps=2"],
+                                     ["sync_ref_model=true", "ref_model_sync_steps=2", "ref_model_mixup_alpha=1.0"]])
+def test_a_resumed_run_keeps_the_reference_it_refreshed(tmp_path, policy_dir, monkeypatch, refresh):
+    """ref_refresh_steps=2 (or TRL's spelling of it): after step 2 the reference is the policy of step 2. A run
+    stopped at step 3 and resumed scores step 4's KL against that reference, not the start (TRL's checkpoints hold
+    the policy only)."""
     from transformers import TrainerCallback
 
     class StopAt3(TrainerCallback):
@@ -271,7 +274,7 @@ def test_a_resumed_run_keeps_the_reference_it_refreshed(tmp_path, policy_dir, mo
 
     monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
         float(len(str(c)) % 2) for c in completions])  # a reward that varies within a group: the policy moves
-    extra = ["eval_dataset=null", "max_steps=4", "save_steps=3", "beta=0.04", "ref_refresh_steps=2",
+    extra = ["eval_dataset=null", "max_steps=4", "save_steps=3", "beta=0.04", *refresh,
              "max_completion_length=8", 'rewards={"parity": 1.0}']
     full = run(small_cfg(tmp_path / "full", policy_dir, *extra))
     run(small_cfg(tmp_path / "cut", policy_dir, *extra), callbacks=[StopAt3()])
@@ -423,6 +426,18 @@ def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypat
     assert calls == [True, True]  # one per step, with gradients: the training forward
     gaps = [h["rollout/logprob_gap"] for h in metrics["log_history"] if "rollout/logprob_gap" in h]
     assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps)
+
+
+def test_logprob_gap_is_measured_on_the_weights_that_sampled(tmp_path, policy_dir, monkeypatch):
+    """steps_per_generation=2: the generation batch's second half trains a step later, on moved weights; the gap
+    there would be policy drift, not a sampling/scoring mismatch, and is not logged as the gap."""
+    monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
+        float(len(str(c)) % 2) for c in completions])  # varies within a group: the first step moves the policy
+    metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", "steps_per_generation=2",
+                            "learning_rate=3e-2", "max_completion_length=8", 'rewards={"parity": 1.0}',
+                            "eval_dataset=null"))
+    logged = {h["step"]: h.get("rollout/logprob_gap") for h in metrics["log_history"] if "loss" in h}
+    assert logged[1] is not None and 0 <= logged[1] < 1e-3 and logged[2] is None, logged
 
 
 def test_compiled_rollouts_decode_through_a_static_cache_unless_routing_is_recorded(tmp_path, policy_dir,

@@ -285,6 +285,24 @@ def test_registry_dotted_paths_and_unknown_names():
     assert get_reward("length", max_tokens=8)([""], ["x"], completion_ids=[[1] * 8]) == [0.0]
 
 
+def test_a_reward_module_in_the_working_folder_is_found_as_trls_scripts_find_it(tmp_path, monkeypatch):
+    """`latentalign rl rewards={"my_rewards:fn": 1}` beside my_rewards.py: the console script's path holds its own
+    folder, not the working one."""
+    import os
+
+    (tmp_path / "beside_recipe_rewards.py").write_text("def two(prompts, completions, **kwargs):\n"
+                                                       "    return [2.0 for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.delitem(sys.modules, "beside_recipe_rewards", raising=False)
+    assert get_reward("beside_recipe_rewards:two")([""], ["a"]) == [2.0]
+    with pytest.raises(RewardError, match="cannot import 'x' from 'not_here_either' .*PYTHONPATH and in the working"):
+        get_reward("not_here_either:x")
+    (tmp_path / "broken_rewards.py").write_text("import not_installed_anywhere\n")
+    with pytest.raises(RewardError, match="No module named 'not_installed_anywhere'"):  # its own import, named
+        get_reward("broken_rewards:fn")
+
+
 def test_weighted_sum_of_rewards():
     combined = weighted_sum({"math": 2.0, "format": 0.5})
     assert combined(["", ""], [" 5", " 6"], answer=["5", "5"]) == [2.5, 0.5]
@@ -317,6 +335,22 @@ def test_guarded_reward_turns_failures_into_none_and_counts_them():
     start = time.perf_counter()
     assert t(["", "", ""], ["a", "b", "c"]) == [None, None, None]  # not retried one by one: 4 timeouts in all
     assert time.perf_counter() - start < 1.5 and t.failures["TimeoutError"] == 3
+
+
+def test_what_a_reward_raises_is_shown_once_per_kind(caplog):
+    """A reward written for plain-text completions meets chat messages: every sample fails; the run must say how,
+    not only count it."""
+    def strlen(prompts, completions, **_):
+        return [float(len(c.strip())) for c in completions]
+
+    g = guarded(strlen)
+    chat = [[{"role": "assistant", "content": "12"}]] * 3
+    with caplog.at_level("WARNING", logger="latentalign.reward.functions"):
+        assert g([""] * 3, chat) == [None] * 3 and g([""] * 3, chat) == [None] * 3
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and g.failures["AttributeError"] == 6
+    assert "reward 'strlen' raised AttributeError at " in said[0] and "test_rewards.py:" in said[0]
+    assert "(a list of chat messages): 'list' object has no attribute 'strip'" in said[0]
 
 
 def test_a_reward_that_calls_sys_exit_scores_none_and_interrupts_still_stop():

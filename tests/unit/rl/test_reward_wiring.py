@@ -67,8 +67,15 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
 
 
 @pytest.mark.parametrize("options, message", [
-    (["ref_refresh_steps=2", "beta=0.0"], "ref_refresh_steps: 2 refreshes the KL term's reference, and beta is 0"),
+    (["ref_refresh_steps=2", "beta=0.0"], "ref_refresh_steps: it refreshes the KL term's reference, and beta is 0"),
     (["ref_refresh_steps=2", "use_lora=true"], "ref_refresh_steps: with use_lora"),
+    (["sync_ref_model=true", "beta=0.0"], "sync_ref_model: it refreshes the KL term's reference, and beta is 0"),
+    (["sync_ref_model=true", "use_lora=true"], "sync_ref_model: with use_lora"),
+    (["router_aux_loss_coef=0.5"], "router_aux_loss_coef: 0.5 weighs the balance loss, which the rl stage adds only"),
+    (["eval_strategy=steps"], "eval_strategy: the rl stage evaluates after training only"),
+    (["load_best_model_at_end=true"], "load_best_model_at_end: the rl stage evaluates after training only"),
+    (['rewards={"no_such_module_here:score": 1.0}'], "rewards: reward 'no_such_module_here:score': cannot import"),
+    (['rewards={"math:nope": 1.0}'], "rewards: reward 'math:nope': cannot import 'nope'"),
     (["routing_replay=true", "use_vllm=true"], "routing_replay: vLLM's rollouts route in vLLM"),
     (["use_lora=true", "bias_update_speed=0.001"], "bias_update_speed with use_lora and beta > 0"),
 ])
@@ -79,6 +86,7 @@ def test_options_that_cannot_work_together_are_named_before_a_model_loads(tmp_pa
 
 def test_options_that_work_together_pass(tmp_path):
     for options in (["ref_refresh_steps=2"], ["use_lora=true", "bias_update_speed=0.001", "beta=0.0"],
+                    ["sync_ref_model=true"], ["router_aux_loss_coef=0.5", "balance_loss=true"], ["eval_strategy=no"],
                     ["routing_replay=true"], ["preset=deepseekmath", "ref_refresh_steps=4"]):
         trl_args(rl_config(tmp_path, *options))
 

@@ -39,7 +39,8 @@ def test_rl_derives_its_reward_weights_and_balance_loss(tmp_path):
     on = args_for(tmp_path, "balance_loss=true", "ref_refresh_steps=5", kind="rl")
     assert on.router_aux_loss_coef is None  # not forced to 0: the model config's coefficient applies
     assert on.sync_ref_model and on.ref_model_sync_steps == 5
-    assert args_for(tmp_path, "router_aux_loss_coef=0.5", kind="rl").router_aux_loss_coef == 0.5  # the user wins
+    on = args_for(tmp_path, "router_aux_loss_coef=0.5", "balance_loss=true", kind="rl")
+    assert on.router_aux_loss_coef == 0.5  # the user's coefficient over the model config's
 
 
 def test_epochs_asked_for_are_trained_not_the_default_step_count(tmp_path):
