@@ -19,13 +19,14 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   and on a GPU the loop asks whether every row has ended only every few steps (each question waits for it);
 - the step (the model's forward for one token, last logits in fp32) compiles with `fullgraph=True` and static
   shapes, on CPU in inductor's default mode with its C++ wrapper, on GPU with CUDA graphs ("reduce-overhead"):
-  one graph per (batch, bucket), and a weight update between calls (an optimizer step) reuses it;
+  one graph per (batch, bucket), and a weight update between calls (an optimizer step) reuses it; past
+  RECOMPILE_LIMIT shapes in a process, a call needing another decodes eagerly;
 - what picks the token is transformers' own: its generation config resolution, special tokens and logits
   processors (temperature, top-k, top-p, min-p, minimum length, repetition penalty, ...; through its private
   `_prepare_generation_config`, `_prepare_special_tokens` and `_get_logits_processor`, alike from 5.19 to
   5.24), then argmax or `torch.multinomial` as its sampling loop does, so the same seed draws the same samples;
 - what the loop does not do goes to transformers' generate, which decodes eagerly and stays the reference:
-  beam search, assisted decoding, a cache passed in, scores, attention weights or hidden states asked for, a
+  beam search, assisted decoding, contrastive search and DoLa, a cache passed in, scores, attention weights or hidden states asked for, a
   streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, attention kernels
   other than sdpa and eager, expanded MLA decoding on eager, models sharded across processes, and forward hooks on
   the model's modules (a compiled step would run them once per shape, not once per step);
@@ -39,6 +40,7 @@ bench/README.md (decode and GRPO rollout sections).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -55,7 +57,7 @@ MIN_BUCKET = 64
 BUCKETS_PER_OCTAVE = 4
 MAX_CACHES = 4  # static caches kept per model; the least recently used goes first
 SYNC_EVERY_ON_GPU = 8  # decode steps between checks that every row has ended (each check waits for the GPU)
-RECOMPILE_LIMIT = 64  # compiled (batch, bucket) shapes of the step, across models, before dynamo runs it eagerly
+RECOMPILE_LIMIT = 64  # compiled (batch, bucket) shapes of the step, across models, before it runs eagerly
 # generate() keywords the loop serves; any other goes to transformers' generate
 LOOP_KWARGS = {"input_ids", "attention_mask", "generation_config", "logits_processor", "stopping_criteria",
                "use_cache", "synced_gpus"}
@@ -63,7 +65,9 @@ LOOP_KWARGS = {"input_ids", "attention_mask", "generation_config", "logits_proce
 
 def bucketed_length(needed: int, limit: int | None = None) -> int:
     """The cache length for `needed` positions: the next of MIN_BUCKET, then BUCKETS_PER_OCTAVE steps per
-    doubling (64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ...), capped at `limit` (the model's positions)."""
+    doubling (64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ...), capped at `limit` (the model's positions)
+    unless the call needs more (transformers decodes past them with a warning): bucketed there too, so that
+    lengths past the model's positions do not compile a step each."""
     if needed < 1:
         raise ValueError(f"a generation needs at least one position, got {needed}.")
     length = MIN_BUCKET
@@ -71,7 +75,7 @@ def bucketed_length(needed: int, limit: int | None = None) -> int:
         octave = 2 ** math.floor(math.log2(needed))
         step = max(octave // BUCKETS_PER_OCTAVE, 1)
         length = -(-needed // step) * step
-    return length if limit is None else max(min(length, limit), needed)
+    return length if limit is None or needed > limit else min(length, limit)
 
 
 def compile_safe(hook):
@@ -90,10 +94,9 @@ def why_not_compiled(model, kwargs: dict, generation_config: GenerationConfig) -
     """The reason a `generate` call goes to transformers' eager loop, or None when the compiled loop serves it."""
     if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
         return "a cache was passed in"
-    if kwargs.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens:
-        return "assisted decoding"
-    if (generation_config.num_beams or 1) > 1:
-        return "beam search"
+    mode = str(generation_config.get_generation_mode(kwargs.get("assistant_model")).value)
+    if mode not in ("greedy_search", "sample"):  # beams, assisted, contrastive, DoLa: transformers' own loops
+        return {"assisted_generation": "assisted decoding", "beam_search": "beam search"}.get(mode, mode)
     if generation_config.output_attentions or generation_config.output_hidden_states:
         return "attention weights or hidden states were asked for"
     if generation_config.return_dict_in_generate or generation_config.output_scores or generation_config.output_logits:
@@ -206,8 +209,9 @@ def few_row_products_turned() -> bool:
     once per process, unless TURN_FEW_ROWS says."""
     global TURN_FEW_ROWS
     if TURN_FEW_ROWS is None:
-        weights = torch.randn(16, 1536, 512)
-        x = torch.randn(4, 512)
+        draw = torch.Generator().manual_seed(0)  # not the global stream: a seeded generate() samples as eager does
+        weights = torch.randn(16, 1536, 512, generator=draw)
+        x = torch.randn(4, 512, generator=draw)
         plain = lambda w: x @ w.T  # noqa: E731
         turned = lambda w: (w @ x.T).T  # noqa: E731
         times = {plain: [], turned: []}
@@ -221,6 +225,12 @@ def few_row_products_turned() -> bool:
         log.info("compiled_decode: few-row products %s (x @ W.T %.0f us, W @ x.T %.0f us)",
                  "turned over" if TURN_FEW_ROWS else "kept", *(1e6 * min(t) / len(weights) for t in times.values()))
     return TURN_FEW_ROWS
+
+
+@functools.cache
+def _warn_recompile_limit() -> None:
+    log.warning("compiled_decode: the decode step has been compiled for %d shapes (batch, cache bucket) in this "
+                "process; calls needing another shape decode eagerly.", RECOMPILE_LIMIT)
 
 
 def _without_shim_notes(record: logging.LogRecord) -> bool:
@@ -251,13 +261,14 @@ def prepare(model, args: tuple, kwargs: dict):
     # max_new_tokens counts from the prompt (the forced EOS and length processors below take them so)
     generation_config = model._prepare_generated_length(generation_config, defaults["max_length"],
                                                         defaults["min_length"], "input_ids", ids.shape[1], ids)
+    model._validate_generated_length(generation_config, ids.shape[1], defaults["max_length"])  # a prompt too long
     mask = kwargs.get("attention_mask")
     if mask is None:  # as transformers' generate infers it: the pad tokens, where padding is told apart from EOS
         mask = model._prepare_attention_mask_for_generation(ids, generation_config, model_kwargs)
     processors = model._get_logits_processor(
         generation_config=generation_config, input_ids_seq_length=ids.shape[1], encoder_input_ids=ids,
         logits_processor=kwargs.get("logits_processor"), device=ids.device, model_kwargs=model_kwargs)
-    criteria = kwargs.get("stopping_criteria") or StoppingCriteriaList()
+    criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])  # a plain list too, as transformers takes
     return generation_config, processors, criteria, ids, mask
 
 
@@ -293,7 +304,7 @@ def compiled_generate(model, args: tuple, kwargs: dict) -> torch.Tensor | None:
     mask = mask.bool()
     keys = torch.zeros(batch, length, dtype=torch.bool, device=device)  # what each row attends to (as the mask)
     keys[:, :prompt] = mask
-    sequences = torch.zeros((batch, prompt + new_tokens), dtype=ids.dtype, device=device)
+    sequences = torch.zeros((batch, prompt + new_tokens), dtype=torch.long, device=device)  # as eager's concat
     sequences[:, :prompt] = ids
     position = mask.long().sum(-1, keepdim=True)  # each row's first new token follows its real prompt tokens
     produced = _decode(model, cache, logits, sequences, keys, position, prompt, config, processors, criteria)
@@ -305,6 +316,8 @@ def _decode(model, cache, logits, sequences, keys, position, prompt: int, config
     how many new columns hold tokens of a row that had not ended."""
     device, batch = sequences.device, sequences.shape[0]
     pad, eos = config._pad_token_tensor, config._eos_token_tensor
+    if eos is None and not any(hasattr(c, "eos_token_id") for c in criteria):
+        pad = None  # as transformers: without an end-of-sequence token a row a criterion ended decodes on
     step = compiled_step(device)
     token = torch.zeros(batch, 1, dtype=sequences.dtype, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -315,7 +328,12 @@ def _decode(model, cache, logits, sequences, keys, position, prompt: int, config
             if t:
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = step(model, cache, token, position, keys)
+                try:
+                    logits = step(model, cache, token, position, keys)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # fullgraph: dynamo would not fall back itself
+                    _warn_recompile_limit()
+                    step = _decode_step
+                    logits = step(model, cache, token, position, keys)
                 position += 1
             produced += unfinished.any()
             scores = processors(sequences[:, :prompt + t], logits)

@@ -21,7 +21,9 @@ def test_buckets_cover_every_length_with_a_bounded_spare_and_few_sizes():
         sizes.add(length)
     assert len(sizes) <= 1 + BUCKETS_PER_OCTAVE * 7  # 64 .. 8192: seven octaves
     assert bucketed_length(2100, limit=2048 + 64) == 2048 + 64  # capped at the model's positions ...
-    assert bucketed_length(4000, limit=2048) == 4000  # ... but never below what the call needs (transformers errs)
+    # ... unless the call needs more (transformers decodes on, with a warning): bucketed still, so that every
+    # length past the model's positions does not compile a step of its own
+    assert bucketed_length(4000, limit=2048) == bucketed_length(4000) == bucketed_length(3900, limit=2048)
     with pytest.raises(ValueError):
         bucketed_length(0)
 
@@ -142,6 +144,8 @@ def test_what_a_static_cache_cannot_serve_decodes_eagerly(make_config, make_batc
     assert why_not_compiled(model, {}, plain) is None
     assert why_not_compiled(model, {}, GenerationConfig(num_beams=2)) == "beam search"
     assert why_not_compiled(model, {"assistant_model": model}, plain) == "assisted decoding"
+    assert why_not_compiled(model, {}, GenerationConfig(penalty_alpha=0.6, top_k=4)) == "contrastive_search"
+    assert why_not_compiled(model, {}, GenerationConfig(dola_layers="low")) == "dola_generation"
     assert "attention" in why_not_compiled(model, {}, GenerationConfig(output_attentions=True))
     assert "scores" in why_not_compiled(model, {}, GenerationConfig(return_dict_in_generate=True))
     assert "several" in why_not_compiled(model, {}, GenerationConfig(num_return_sequences=2, do_sample=True))
@@ -175,3 +179,53 @@ def test_lengths_as_transformers_reads_them_when_none_or_max_length_is_given(mak
         eager = model.generate(ids, **kwargs)
         assert torch.equal(model.generate(ids, compiled_decode=True, **kwargs), eager), kwargs
     assert model.generate(ids, attention_mask=mask, pad_token_id=0, compiled_decode=True).shape[1] == ids.shape[1] + 20
+
+
+def test_the_first_compiled_call_samples_as_eager_and_the_loop_takes_what_transformers_takes(make_config, make_batch,
+                                                                                             monkeypatch):
+    """The first compiled call of a process measures its products (`few_row_products_turned`) without drawing from
+    the global random stream; a plain list of stopping criteria, int32 ids, a prompt as long as max_length, and
+    rows a criterion ends without an end-of-sequence token, all as transformers' generate has them."""
+    monkeypatch.setattr(generation, "TURN_FEW_ROWS", None)
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = make_batch((7, 3))
+    sample = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, pad_token_id=0)
+    outputs = []
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        outputs.append(model.generate(ids, compiled_decode=compiled, **sample))
+    assert generation.TURN_FEW_ROWS is not None and torch.equal(*outputs)
+
+    class Row0After2:
+        def __call__(self, input_ids, scores, **_):
+            return torch.tensor([input_ids.shape[1] - ids.shape[1] >= 2, False])
+
+    greedy = dict(attention_mask=mask.int(), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, stopping_criteria=[Row0After2()])  # a plain list, ids and mask as int32
+    eager = model.generate(ids.int(), **greedy)
+    compiled = model.generate(ids.int(), compiled_decode=True, **greedy)
+    assert compiled.dtype == eager.dtype == torch.long and torch.equal(compiled, eager)
+    assert (eager[0, ids.shape[1] + 2:] != 0).any()  # no end-of-sequence token: row 0 decoded on, not padded
+    with pytest.raises(ValueError, match="Input length of input_ids is 7, but `max_length` is set to 7"):
+        model.generate(ids, attention_mask=mask, max_length=7, compiled_decode=True)
+
+
+def test_past_the_recompile_limit_a_call_decodes_eagerly(make_config, make_batch, monkeypatch, caplog):
+    """fullgraph=True makes dynamo's recompile limit an error rather than its eager fallback."""
+    monkeypatch.setattr(generation, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(generation, "_compiled_steps", {})
+    generation._warn_recompile_limit.cache_clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(num_hidden_layers=1)).eval()
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    for lengths in ((5, 3), (5, 3, 4)):  # a second batch size: a second shape, past the limit of one
+        ids, mask = make_batch(lengths)
+        with caplog.at_level("WARNING", logger="latentalign.model.generation"):
+            compiled = model.generate(ids, attention_mask=mask, compiled_decode=True, **kwargs)
+        assert torch.equal(compiled, model.generate(ids, attention_mask=mask, **kwargs))
+    assert "calls needing another shape decode eagerly" in caplog.text
