@@ -26,8 +26,8 @@ kernels. Here the loop is ours and does per step only what decoding needs:
   `_prepare_generation_config`, `_prepare_special_tokens` and `_get_logits_processor`, alike from 5.19 to
   5.24), then argmax or `torch.multinomial` as its sampling loop does, so the same seed draws the same samples;
 - what the loop does not do goes to transformers' generate, which decodes eagerly and stays the reference:
-  beam search, assisted decoding, contrastive search and DoLa, a cache passed in, scores, attention weights or hidden states asked for, a
-  streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, attention kernels
+  beam search, assisted decoding, contrastive search and DoLa, a cache passed in, scores, attention weights or
+  hidden states asked for, a streamer, stop strings, several sequences per prompt, model inputs other than ids and a mask, attention kernels
   other than sdpa and eager, expanded MLA decoding on eager, models sharded across processes, and forward hooks on
   the model's modules (a compiled step would run them once per shape, not once per step);
 - without an attention mask, the mask is inferred from the pad tokens as transformers' generate infers it.
