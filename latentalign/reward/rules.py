@@ -93,11 +93,16 @@ def equations_reward(prompts, completions, **_) -> list[float]:
 _LEAKED = re.compile(r"(?:^|\n)(?:User|Assistant|Human|### (?:Instruction|Response)):|<\|im_start\|>")
 
 
-def format_reward(prompts, completions, **_) -> list[float]:
+def format_reward(prompts, completions, completion_ids=None, max_tokens: int | None = None, **_) -> list[float]:
     """1.0 for a completion that ends its turn with a final answer, no chat-template text leaking into it ("User:",
-    "Assistant:") and any `<think>` closed: the template respected; 0.0 otherwise."""
+    "Assistant:") and any `<think>` closed: the template respected; 0.0 otherwise. With `completion_ids` and
+    `max_tokens` (the RL stage passes its max_completion_length), one that ran to the limit was cut, not ended:
+    0.0, whatever its text (else a policy rambling until the cut after a number would be paid for it)."""
     rewards = []
-    for completion in completions:
+    for i, completion in enumerate(completions):
+        if completion_ids is not None and max_tokens and len(completion_ids[i]) >= max_tokens:
+            rewards.append(0.0)
+            continue
         text = completion_text(completion).strip()
         leaked = _LEAKED.search(text) is not None
         unclosed = "<think>" in text and "</think>" not in text.partition("<think>")[2]  # cut off mid-thought

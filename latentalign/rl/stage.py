@@ -188,8 +188,8 @@ def resolve_recipe_rewards(values: dict, runner) -> dict:
 
 
 def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None):
-    """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`. `length` measures
-    against `completion_tokens` (the stage's max_completion_length) unless its options set `max_tokens`."""
+    """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`. `length` and `format`
+    measure against `completion_tokens` (the stage's max_completion_length) unless their options set `max_tokens`."""
     from ..reward import RewardError, get_reward, guarded
 
     unknown = sorted(set(cfg.reward_options) - set(cfg.rewards))
@@ -198,8 +198,8 @@ def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None):
     funcs, weights = [], []
     for name, weight in cfg.rewards.items():
         options = dict(cfg.reward_options.get(name, {}))
-        if name == "length" and completion_tokens:
-            options.setdefault("max_tokens", completion_tokens)  # the penalty ends where the rollouts are cut
+        if name in ("length", "format") and completion_tokens:
+            options.setdefault("max_tokens", completion_tokens)  # where the rollouts are cut
         try:
             fn = get_reward(name, **options)
         except (RewardError, TypeError) as err:

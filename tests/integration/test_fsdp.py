@@ -42,8 +42,14 @@ def command(kind: str, out: Path, processes: int, config: str, *args: str) -> li
             "--num_processes", str(processes), *cli]
 
 
+# The runs' processes import `varying_reward` (beside this file) by name, as a user's reward module.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                 os.environ.get("PYTHONPATH")]))}
+
+
 def train(kind: str, out: Path, processes: int, *args: str, config: str = "fsdp2-cpu") -> list[dict]:
-    result = subprocess.run(command(kind, out, processes, config, *args), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command(kind, out, processes, config, *args), capture_output=True, text=True, timeout=900,
+                            env=ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     return [h for h in json.loads((out / "metrics.json").read_text())["log_history"] if "loss" in h]
 
@@ -114,7 +120,8 @@ def test_the_fsdp2_model_loads_and_exports_to_vanilla_transformers(tmp_path):
 
 
 def kill_after_checkpoint(cmd: list[str], checkpoint: Path) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=ENV)
     deadline = time.monotonic() + 600
     while incomplete_checkpoint(checkpoint) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -206,13 +213,14 @@ def policy(tmp_path_factory):
 
 
 def rl_args(policy: Path) -> tuple[str, ...]:
-    # A reward that varies between completions (the untrained policy gets no arithmetic right), a KL term so the
-    # reference model is used, routing replay on. Adam's epsilon well above rounding: on a step where no group's
-    # rewards differ, the only gradient is the KL's rounding noise (1e-8), which Adam's default epsilon (1e-8)
-    # would turn into a full-size step in a direction that differs between any two layouts.
+    # A reward that varies between completions (the untrained policy gets no arithmetic right, and `format` pays
+    # nothing for the completions cut at the limit), a KL term so the reference model is used, routing replay on.
+    # Adam's epsilon well above rounding: on a step where no group's rewards differ, the only gradient is the KL's
+    # rounding noise (1e-8), which Adam's default epsilon (1e-8) would turn into a full-size step in a direction
+    # that differs between any two layouts.
     return (f"model={policy}", "dataset_size=64", "num_generations=4", "per_device_train_batch_size=4",
-            "max_completion_length=12", "learning_rate=1e-3", 'rewards={"format": 1.0}', "beta=0.04",
-            "routing_replay=true", "adam_epsilon=1e-4")
+            "max_completion_length=12", "learning_rate=1e-3", 'rewards={"varying_reward:parity": 1.0}',
+            "beta=0.04", "routing_replay=true", "adam_epsilon=1e-4")
 
 
 def test_grpo_under_fsdp2_generates_on_the_sharded_policy_and_trains_as_one_process(tmp_path, policy):

@@ -22,6 +22,14 @@ def policy_dir(tmp_path_factory):
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("policy") / "model")
 
 
+@pytest.fixture(autouse=True)
+def parity(monkeypatch):
+    """A reward that varies within a group of the random policy's completions (all cut at the limit, where `format`
+    scores nothing): the policy moves."""
+    monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
+        float(len(str(c)) % 2) for c in completions])
+
+
 def small_cfg(tmp_path, policy_dir, *extra):
     return load_config(None, [f"model={policy_dir}", f"output_dir={tmp_path / 'rl'}", "dataset_size=64",
                               "eval_size=8", "num_generations=4", "per_device_train_batch_size=8",
@@ -85,7 +93,7 @@ def test_router_can_be_frozen_and_balance_loss_is_off_by_default(tmp_path, polic
     from latentalign import load_model
 
     metrics = run(small_cfg(tmp_path, policy_dir, "freeze_router=true", "max_steps=2", "eval_dataset=null",
-                            'rewards={"format": 1.0}'))  # a reward that varies for a random policy
+                            'rewards={"parity": 1.0}'))
     before, after = load_model(policy_dir), load_model(metrics["model_dir"])
     gates = [n for n, _ in before.named_parameters() if n.endswith("mlp.gate.weight")]
     assert gates and all(torch.equal(before.get_parameter(n), after.get_parameter(n)) for n in gates)
@@ -272,8 +280,6 @@ def test_a_resumed_run_keeps_the_reference_it_refreshed(tmp_path, policy_dir, mo
             if state.global_step == 3:
                 control.should_training_stop = True
 
-    monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
-        float(len(str(c)) % 2) for c in completions])  # a reward that varies within a group: the policy moves
     extra = ["eval_dataset=null", "max_steps=4", "save_steps=3", "beta=0.04", *refresh,
              "max_completion_length=8", 'rewards={"parity": 1.0}']
     full = run(small_cfg(tmp_path / "full", policy_dir, *extra))
@@ -325,7 +331,7 @@ def test_routing_replay_reproduces_the_rollout_experts(tmp_path, policy_dir, mon
     monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Spy)
     # Two updates on each rollout batch: the second forward runs on moved weights, where routing drifts.
     metrics = run(small_cfg(tmp_path, policy_dir, f"routing_replay={str(replay).lower()}", "num_iterations=2",
-                            "max_steps=4", "learning_rate=3e-2", 'rewards={"format": 1.0}', "eval_dataset=null"))
+                            "max_steps=4", "learning_rate=3e-2", 'rewards={"parity": 1.0}', "eval_dataset=null"))
     decided = [r[..., 0] >= 0 for r in used["rollout"]]
     matches = [((t == r).all(-1) | ~d) for t, r, d in zip(used["training"], used["rollout"], decided)]
     share = torch.cat([m[d] for m, d in zip(matches, decided)]).float().mean().item()
@@ -379,7 +385,7 @@ def test_routing_replay_scores_the_old_logprobs_on_the_rollout_experts(tmp_path,
 
     monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Shifted)
     metrics = run(small_cfg(tmp_path, policy_dir, "routing_replay=true", "num_iterations=2", "max_steps=4",
-                            'rewards={"format": 1.0}', "eval_dataset=null"))
+                            'rewards={"parity": 1.0}', "eval_dataset=null"))
     agreement = [h["moe/routing_agreement"] for h in metrics["log_history"] if "moe/routing_agreement" in h]
     assert max(agreement) < 0.5  # the shift took: the router on its own chooses otherwise
     assert len(firsts) == 2
@@ -394,7 +400,7 @@ def test_routing_replay_holds_through_the_recompute_of_gradient_checkpointing(tm
 
     # plain SGD: Adam's first steps move every weight by about the learning rate, whatever the gradient's size
     extra = ["routing_replay=true", "num_iterations=2", "max_steps=2", "optim=sgd", "learning_rate=3.0",
-             "eval_dataset=null", 'rewards={"format": 1.0}', "save_steps=10"]
+             "eval_dataset=null", 'rewards={"parity": 1.0}', "save_steps=10"]
     plain = run(small_cfg(tmp_path / "plain", policy_dir, *extra))
     checkpointed = run(small_cfg(tmp_path / "gc", policy_dir, *extra, "gradient_checkpointing=true"))
     assert checkpointed["global_step"] == plain["global_step"] == 2
@@ -421,7 +427,7 @@ def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypat
             super().on_scored(logps)
 
     monkeypatch.setattr(trainer_module, "grpo_trainer_class", lambda: Counting)
-    metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", 'rewards={"format": 1.0}',
+    metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", 'rewards={"parity": 1.0}',
                             "eval_dataset=null"))
     assert calls == [True, True]  # one per step, with gradients: the training forward
     gaps = [h["rollout/logprob_gap"] for h in metrics["log_history"] if "rollout/logprob_gap" in h]
@@ -431,8 +437,6 @@ def test_logprob_gap_costs_no_forward_of_its_own(tmp_path, policy_dir, monkeypat
 def test_logprob_gap_is_measured_on_the_weights_that_sampled(tmp_path, policy_dir, monkeypatch):
     """steps_per_generation=2: the generation batch's second half trains a step later, on moved weights; the gap
     there would be policy drift, not a sampling/scoring mismatch, and is not logged as the gap."""
-    monkeypatch.setitem(functions.REGISTRY, "parity", lambda prompts, completions, **_: [
-        float(len(str(c)) % 2) for c in completions])  # varies within a group: the first step moves the policy
     metrics = run(small_cfg(tmp_path, policy_dir, "beta=0.0", "max_steps=2", "steps_per_generation=2",
                             "learning_rate=3e-2", "max_completion_length=8", 'rewards={"parity": 1.0}',
                             "eval_dataset=null"))

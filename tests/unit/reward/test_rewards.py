@@ -187,6 +187,10 @@ def test_an_empty_answer_tag_is_no_answer():
 
 def test_format_and_length():
     assert format_reward([""] * 3, [" 12", "User: 5", "no digits"]) == [1.0, 0.0, 0.0]
+    # cut at the stage's limit: not a turn that ended, though its text ends in a number
+    ids = [[5] * 8, [5] * 3, [5] * 8]
+    assert format_reward([""] * 3, ["x = 12", "x = 12", "x = 12"], completion_ids=ids, max_tokens=8) == [0.0, 1.0, 0.0]
+    assert format_reward([""], ["x = 12"], completion_ids=[[5] * 8]) == [1.0]  # no limit told: the text decides
     assert length_reward([""] * 3, ["a", "b", "c"], completion_ids=[[0] * 10, [0] * 90, [0] * 100],
                          max_tokens=100) == [1.0, 0.4, 0.0]
 
