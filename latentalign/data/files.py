@@ -176,7 +176,12 @@ def read_prompts(path: Path) -> list:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg}).") from None
-            prompt = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
+            except RecursionError:
+                raise DataError(f"{path}: line {line_no}: nested too deeply to read.") from None
+            if isinstance(row, dict):  # `"prompt": null` beside messages: the messages
+                prompt = row["prompt"] if row.get("prompt") is not None else row.get("messages")
+            else:
+                prompt = row
             if not isinstance(prompt, (str, list)):
                 raise DataError(f"{path}: line {line_no}: expected a 'prompt' (text or messages) or 'messages'.")
         problem = prompt_problem(prompt)

@@ -36,9 +36,10 @@ class EvalOptions:
         for name, value in counts.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise EvalError(f"{name} must be a whole number >= 1, got {value!r}.")
-        if type(self.temperature) not in (int, float) or not 0 <= self.temperature < math.inf:  # bool, NaN too
-            raise EvalError(f"temperature (maj@K's and reasoning_gym@K's) must be a number >= 0, got "
-                            f"{self.temperature!r}.")
+        if type(self.temperature) not in (int, float) or not (self.temperature == 0 or 1e-3 <= self.temperature
+                                                              < math.inf):  # bool, NaN too; 1e-45: a NaN softmax
+            raise EvalError(f"temperature (maj@K's and reasoning_gym@K's) must be 0 or a finite number >= 0.001, "
+                            f"got {self.temperature!r}.")
         if type(self.seed) is not int:
             raise EvalError(f"seed must be a whole number, got {self.seed!r}.")
         for name in ("dataset", "preference_dataset", "split", "preference_split"):

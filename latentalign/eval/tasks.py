@@ -34,6 +34,7 @@ from .options import EvalError, EvalOptions
 log = logging.getLogger(__name__)
 
 FEW_QUESTIONS = 100  # a reasoning-gym task scored on fewer distinct held-out questions gets a warning
+MAX_SAMPLES = 1024  # the K of maj@K and reasoning_gym@K: every row's K completions are generated up front
 
 def parse_tasks(spec) -> list[str]:
     """`"accuracy,maj@8"` or a list -> checked task names."""
@@ -48,22 +49,21 @@ def parse_tasks(spec) -> list[str]:
 
 
 def is_reward_model(model_dir) -> bool:
-    """Whether `model_dir` holds a reward model: its config names one of the reward-head classes."""
+    """Whether `model_dir` holds a reward model: its config names a sequence-classification head."""
     import json
     from pathlib import Path
-
-    from ..model import LatentAlignForSequenceClassification
 
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         return False
-    heads = {LatentAlignForSequenceClassification.__name__, "DeepseekV2ForSequenceClassification"}
     try:
         fields = json.loads(config.read_text())
     except (ValueError, UnicodeDecodeError):  # loading the model says what is wrong with it
         return False
     architectures = fields.get("architectures") if isinstance(fields, dict) else None
-    return bool(heads & set(architectures if isinstance(architectures, list) else []))
+    # as load_model reads them: any sequence-classification head (ours, DeepseekV2's, DeepseekV3's) is a reward model
+    return any(str(a).endswith("ForSequenceClassification") for a in (architectures if isinstance(architectures, list)
+                                                                       else []))
 
 
 def _rows(opts: EvalOptions, source: str, formats):
@@ -296,8 +296,9 @@ def _samples(prefix: str) -> Callable[[str], int]:
     """The K of `<prefix>K` (maj@8, reasoning_gym@16): a positive integer, or an EvalError that shows the form."""
 
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise EvalError(f"task '{prefix}{text}': write {prefix}K with K a positive integer, e.g. {prefix}8.")
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_SAMPLES:  # "²".isdigit() too
+            raise EvalError(f"task '{prefix}{text}': write {prefix}K with K a whole number from 1 to {MAX_SAMPLES}, "
+                            f"e.g. {prefix}8.")
         return int(text)
 
     return parse
@@ -349,7 +350,7 @@ def _task_names() -> str:
 
 def usable_tasks(tasks, reward: bool) -> list[str]:
     """The tasks of `tasks` that a reward model (or a causal LM) can run."""
-    return [t for t in tasks if task_of(t)[1].needs in ("any", "reward" if reward else "lm")]
+    return [t for t in parse_tasks(tasks) if task_of(t)[1].needs in ("any", "reward" if reward else "lm")]
 
 
 def evaluate(model_dir, tasks, opts: EvalOptions | None = None, *, progress: bool = True) -> dict:

@@ -46,6 +46,7 @@ than `MAX_TERMS` terms (or unbounded ones), which sympy may add up term by term.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from fractions import Fraction
 
 from .verifier import MAX_VERIFIED_CHARS, VERIFIER, Verifier  # noqa: F401 -- where callers find them
@@ -137,13 +138,19 @@ def tagged_answer(text: str) -> str | None:
 
 def final_answer(text: str) -> str | None:
     """The final answer of a completion (see the module docstring for the order), or None if it has none."""
-    _, thought, after = text.rpartition("</think>")
-    if thought and _SPECIAL_TOKEN.sub("", after).strip():  # an answer written while thinking is not the answer
-        text = after
-    tagged = tagged_answer(after if thought else text)
+    text, tagged = _final_tag(text)
     if tagged is not None:
         return _tag_answer(tagged)
     return _untagged_answer(text)
+
+
+def _final_tag(text: str) -> tuple[str, str | None]:
+    """(the text an answer is read from, its last `<answer>` tag's content or None): after `</think>`, unless
+    nothing but special tokens follows it."""
+    _, thought, after = text.rpartition("</think>")
+    if thought and _SPECIAL_TOKEN.sub("", after).strip():  # an answer written while thinking is not the answer
+        text = after
+    return text, tagged_answer(after if thought else text)
 
 
 # A chat template's special token: <｜end▁of▁sentence｜>, <|im_end|>
@@ -159,15 +166,16 @@ _EQUALS = re.compile(r"(?<![<>!=])=(?!=)")  # not <=, >=, != or ==
 
 def _tag_answer(tagged: str) -> str | None:
     """What an `<answer>` tag's content answers: by the rules where it holds prose ("The total is 42 apples."), a
-    box or "the answer is"; else the right side of its last equation ("16 - 3 - 4 = 9, 9 * 2 = 18": 18) or the
-    content whole ("12 - 5", "\\sqrt{2}", "Monday"), where the rules would take its last number. Empty: none."""
+    box or "the answer is" (prose they find nothing in is the answer whole: "New York"); else the right side of
+    its last equation ("16 - 3 - 4 = 9, 9 * 2 = 18": 18) or the content whole ("12 - 5", "\\sqrt{2}", "Monday"),
+    where the rules would take its last number. Empty: none."""
     if not tagged:
         return None
     prose = len(tagged.split()) > 1 and _PROSE.search(_TEXT.sub(" ", tagged)) is not None
     ruled = (prose and _reasoned_number(tagged)) or _untagged_answer(tagged, numbers=prose)
-    if ruled is not None or prose:
+    if ruled is not None:
         return ruled
-    return _EQUALS.split(tagged)[-1].strip() or tagged
+    return tagged if prose else _EQUALS.split(tagged)[-1].strip() or tagged  # "New York", "up up right up"
 
 
 def _untagged_answer(text: str, numbers: bool = True) -> str | None:
@@ -363,23 +371,20 @@ def has_reference(reference) -> bool:
 
 
 def is_correct(completion: str, reference) -> bool:
-    """The completion's final answer equals the reference's (a GSM8K `#### N`, a boxed or a bare answer)."""
-    return answers_match(final_answer(completion), reference_answer(reference))
+    """The completion's final answer equals the reference's (a GSM8K `#### N`, a boxed or a bare answer), or its
+    `<answer>` tag holds the reference whole (reasoning-gym's "C=3,E=0,T=6" or "67 days, 01:04:00", where the
+    rules read the last number)."""
+    wanted = reference_answer(reference)
+    if answers_match(final_answer(completion), wanted):
+        return True
+    tagged = _final_tag(completion)[1]
+    return bool(tagged and has_reference(wanted)) and _normalised(tagged) == _normalised(str(wanted))
 
 
 def majority_answer(answers: list[str | None]) -> str | None:
     """The most common answer, equivalent answers counted together ("0.5" and "1/2" are one vote each for the
-    same answer); ties go to the one seen first. None when no answer was given."""
-    groups: list[list] = []  # [representative, votes]
-    for answer in answers:
-        if answer is None:
-            continue
-        for group in groups:
-            if answers_match(answer, group[0]):
-                group[1] += 1
-                break
-        else:
-            groups.append([answer, 1])
-    if not groups:
-        return None
-    return max(groups, key=lambda g: g[1])[0]  # max keeps the first of equal counts
+    same answer): each answer gets the votes of every answer equal to it, whatever their order ("25%" equals both
+    "25" and "0.25"); ties go to the one seen first. None when no answer was given."""
+    seen = Counter(a for a in answers if a is not None)  # in the order first seen
+    votes = {a: sum(n for b, n in seen.items() if a == b or answers_match(a, b)) for a in seen}
+    return max(votes, key=votes.get) if votes else None  # max keeps the first of equal counts

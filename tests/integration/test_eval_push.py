@@ -104,6 +104,8 @@ def test_reward_model_pairwise_and_mismatched_tasks(model_dirs):
     assert metrics["pairwise/mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
     for model, task, message in [(rm, "accuracy", "is a reward model"), (lm, "pairwise", "needs a reward model"),
                                  (lm, "bleu", "unknown task 'bleu'"), (lm, "maj@x", "maj@K"),
+                                 (lm, "maj@\u00b2", "maj@K with K a whole number"),  # "²".isdigit()
+                                 (lm, "maj@99999999999", "from 1 to 1024"),
                                  (lm, ",", "no tasks given; choose from accuracy, maj@K,")]:
         result = invoke("eval", model, "--tasks", task)
         assert result.exit_code == 2 and message in result.output, result.output
@@ -269,3 +271,21 @@ def test_eval_cli_samples_reasoning_gym_with_the_options_given(model_dirs, tmp_p
     assert unset.exit_code == 0, unset.output
     assert (seen[-1][2].seed, seen[-1][2].max_new_tokens, seen[-1][2].temperature) == (
         tasks.EvalOptions.seed, tasks.EvalOptions.max_new_tokens, tasks.EvalOptions.temperature)
+
+
+def test_what_eval_reads_as_a_user_writes_it(model_dirs, tmp_path):
+    """A recipe's `tasks: accuracy,kv_cache` (a string, as the CLI takes it) was read letter by letter after the
+    stages before it had trained; a V3 reward head (which load_model reads as one) was taken for a causal LM; a
+    temperature whose softmax is NaN failed after the model loaded."""
+    import shutil
+
+    lm, rm = model_dirs
+    assert tasks.usable_tasks("accuracy, kv_cache", reward=False) == ["accuracy", "kv_cache"]
+    assert tasks.usable_tasks("accuracy,pairwise", reward=True) == ["pairwise"]
+    v3 = tmp_path / "v3-reward"
+    shutil.copytree(rm, v3)
+    config = json.loads((v3 / "config.json").read_text())
+    (v3 / "config.json").write_text(json.dumps({**config, "architectures": ["DeepseekV3ForSequenceClassification"]}))
+    assert tasks.is_reward_model(v3) and not tasks.is_reward_model(lm)
+    result = invoke("eval", lm, "--tasks", "maj@2", "--temperature", "1e-40", "--size", "2")
+    assert result.exit_code == 2 and "must be 0 or a finite number >= 0.001" in result.output, result.output

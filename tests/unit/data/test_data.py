@@ -485,3 +485,18 @@ def test_sharegpt_conversations_are_read_as_messages(tmp_path):
                     + json.dumps({"conversations": [{"from": "bot", "value": "?"}]}) + "\n")
     with pytest.raises(DataError, match=r"sharegpt.jsonl: row 1: turn 0 is from 'bot'"):
         load_rows(str(path), formats=("messages",))
+
+
+def test_generate_prompts_from_a_jsonl_file_a_user_wrote(tmp_path):
+    """`latentalign generate --prompts`: a row nested past the parser's depth is an error naming its line (it was a
+    RecursionError traceback), and a null `prompt` beside `messages` is the messages."""
+    from latentalign.data.files import read_prompts
+    from latentalign.data.loading import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": None, "messages": messages}) + "\n")
+    assert read_prompts(path) == ["Hi", messages]
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="prompts.jsonl: line 2: nested too deeply to read"):
+        read_prompts(path)

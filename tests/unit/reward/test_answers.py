@@ -170,3 +170,16 @@ def test_majority_counts_equivalent_answers_together():
     assert majority_answer(["1/2", "0.3", "0.5", "\\frac{1}{2}", "0.3"]) == "1/2"
     assert majority_answer(["7", "8"]) == "7"  # a tie: the first seen
     assert majority_answer([None, None]) is None
+    # "25%" equals both "25" and "0.25": it votes for each, in any order, and the two it joins tie; first seen
+    assert majority_answer(["0.25", "25", "25%"]) == majority_answer(["25", "0.25", "25%"]) == "25%"
+
+
+def test_a_tag_holding_the_reference_whole_is_correct():
+    """reasoning-gym's answers in words or in several parts: the rules read a tag's last number or nothing."""
+    assert final_answer("<answer>New York</answer>") == "New York"  # prose the rules find nothing in
+    assert final_answer("<answer>The total is 42 apples.</answer>") == "42"  # and prose they do
+    for reference in ("New York", "up up right up", "C=3,E=0,T=6", "67 days, 01:04:00"):
+        assert is_correct(f"Done. <answer>{reference}</answer>", reference), reference
+    assert not is_correct("<answer>C=3,E=0,T=5</answer>", "C=3,E=0,T=6")
+    assert not is_correct("<answer>3 or 4</answer>", "3") and not is_correct("<answer></answer>", "")
+    assert not is_correct("<answer>Paris</answer>", "New York")
