@@ -787,7 +787,8 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
             if input_ids is None:
                 raise ValueError("score_pooling='likelihood' scores the tokens themselves: pass input_ids.")
             loglik = self.sequence_log_likelihood(out.last_hidden_state, input_ids, real)
-            pooled = pooled + self.likelihood_scale.weight.to(pooled.dtype) * loglik.to(pooled.dtype)[:, None]
+            # in fp32: a sum of hundreds of nats in bf16 lands on a grid of 0.5-2, which ties and flips pairs
+            pooled = pooled.float() + self.likelihood_scale.weight.float() * loglik.float()[:, None]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)

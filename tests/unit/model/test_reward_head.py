@@ -104,3 +104,19 @@ def test_likelihood_pooling_from_a_checkpoint_without_an_lm_head_is_one_clear_er
     with pytest.raises(Exception, match="has none .*set score_pooling: last"):
         latentalign.load_reward_model(tmp_path, score_pooling="likelihood")
     assert latentalign.load_reward_model(tmp_path).config.score_pooling == "last"  # its own pooling still loads
+
+
+def test_likelihood_pooling_adds_in_fp32_under_bf16(make_config):
+    """The sequence log-likelihood is hundreds of nats on real text: cast to bf16 before the sum, every score of a
+    bf16 reward model (or of bf16 autocast training) sat on a grid of 0.5 or coarser, tying and flipping pairs."""
+    torch.manual_seed(0)
+    rm = LatentAlignForSequenceClassification(make_config(num_labels=1, score_pooling="likelihood")).eval()
+    ids = torch.randint(3, 97, (8, 40))
+    with torch.no_grad():
+        full = rm(ids).logits[:, 0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = rm(ids).logits[:, 0]
+    assert full.abs().min() > 64  # where bf16's spacing is 0.5
+    assert autocast.dtype == torch.float32
+    assert ((autocast * 2) != (autocast * 2).round()).any()  # off the 0.5 grid
+    torch.testing.assert_close(autocast, full, atol=0.15, rtol=0)  # bf16 hidden states, not a bf16 sum
