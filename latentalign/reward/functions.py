@@ -158,13 +158,15 @@ class RewardModelFunction:
 
     MAX_LENGTH = 1024
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = MAX_LENGTH, device: str | None = None):
+    def __init__(self, path: str, batch_size: int = 16, max_length: int | None = None, device: str | None = None):
         from ..model import load_reward_model
         from ..training.model_dir import load_tokenizer
 
         from ..eval.tasks import is_reward_model
 
         for key, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value is None and key == "max_length":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RewardError(f"model:{path}: {key} must be a positive whole number, got {value!r}.")
         self.path = path
@@ -178,6 +180,9 @@ class RewardModelFunction:
         # Past max_length, drop the conversation's start, not the completion's end: the score is read at the last
         # token, and a cut-off completion would score the same whatever it answered.
         self.tokenizer.truncation_side = "left"
+        if max_length is None:  # the length it was trained at: the reward stage saves it as the tokenizer's
+            recorded = getattr(self.tokenizer, "model_max_length", None)
+            max_length = recorded if isinstance(recorded, int) and 0 < recorded <= 1_000_000 else self.MAX_LENGTH
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = f"rm_{str(path).rstrip('/').rsplit('/', 1)[-1]}"
 
@@ -224,7 +229,11 @@ class RewardModelFunction:
 
 def pairwise_accuracy(scorer, rows) -> dict:
     """Share of preference pairs whose chosen side `scorer` (a `RewardModelFunction`) scores above the rejected
-    one, each side read as the reward model was trained on it (a pair without a prompt too)."""
+    one, each side read as the reward model was trained on it (a pair without a prompt too; a reply's EOS text
+    taken off where the template ends turns with it, as the reward stage does)."""
+    from ..data.chat import without_end_token
+
+    rows = without_end_token(rows, scorer.tokenizer)
     chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows],
                                            special=[not isinstance(r[side], list) for r in rows])
                         for side in ("chosen", "rejected"))

@@ -121,10 +121,11 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
                                              f"max_length ({args.max_length} tokens); raise max_length or shorten them")
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     trainer.add_callback(ExpertLoadLog(ExpertLoadMeter(base)))  # logged as for the other stages
+    if args.max_length:  # saved with the model: its scorers (GRPO's `model:` reward, eval) read as it was trained
+        tokenizer.model_max_length = args.max_length
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
-        scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size,
-                                     max_length=args.max_length or RewardModelFunction.MAX_LENGTH)  # as trained
+        scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size)
         metrics["eval"] = pairwise_accuracy(scorer, eval_rows)
         metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]

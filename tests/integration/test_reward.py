@@ -22,7 +22,8 @@ def small_cfg(tmp_path, *extra):
 
 
 def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tmp_path):
-    metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01", "score_pooling=last"))
+    metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01", "score_pooling=last",
+                            "max_length=120"))
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -32,7 +33,9 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
     from latentalign.reward.functions import pairwise_accuracy
 
     held_out, _ = load_rows("arithmetic-preference", split="test", size=32, formats=("preference",))
-    again = pairwise_accuracy(RewardModelFunction(metrics["model_dir"]), held_out)
+    scorer = RewardModelFunction(metrics["model_dir"])
+    assert scorer.max_length == 120  # the length it was trained at, saved with it: GRPO and eval read as trained
+    again = pairwise_accuracy(scorer, held_out)
     assert metrics["eval"]["n"] == 32 and metrics["eval_accuracy"] == again["accuracy"]  # the saved model, held out
 
     rm = get_reward(f"model:{metrics['model_dir']}", batch_size=3)
@@ -54,6 +57,9 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
               "rejected": question + [{"role": "assistant", "content": "6"}]}]
     scores = rm.score_texts([rm.training_text(question, [{"role": "assistant", "content": c}]) for c in "56"])
     assert pairwise_accuracy(rm, pairs)["mean_margin"] == pytest.approx(scores[0] - scores[1], abs=1e-5)
+    spelled = [{side: turns[:-1] + [{"role": "assistant", "content": turns[-1]["content"] + eos}]
+                for side, turns in pairs[0].items()}]  # replies that spell the EOS text: as the stage, one EOS
+    assert pairwise_accuracy(rm, spelled)["mean_margin"] == pytest.approx(scores[0] - scores[1], abs=1e-5)
     # A conversation longer than max_length keeps its end, the answer the score is read after.
     short = RewardModelFunction(metrics["model_dir"], max_length=24)
     long_prompt = "Add these up: " + " + ".join(["1"] * 60)
