@@ -256,7 +256,7 @@ def test_sampled_eval_task_names_its_sample_count():
     assert tasks.task_of("reasoning_gym@16")[0::2] == ("reasoning_gym@", 16)
     assert tasks.task_of("reasoning_gym")[0::2] == ("reasoning_gym", None)
     for bad in ("reasoning_gym@", "reasoning_gym@0", "reasoning_gym@x"):
-        with pytest.raises(tasks.EvalError, match="reasoning_gym@K with K a positive integer"):
+        with pytest.raises(tasks.EvalError, match="reasoning_gym@K with K a whole number from 1 to 1024"):
             tasks.task_of(bad)
 
 
