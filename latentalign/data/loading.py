@@ -249,9 +249,8 @@ def _warn_dropped(rows: list[dict], keep: set, fmt: str, label: str) -> None:
 def _without_ties(rows: list[dict], label: str) -> list[dict]:
     """A pair whose chosen and rejected are the same teaches no preference (its loss has no gradient) and is a miss
     in pairwise accuracy: public preference sets hold a few. They are dropped, counted in a warning; a set of
-    nothing else is an error. Text sides that differ only in TRL's leading space or in trailing spaces (" 5" and
-    "5 ", which become one assistant turn) are the same."""
-    same = [i for i, row in enumerate(rows) if _tie_key(row["chosen"]) == _tie_key(row["rejected"])]
+    nothing else is an error."""
+    same = [i for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
     if not same:
         return rows
     if len(same) == len(rows):
@@ -261,14 +260,6 @@ def _without_ties(rows: list[dict], label: str) -> list[dict]:
                                         label, len(same), len(rows), shown)
     dropped = set(same)
     return [row for i, row in enumerate(rows) if i not in dropped]
-
-
-def _tie_key(side):
-    """A preference side as compared for a tie: text as the assistant's turn it becomes (chat.reply_text), without
-    trailing spaces; a conversation as it is."""
-    from .chat import reply_text
-
-    return reply_text(side).rstrip() if isinstance(side, str) else side
 
 
 def _without_repeated_prompt(row: dict) -> dict:

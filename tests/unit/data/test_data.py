@@ -335,8 +335,8 @@ def test_pairs_with_nothing_to_prefer_are_dropped_and_counted(tmp_path, caplog):
     rows, fmt = load_rows(write_jsonl(tmp_path / "ties.jsonl", pairs), formats=("preference",))
     assert fmt == "preference" and rows == pairs[1::2]
     assert "ties.jsonl: 4 of 8 pairs dropped: chosen and rejected are the same (rows 0, 2, 4, 6)" in caplog.text
-    texts = [{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": " 5", "rejected": "5 "}]
-    with pytest.raises(DataError, match="in every pair chosen and rejected are the same"):  # one turn, " 5" or "5 "
+    texts = [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 2
+    with pytest.raises(DataError, match="in every pair chosen and rejected are the same"):
         load_rows(write_jsonl(tmp_path / "all.jsonl", texts), formats=("preference",))
 
 
