@@ -126,12 +126,12 @@ def _samples_of(model, tokenizer, rows: list[dict], opts: EvalOptions, k: int) -
 def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
     """maj@k: the most common final answer of k samples per prompt (equivalent answers vote together; ties: the
     first seen) vs the answer, judged by the one answer checker."""
-    from ..reward.answers import answers_match, final_answer, majority_answer, reference_answer
+    from ..reward.answers import answers_match, graded_answer, majority_answer, reference_answer
 
     rows = _answered_rows(opts)
     correct = 0
     for row, samples in zip(rows, _samples_of(model, tokenizer, rows, opts, k)):
-        voted = majority_answer([final_answer(c) for c in samples])
+        voted = majority_answer([graded_answer(c, row["answer"]) for c in samples])  # read as accuracy reads them
         correct += answers_match(voted, reference_answer(row["answer"]))
     return {f"maj@{k}": correct / max(len(rows), 1), f"maj@{k}/n": len(rows)}
 

@@ -371,14 +371,20 @@ def has_reference(reference) -> bool:
 
 
 def is_correct(completion: str, reference) -> bool:
-    """The completion's final answer equals the reference's (a GSM8K `#### N`, a boxed or a bare answer), or its
-    `<answer>` tag holds the reference whole (reasoning-gym's "C=3,E=0,T=6" or "67 days, 01:04:00", where the
-    rules read the last number)."""
+    """The completion's answer (`graded_answer`) equals the reference's (a GSM8K `#### N`, a boxed or a bare
+    answer)."""
+    return answers_match(graded_answer(completion, reference), reference_answer(reference))
+
+
+def graded_answer(completion: str, reference) -> str | None:
+    """The completion's answer as graded against `reference`: the reference itself where its `<answer>` tag holds
+    the reference whole, letter for letter (reasoning-gym's "C=3,E=0,T=6" or "67 days, 01:04:00", where the rules
+    read the last number), else its `final_answer`. One reading for accuracy, maj@K and the math reward."""
     wanted = reference_answer(reference)
-    if answers_match(final_answer(completion), wanted):
-        return True
     tagged = _final_tag(completion)[1]
-    return bool(tagged and has_reference(wanted)) and _normalised(tagged) == _normalised(str(wanted))
+    if tagged and has_reference(wanted) and " ".join(tagged.split()) == " ".join(str(wanted).split()):
+        return str(wanted)
+    return final_answer(completion)
 
 
 def majority_answer(answers: list[str | None]) -> str | None:
@@ -386,5 +392,10 @@ def majority_answer(answers: list[str | None]) -> str | None:
     same answer): each answer gets the votes of every answer equal to it, whatever their order ("25%" equals both
     "25" and "0.25"); ties go to the one seen first. None when no answer was given."""
     seen = Counter(a for a in answers if a is not None)  # in the order first seen
-    votes = {a: sum(n for b, n in seen.items() if a == b or answers_match(a, b)) for a in seen}
+    votes, distinct = dict(seen), list(seen)
+    for i, a in enumerate(distinct):  # each pair of distinct answers compared once
+        for b in distinct[i + 1:]:
+            if answers_match(a, b):
+                votes[a] += seen[b]
+                votes[b] += seen[a]
     return max(votes, key=votes.get) if votes else None  # max keeps the first of equal counts

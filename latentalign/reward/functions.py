@@ -152,6 +152,9 @@ def _sandbox_options(name: str, options: dict) -> dict:
     return options
 
 
+TRAINED_LENGTH = "reward_max_length"  # the reward stage's max_length, saved in the tokenizer's config
+
+
 class RewardModelFunction:
     """A trained reward model as a reward function: scores prompt + completion through its own tokenizer and
     chat template, in batches."""
@@ -180,9 +183,9 @@ class RewardModelFunction:
         # Past max_length, drop the conversation's start, not the completion's end: the score is read at the last
         # token, and a cut-off completion would score the same whatever it answered.
         self.tokenizer.truncation_side = "left"
-        if max_length is None:  # the length it was trained at: the reward stage saves it as the tokenizer's
-            recorded = getattr(self.tokenizer, "model_max_length", None)
-            max_length = recorded if isinstance(recorded, int) and 0 < recorded <= 1_000_000 else self.MAX_LENGTH
+        if max_length is None:  # MAX_LENGTH, or the longer length the reward stage trained at and saved
+            recorded = self.tokenizer.init_kwargs.get(TRAINED_LENGTH)
+            max_length = max(self.MAX_LENGTH, recorded if isinstance(recorded, int) else 0)
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = f"rm_{str(path).rstrip('/').rsplit('/', 1)[-1]}"
 

@@ -93,14 +93,18 @@ def equations_reward(prompts, completions, **_) -> list[float]:
 _LEAKED = re.compile(r"(?:^|\n)(?:User|Assistant|Human|### (?:Instruction|Response)):|<\|im_start\|>")
 
 
-def format_reward(prompts, completions, completion_ids=None, max_tokens: int | None = None, **_) -> list[float]:
+def format_reward(prompts, completions, completion_ids=None, max_tokens: int | None = None,
+                  end_token_ids=None, **_) -> list[float]:
     """1.0 for a completion that ends its turn with a final answer, no chat-template text leaking into it ("User:",
     "Assistant:") and any `<think>` closed: the template respected; 0.0 otherwise. With `completion_ids` and
-    `max_tokens` (the RL stage passes its max_completion_length), one that ran to the limit was cut, not ended:
-    0.0, whatever its text (else a policy rambling until the cut after a number would be paid for it)."""
+    `max_tokens` (the RL stage passes its max_completion_length and the end-of-sequence ids), one that ran to the
+    limit without ending on an end-of-sequence token was cut, not ended: 0.0, whatever its text (else a policy
+    rambling until the cut after a number would be paid for it)."""
+    ends = set(end_token_ids or ())
     rewards = []
     for i, completion in enumerate(completions):
-        if completion_ids is not None and max_tokens and len(completion_ids[i]) >= max_tokens:
+        ids = completion_ids[i] if completion_ids is not None else None
+        if ids is not None and max_tokens and len(ids) >= max_tokens and not (ids and ids[-1] in ends):
             rewards.append(0.0)
             continue
         text = completion_text(completion).strip()

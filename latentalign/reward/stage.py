@@ -103,14 +103,14 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     from ..stages import trl_args
     from ..training import (ExpertLoadLog, ExpertLoadMeter, check_rows_kept, load_stage_data, make_peft_config,
                             train_and_save, write_metrics)
-    from .functions import RewardModelFunction, pairwise_accuracy
+    from .functions import TRAINED_LENGTH, RewardModelFunction, pairwise_accuracy
 
     args = trl_args(cfg)
     rows, _, eval_rows = load_stage_data(cfg, ("preference",), ("preference",))
     rows, eval_rows = _with_margins(rows, cfg.margin), _with_margins(eval_rows, cfg.margin)
 
     model, tokenizer = starting_model(cfg)
-    rows = without_end_token(rows, tokenizer)
+    rows, held_out = without_end_token(rows, tokenizer), eval_rows  # pairwise_accuracy takes the EOS off itself
     eval_rows = without_end_token(eval_rows, tokenizer) if eval_rows else eval_rows
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     evaluated = eval_rows if eval_rows and args.eval_strategy != "no" else None  # TRL's eval loss and accuracy
@@ -121,12 +121,13 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
                                              f"max_length ({args.max_length} tokens); raise max_length or shorten them")
     base = trainer.model.get_base_model() if cfg.use_lora else trainer.model
     trainer.add_callback(ExpertLoadLog(ExpertLoadMeter(base)))  # logged as for the other stages
-    if args.max_length:  # saved with the model: its scorers (GRPO's `model:` reward, eval) read as it was trained
-        tokenizer.model_max_length = args.max_length
+    if args.max_length:  # saved with the model: its scorers (GRPO's `model:` reward, eval) cut no shorter
+        tokenizer.init_kwargs[TRAINED_LENGTH] = args.max_length
     metrics = train_and_save(trainer, tokenizer, cfg)
     if eval_rows:
-        scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size)
-        metrics["eval"] = pairwise_accuracy(scorer, eval_rows)
+        scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size,
+                                     max_length=args.max_length or RewardModelFunction.MAX_LENGTH)  # as trained
+        metrics["eval"] = pairwise_accuracy(scorer, held_out)
         metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
     return write_metrics(cfg, metrics)

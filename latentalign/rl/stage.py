@@ -187,9 +187,10 @@ def resolve_recipe_rewards(values: dict, runner) -> dict:
     return values
 
 
-def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None):
+def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None, end_token_ids=()):
     """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`. `length` and `format`
-    measure against `completion_tokens` (the stage's max_completion_length) unless their options set `max_tokens`."""
+    measure against `completion_tokens` (the stage's max_completion_length) unless their options set `max_tokens`;
+    `format` tells a completion that ended on one of `end_token_ids` at the limit from one cut there."""
     from ..reward import RewardError, get_reward, guarded
 
     unknown = sorted(set(cfg.reward_options) - set(cfg.rewards))
@@ -200,6 +201,8 @@ def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None):
         options = dict(cfg.reward_options.get(name, {}))
         if name in ("length", "format") and completion_tokens:
             options.setdefault("max_tokens", completion_tokens)  # where the rollouts are cut
+        if name == "format" and end_token_ids:
+            options.setdefault("end_token_ids", sorted(end_token_ids))
         try:
             fn = get_reward(name, **options)
         except (RewardError, TypeError) as err:
@@ -331,11 +334,13 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     from .trainer import grpo_trainer_class
 
     args = trl_args(cfg)
-    rewards, _ = build_rewards(cfg, args.max_completion_length)
     rows, eval_rows = _stage_rows(cfg)
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
                                            seed=cfg.seed)
+    ends = model.generation_config.eos_token_id  # what TRL's rollouts end on, as it reads them
+    ends = {*(ends if isinstance(ends, list) else [ends] if ends is not None else []), tokenizer.eos_token_id} - {None}
+    rewards, _ = build_rewards(cfg, args.max_completion_length, ends)
     _warn_long_prompts(model, tokenizer, rows, args.max_completion_length)
     if cfg.freeze_router:
         _freeze_routers(model)

@@ -23,7 +23,7 @@ def small_cfg(tmp_path, *extra):
 
 def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tmp_path):
     metrics = run(small_cfg(tmp_path, "margin=0.5", "center_rewards_coefficient=0.01", "score_pooling=last",
-                            "max_length=120"))
+                            "max_length=2048"))
     assert metrics["global_step"] == 6
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -34,7 +34,7 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
 
     held_out, _ = load_rows("arithmetic-preference", split="test", size=32, formats=("preference",))
     scorer = RewardModelFunction(metrics["model_dir"])
-    assert scorer.max_length == 120  # the length it was trained at, saved with it: GRPO and eval read as trained
+    assert scorer.max_length == 2048  # trained past MAX_LENGTH, saved with it: GRPO and eval cut no shorter
     again = pairwise_accuracy(scorer, held_out)
     assert metrics["eval"]["n"] == 32 and metrics["eval_accuracy"] == again["accuracy"]  # the saved model, held out
 

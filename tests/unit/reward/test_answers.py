@@ -9,7 +9,8 @@ import pytest
 
 from answer_table import ROWS
 from latentalign.reward import answers, get_reward
-from latentalign.reward.answers import answers_match, final_answer, is_correct, majority_answer, reference_answer
+from latentalign.reward.answers import (answers_match, final_answer, graded_answer, is_correct, majority_answer,
+                                        reference_answer)
 from latentalign.reward.sizes import too_large_to_evaluate
 
 COMPLETIONS = [c for c, _, _ in ROWS]
@@ -183,3 +184,10 @@ def test_a_tag_holding_the_reference_whole_is_correct():
     assert not is_correct("<answer>C=3,E=0,T=5</answer>", "C=3,E=0,T=6")
     assert not is_correct("<answer>3 or 4</answer>", "3") and not is_correct("<answer></answer>", "")
     assert not is_correct("<answer>Paris</answer>", "New York")
+    # letter for letter, spaces and case kept: no wrong answer made right
+    for tagged, reference in (("1 2", "12"), ("12 34", "1 2 3 4"), ("HELLO WORLD", "hello world"),
+                              ("1 0 0\n0 1 0", "100 010")):
+        assert not is_correct(f"<answer>{tagged}</answer>", reference), (tagged, reference)
+    # maj@K reads each sample as accuracy does: three right, one wrong, votes the reference
+    samples = ["<answer>67 days, 01:04:00</answer>"] * 3 + ["<answer>66 days, 01:04:00</answer>"]
+    assert majority_answer([graded_answer(s, "67 days, 01:04:00") for s in samples]) == "67 days, 01:04:00"

@@ -191,6 +191,8 @@ def test_format_and_length():
     ids = [[5] * 8, [5] * 3, [5] * 8]
     assert format_reward([""] * 3, ["x = 12", "x = 12", "x = 12"], completion_ids=ids, max_tokens=8) == [0.0, 1.0, 0.0]
     assert format_reward([""], ["x = 12"], completion_ids=[[5] * 8]) == [1.0]  # no limit told: the text decides
+    ended = [[5] * 7 + [2], [5] * 8]  # TRL's ids hold the EOS (2): the first ended on the limit's last token
+    assert format_reward([""] * 2, ["x = 12"] * 2, completion_ids=ended, max_tokens=8, end_token_ids=[2]) == [1.0, 0.0]
     assert length_reward([""] * 3, ["a", "b", "c"], completion_ids=[[0] * 10, [0] * 90, [0] * 100],
                          max_tokens=100) == [1.0, 0.4, 0.0]
 

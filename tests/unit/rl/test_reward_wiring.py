@@ -91,6 +91,13 @@ def test_options_that_work_together_pass(tmp_path):
         trl_args(rl_config(tmp_path, *options))
 
 
+def test_the_format_reward_knows_the_stages_limit_and_end_tokens(tmp_path):
+    (form,), _ = build_rewards(rl_config(tmp_path, 'rewards={"format": 1.0}'), completion_tokens=4,
+                               end_token_ids={2, 7})
+    ids = [[5, 5, 5, 7], [5, 5, 5, 5], [5, 5]]
+    assert form([""] * 3, ["= 3", "= 3", "= 3"], completion_ids=ids) == [1.0, 0.0, 1.0]
+
+
 def test_the_length_reward_penalises_up_to_the_stages_completion_limit(tmp_path):
     (length,), _ = build_rewards(rl_config(tmp_path, 'rewards={"length": 1.0}'), completion_tokens=64)
     ids = [[1] * 64, [1] * 40, [1] * 56]
