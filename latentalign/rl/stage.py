@@ -187,6 +187,17 @@ def resolve_recipe_rewards(values: dict, runner) -> dict:
     return values
 
 
+def accelerator_device() -> str | None:
+    """This process's GPU (its own under accelerate's launch), or None on a CPU machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return str(PartialState().device)
+
+
 def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None, end_token_ids=()):
     """(guarded reward functions, weights) from the stage's `rewards` and `reward_options`. `length` and `format`
     measure against `completion_tokens` (the stage's max_completion_length) unless their options set `max_tokens`;
@@ -203,6 +214,8 @@ def build_rewards(cfg: RLStageConfig, completion_tokens: int | None = None, end_
             options.setdefault("max_tokens", completion_tokens)  # where the rollouts are cut
         if name == "format" and end_token_ids:
             options.setdefault("end_token_ids", sorted(end_token_ids))
+        if name.startswith("model:") and "device" not in options:
+            options["device"] = accelerator_device()  # where TRL puts a reward model: not the CPU beside a GPU
         try:
             fn = get_reward(name, **options)
         except (RewardError, TypeError) as err:

@@ -157,3 +157,26 @@ def test_no_reference_copy_where_trl_does_not_load_one(tmp_path):
         stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(use_vllm=False, beta=0.04))
         assert (tmp_path / str(use_lora) / "reference-start").is_dir() is written
         model.name_or_path = model.config._name_or_path = ""
+
+
+def test_a_reward_model_is_put_on_the_processs_accelerator(tmp_path, monkeypatch):
+    """TRL puts its reward models on the accelerator; `model:` rewards stayed on the CPU beside a GPU policy."""
+    import latentalign.reward
+    from latentalign.reward import functions
+    from latentalign.rl import stage
+
+    built = {}
+
+    def get_reward(name, **options):
+        built[name] = options
+        return functions.REGISTRY["format"]
+
+    monkeypatch.setattr(latentalign.reward, "get_reward", get_reward)
+    monkeypatch.setattr(stage, "accelerator_device", lambda: "cuda:1")
+    cfg = rl_config(tmp_path, 'rewards={"model:/nowhere/rm": 1.0, "math": 1.0}',
+                    'reward_options={"model:/nowhere/rm": {"batch_size": 4}}')
+    build_rewards(cfg)
+    assert built == {"model:/nowhere/rm": {"batch_size": 4, "device": "cuda:1"}, "math": {}}
+    monkeypatch.setattr(stage, "accelerator_device", lambda: None)  # a CPU machine: where it loads
+    build_rewards(cfg)
+    assert built["model:/nowhere/rm"] == {"batch_size": 4, "device": None}
