@@ -207,7 +207,7 @@ def load_rows(source: str, *, split: str = "train", formats=tuple(FORMATS), size
     _check_same_columns(rows, label, keep)
     rows = [_text_parts_joined(row) for row in rows]
     if fmt == "preference":
-        rows = _without_ties(rows, label)
+        rows = without_ties(rows, label)
     if fmt == "rl":
         rows = [{**row, "answer": str(row["answer"])} for row in rows]
     if keep != set(rows[0]):
@@ -246,18 +246,19 @@ def _warn_dropped(rows: list[dict], keep: set, fmt: str, label: str) -> None:
             "(or rename one of them with dataset_columns).", label, dropped, fmt, "+".join(sorted(keep)))
 
 
-def _without_ties(rows: list[dict], label: str) -> list[dict]:
+def without_ties(rows: list[dict], label: str, read: str = "") -> list[dict]:
     """A pair whose chosen and rejected are the same teaches no preference (its loss has no gradient) and is a miss
     in pairwise accuracy: public preference sets hold a few. They are dropped, counted in a warning; a set of
-    nothing else is an error."""
+    nothing else is an error. Checked as written, and again as trained (`read`: " once read as chat turns", an
+    HH-RLHF pair differing in a trailing space or a prompt's " 5" against "5"), when the rows are read so."""
     same = [i for i, row in enumerate(rows) if row["chosen"] == row["rejected"]]
     if not same:
         return rows
     if len(same) == len(rows):
-        raise DataError(f"{label}: in every pair chosen and rejected are the same: no preference to learn.")
+        raise DataError(f"{label}: in every pair chosen and rejected are the same{read}: no preference to learn.")
     shown = ", ".join(map(str, same[:5])) + (", ..." if len(same) > 5 else "")
-    logging.getLogger(__name__).warning("%s: %d of %d pairs dropped: chosen and rejected are the same (rows %s).",
-                                        label, len(same), len(rows), shown)
+    logging.getLogger(__name__).warning("%s: %d of %d pairs dropped: chosen and rejected are the same%s (rows %s).",
+                                        label, len(same), len(rows), read, shown)
     dropped = set(same)
     return [row for i, row in enumerate(rows) if i not in dropped]
 

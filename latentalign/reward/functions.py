@@ -232,11 +232,8 @@ class RewardModelFunction:
 
 def pairwise_accuracy(scorer, rows) -> dict:
     """Share of preference pairs whose chosen side `scorer` (a `RewardModelFunction`) scores above the rejected
-    one, each side read as the reward model was trained on it (a pair without a prompt too; a reply's EOS text
-    taken off where the template ends turns with it, as the reward stage does)."""
-    from ..data.chat import without_end_token
-
-    rows = without_end_token(rows, scorer.tokenizer)
+    one, each side read as the reward model was trained on it (a pair without a prompt too; rows as the reward
+    stage trains them: `without_end_token`)."""
     chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows],
                                            special=[not isinstance(r[side], list) for r in rows])
                         for side in ("chosen", "rejected"))

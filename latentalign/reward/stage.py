@@ -100,6 +100,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
 
     from ..data import to_dataset
     from ..data.chat import without_end_token
+    from ..data.loading import without_ties
     from ..stages import trl_args
     from ..training import (ExpertLoadLog, ExpertLoadMeter, check_rows_kept, load_stage_data, make_peft_config,
                             train_and_save, write_metrics)
@@ -110,8 +111,9 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     rows, eval_rows = _with_margins(rows, cfg.margin), _with_margins(eval_rows, cfg.margin)
 
     model, tokenizer = starting_model(cfg)
-    rows, held_out = without_end_token(rows, tokenizer), eval_rows  # pairwise_accuracy takes the EOS off itself
-    eval_rows = without_end_token(eval_rows, tokenizer) if eval_rows else eval_rows
+    eos_off = " once their EOS text is off"  # " 5<EOS>" against " 5": one reply where the template ends turns so
+    rows = without_ties(without_end_token(rows, tokenizer), cfg.dataset, eos_off)
+    eval_rows = without_ties(without_end_token(eval_rows, tokenizer), cfg.eval_dataset, eos_off) if eval_rows else None
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     evaluated = eval_rows if eval_rows and args.eval_strategy != "no" else None  # TRL's eval loss and accuracy
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),
@@ -127,7 +129,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     if eval_rows:
         scorer = RewardModelFunction(metrics["model_dir"], batch_size=args.per_device_eval_batch_size,
                                      max_length=args.max_length or RewardModelFunction.MAX_LENGTH)  # as trained
-        metrics["eval"] = pairwise_accuracy(scorer, held_out)
+        metrics["eval"] = pairwise_accuracy(scorer, eval_rows)
         metrics["eval"]["dataset"] = cfg.eval_dataset
         metrics["eval_accuracy"] = metrics["eval"]["accuracy"]
     return write_metrics(cfg, metrics)

@@ -113,11 +113,15 @@ def warn_rows_cut(trainer, max_length: int | None, dataset: str) -> int:
 def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[list, str, list | None]:
     """(training rows, their format, held-out rows or None), every row checked before anything is built."""
     from ..data.chat import as_chat
-    from ..data.loading import load_rows
+    from ..data.loading import load_rows, without_ties
+
+    def as_trained(rows, fmt, label):  # ties of a pair that the chat turns made the same are ties too
+        rows = as_chat(rows, fmt)
+        return without_ties(rows, label, " once read as chat turns") if fmt == "preference" else rows
 
     rows, fmt = load_rows(cfg.dataset, split=cfg.dataset_split, formats=formats, size=cfg.dataset_size,
                           seed=cfg.seed, difficulty=cfg.difficulty, columns=cfg.dataset_columns)
-    rows = as_chat(rows, fmt)
+    rows = as_trained(rows, fmt, cfg.dataset)
     eval_rows = None
     sliced = "[" in cfg.dataset_split or "[" in cfg.eval_split  # `train[:90%]` and `train[-10%:]`: the user's cut
     if cfg.eval_dataset and cfg.eval_dataset == cfg.dataset and Path(cfg.dataset).is_file() and not sliced:
@@ -130,7 +134,7 @@ def load_stage_data(cfg: TrainingStageConfig, formats, eval_formats) -> tuple[li
             columns = cfg.dataset_columns if cfg.eval_dataset == cfg.dataset else {}
         eval_rows, eval_fmt = load_rows(cfg.eval_dataset, split=cfg.eval_split, formats=eval_formats,
                                         size=cfg.eval_size, seed=cfg.seed, difficulty=cfg.difficulty, columns=columns)
-        eval_rows = as_chat(eval_rows, eval_fmt)
+        eval_rows = as_trained(eval_rows, eval_fmt, cfg.eval_dataset)
     return rows, fmt, eval_rows
 
 

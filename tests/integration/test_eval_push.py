@@ -289,3 +289,23 @@ def test_what_eval_reads_as_a_user_writes_it(model_dirs, tmp_path):
     assert tasks.is_reward_model(v3) and not tasks.is_reward_model(lm)
     result = invoke("eval", lm, "--tasks", "maj@2", "--temperature", "1e-40", "--size", "2")
     assert result.exit_code == 2 and "must be 0 or a finite number >= 0.001" in result.output, result.output
+
+
+def test_pairwise_reads_pairs_as_the_reward_stage_trains_them(model_dirs, tmp_path, caplog):
+    """Replies that spell the EOS text are scored with one EOS, as the stage trains them (eval scored two), and a
+    pair the EOS made the same is no pair."""
+    _, rm = model_dirs
+    from latentalign.training import load_tokenizer
+
+    eos = load_tokenizer(str(rm)).eos_token
+    rows = [{"prompt": f"{i} + 1 =", "chosen": f" {i + 1}", "rejected": f" {i + 2}"} for i in range(6)]
+    plain, spelled = tmp_path / "plain.jsonl", tmp_path / "spelled.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tied = {"prompt": "9 + 1 =", "chosen": " 10", "rejected": " 10" + eos}
+    spelled.write_text("".join(json.dumps({**r, "chosen": r["chosen"] + eos}) + "\n" for r in rows)
+                       + json.dumps(tied) + "\n")
+    scores = [tasks.evaluate(rm, ["pairwise"], tasks.EvalOptions(preference_dataset=str(f), size=7), progress=False)
+              for f in (plain, spelled)]
+    assert scores[1]["pairwise/n"] == scores[0]["pairwise/n"] == 6
+    assert scores[1]["pairwise/mean_margin"] == pytest.approx(scores[0]["pairwise/mean_margin"], abs=1e-6)
+    assert "1 of 7 pairs dropped: chosen and rejected are the same as trained" in caplog.text

@@ -57,9 +57,6 @@ def test_reward_model_trains_with_margin_and_centering_and_scores_as_a_reward(tm
               "rejected": question + [{"role": "assistant", "content": "6"}]}]
     scores = rm.score_texts([rm.training_text(question, [{"role": "assistant", "content": c}]) for c in "56"])
     assert pairwise_accuracy(rm, pairs)["mean_margin"] == pytest.approx(scores[0] - scores[1], abs=1e-5)
-    spelled = [{side: turns[:-1] + [{"role": "assistant", "content": turns[-1]["content"] + eos}]
-                for side, turns in pairs[0].items()}]  # replies that spell the EOS text: as the stage, one EOS
-    assert pairwise_accuracy(rm, spelled)["mean_margin"] == pytest.approx(scores[0] - scores[1], abs=1e-5)
     # A conversation longer than max_length keeps its end, the answer the score is read after.
     short = RewardModelFunction(metrics["model_dir"], max_length=24)
     long_prompt = "Add these up: " + " + ".join(["1"] * 60)

@@ -500,3 +500,25 @@ def test_generate_prompts_from_a_jsonl_file_a_user_wrote(tmp_path):
     path.write_text(json.dumps({"prompt": "Hi"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(DataError, match="prompts.jsonl: line 2: nested too deeply to read"):
         read_prompts(path)
+
+
+def test_pairs_that_the_chat_turns_make_the_same_are_ties(tmp_path, caplog):
+    """TRL's leading space (" 5" and "5" under a text prompt) and HH-RLHF's trailing space are one assistant turn
+    once read as chat: such a pair trains with no gradient, and is dropped as a tie written so is."""
+    from latentalign.stages import load_config
+    from latentalign.training import load_stage_data
+
+    hh = "\n\nHuman: What is 2 + 3?\n\nAssistant: {}"
+    pairs = [{"prompt": "2 + 3 =", "chosen": " 5", "rejected": "5"}, {"prompt": "2 + 3 =", "chosen": " 5",
+                                                                        "rejected": " 6"}]
+    path = write_jsonl(tmp_path / "prompted.jsonl", pairs * 2)
+    rows, _, _ = load_stage_data(load_config("reward", None, [f"dataset={path}", "eval_dataset=null"]),
+                                 ("preference",), ("preference",))
+    assert len(rows) == 2 and all(r["rejected"][-1]["content"] == "6" for r in rows)
+    said = "prompted.jsonl: 2 of 4 pairs dropped: chosen and rejected are the same once read as chat turns"
+    assert said in caplog.text
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": hh.format("5 "), "rejected": hh.format("5")},
+                                               {"chosen": hh.format("5"), "rejected": hh.format("6")}])
+    rows, _, _ = load_stage_data(load_config("reward", None, [f"dataset={path}", "eval_dataset=null"]),
+                                 ("preference",), ("preference",))
+    assert len(rows) == 1 and rows[0]["rejected"][-1]["content"] == "6"
