@@ -40,7 +40,9 @@ CHECKS = {
     "recipe_seeds": lambda r: r["summary"]["sft"]["accuracy"]["n"] == 16 and r["summary"]["reward"]["pairwise"]
     and set(r["gains"]["rl - sft"]["accuracy"]["by_seed"]) == {"0"},
 }
-SLOW = {"quickstart"}  # the tiny chain twice with a kill -9, as the slow recipe test
+# the tiny chain twice with a kill -9, as the slow recipe test; a recipe over seeds, and the training-speed
+# script, which at their smallest sizes still take 20 s each (the default suite stays under 10 minutes in CI)
+SLOW = {"quickstart", "recipe_seeds", "train_speed"}
 
 
 def test_every_script_is_run_by_make_bench_and_has_a_smoke_size():
