@@ -381,10 +381,10 @@ def graded_answer(completion: str, reference) -> str | None:
     the reference whole, letter for letter (reasoning-gym's "C=3,E=0,T=6" or "67 days, 01:04:00", where the rules
     read the last number), else its `final_answer`. One reading for accuracy, maj@K and the math reward."""
     wanted = reference_answer(reference)
-    tagged = _final_tag(completion)[1]
+    text, tagged = _final_tag(completion)
     if tagged and has_reference(wanted) and " ".join(tagged.split()) == " ".join(str(wanted).split()):
         return str(wanted)
-    return final_answer(completion)
+    return _tag_answer(tagged) if tagged is not None else _untagged_answer(text)  # final_answer, tag found once
 
 
 def majority_answer(answers: list[str | None]) -> str | None:
