@@ -72,6 +72,15 @@ def reply_text(text: str) -> str:
     return text[1:] if text[:1] == " " and text[1:2].strip() else text
 
 
+def pairs_as_trained(rows: list[dict], tokenizer, label: str) -> list[dict]:
+    """Preference pairs as the reward stage trains them (and pairwise evaluation reads them): each reply's EOS
+    text off, then the pairs this leaves tied dropped (" 5<EOS>" against " 5" is one reply where the template
+    ends turns itself)."""
+    from .loading import without_ties
+
+    return without_ties(without_end_token(rows, tokenizer), label, " once their EOS text is off")
+
+
 def without_end_token(rows: list[dict], tokenizer, keys=("messages", "completion", "chosen", "rejected")):
     """`rows` with the tokenizer's EOS text taken off the end of each assistant turn, where its chat template
     writes it after every one: a reply that spelled it (" 2<EOS>", as a prompt/completion split often does) would

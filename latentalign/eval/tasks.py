@@ -137,13 +137,12 @@ def majority(model, tokenizer, opts: EvalOptions, k: int) -> dict:
 
 
 def pairwise(model_dir, opts: EvalOptions) -> dict:
-    from ..data.chat import without_end_token
-    from ..data.loading import without_ties
+    from ..data.chat import pairs_as_trained
     from ..reward.functions import RewardModelFunction, pairwise_accuracy
 
     scorer = RewardModelFunction(str(model_dir), batch_size=opts.batch_size)
-    rows = _rows(opts, opts.preference_dataset, ("preference",))  # then as the reward stage trains them
-    rows = without_ties(without_end_token(rows, scorer.tokenizer), opts.preference_dataset, " as trained")
+    rows = pairs_as_trained(_rows(opts, opts.preference_dataset, ("preference",)), scorer.tokenizer,
+                            opts.preference_dataset)
     result = pairwise_accuracy(scorer, rows)
     return {"pairwise": result["accuracy"], "pairwise/n": result["n"], "pairwise/mean_margin": result["mean_margin"]}
 

@@ -167,9 +167,8 @@ class RewardModelFunction:
 
         from ..eval.tasks import is_reward_model
 
-        for key, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if value is None and key == "max_length":
-                continue
+        given = {"batch_size": batch_size, **({"max_length": max_length} if max_length is not None else {})}
+        for key, value in given.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RewardError(f"model:{path}: {key} must be a positive whole number, got {value!r}.")
         self.path = path
@@ -233,7 +232,7 @@ class RewardModelFunction:
 def pairwise_accuracy(scorer, rows) -> dict:
     """Share of preference pairs whose chosen side `scorer` (a `RewardModelFunction`) scores above the rejected
     one, each side read as the reward model was trained on it (a pair without a prompt too; rows as the reward
-    stage trains them: `without_end_token`)."""
+    stage trains them: `pairs_as_trained`)."""
     chosen, rejected = (scorer.score_texts([scorer.training_text(r.get("prompt"), r[side]) for r in rows],
                                            special=[not isinstance(r[side], list) for r in rows])
                         for side in ("chosen", "rejected"))

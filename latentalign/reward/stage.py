@@ -99,8 +99,7 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     from trl import RewardTrainer
 
     from ..data import to_dataset
-    from ..data.chat import without_end_token
-    from ..data.loading import without_ties
+    from ..data.chat import pairs_as_trained
     from ..stages import trl_args
     from ..training import (ExpertLoadLog, ExpertLoadMeter, check_rows_kept, load_stage_data, make_peft_config,
                             train_and_save, write_metrics)
@@ -111,9 +110,8 @@ def run(cfg: RewardStageConfig, callbacks=None) -> dict:
     rows, eval_rows = _with_margins(rows, cfg.margin), _with_margins(eval_rows, cfg.margin)
 
     model, tokenizer = starting_model(cfg)
-    eos_off = " once their EOS text is off"  # " 5<EOS>" against " 5": one reply where the template ends turns so
-    rows = without_ties(without_end_token(rows, tokenizer), cfg.dataset, eos_off)
-    eval_rows = without_ties(without_end_token(eval_rows, tokenizer), cfg.eval_dataset, eos_off) if eval_rows else None
+    rows = pairs_as_trained(rows, tokenizer, cfg.dataset)
+    eval_rows = pairs_as_trained(eval_rows, tokenizer, cfg.eval_dataset) if eval_rows else None
     peft_config = make_peft_config(cfg, model, task_type="SEQ_CLS") if cfg.use_lora else None
     evaluated = eval_rows if eval_rows and args.eval_strategy != "no" else None  # TRL's eval loss and accuracy
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_dataset(rows, cfg.dataset),

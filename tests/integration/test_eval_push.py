@@ -308,4 +308,4 @@ def test_pairwise_reads_pairs_as_the_reward_stage_trains_them(model_dirs, tmp_pa
               for f in (plain, spelled)]
     assert scores[1]["pairwise/n"] == scores[0]["pairwise/n"] == 6
     assert scores[1]["pairwise/mean_margin"] == pytest.approx(scores[0]["pairwise/mean_margin"], abs=1e-6)
-    assert "1 of 7 pairs dropped: chosen and rejected are the same as trained" in caplog.text
+    assert "1 of 7 pairs dropped: chosen and rejected are the same once their EOS text is off" in caplog.text

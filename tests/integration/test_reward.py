@@ -188,6 +188,9 @@ def test_a_reward_model_scores_text_and_replies_as_it_was_trained(tmp_path):
         expected - scorer.score_texts([scorer.training_text(None, "6")], special=[True])[0], abs=1e-5)
     with pytest.raises(RewardError, match="batch_size must be a positive whole number, got 0"):
         RewardModelFunction(str(folder), batch_size=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(RewardError, match=f"max_length must be a positive whole number, got {bad!r}"):
+            RewardModelFunction(str(folder), max_length=bad)
     with pytest.raises(RewardError, match="weighted_sum: reward 'short' returned 1 values for 2 completions"):
         def short(prompts, completions, **_):
             return [1.0]
