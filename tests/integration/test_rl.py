@@ -5,6 +5,7 @@ import zlib
 import pytest
 import torch
 
+from latentalign.model.checkpoint import CheckpointError
 from latentalign.reward import functions
 from latentalign.rl import load_config, run
 from latentalign.stages import trl_args
@@ -499,7 +500,22 @@ def test_a_preset_under_vllm_gets_both_paths(tmp_path, monkeypatch):
     model, tokenizer = load_starting_point("tiny", overrides=SMALL)
     monkeypatch.setattr(vllm, "vllm_start_dir", lambda *a, **k: tmp_path / "vllm-start")
     cfg = SimpleNamespace(model="tiny", model_overrides=SMALL, output_dir=str(tmp_path), use_lora=False)
-    stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(use_vllm=True, beta=0.04))
+    vllm_args = SimpleNamespace(use_vllm=True, beta=0.04, vllm_mode="colocate")
+    stage._point_trl_at_the_start(model, tokenizer, cfg, vllm_args)
     assert model.name_or_path == str(tmp_path / "vllm-start")
     assert model.config._name_or_path == str(tmp_path / "reference-start")
     assert (tmp_path / "reference-start" / "config.json").is_file()
+    model.name_or_path = "tiny"  # a server is started beforehand, from an export: TRL reads no folder of ours
+    stage._point_trl_at_the_start(model, tokenizer, cfg, SimpleNamespace(**{**vars(vllm_args), "vllm_mode": "server"}))
+    assert model.name_or_path == str(tmp_path / "reference-start")
+
+    def refused(*_, **__):
+        raise CheckpointError("cannot export n_shared_experts=0 to transformers' deepseek_v2")
+
+    monkeypatch.setattr(vllm, "vllm_start_dir", refused)  # a model vLLM cannot start from: said as use_vllm's
+    with pytest.raises(ConfigError, match="use_vllm: vLLM starts from the model in the hub's DeepSeek-V2 layout, "
+                                          "and cannot export n_shared_experts=0"):
+        stage._point_trl_at_the_start(model, tokenizer, cfg, vllm_args)
+    model.config.tie_word_embeddings = True
+    with pytest.raises(ConfigError, match="use_vllm: the model ties its output head to its input embeddings"):
+        stage._point_trl_at_the_start(model, tokenizer, cfg, vllm_args)

@@ -79,9 +79,31 @@ def test_a_completion_a_reward_failed_to_score_is_unscored_but_a_rewards_own_non
     (["routing_replay=true", "use_vllm=true"], "routing_replay: vLLM's rollouts route in vLLM"),
     (["use_lora=true", "bias_update_speed=0.001"], "bias_update_speed with use_lora and beta > 0"),
 ])
-def test_options_that_cannot_work_together_are_named_before_a_model_loads(tmp_path, options, message):
+def test_options_that_cannot_work_together_are_named_before_a_model_loads(tmp_path, options, message, monkeypatch):
+    monkeypatch.setattr("latentalign.rl.checks.vllm_installed", lambda: True)
     with pytest.raises(ConfigError, match=message):
         trl_args(rl_config(tmp_path, *options))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["vllm_mode=colcate"], "vllm_mode: 'colocate' or 'server', got 'colcate'"),
+    (["vllm_tensor_parallel_size=0"], "vllm_tensor_parallel_size: a whole number >= 1, got 0"),
+    (["vllm_gpu_memory_utilization=1.7"], r"vllm_gpu_memory_utilization: the share of GPU memory vLLM takes, "
+                                          r"in \(0, 1\], got 1.7"),
+    (["vllm_importance_sampling_mode=token"], "vllm_importance_sampling_mode: one of token_truncate, token_mask"),
+    (["vllm_enable_sleep_mode=true"], "vllm_enable_sleep_mode with vllm_sync_check: TRL wakes"),
+    (['generation_kwargs={"seed": 3}'], "generation_kwargs: seed: in colocate mode"),
+])
+def test_vllm_options_are_checked_before_a_model_loads(tmp_path, options, message, monkeypatch):
+    monkeypatch.setattr("latentalign.rl.checks.vllm_installed", lambda: True)
+    with pytest.raises(ConfigError, match=message):
+        trl_args(rl_config(tmp_path, "use_vllm=true", *options))
+    for fine in (["vllm_enable_sleep_mode=true", "vllm_sync_check=false"],
+                 ["vllm_mode=server", 'generation_kwargs={"seed": 3}'], ["vllm_importance_sampling_mode=token_mask"]):
+        trl_args(rl_config(tmp_path, "use_vllm=true", *fine))
+    monkeypatch.setattr("latentalign.rl.checks.vllm_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"use_vllm: vLLM is not installed here; install latentalign\[vllm\]"):
+        trl_args(rl_config(tmp_path, "use_vllm=true"))
 
 
 def test_options_that_work_together_pass(tmp_path):

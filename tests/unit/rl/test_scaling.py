@@ -73,7 +73,7 @@ def test_zero3_marks_the_moe_block_as_a_leaf(make_config, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
-def test_a_recipe_turns_on_trl_vllm_rollouts(mode, tmp_path):
+def test_a_recipe_turns_on_trl_vllm_rollouts(mode, tmp_path, monkeypatch):
     import yaml
     from trl import GRPOConfig
 
@@ -82,6 +82,7 @@ def test_a_recipe_turns_on_trl_vllm_rollouts(mode, tmp_path):
     from latentalign.stages import trl_args
     from latentalign.training import build
 
+    monkeypatch.setattr("latentalign.rl.checks.vllm_installed", lambda: True)
     recipe = tmp_path / "vllm.yaml"
     recipe.write_text(yaml.safe_dump({"stages": {"rl": {
         "model": "some-org/DeepSeek-V2-Lite-sft", "use_vllm": True, "vllm_mode": mode,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentalign.model import LatentAlignForCausalLM
-from latentalign.rl.vllm import native_named_weights, vllm_start_dir
+from latentalign.rl.vllm import vllm_start_dir, with_router_biases
 from latentalign.rl.vllm_sync import ServerEngine, SyncCheck, SyncError, policy_logprobs, probe_prompts, watch
 
 
@@ -27,7 +27,7 @@ class EngineModel(torch.nn.Module):
         self.loaded = 0
 
     def load_weights(self, weights):
-        own = dict(self.named_parameters())
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         for name, tensor in weights:
             self.loaded += 1
             if self.ignore and self.ignore in name:
@@ -90,7 +90,7 @@ def trainer_with_engine(policy, engine_model):
     trainer = types.SimpleNamespace(vllm_generation=generation, accelerator=accelerator, model=policy,
                                     state=types.SimpleNamespace(global_step=0),
                                     _metrics={"train": defaultdict(list)})
-    assert wrap_vllm_weights(trainer, native_named_weights)
+    assert wrap_vllm_weights(trainer, with_router_biases(trainer))  # as the RL stage wraps it
     return trainer, generated
 
 
@@ -233,3 +233,38 @@ def test_an_engine_that_cannot_take_weights_is_one_clear_error_naming_the_weight
                                         r"AssertionError: Attempted to load weight") as err:
         trainer.vllm_generation.sync_weights()
     assert "use_vllm: false" in str(err.value)
+
+
+def test_the_routers_biases_reach_the_engine_at_every_sync(make_config, monkeypatch):
+    """DeepSeek-V3 routing: `bias_update_speed` moves each router's e_score_correction_bias, a buffer that TRL's
+    stream of parameters leaves out; vLLM routing by the starting biases would be another model."""
+    torch.manual_seed(0)
+    policy = LatentAlignForCausalLM(make_config(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                                                routed_scaling_factor=2.5, n_group=2, topk_group=1)).eval()
+    fake_vllm(monkeypatch)
+    engine = EngineModel(policy)
+    trainer, _ = trainer_with_engine(policy, engine)
+    with torch.no_grad():  # what BiasBalancer does after a step
+        for layer in policy.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.add_(torch.linspace(-0.5, 0.5, 8))
+    trainer.vllm_generation.sync_weights()
+    for ours, theirs in zip(policy.model.layers[1:], engine.model.layers[1:]):
+        assert torch.equal(ours.mlp.gate.e_score_correction_bias, theirs.mlp.gate.e_score_correction_bias)
+        assert ours.mlp.gate.e_score_correction_bias.abs().sum() > 0
+
+
+def test_in_server_mode_every_process_runs_the_policys_side_of_the_check(policy, monkeypatch):
+    """A process without the server's client still runs the probe's forwards at each sync: under FSDP or ZeRO-3
+    they gather weights from every process, and one left out would hang the others."""
+    fake_vllm(monkeypatch)
+    trainer, _ = trainer_with_engine(policy, EngineModel(policy))
+    generation = trainer.vllm_generation
+    generation.mode, generation.vllm_client = "server", None  # TRL gives the client to the main process only
+    generation._weight_metadata, generation.accelerator = None, types.SimpleNamespace(is_main_process=False)
+    calls = []
+    policy.register_forward_hook(lambda *_: calls.append(1))
+    assert watch(trainer, probe_for(policy))
+    generation.sync_weights()
+    assert len(calls) >= 3  # the three probe rows scored (after their greedy continuations)
+    trainer.vllm_generation = None  # no vLLM: nothing to check
+    assert not watch(trainer, probe_for(policy))
