@@ -85,7 +85,7 @@ def starting_model(cfg: RewardStageConfig):
 
     overrides = {"score_pooling": cfg.score_pooling, **cfg.model_overrides}
     return load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=overrides, seed=cfg.seed,
-                               reward=True)
+                               reward=True, trains_all=not cfg.use_lora)
 
 
 def _with_margins(rows: list[dict] | None, margin: float | None) -> list[dict] | None:

@@ -361,7 +361,7 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     rows, eval_rows = _stage_rows(cfg)
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, trains_all=not cfg.use_lora)
     ends = model.generation_config.eos_token_id  # what TRL's rollouts end on, as it reads them
     ends = {*(ends if isinstance(ends, list) else [ends] if ends is not None else []), tokenizer.eos_token_id} - {None}
     rewards, _ = build_rewards(cfg, args.max_completion_length, ends)

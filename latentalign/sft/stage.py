@@ -68,14 +68,19 @@ STAGE_CONFIG = SFTStageConfig
 
 def trl_adjustments(cfg: SFTStageConfig) -> dict:
     """No TRL default follows from our options; TRL's evaluation during training is refused, as the stage hands
-    TRL no eval set (its `eval_dataset` is prompt + answer rows, scored by exact match after training), and so is
-    `padding_free` where TRL would refuse it after the model is built."""
+    TRL no eval set (its `eval_dataset` is prompt + answer rows, scored by exact match after training), and so are
+    `padding_free` where TRL would refuse it after the model is built and label smoothing, whose loss leaves the
+    balance loss out."""
     from ..training import ConfigError
 
     for key in ("eval_strategy", "load_best_model_at_end"):
         if cfg.trl.get(key) not in (None, False, "no"):
             raise ConfigError(f"{key}: the sft stage evaluates after training only (eval_dataset: prompt + answer "
                               f"rows, exact match), with no loss on held-out rows during training; remove {key}.")
+    if cfg.trl.get("label_smoothing_factor"):
+        raise ConfigError("label_smoothing_factor: TRL's label-smoothed loss calls the model without labels and "
+                          "adds no balance loss, so the MoE routers would train without DeepSeek's balance terms "
+                          "(logged, never applied); remove label_smoothing_factor.")
     max_length = cfg.trl.get("max_length", TRL_DEFAULTS["max_length"])
     if cfg.trl.get("padding_free") and not cfg.trl.get("packing") and max_length is not None:
         raise ConfigError(f"padding_free: without packing TRL cuts no row to max_length ({max_length}); set packing: "
@@ -118,7 +123,7 @@ def run(cfg: SFTStageConfig, callbacks=None) -> dict:
         args.assistant_only_loss = False  # prompt/completion data trains on completions only (TRL's default)
 
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, trains_all=not cfg.use_lora)
     rows = without_end_token(rows, tokenizer)
     if args.assistant_only_loss and (template := training_template_for(tokenizer)):
         tokenizer.chat_template = template

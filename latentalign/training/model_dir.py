@@ -6,6 +6,7 @@ config), so that every later stage, `latentalign chat` and the export read the s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..model.checkpoint import CheckpointError
@@ -48,10 +49,13 @@ def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
 
 
 def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, overrides: dict | None = None,
-                        seed: int = 0, reward: bool = False):
+                        seed: int = 0, reward: bool = False, trains_all: bool = False):
     """(model, tokenizer) for a stage. Presets are built at random init with the tokenizer's vocabulary and
     special ids, a digit's two tokens starting alike (`align_digit_embeddings`); checkpoints load through
-    `latentalign.load_model` / `load_reward_model`."""
+    `latentalign.load_model` / `load_reward_model`. Where the stage `trains_all` weights (no LoRA), a checkpoint
+    stored in half precision is trained in fp32: an update of a bf16 weight below its rounding step is lost (at
+    5e-6, most of them), where `bf16: true` computes in bf16 over fp32 weights; `model_overrides: {dtype: ...}`
+    keeps the dtype asked for."""
     import torch
 
     from ..data.tokenizer import align_digit_embeddings
@@ -80,8 +84,23 @@ def load_starting_point(model_spec: str, *, tokenizer_spec: str | None = None, o
         model = loader(model_spec, **overrides)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
+        if trains_all and "dtype" not in overrides:
+            _in_fp32(model, model_spec)
     mark_moe_leaves_for_zero3(model)
     return model, tokenizer
+
+
+def _in_fp32(model, model_spec: str) -> None:
+    import torch
+
+    stored = {p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+    if stored:
+        model.float()
+        logging.getLogger(__name__).warning(
+            "%s: stored in %s; full fine-tuning trains (and saves) its weights in fp32, twice the memory, as updates "
+            "below a half-precision weight's rounding step would be lost (bf16: true computes in bf16 over them); "
+            "model_overrides: {dtype: %s} trains them as stored.", model_spec,
+            *[", ".join(sorted(str(d).removeprefix("torch.") for d in stored))] * 2)
 
 
 def _check_checkpoint(model_spec: str, presets) -> None:

@@ -96,3 +96,18 @@ def test_a_saved_model_keeps_its_end_tokens_and_computes_no_balance_loss_unasked
     model.generation_config.eos_token_id = None
     assert GenerationConfig.from_pretrained(save_model_dir(model, tokenizer, tmp_path / "n")).eos_token_id == \
         tokenizer.eos_token_id
+
+
+def test_full_fine_tuning_of_a_half_precision_checkpoint_trains_fp32_weights(tmp_path, caplog):
+    """A bf16 weight does not move for an update below its rounding step (most of them at 5e-6): a stage that
+    trains every weight trains them in fp32, unless `model_overrides: {dtype: ...}` asks otherwise; LoRA keeps
+    the frozen base as stored."""
+    model, tokenizer = load_starting_point("tiny", overrides=SMALL)
+    save_model_dir(model.to(torch.bfloat16), tokenizer, tmp_path / "bf16")
+    path = str(tmp_path / "bf16")
+    trained, _ = load_starting_point(path, trains_all=True)
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    assert "stored in bfloat16; full fine-tuning trains (and saves) its weights in fp32" in caplog.text
+    for kwargs in ({"trains_all": True, "overrides": {"dtype": torch.bfloat16}}, {"trains_all": False}):
+        kept, _ = load_starting_point(path, **kwargs)
+        assert torch.bfloat16 in {p.dtype for p in kept.parameters()}

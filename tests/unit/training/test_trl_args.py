@@ -93,6 +93,15 @@ def test_sft_refuses_padding_free_that_trl_would_refuse_after_building_the_model
     assert args_for(tmp_path, "padding_free=true", "packing=true").packing
 
 
+def test_sft_refuses_label_smoothing_whose_loss_leaves_the_balance_loss_out(tmp_path):
+    from latentalign.training import ConfigError
+
+    with pytest.raises(ConfigError, match="label_smoothing_factor: TRL's label-smoothed loss calls the model without "
+                                          "labels and adds no balance loss"):
+        args_for(tmp_path, "label_smoothing_factor=0.1")
+    assert args_for(tmp_path, "label_smoothing_factor=0.0").label_smoothing_factor == 0.0
+
+
 def test_a_large_model_at_the_tiny_presets_learning_rate_is_warned_about(tmp_path, monkeypatch, caplog):
     from latentalign.model import LatentAlignConfig, LatentAlignForCausalLM
     from latentalign.training import loop
