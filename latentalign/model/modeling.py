@@ -74,26 +74,33 @@ def select_experts(
 
 
 def drop_over_capacity(
-    weights: torch.Tensor, indices: torch.Tensor, config: LatentAlignConfig, capacity_factor: float
+    weights: torch.Tensor, indices: torch.Tensor, config: LatentAlignConfig, capacity_factor: float,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Device-level token dropping (§2.2.4): zero the lowest-affinity assignments beyond each device's budget.
 
-    The budget of each of the D device groups is `capacity_factor * N * K / D` assignments. Returns the new
-    weights; dropped assignments weigh 0 and so contribute nothing (the shared experts still see the token).
+    The budget of each of the D device groups is `capacity_factor * N * K / D` assignments, N the real tokens
+    (`real`, (N,) bool: padding takes no place and is dropped, so a batch's padding changes no real token).
+    Returns the new weights; dropped assignments weigh 0 and so contribute nothing (the shared experts still see
+    the token).
     """
     n, k = indices.shape
     d = config.device_groups
-    budget = max(1, int(capacity_factor * n * k / d))
     device = (indices // (config.n_routed_experts // d)).reshape(-1)  # (N*K,)
+    if real is not None and real.numel() == n:
+        device = torch.where(real.to(device.device).repeat_interleave(k), device, d)  # padding: a group apart
+        n = int(real.sum())
+    budget = max(1, int(capacity_factor * n * k / d))
     flat_w = weights.reshape(-1)
     # Rank each assignment inside its device by affinity: sort by weight (descending), then stably by device.
     order = torch.argsort(-flat_w.detach(), stable=True)
     order = order[torch.argsort(device[order], stable=True)]
-    counts = torch.bincount(device, minlength=d)
+    counts = torch.bincount(device, minlength=d + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device) - starts[device[order]]
-    return torch.where(rank < budget, flat_w, torch.zeros_like(flat_w)).view(n, k)
+    kept = (rank < budget) & (device < d)
+    return torch.where(kept, flat_w, torch.zeros_like(flat_w)).view(indices.shape)
 
 
 @dataclass
@@ -102,60 +109,77 @@ class BalanceStats:
     expert_load: torch.Tensor  # (n_moe_layers, E): tokens routed to each expert (real tokens only)
 
 
+def sequences_of(n_tokens: int, batch_size: int, attention_mask=None, position_ids=None,
+                 per_sequence: bool = True) -> torch.Tensor:
+    """(S, N) membership of the batch's N = B*T tokens in its S sequences, real tokens only (padding, attention_mask
+    0, belongs to none): each row of the batch, split again where its position ids restart at 0 on a real token
+    (rows packed into one, TRL's padding-free batches); one sequence of every real token if not `per_sequence`.
+    Sequences without a real token are left out."""
+    t = n_tokens // batch_size
+    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == (batch_size, t):
+        real = attention_mask.bool()
+    else:
+        real = torch.ones(batch_size, t, dtype=torch.bool, device=device)
+    starts = torch.zeros_like(real)
+    starts[:, 0] = True
+    if per_sequence and position_ids is not None and position_ids.shape == real.shape:
+        starts |= real & (position_ids.to(real.device) == 0)
+    elif not per_sequence:
+        starts[1:, 0] = False
+    ids = starts.reshape(-1).cumsum(0) - 1
+    member = torch.zeros(int(ids[-1]) + 1, n_tokens, device=real.device)
+    member[ids, torch.arange(n_tokens, device=real.device)] = real.reshape(-1).float()
+    return member[member.sum(dim=1) > 0]
+
+
 def balance_loss(
     router_logits: tuple[torch.Tensor, ...],
     config: LatentAlignConfig,
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 1,
     biases: list[torch.Tensor | None] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> BalanceStats:
-    """The balance losses of DeepSeek-V2 eq. 12-20, per sequence, averaged over the batch, summed over layers.
+    """The balance losses of DeepSeek-V2 eq. 12-20, per sequence, averaged over the sequences, summed over layers.
 
     `router_logits` holds one (B*T, E) tensor per MoE layer. With T the real tokens of a sequence:
       expert:  f_i = E/(K T) #{t selects i},   P_i = 1/T sum_t s_{i,t},   L = sum_i f_i P_i
       device:  f'_d = mean_{i in d} f_i,       P'_d = sum_{i in d} P_i,   L = sum_d f'_d P'_d
       comm:    f''_d = D/(M T) #{t sent to d},                            L = sum_d f''_d P'_d
-    Padding tokens (attention_mask 0) count nowhere. With `seq_aux: false` (the original code's batch-wise
-    loss) the batch's real tokens are counted as one sequence. For sigmoid routing (DeepSeek-V3) `biases` holds
-    each layer's score-correction bias (it decides `f`), and P averages the scores normalised per token: the
-    sequence-wise balance loss of the V3 report (eq. 17-20), which its configs weight by 0.0001.
+    Padding tokens (attention_mask 0) count nowhere; rows packed into one (position ids restarting at 0) are
+    sequences apart (`sequences_of`). With `seq_aux: false` (the original code's batch-wise loss) the batch's
+    real tokens are counted as one sequence. For sigmoid routing (DeepSeek-V3) `biases` holds each layer's
+    score-correction bias (it decides `f`), and P averages the scores normalised per token: the sequence-wise
+    balance loss of the V3 report (eq. 17-20), which its configs weight by 0.0001.
     """
-    if not config.seq_aux:
-        if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = attention_mask.reshape(1, -1)
-        batch_size = 1
     n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
     d, m = config.device_groups, config.device_topk
     alpha1, alpha2, alpha3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
     total = router_logits[0].new_zeros((), dtype=torch.float32)
+    member = sequences_of(router_logits[0].shape[0], batch_size, attention_mask, position_ids, config.seq_aux)
+    member = member.to(router_logits[0].device)
+    n_tok = member.sum(dim=1, keepdim=True).clamp(min=1)  # (S, 1)
     loads = []
-    biases = biases or [None] * len(router_logits)
-    for logits, bias in zip(router_logits, biases):
-        scores = affinities(logits.float(), config)
+    for logits, bias in zip(router_logits, biases or [None] * len(router_logits)):
+        scores = affinities(logits.float(), config)  # (N, E)
         _, idx = select_experts(scores, config, bias)
         if config.scoring_func == "sigmoid":  # DeepSeek-V3 eq. 20: P_i from the scores normalised per token
             scores = scores / scores.sum(dim=-1, keepdim=True)
-        scores = scores.view(batch_size, -1, n_experts)  # (B, T, E)
-        chosen = F.one_hot(idx, n_experts).sum(dim=1).view_as(scores).to(scores.dtype)  # (B, T, E) in {0, 1}
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == scores.shape[:2]:
-            real = attention_mask.bool().unsqueeze(-1)
-            scores = torch.where(real, scores, torch.zeros_like(scores))
-            chosen = torch.where(real, chosen, torch.zeros_like(chosen))
-            n_tok = real.sum(dim=1).clamp(min=1).to(scores.dtype)  # (B, 1)
-        else:
-            n_tok = scores.new_full((batch_size, 1), scores.shape[1])
-        loads.append(chosen.sum(dim=(0, 1)).detach())
-        f = chosen.sum(dim=1) * n_experts / (top_k * n_tok)  # (B, E)
-        p = scores.sum(dim=1) / n_tok  # (B, E)
+        chosen = F.one_hot(idx, n_experts).sum(dim=1).to(scores.dtype)  # (N, E) in {0, 1}
+        counts = member @ chosen  # (S, E): each sequence's real tokens that chose expert i
+        loads.append(counts.sum(dim=0).detach())
+        f = counts * n_experts / (top_k * n_tok)  # (S, E)
+        p = member @ scores / n_tok  # (S, E)
         if alpha1:
             total = total + alpha1 * (f * p).sum(-1).mean()
         if d > 1 and (alpha2 or alpha3):
-            p_dev = p.view(batch_size, d, -1).sum(-1)  # (B, D)
+            p_dev = p.view(-1, d, n_experts // d).sum(-1)  # (S, D)
             if alpha2:
-                total = total + alpha2 * (f.view(batch_size, d, -1).mean(-1) * p_dev).sum(-1).mean()
+                total = total + alpha2 * (f.view(-1, d, n_experts // d).mean(-1) * p_dev).sum(-1).mean()
             if alpha3:
-                sent = chosen.view(*chosen.shape[:2], d, -1).amax(-1)  # (B, T, D): token reaches device d
-                f_comm = sent.sum(dim=1) * d / (m * n_tok)
+                sent = chosen.view(-1, d, n_experts // d).amax(-1)  # (N, D): token reaches device d
+                f_comm = (member @ sent) * d / (m * n_tok)
                 total = total + alpha3 * (f_comm * p_dev).sum(-1).mean()
     return BalanceStats(loss=total, expert_load=torch.stack(loads))
 
@@ -189,7 +213,8 @@ class DeepseekRouter(hf.DeepseekV2TopkRouter):
         router_logits = F.linear(hidden_states.float(), self.weight.float())  # (N, E)
         weights, indices = select_experts(affinities(router_logits, self.config), self.config, self.score_bias)
         if self.training and self.config.moe_capacity_factor is not None:
-            weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor)
+            weights = drop_over_capacity(weights, indices, self.config, self.config.moe_capacity_factor,
+                                         getattr(self, "real_tokens", None))
         return router_logits, self.gate_weights(weights), indices
 
     def gate_weights(self, affinities: torch.Tensor) -> torch.Tensor:
@@ -603,6 +628,16 @@ class LatentAlignCausalLMOutput(MoeCausalLMOutputWithPast):
     expert_load: torch.Tensor | None = None
 
 
+def _capacity_counts_real_tokens(model, attention_mask) -> None:
+    """Token dropping's budget counts real tokens (and padding takes none of it): each router gets the batch's
+    (N,) mask of real tokens. Kept until the next forward, so a layer recomputed by gradient checkpointing
+    during backward drops as its forward did."""
+    real = attention_mask.bool().reshape(-1) if attention_mask is not None and attention_mask.dim() == 2 else None
+    for layer in model.layers:
+        if isinstance(layer.mlp, DeepseekMoE):
+            layer.mlp.gate.real_tokens = real
+
+
 def _positions_from_mask(attention_mask, seq_len: int) -> torch.Tensor | None:
     """Position of each of the last `seq_len` tokens among the real tokens of its row (left padding aware)."""
     if attention_mask is None or attention_mask.dim() != 2:
@@ -633,6 +668,8 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
             position_ids = _positions_from_mask(attention_mask, seq_len)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        if self.training and self.config.moe_capacity_factor is not None:
+            _capacity_counts_real_tokens(self, attention_mask)
         out = hf.DeepseekV2Model.forward(
             self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwarg(cache),
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
@@ -644,7 +681,8 @@ class LatentAlignModel(LatentAlignPreTrainedModel, hf.DeepseekV2Model):
                 _warn_balance_loss_without_gradient()
             batch = out.last_hidden_state.shape[0]
             biases = [layer.mlp.gate.score_bias for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
-            stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch, biases=biases)
+            stats = balance_loss(out.router_logits, self.config, attention_mask, batch_size=batch, biases=biases,
+                                 position_ids=position_ids)
             result.aux_loss, result.expert_load = stats.loss, stats.expert_load
         return result
 

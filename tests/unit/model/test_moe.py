@@ -71,6 +71,31 @@ def test_balance_loss_reaches_the_gate_and_zero_coefficients_give_zero(make_conf
     assert model(ids).aux_loss is None  # only computed when asked for
 
 
+@pytest.mark.parametrize("family", [{}, dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                                              routed_scaling_factor=2.5, n_group=2, topk_group=1)])
+def test_rows_packed_into_one_keep_their_per_sequence_balance_loss(make_config, family):
+    """TRL's padding-free batches pack rows into one, positions restarting at each: the loss is still per
+    sequence, as for the same rows padded (not the whole pack's, which `seq_aux: false` asks for)."""
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02,
+                                               num_device_groups=2, **family)).eval()
+    rows = [torch.randint(3, 97, (n,)) for n in (6, 3, 5)]
+    padded = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)], mask[i, : len(row)] = row, 1
+    positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    with torch.no_grad():
+        apart = model(padded, attention_mask=mask, output_router_logits=True)
+        packed = model(torch.cat(rows)[None], position_ids=positions, output_router_logits=True, use_cache=False)
+        whole = balance_loss(packed.router_logits, make_config(seq_aux=False, device_aux_loss_alpha=0.05,
+                                                               comm_aux_loss_alpha=0.02, num_device_groups=2,
+                                                               **family)).loss
+    assert packed.aux_loss.item() == pytest.approx(apart.aux_loss.item(), rel=1e-5)
+    assert torch.equal(packed.expert_load, apart.expert_load)
+    assert abs(whole.item() - packed.aux_loss.item()) > 1e-4 * packed.aux_loss.item()  # the pack as one: another
+
+
 def test_loss_adds_the_weighted_balance_loss(make_config):
     torch.manual_seed(0)
     model = LatentAlignForCausalLM(make_config(router_aux_loss_coef=0.5))
@@ -148,6 +173,26 @@ def test_token_dropping_keeps_each_device_within_budget(make_config):
     # The dropped assignments on device 0 are its lowest-affinity ones.
     on_dev0 = device == 0
     assert kept[on_dev0 & (kept > 0)].min() >= weights[on_dev0 & (kept == 0)].max()
+
+
+def test_padding_takes_no_place_in_the_capacity_so_real_tokens_compute_the_same(make_config):
+    torch.manual_seed(0)
+    model = LatentAlignForCausalLM(make_config(moe_capacity_factor=1.0, num_device_groups=2, attention_dropout=0.0))
+    model.train()
+    ids = torch.randint(3, 97, (2, 12))
+    outs = []
+    for width in (12, 40):
+        padded = torch.cat([ids, torch.zeros(2, width - 12, dtype=torch.long)], dim=1)
+        mask = (torch.arange(width) < 12).long().expand(2, -1)
+        outs.append(model(padded, attention_mask=mask).logits[:, :12])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    config = model.config  # and the budget: each device's share of the real tokens' assignments
+    weights, idx = select_experts(torch.randn(30, 8).softmax(-1), config)
+    real = torch.arange(30) < 10
+    kept = drop_over_capacity(weights, idx, config, 1.0, real)
+    assert (kept[~real] == 0).all()
+    for d in range(2):
+        assert ((kept > 0) & (idx // 4 == d)).sum().item() <= int(10 * 2 / 2)
 
 
 def test_token_dropping_only_while_training(make_config):
