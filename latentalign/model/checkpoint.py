@@ -16,6 +16,7 @@ registered for our model type. `export_native` writes the format vanilla transfo
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -189,10 +190,70 @@ def _check_unexpected(path, unexpected: list[str], past_last: list[int], config,
                               f"{' ...' if len(stray) > 5 else ''}; is it another architecture's checkpoint?")
 
 
+EXPERT_KEY = re.compile(r"(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def _weight_names(local: Path) -> dict[str, str]:
+    """The checkpoint's weight names and the file of each, from its safetensors index or headers (no tensor
+    read); {} for other formats."""
+    from safetensors import safe_open
+
+    index = local / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            return {k: v for k, v in weight_map.items() if isinstance(k, str) and isinstance(v, str)}
+        if (local / "model.safetensors").is_file():
+            with safe_open(local / "model.safetensors", "pt") as f:
+                return dict.fromkeys(f.keys(), "model.safetensors")
+    except Exception:  # noqa: BLE001 -- unreadable: from_pretrained's error names it
+        pass
+    return {}
+
+
+def _check_expert_names(local: Path, config: LatentAlignConfig) -> None:
+    """A checkpoint in the per-expert layout holds experts 0..E-1 of each MoE layer, every one whole: transformers
+    stacks whatever numbers it finds, in order, so a gap or a stray number would put experts in other slots."""
+    names = _weight_names(local)
+    found: dict[int, set] = {}
+    for key, file in names.items():
+        if not (match := EXPERT_KEY.match(key)):
+            continue
+        layer, expert, kind = int(match[1]), int(match[2]), match[3]
+        if layer >= config.num_hidden_layers:
+            continue  # multi-token-prediction layers: skipped on load
+        if expert >= config.n_routed_experts:
+            raise CheckpointError(f"{local / file}: {key}: expert {expert}, where config.json has "
+                                  f"n_routed_experts={config.n_routed_experts} (experts 0-{config.n_routed_experts - 1}).")
+        found.setdefault(layer, set()).add((expert, kind))
+    for layer, present in sorted(found.items()):
+        lost = sorted(set(itertools.product(range(config.n_routed_experts), ("gate", "up", "down"))) - present)
+        if lost:
+            shown = ", ".join(f"layers.{layer}.mlp.experts.{e}.{kind}_proj.weight" for e, kind in lost[:3])
+            raise CheckpointError(f"{local}: weights missing from the checkpoint: {shown}"
+                                  f"{f' and {len(lost) - 3} more' if len(lost) > 3 else ''} (layer {layer} holds "
+                                  f"{len(present)} of its {3 * config.n_routed_experts} expert weights).")
+
+
+def _unreadable_file(local: Path) -> str:
+    """The first safetensors file of `local` whose header cannot be read, for the error that names it."""
+    from safetensors import safe_open
+
+    for file in sorted(local.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except Exception:  # noqa: BLE001 -- any failure to read it is the answer
+            return f" ({file.name} cannot be read)"
+    return ""
+
+
 def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     local = local_checkpoint_dir(path)
     if local is not None and not any((local / f).is_file() for f in WEIGHT_FILES):
         raise CheckpointError(f"{local}: no weights found (looked for {', '.join(WEIGHT_FILES)}).")
+    if local is not None and config.n_routed_experts:
+        _check_expert_names(local, config)
     # Mismatches are collected rather than raised, so that the error below names them in one line.
     kwargs.setdefault("ignore_mismatched_sizes", True)
     try:
@@ -200,8 +261,9 @@ def _from_pretrained(cls, path, config: LatentAlignConfig, kwargs: dict):
     except Exception as err:  # noqa: BLE001 -- narrowed below to a local directory's unreadable weight files
         if local is None or not _unreadable_weights(err):
             raise
-        raise CheckpointError(f"{local}: its weight files cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-                              f"a copy or download cut short? Copy the checkpoint again.") from None
+        raise CheckpointError(f"{local}: its weight files cannot be read{_unreadable_file(local)} "
+                              f"({type(err).__name__}: {str(err)[:200]}); a copy or download cut short? Copy the "
+                              f"checkpoint again.") from None
     unexpected = list(info.get("unexpected_keys") or [])
     if any(k.endswith("weight_scale_inv") for k in unexpected):
         raise CheckpointError(f"{path}: holds FP8 block scales (`weight_scale_inv`) but its config.json declares no "

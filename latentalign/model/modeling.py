@@ -351,15 +351,27 @@ class GroupedExperts(hf.DeepseekV2Experts):
 
 
 def _merge_per_expert_weights(module, state_dict, prefix, *_):
-    """`{prefix}{e}.{gate,up,down}_proj.weight` for every expert e -> the fused `gate_up_proj`, `down_proj`."""
-    if f"{prefix}0.gate_proj.weight" not in state_dict or f"{prefix}gate_up_proj" in state_dict:
+    """`{prefix}{e}.{gate,up,down}_proj.weight` for every expert e -> the fused `gate_up_proj`, `down_proj`. A
+    part of them (one shard of a sharded checkpoint, as the Trainer resumes one: a shard at a time) is copied
+    into the fused weights' slices in place; an expert number past the model's stays, an unexpected key."""
+    if f"{prefix}gate_up_proj" in state_dict:
         return
     n = module.num_experts
-    gate = [state_dict.pop(f"{prefix}{e}.gate_proj.weight") for e in range(n)]
-    up = [state_dict.pop(f"{prefix}{e}.up_proj.weight") for e in range(n)]
-    down = [state_dict.pop(f"{prefix}{e}.down_proj.weight") for e in range(n)]
-    state_dict[f"{prefix}gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
-    state_dict[f"{prefix}down_proj"] = torch.stack(down)
+    names = {(e, kind): f"{prefix}{e}.{kind}_proj.weight" for e in range(n) for kind in ("gate", "up", "down")}
+    present = {key: name for key, name in names.items() if name in state_dict}
+    if len(present) == len(names):
+        gate = [state_dict.pop(names[e, "gate"]) for e in range(n)]
+        up = [state_dict.pop(names[e, "up"]) for e in range(n)]
+        down = [state_dict.pop(names[e, "down"]) for e in range(n)]
+        state_dict[f"{prefix}gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+        state_dict[f"{prefix}down_proj"] = torch.stack(down)
+        return
+    half = module.gate_up_proj.shape[1] // 2
+    with torch.no_grad():
+        for (e, kind), name in present.items():
+            fused = module.down_proj[e] if kind == "down" else module.gate_up_proj[e]
+            part = fused if kind == "down" else fused[:half] if kind == "gate" else fused[half:]
+            part.copy_(state_dict.pop(name))
 
 
 class DeepseekMoE(hf.DeepseekV2Moe):

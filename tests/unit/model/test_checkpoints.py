@@ -250,7 +250,7 @@ def _shard_gone(path):
         {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
 
 
-@pytest.mark.parametrize("damage, detail", [(_truncated, "SafetensorError"),
+@pytest.mark.parametrize("damage, detail", [(_truncated, r"\(model.safetensors cannot be read\) \(SafetensorError"),
                                              (_shard_gone, "model-00002-of-00002.safetensors")])
 def test_weight_files_cut_short_name_the_checkpoint(tmp_path, damage, detail):
     path = _saved(tmp_path)
@@ -273,6 +273,36 @@ def test_other_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not a DeepSeek-V2/V3 architecture"):
         latentalign.load_model(tmp_path)
+
+
+def _renumbered(state, layer=1):
+    """Expert 3 of `layer` stored as expert 9: numbers 0-2, 4-7 and 9 for a config of 8."""
+    for kind in ("gate", "up", "down"):
+        state[f"model.layers.{layer}.mlp.experts.9.{kind}_proj.weight"] = state.pop(
+            f"model.layers.{layer}.mlp.experts.3.{kind}_proj.weight")
+
+
+def _one_gone(state, layer=2):
+    del state[f"model.layers.{layer}.mlp.experts.5.down_proj.weight"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_renumbered, r"model.safetensors: model.layers.1.mlp.experts.9.(gate|up|down)_proj.weight: expert 9, where "
+                  r"config.json has n_routed_experts=8 \(experts 0-7\)"),
+    (_one_gone, r"weights missing from the checkpoint: layers.2.mlp.experts.5.down_proj.weight \(layer 2 holds 23 "
+                r"of its 24 expert weights\)"),
+])
+def test_per_expert_weights_out_of_place_are_named_not_stacked_into_other_slots(tmp_path, damage, message):
+    """transformers stacks the expert numbers it finds, in order: a gap or a stray number loaded other experts
+    into the slots (logits off by 0.2, no error), or failed in its conversion with two tracebacks."""
+    from safetensors.torch import load_file
+
+    path = _saved(tmp_path)
+    state = load_file(path / "model.safetensors")
+    damage(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        latentalign.load_model(path)
 
 
 def test_shapes_that_do_not_match_the_config(tmp_path):
@@ -323,5 +353,24 @@ def test_load_state_dict_reads_the_per_expert_layout_save_pretrained_writes(tmp_
     fresh = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2))
     result = fresh.load_state_dict(on_disk, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def test_the_trainer_resumes_a_sharded_checkpoint_whose_experts_span_shards(tmp_path):
+    """A checkpoint past `max_shard_size` (DeepSeek-V2's, by far) is resumed one shard at a time: a layer's
+    experts arrive in parts, each copied into its slice of the fused weights."""
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    torch.manual_seed(0)
+    trained = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2))
+    trained.save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    experts = {index[f"model.layers.1.mlp.experts.{e}.{kind}_proj.weight"] for e in range(8)
+               for kind in ("gate", "up", "down")}
+    assert len(experts) > 1  # the case: one layer's experts in several files
+    torch.manual_seed(1)
+    fresh = LatentAlignForCausalLM(latentalign.model_config("tiny", num_hidden_layers=2))
+    load_sharded_checkpoint(fresh, tmp_path, strict=False)
     for name, tensor in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
