@@ -264,7 +264,13 @@ def _strip_number(text: str) -> str:
     return re.sub(r"[ \u2009\u202f]", "", text) if _SPACED_THOUSANDS.match(text) else text
 
 
+MAX_EXPONENT = 400  # "1e10000000" is read as no number: Fraction would compute its 10**N exactly (13 s)
+
+
 def _as_fraction(token: str) -> Fraction:
+    exponent = re.search(r"[eE]([-+]?\d+)", token)
+    if exponent and abs(int(exponent.group(1))) > MAX_EXPONENT:
+        raise ValueError(f"exponent past {MAX_EXPONENT}")
     return Fraction(token.replace(",", "").replace("\u2212", "-").rstrip("%"))
 
 

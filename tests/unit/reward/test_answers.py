@@ -191,3 +191,17 @@ def test_a_tag_holding_the_reference_whole_is_correct():
     # maj@K reads each sample as accuracy does: three right, one wrong, votes the reference
     samples = ["<answer>67 days, 01:04:00</answer>"] * 3 + ["<answer>66 days, 01:04:00</answer>"]
     assert majority_answer([graded_answer(s, "67 days, 01:04:00") for s in samples]) == "67 days, 01:04:00"
+
+
+def test_a_number_with_a_huge_exponent_is_no_number_and_costs_nothing():
+    """"1e10000000" was read exactly (Fraction computes 10**N holding the GIL: 13 s, past any reward timeout); a
+    regression would hang, so it runs in a child with a deadline."""
+    script = ("import time; from latentalign.reward.answers import is_correct, parse_number\n"
+              "is_correct('The answer is \\\\sqrt{2}.', '#### 72')  # math-verify's first call, apart\n"
+              "start = time.perf_counter()\n"
+              "got = [is_correct(c, '#### 72') for c in ('The answer is 1e10000000.', '\\\\boxed{1e9999999}',\n"
+              "       '<answer>1e-9999999</answer>')]\n"
+              "print(got, parse_number('1e10000000'), parse_number('7.2e1'), time.perf_counter() - start < 5)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[False, False, False] None (Fraction(72, 1), False) True"
