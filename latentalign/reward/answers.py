@@ -16,8 +16,10 @@ thing everywhere:
   "\\sqrt{2}", "Monday"), where the rules would take its last number. Without a tag: the last `\\boxed{}`
   (braces balanced; boxes with nothing but punctuation or a hedging word between them, "\\boxed{3}\\boxed{4}",
   "\\boxed{3} or maybe \\boxed{4}", are all of them), else the last "#### N" (not a markdown heading), else what
-  follows the last "the answer is" / "answer:" to the end of its sentence ("7, since 3 + 4 = 7": 7; an equation:
-  its right side), else the last number with any listed before it ("3 or 4", "3, 4, or 5", "3 to 5": all).
+  follows the last "the answer is" / "answer:" (in bold too, or a "Final Answer" heading's next line) to the end
+  of its sentence ("7, since 3 + 4 = 7": 7; an equation: its right side; plain prose with one number and no word
+  that bounds or changes it, "Janet makes $18 a day.": 18), else the last number with any listed before it
+  ("3 or 4", "3, 4, or 5", "3 to 5": all).
 - `reference_answer(ref)`: a GSM8K solution's `#### N`, a MATH solution's last `\\boxed{}`, else the reference.
 - `answers_match(answer, reference)`: plain numbers are compared exactly here (thousands separators, `1{,}234`, `1 234`,
   `1\\,234`, percentages, `a/b`, `\\frac`, decimals, `1e3`, negatives with ASCII or Unicode minus, currency and
@@ -27,7 +29,8 @@ thing everywhere:
   unit's letter ("3 m"), not a variable or a constant ("2x", "3i", "2e"). Where the reference is a plain number,
   an answer with arithmetic, logic or a list between its numbers ("37 * 48", "12 - 5", "3 \\vee 4", "3, 4",
   "5 or 6?", "70–75", two lines) is wrong: the number is asked for, not the question's working copied
-  (math-verify would evaluate it) or a hedge; so is a bound or an estimate ("\\geq 72", "≈ 72", "at most 72")
+  (math-verify would evaluate it) or a hedge; so is a bound or an estimate ("\\geq 72", "≈ 72", "at most 72",
+  "72 or more"; and "1.5 million", "5 factorial": such words are no unit)
   and an equation of two different numbers ("72 = 73", whose right side math-verify would take). Two numbers
   are equal when they round to the same 6 decimals and differ by at most a millionth of either (1e-7 is not 0).
 
@@ -55,7 +58,11 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _SPACE = re.compile(r"\s*")
 _HASHES = re.compile(r"####[ \t]*([^\sA-Za-z][^\n]*)")  # GSM8K's "#### 72", not a markdown heading "#### Step 1"
-_ANSWER_IS = re.compile(r"answer[ \t]*(?:is|:)[ \t]*:?\s*(?=[^\s])", re.IGNORECASE)  # where its answer starts
+# Where an answer's statement starts: "the answer is", "Answer:", markdown's "**Answer:**" and "**Answer**:", and a
+# heading's next line ("### Final Answer\n18").
+_ANSWER_IS = re.compile(r"answer[ \t]*(?:\*\*)?[ \t]*(?:is\b|:)[ \t]*(?:\*\*)?[ \t]*:?\s*(?=[^\s])"
+                        r"|^#{1,6}[ \t]*(?:final[ \t]+)?answer[ \t]*:?[ \t]*\n\s*(?=[^\s])",
+                        re.IGNORECASE | re.MULTILINE)
 # A number starts where no digit precedes it (after its sign): a scan of a long run of digits tries it once.
 # A thousands-separated one not right after a comma either: in "1,000,000,...,00" a match tried from every comma
 # would run to the end of the run and back (quadratic: 65 s for 100 KB).
@@ -103,10 +110,26 @@ def _boxed_spans(text: str) -> list[tuple[int, int, int]]:
 
 
 def _clip_sentence(span: str) -> str:
-    """What follows "the answer is" up to the end of its sentence: "42. Next we ..." -> "42"."""
+    """What follows "the answer is" up to the end of its sentence: "42. Next we ..." -> "42"; in a sentence of
+    plain prose, its one number ("Janet makes 18 dollars a day." -> "18"; with two, a hedge or not, the sentence
+    stays whole)."""
     span = re.split(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|\n|</think>", span, maxsplit=1)[0]
     span = span.strip().strip("*").strip()
-    return _reasoned_number(span) or _EQUALS.split(span)[-1].strip()  # "3 - 5 = -2": -2
+    return _reasoned_number(span) or _one_number_of_prose(span) or _EQUALS.split(span)[-1].strip()  # "3-5 = -2": -2
+
+
+# Words that make a sentence's number other than its answer: a bound, a hedge, a negation, a multiplier.
+_QUALIFIED = re.compile(r"\b(?:or|more|less|fewer|most|least|than|over|under|above|below|about|around|approx\w*"
+                        r"|roughly|nearly|almost|not|no|never|isn't|maybe|perhaps|possibly|either|million|billion"
+                        r"|trillion|thousand|hundred|dozens?|factorial|half|quarter|thirds?|times|squared|cubed)\b",
+                        re.IGNORECASE)
+
+
+def _one_number_of_prose(span: str) -> str | None:
+    if "\\" in span or "^" in span or _PROSE.search(span) is None or _QUALIFIED.search(span):
+        return None  # LaTeX ("\\sqrt{2} meters") is not plain prose; "at most 72" is no answer of 72
+    numbers = _LAST_NUMBER.findall(span)
+    return numbers[0] if len(numbers) == 1 else None
 
 
 # A number, maybe its unit, and then the reasons for it: "7, since 3 + 4 = 7", "7 (from 3 + 4)", "7 because ...",
@@ -236,7 +259,11 @@ _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
 # Units after a number: "5 km/h", "7 apples", "3 m/s", "5 cm^2" and "5 m^2", degrees; not a variable or a constant
 # ("2x", "3i", "2e", "2pi", "2x^3").
 _CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
-_UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))[a-zA-Z ./]*"
+# Words after a number that change its value or make it a bound: not a unit ("1.5 million", "72 or more").
+_VALUE_WORD = (r"(?![a-zA-Z ./]*\b(?:or|and|more|less|fewer|most|least|than|over|under|million|billion|trillion"
+               r"|thousand|hundred|dozens?|factorial|half|quarter|thirds?|times|squared|cubed)\b)")
+_UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}{_VALUE_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))"
+                    rf"[a-zA-Z ./]*"
                     r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")
 MAX_NUMBER_CHARS = 1_000  # a plain number is read from at most this many characters (its rules scan the text)
 _SPACED_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?:\.\d+)?$")  # 1 000 000 (SI)
@@ -327,6 +354,8 @@ _WORKED = re.compile(r"[\d)}][ \t]*(?:\n\s*|(?:[-+*/×÷,;|&~–—]|\\(?:times|
 _RELATION = re.compile(r"^\s*(?:[<>≤≥≈~∼≠…]|\.\.\.|\\(?:geq?|leq?|gt|lt|approx|sim|simeq|neq?|ne|[lc]?dots)"
                        r"(?![a-zA-Z])|(?:at\s+(?:least|most)|about|around|approximately|roughly|nearly|almost|over"
                        r"|under)\b)")
+_BOUND_AFTER = re.compile(r"\b(?:or|and)\s+(?:more|less|fewer|greater|higher|lower|above|below|over|under|so)\b"
+                          r"|\bat\s+(?:the\s+)?(?:least|most)\b", re.IGNORECASE)  # "72 or more": a bound too
 _SCIENTIFIC = re.compile(r"(?:\\times|\\cdot|×|\*)\s*10\s*\^")  # 1.2 \times 10^3 is a number
 _CONSTANTS = {"pi", "inf", "infty", "infinity", "oo", "nan"}  # words math-verify equates with symbols
 
@@ -355,7 +384,7 @@ def answers_match(answer: str | None, reference) -> bool:
     if a is not None and b is not None:
         return numbers_match(a, b)
     if b is not None and (_WORKED.search(_SCIENTIFIC.sub(" ", answer)) or _RELATION.match(answer)
-                          or _unequal_equation(answer)):
+                          or _BOUND_AFTER.search(answer) or _unequal_equation(answer)):
         return False  # "37 * 48", "3 \\vee 4", "3, 4", "≥ 72": a number is asked for, not working, a list or a bound
     if _WORD.fullmatch(answer) and _WORD.fullmatch(reference) and not {answer.lower(), reference.lower()} & _CONSTANTS:
         return answer.lower() == reference.lower()  # yes/no, true/false, names: sympy reads True as a boolean

@@ -205,3 +205,28 @@ def test_a_number_with_a_huge_exponent_is_no_number_and_costs_nothing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "[False, False, False] None (Fraction(72, 1), False) True"
+
+
+@pytest.mark.parametrize("completion", [
+    "She sells 9 eggs at $2 each.\nAnswer: Janet makes $18.",
+    "**Answer:** Janet earns $18 per day.",
+    "The answer is $18 a day, which she earns at the market.",
+    "The answer is 18 dollars per day at the farmers' market.",
+    "**Answer**: 18 (she had 20 and gave away 2).",
+    "<answer>Janet makes $18 a day.</answer>",
+])
+def test_an_answer_stated_in_a_sentence_of_prose_is_its_one_number(completion):
+    """Chat models label a sentence ("Answer: Janet makes $18."), often in markdown: it was compared whole, as a
+    string, and scored 0; the label in bold fell through to the last number of the text."""
+    assert is_correct(completion, "#### 18")
+
+
+@pytest.mark.parametrize("completion, reference", [
+    ("The answer is 72 or more.", "#### 72"), ("The answer is at most 72.", "#### 72"),
+    ("The answer is 1.5 million.", "1.5"), ("The answer is 5 factorial.", "5"),
+    ("The answer is 3 and a half hours.", "3"), ("The answer is not 5.", "#### 5"),
+    ("The answer is 18 or 20 dollars.", "#### 18"), ("The answer is \\sqrt{2} meters.", "#### 2"),
+    ("Answer: in 2 days she makes 18 dollars.", "#### 2"),
+])
+def test_words_that_change_a_number_or_bound_it_are_not_a_unit(completion, reference):
+    assert not is_correct(completion, reference)
