@@ -131,6 +131,9 @@ def read_config(path, **overrides) -> LatentAlignConfig:
             f"each weight by its `weight_scale_inv` blocks) and drop `quantization_config` from config.json."
         )
     values = {k: v for k, v in raw.items() if k not in _FILE_KEYS}
+    if model_type in NATIVE_MODEL_TYPES and any(str(a).endswith("ForSequenceClassification")
+                                                for a in raw.get("architectures") or []):
+        values.setdefault("score_pooling", "last_non_pad")  # trained under transformers' rule: scored by it
     if model_type == "deepseek_v3":
         values = _v3_values(values)
     if model_type in NATIVE_MODEL_TYPES and values.get("rope_parameters") and values.get("rope_scaling"):

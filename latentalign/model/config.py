@@ -20,7 +20,7 @@ from transformers import DeepseekV2Config
 
 MODEL_TYPE = "latentalign_deepseek_v2"
 MLA_PATHS = ("auto", "expanded", "absorbed")
-SCORE_POOLING = ("last", "mean", "likelihood")
+SCORE_POOLING = ("last", "mean", "likelihood", "last_non_pad")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -83,11 +83,14 @@ class LatentAlignConfig(DeepseekV2Config):
         The hub key: experts per rank in the original inference code; it does not change what is computed.
     score_pooling (`str`, defaults to `"last"`):
         How the reward head (`LatentAlignForSequenceClassification`) turns per-token scores into one: `"last"`
-        reads the last real token (as transformers' heads do); `"mean"` averages over all real tokens, so a
+        reads the last real token (of the attention mask); `"mean"` averages over all real tokens, so a
         single wrong token scores where it stands instead of having to be carried to the end; `"likelihood"`
         adds to the last token's score the sequence's log-likelihood under the model's own language-model head
         (kept from the checkpoint), times a learned scale that starts at 1: a model that predicts correct
-        replies well ranks a pair before any reward training, and Bradley-Terry then tunes both parts.
+        replies well ranks a pair before any reward training, and Bradley-Terry then tunes both parts;
+        `"last_non_pad"` is transformers' own rule, the rightmost token that is not the pad token whatever the
+        attention mask (with pad = EOS, the token before a trailing EOS): a transformers-native
+        `*ForSequenceClassification` checkpoint loads with it, so that it scores as it was trained.
     """
 
     model_type = MODEL_TYPE

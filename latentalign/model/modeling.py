@@ -778,7 +778,8 @@ class LikelihoodScale(nn.Module):
 
 class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
     """Reward model: one score per sequence. Real tokens are those of `attention_mask`, else those that are not
-    padding, else all; the score is read at the last of them (`score_pooling="last"`), averaged over them
+    padding (always, with `"last_non_pad"`: transformers' rule), else all; the score is read at the last of them
+    (`score_pooling="last"`), averaged over them
     (`"mean"`), or read at the last of them plus the learned multiple of the sequence's log-likelihood under
     the language-model head the checkpoint brought (`"likelihood"`).
 
@@ -821,7 +822,8 @@ class LatentAlignForSequenceClassification(LatentAlignPreTrainedModel):
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         batch, length = logits.shape[:2]
-        if attention_mask is not None and attention_mask.dim() == 2:
+        transformers_rule = self.config.score_pooling == "last_non_pad" and input_ids is not None
+        if attention_mask is not None and attention_mask.dim() == 2 and not transformers_rule:
             real = attention_mask.to(logits.device).bool()
         elif input_ids is not None and self.config.pad_token_id is not None:
             real = (input_ids != self.config.pad_token_id).to(logits.device)

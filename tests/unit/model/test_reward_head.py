@@ -120,3 +120,31 @@ def test_likelihood_pooling_adds_in_fp32_under_bf16(make_config):
     assert autocast.dtype == torch.float32
     assert ((autocast * 2) != (autocast * 2).round()).any()  # off the 0.5 grid
     torch.testing.assert_close(autocast, full, atol=0.15, rtol=0)  # bf16 hidden states, not a bf16 sum
+
+
+def test_a_transformers_reward_model_scores_as_transformers_scores_it(tmp_path):
+    """transformers' heads read the rightmost token that is not the pad token, whatever the attention mask: with
+    pad = EOS (as the design doc sets it), the token before a trailing EOS. A checkpoint of theirs keeps that rule
+    here (it was read at the EOS: other scores, in silence); ours keep the attention mask's last token."""
+    from transformers import DeepseekV2Config, DeepseekV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DeepseekV2Config(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                              q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                              n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                              n_group=1, topk_group=1, num_labels=1, pad_token_id=2, eos_token_id=2)
+    theirs = DeepseekV2ForSequenceClassification(config).eval()
+    theirs.save_pretrained(tmp_path / "rm")
+    ours = latentalign.load_reward_model(tmp_path / "rm").eval()
+    assert ours.config.score_pooling == "last_non_pad"
+    ids = torch.tensor([[1, 40, 41, 42, 2], [1, 50, 51, 2, 2]])  # chat renders end in EOS; row 2 padded with it
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(tmp_path / "ours")  # our own format keeps its pooling, "last_non_pad" here
+    assert latentalign.load_reward_model(tmp_path / "ours").config.score_pooling == "last_non_pad"
+    mine = LatentAlignForSequenceClassification(latentalign.model_config("tiny", num_labels=1))
+    mine.save_pretrained(tmp_path / "mine")
+    assert latentalign.load_reward_model(tmp_path / "mine").config.score_pooling == "last"
