@@ -320,17 +320,19 @@ def push(
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Export and check, list what would be uploaded; no upload."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Where to write the export (default: beside the source)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip loading the export in vanilla transformers to "
+                                                            "compare logits (it holds two fp32 copies of the model)."),
 ):
     """Export (native transformers format, LoRA merged, model card), check in vanilla transformers, and upload."""
     from latentalign.push import push as do_push
 
     try:
-        result = do_push(source, repo_id, out_dir=out_dir, private=private, dry_run=dry_run)
+        result = do_push(source, repo_id, out_dir=out_dir, private=private, dry_run=dry_run, check=not no_check)
     except _run_errors() as err:
         _fail(str(err))
-    check = result["check"]
-    typer.echo(f"export: {result['export_dir']} (vanilla transformers {check['class']}, logits max |diff| "
-               f"{check['max_abs_diff']:.2g})")
+    check = result.get("check")
+    typer.echo(f"export: {result['export_dir']} " + (f"(vanilla transformers {check['class']}, logits max |diff| "
+                                                     f"{check['max_abs_diff']:.2g})" if check else "(not checked)"))
     if result["uploaded"]:
         typer.echo(f"pushed to {result['url']}")
     else:

@@ -82,9 +82,14 @@ def check_export(export_dir, model, *, tolerance: float = 1e-4, timeout_s: float
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(ids, f"{tmp}/ids.pt")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-        proc = subprocess.run([sys.executable, "-c", _VANILLA_LOGITS, str(Path(export_dir).resolve()), f"{tmp}/ids.pt",
-                               f"{tmp}/out.pt"], capture_output=True, text=True, timeout=timeout_s, env=env,
-                              cwd=tmp)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _VANILLA_LOGITS, str(Path(export_dir).resolve()),
+                                   f"{tmp}/ids.pt", f"{tmp}/out.pt"], capture_output=True, text=True,
+                                  timeout=timeout_s, env=env, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            raise PushError(f"{export_dir}: vanilla transformers took over {timeout_s:g} s to load the export and "
+                            f"run it; the export is complete; skip the check with --no-check (a recipe's push "
+                            f"stage: check: false).") from None
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise PushError(f"{export_dir}: vanilla transformers could not load the export: {tail[0]}")
@@ -185,8 +190,10 @@ def upload(export_dir, repo_id: str, files: list[str], *, private: bool = False)
 
 
 def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: bool = False,
-         eval_table: str | None = None) -> dict:
-    """Export `source` (a run folder or a model directory), check it, and upload it unless `dry_run`."""
+         eval_table: str | None = None, check: bool = True) -> dict:
+    """Export `source` (a run folder or a model directory), check it unless not `check` (the check holds an fp32
+    copy of the model in this process and another in transformers', 8 bytes a parameter), and upload it unless
+    `dry_run`."""
     if not is_hub_id(repo_id):
         raise PushError(f"repo id {repo_id!r} must look like ORG/NAME.")
     model_dir, manifest = resolve_model_dir(source)
@@ -195,7 +202,8 @@ def push(source, repo_id: str, *, out_dir=None, private: bool = False, dry_run: 
     out_dir = Path(out_dir) if out_dir else (Path(source) / "export" if manifest
                                              else Path(f"{model_dir.resolve()}-export"))  # "." -> "<dir>-export"
     _check_out_dir(out_dir, model_dir)
-    result = export_chat_model(model_dir, out_dir, repo_id=repo_id, manifest=manifest, eval_table=eval_table)
+    result = export_chat_model(model_dir, out_dir, repo_id=repo_id, manifest=manifest, eval_table=eval_table,
+                               check=check)
     result["repo_id"] = repo_id
     if dry_run:
         result["uploaded"] = False

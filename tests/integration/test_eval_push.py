@@ -147,6 +147,26 @@ def test_push_dry_run_exports_checks_and_lists_files(model_dirs, tmp_path):
         {p.name for p in out.iterdir()}
 
 
+def test_push_can_skip_the_check_and_a_check_past_its_time_is_one_error(model_dirs, tmp_path, monkeypatch):
+    """The check holds two fp32 copies of the model (8 bytes a parameter): --no-check for a model that big."""
+    import subprocess
+
+    from latentalign import push as push_module
+
+    lm, _ = model_dirs
+    result = invoke("push", lm, "--repo-id", "org/tiny-chat", "--dry-run", "--no-check", "--out-dir",
+                    tmp_path / "unchecked")
+    assert result.exit_code == 0 and "(not checked)" in result.output, result.output
+
+    def slow(*args, timeout=None, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], timeout)
+
+    monkeypatch.setattr(push_module.subprocess, "run", slow)
+    result = invoke("push", lm, "--repo-id", "org/tiny-chat", "--dry-run", "--out-dir", tmp_path / "slow")
+    assert result.exit_code == 2 and "vanilla transformers took over 600 s to load the export" in result.output
+    assert "skip the check with --no-check" in result.output and "Traceback" not in result.output
+
+
 def test_push_without_token_stops_before_upload_and_keeps_the_export(model_dirs, tmp_path):
     lm, _ = model_dirs
     env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
