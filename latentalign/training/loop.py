@@ -230,7 +230,10 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     trainer.add_callback(finite_weights_callback())
     _wait_for_every_process(trainer)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from and (finished := _finished_checkpoint(trainer, resume_from)):
+        result = finished  # transformers would take one step past max_steps from it
+    else:
+        result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     out = Path(cfg.output_dir) / "model"
     if trainer.accelerator.num_processes > 1:
@@ -240,6 +243,22 @@ def train_and_save(trainer, tokenizer, cfg: TrainingStageConfig) -> dict:
     return {"stage": cfg.stage_name, "train_loss": result.training_loss, "global_step": result.global_step,
             "train_seconds": round(seconds, 1), "resumed_from": resume_from, "model_dir": str(model_dir),
             "log_history": trainer.state.log_history}
+
+
+def _finished_checkpoint(trainer, checkpoint: str):
+    """A checkpoint at `max_steps` (the run stopped after its last one: saving the model, evaluating): its weights
+    and state taken as the run's end, with the mean of its logged losses, and None for one to train on from."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if not 0 < trainer.args.max_steps <= state.global_step:
+        return None
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = state
+    losses = [entry["loss"] for entry in state.log_history if isinstance(entry.get("loss"), (int, float))]
+    logging.getLogger(__name__).info("%s is at max_steps (%d): nothing left to train.", checkpoint, state.global_step)
+    return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
 def _save_from_processes(trainer, tokenizer, cfg: TrainingStageConfig, out: Path) -> Path:

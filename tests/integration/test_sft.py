@@ -194,6 +194,24 @@ def test_resume_continues_the_same_loss_curve(tmp_path, extra):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
 
 
+def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_more(tmp_path):
+    """Killed while saving its model or evaluating, a stage reruns from its checkpoint at max_steps: transformers
+    took one more step from it (global_step 7 of 6, a checkpoint-7 and other weights)."""
+    import shutil
+
+    from latentalign import load_model
+
+    full = run(small_cfg(tmp_path, "eval_dataset=null", "save_steps=3", "logging_steps=1"))
+    shutil.rmtree(full["model_dir"])
+    (tmp_path / "sft" / "metrics.json").unlink()
+    again = run(small_cfg(tmp_path, "eval_dataset=null", "save_steps=3", "logging_steps=1"))
+    assert again["global_step"] == 6 and again["resumed_from"].endswith("checkpoint-6")
+    assert not (tmp_path / "sft" / "checkpoint-7").exists()
+    assert again["train_loss"] == pytest.approx(sum(h["loss"] for h in full["log_history"] if "loss" in h) / 6)
+    saved, ends = load_model(again["model_dir"]).state_dict(), load_model(tmp_path / "sft" / "checkpoint-6")
+    assert all(torch.equal(saved[k], v) for k, v in ends.state_dict().items())
+
+
 def test_the_save_of_several_processes_keeps_the_router_biases_lora_did_not_train(tmp_path, monkeypatch,
                                                                                    two_processes):
     from trl import SFTTrainer
