@@ -223,7 +223,18 @@ def _run_errors():
     from latentalign.eval.tasks import EvalError
     from latentalign.push import PushError
 
-    return (*_user_errors(), EvalError, PushError)
+    return (*_user_errors(), EvalError, PushError, OSError)  # OSError: a full disk, a read-only folder
+
+
+def _sigterm_stops_the_run() -> None:
+    """SIGTERM (`timeout`, SLURM, `docker stop`) ends the run as Ctrl-C does: the stage is recorded as failed
+    (not left "running") and a rerun resumes it; exit status 143, as for the signal."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @command("run")
@@ -256,6 +267,7 @@ def run_command(
             kinds = ", ".join(f"{n}:{s.type}" for n, s in recipe_obj.stages.items())
             typer.echo(f"{recipe_obj.source}: valid ({kinds})")
             return
+        _sigterm_stops_the_run()
         manifest = run_recipe(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
     except _run_errors() as err:
         _fail(str(err))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from ..training import is_main_process
 from .schema import Recipe, RecipeError
 
 MARKER = "DONE"
+LOCK = ".lock"  # held by the run writing to the folder (`Runner._lock`)
 
 
 def _write_json(path: Path, data) -> None:
@@ -65,6 +67,12 @@ class Runner:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RecipeError(f"{self.run_dir}: a file, not a run folder; name another folder (-o).")
         self.manifest_path = self.run_dir / "manifest.json"
+        foreign = sorted(p.name for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
+                         if p.name not in ("recipe.yaml", LOCK) and not (p / "STAGE.json").is_file())
+        if foreign and not self.manifest_path.is_file():
+            raise RecipeError(f"{self.run_dir}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                              f"and no manifest.json: not a run folder, whose folders a run would move aside; name "
+                              f"an empty or new folder (-o).")
         manifest = _read_json(self.manifest_path)
         stages = manifest.get("stages", {}) if manifest is not None else None
         if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
@@ -134,11 +142,25 @@ class Runner:
     def model_dir(self, name: str) -> str:
         return str(self.stage_dir(name) / "model")
 
-    def is_done(self, name: str) -> bool:
-        """Finished under the stage's present settings, and its model (where it makes one) still there."""
+    def _marker(self, name: str) -> tuple[str, dict]:
+        """(settings hash, {"made": this finish's id, "from": the ids of the upstream finishes it read}) of a
+        stage's DONE marker; ("", {}) without one."""
         marker = self.stage_dir(name) / MARKER
+        lines = marker.read_text().splitlines() if marker.is_file() else []
+        try:
+            made = json.loads(lines[1]) if len(lines) > 1 else {}
+        except ValueError:
+            made = {}
+        return (lines[0].strip() if lines else ""), made if isinstance(made, dict) else {}
+
+    def is_done(self, name: str) -> bool:
+        """Finished under the stage's present settings, from the outputs its upstream stages have now (one made
+        again since leaves it to do again), and its model (where it makes one) still there."""
         stage = self.recipe.stages[name]
-        return (marker.is_file() and marker.read_text().strip() == stage.hash
+        done, made = self._marker(name)
+        read = made.get("from") or {}
+        return (done == stage.hash
+                and all(read.get(u) is None or read[u] == self._marker(u)[1].get("made") for u in stage.upstream)
                 and (not stage.kind.makes_model or (Path(self.model_dir(name)) / "config.json").is_file()))
 
     def _prepare_dir(self, name: str):
@@ -163,9 +185,30 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------------------------------
 
+    def _lock(self) -> None:
+        """One run at a time in a run folder: a second would move the first's stage folders aside or resume into
+        them. The lock goes with the process (closed or killed)."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        self._lock_file = open(self.run_dir / LOCK, "a+")  # noqa: SIM115 -- held for the run's lifetime
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "?"
+            raise RecipeError(f"{self.run_dir}: another run is writing to this folder (process {holder}); wait for "
+                              f"it to end, or name another folder (-o).") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+
     def run(self) -> dict:
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock()
             (self.run_dir / "recipe.yaml").write_text(self._rerunnable_yaml())
         self._save_manifest()
         _barrier()
@@ -190,7 +233,10 @@ class Runner:
             except BaseException as err:  # the manifest says which stage stopped and why; a rerun resumes it
                 entry.update(status="failed", error=f"{type(err).__name__}: {err}"[:1000],
                              seconds=round(time.perf_counter() - start, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-                self._save_manifest()
+                try:
+                    self._save_manifest()
+                except OSError:  # a full disk: the error that stopped the stage is the one to see
+                    pass
                 raise
             entry.update(result, status="done", seconds=round(time.perf_counter() - start, 1),
                          finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -198,7 +244,8 @@ class Runner:
                 self.manifest["final_model"] = self.model_dir(name)
             self._save_manifest()
             if is_main_process():
-                (self.stage_dir(name) / MARKER).write_text(stage.hash + "\n")  # last: the stage is finished
+                made = {"made": uuid.uuid4().hex, "from": {u: self._marker(u)[1].get("made") for u in stage.upstream}}
+                (self.stage_dir(name) / MARKER).write_text(f"{stage.hash}\n{json.dumps(made)}\n")  # last: finished
             _barrier()
         self._finish()
         return self.manifest

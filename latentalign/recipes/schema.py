@@ -58,6 +58,7 @@ class Stage:
     init: str | None
     values: dict  # the stage's own keys, `type` and `init` removed
     hash: str = ""
+    upstream: tuple = ()  # the stages whose outputs it reads
 
     @property
     def kind(self):
@@ -402,6 +403,7 @@ def _hash_stages(recipe: Recipe):
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
         values = {k: data(v) if k in DATA_KEYS else v for k, v in stage.values.items()}
+        stage.upstream = tuple(dict.fromkeys(upstream))
         payload = {"type": stage.type, "values": values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

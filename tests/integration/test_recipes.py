@@ -287,7 +287,7 @@ def test_chain_end_to_end_writes_manifest_report_and_checked_export(uninterrupte
     assert list(manifest["stages"]) == ["sft", "reward", "rl", "rl_preference", "eval", "push"]
     for name, stage in manifest["stages"].items():
         assert stage["status"] == "done" and stage["seconds"] > 0 and len(stage["hash"]) == 64
-        assert (out / name / "DONE").read_text().strip() == stage["hash"]
+        assert (out / name / "DONE").read_text().splitlines()[0] == stage["hash"]
     assert manifest["stages"]["rl_preference"]["inputs"]["rewards"] == {f"model:{out}/reward/model": 1.0}
     assert [manifest["stages"][name]["inputs"]["seed"] for name in ("sft", "rl", "rl_preference")] == [0, 0, 1000]
     assert manifest["stages"]["sft"]["metrics"]["global_step"] == 12
@@ -326,6 +326,53 @@ def test_damaged_bookkeeping_is_named_or_set_aside(tmp_path):
     assert json.loads((tmp_path / "b" / "sft" / "STAGE.json").read_text())["hash"] == recipe.stages["sft"].hash
 
 
+def test_a_folder_that_is_no_run_folder_or_one_another_run_writes_to_is_refused(tmp_path):
+    """A run moved stage-named folders of the user's aside ("settings changed"), and a second run into a live
+    one's folder moved its stage away from under it."""
+    import fcntl
+
+    from latentalign.recipes.runner import LOCK, Runner
+
+    recipe = load_recipe(TINY)
+    (tmp_path / "proj" / "eval").mkdir(parents=True)
+    (tmp_path / "proj" / "eval" / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="proj: holds eval and no manifest.json: not a run folder"):
+        Runner(recipe, tmp_path / "proj")
+    live = tmp_path / "live"
+    live.mkdir()
+    with open(live / LOCK, "w") as held:  # the run writing there holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(RecipeError, match=r"live: another run is writing to this folder \(process 4242\)"):
+            Runner(recipe, live, log=lambda *_: None).run()
+    assert not (live / "manifest.json").exists()
+
+
+def test_a_stage_made_again_leaves_the_stages_that_read_it_to_do_again(tmp_path):
+    """Each DONE marker names the finishes of the stages it read: an SFT model made again (its folder lost,
+    resumed from its checkpoint) left the reward model, GRPO and eval built on the old one "done"."""
+    import uuid
+
+    from latentalign.recipes.runner import MARKER, Runner
+
+    recipe = load_recipe(TINY)
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {}}))
+    runner = Runner(recipe, tmp_path, log=lambda *_: None)
+    for name, stage in recipe.stages.items():  # as the runner finishes them, in order
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text("{}")
+        made = {"made": uuid.uuid4().hex, "from": {u: runner._marker(u)[1]["made"] for u in stage.upstream}}
+        (tmp_path / name / MARKER).write_text(f"{stage.hash}\n{json.dumps(made)}\n")
+    assert all(runner.is_done(name) for name in recipe.stages)
+    assert recipe.stages["reward"].upstream == ("sft",) and "rl" in recipe.stages["eval"].upstream
+    (tmp_path / "sft" / MARKER).write_text(f"{recipe.stages['sft'].hash}\n{json.dumps({'made': 'again'})}\n")
+    # those reading it; the runner makes them again in order, and so their readers (rl_preference, push) in turn
+    assert [name for name in recipe.stages if not runner.is_done(name)] == ["reward", "rl", "eval"]
+    (tmp_path / "rl" / MARKER).write_text(recipe.stages["rl"].hash + "\n")  # a marker of before: as it was
+    assert runner.is_done("rl")
+
+
 def test_a_stage_that_fails_is_marked_failed_with_its_error(tmp_path):
     out = tmp_path / "run"
     result = cli("run", str(TINY), "-o", str(out), "stages.sft.learning_rate=1e4", "stages.sft.save_steps=1")
@@ -334,6 +381,21 @@ def test_a_stage_that_fails_is_marked_failed_with_its_error(tmp_path):
     assert sft["status"] == "failed" and sft["error"].startswith("TrainingDiverged: training diverged at step")
     assert not (out / "sft" / "DONE").exists() and not (out / "sft" / "model").exists()
     assert list((out / "sft").glob("checkpoint-*"))  # the steps before it, for a rerun with a lower rate
+
+
+@pytest.mark.slow  # a run started and stopped, about 30 s: `make test-slow` (CI runs it)
+def test_sigterm_records_the_stage_as_failed_and_exits_143(tmp_path):
+    """`timeout`, SLURM and `docker stop` send SIGTERM: the stage was left "running", like a live run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "latentalign.cli", "run", str(TINY), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "sft" / "STAGE.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    sft = json.loads((out / "manifest.json").read_text())["stages"]["sft"]
+    assert sft["status"] == "failed" and sft["error"].startswith("SystemExit: 143")
 
 
 @pytest.mark.slow  # the tiny chain on a V3 model, about a minute: `make test-slow` (CI runs it)
