@@ -1,4 +1,4 @@
-"""What a recipe reads: its datasets, checked at load time (they exist, here or beside the recipe; their splits),
+"""What a recipe reads: its datasets and local models, checked at load time (they exist, here or beside the recipe; their splits),
 and what a stage's hash holds of them."""
 
 from __future__ import annotations
@@ -105,3 +105,15 @@ def rebased(raw: dict, folder: Path) -> dict:
                 and not exists(v) and exists(folder / v) else v for k, v in values.items()}
 
     return {**raw, "stages": {name: rebased(values) for name, values in stages.items()}}
+
+
+def check_model(model: str, where: str) -> None:
+    """A stage's `model`: a preset, a model folder here, or a hub id (reachable at run time only); a path that is
+    not there fails now, not after the stages before it have trained."""
+    from ..hub_id import is_hub_id
+    from ..model.config import PRESETS
+
+    if model in PRESETS or exists(model) or (is_hub_id(model) and not model.startswith((".", "/", "~"))):
+        return
+    raise ConfigError(f"{where}: model: {model!r} is neither a preset ({', '.join(PRESETS)}), a model folder here, "
+                      f"nor a hub id (ORG/NAME).")

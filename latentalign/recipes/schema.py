@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..training import ConfigError
-from .datasets import DATA_KEYS, check_dataset, check_split, local_data, rebased
+from .datasets import DATA_KEYS, check_dataset, check_model, check_split, local_data, rebased
 
 RUN_FILES = frozenset({"manifest.json", "recipe.yaml", "report.md", "report.html", "plots"})  # the runner's own
 TOP_KEYS = {"name", "description", "output_dir", "seed", "base_model", "model", "stages"}
@@ -363,6 +363,8 @@ def _check_training(kind, values: dict, init, seed: int, name: str, where: str, 
         trl_args(cfg)
     except ConfigError as err:
         raise RecipeError(f"{where}: {err}") from None
+    if isinstance(values.get("model"), str):
+        check_model(values["model"], where)
     for key in ("dataset", "eval_dataset"):
         if isinstance(values.get(key), str):
             values[key] = check_dataset(values[key], f"{where}: {key}", base_dir)
@@ -391,6 +393,8 @@ def _check_preset_overrides(values: dict, where: str):
 def _hash_stages(recipe: Recipe):
     """Each stage's hash covers its type, settings and the hashes of the stages it reads, so that changing a
     stage invalidates everything downstream of it."""
+    from ..model.config import PRESETS
+
     read: dict = {}  # a data file several stages read is hashed once
 
     def data(value):
@@ -402,7 +406,8 @@ def _hash_stages(recipe: Recipe):
         upstream = [stage.init] if stage.init else []
         if stage.kind.upstream is not None:
             upstream += stage.kind.upstream(stage.values, recipe.stages)
-        values = {k: data(v) if k in DATA_KEYS else v for k, v in stage.values.items()}
+        values = {k: data(v) if k in DATA_KEYS or (k == "model" and v not in PRESETS) else v
+                  for k, v in stage.values.items()}  # a local model's files, as a dataset's: not its path
         stage.upstream = tuple(dict.fromkeys(upstream))
         payload = {"type": stage.type, "values": values, "seed": recipe.stage_seed(stage.name),
                    "upstream": {u: recipe.stages[u].hash for u in upstream}}

@@ -223,6 +223,25 @@ def test_overrides_use_the_file_keys_and_are_checked(tmp_path):
     assert result.exit_code == 2 and "a recipe (it has stages:), not a stage's config; run it with" in result.output
 
 
+def test_a_local_model_is_checked_before_training_and_hashed_by_what_it_holds(tmp_path, monkeypatch):
+    """A missing model passed --validate and failed in its stage, after the stages before it; a folder whose
+    checkpoint was replaced kept its stages "done", hashed by the path."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("does_not_exist", "./does/not_exist"):
+        with pytest.raises(RecipeError, match=f"stages.sft: model: '{missing}' is neither a preset"):
+            load_recipe(TINY, [f"stages.sft.model={missing}"])
+    assert load_recipe(TINY, ["stages.sft.model=some-org/DeepSeek-V2-Lite"]).stages["sft"].values["model"]
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"a": 1}')
+    first = load_recipe(TINY, ["stages.sft.model=base"]).stages
+    (tmp_path / "base" / "config.json").write_text('{"a": 2}')  # another checkpoint in the same folder
+    second = load_recipe(TINY, ["stages.sft.model=base"]).stages
+    assert first["sft"].hash != second["sft"].hash and first["reward"].hash != second["reward"].hash
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "config.json").write_text('{"a": 2}')  # the same files elsewhere: the same stage
+    assert load_recipe(TINY, ["stages.sft.model=moved"]).stages["sft"].hash == second["sft"].hash
+
+
 def test_a_dataset_beside_the_recipe_is_read_from_there(tmp_path, monkeypatch):
     """Validation found a data file beside the recipe, and the stage then looked for it where the command ran,
     after the stages before it had trained."""
