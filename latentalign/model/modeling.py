@@ -110,27 +110,25 @@ class BalanceStats:
 
 
 def sequences_of(n_tokens: int, batch_size: int, attention_mask=None, position_ids=None,
-                 per_sequence: bool = True) -> torch.Tensor:
-    """(S, N) membership of the batch's N = B*T tokens in its S sequences, real tokens only (padding, attention_mask
-    0, belongs to none): each row of the batch, split again where its position ids restart at 0 on a real token
-    (rows packed into one, TRL's padding-free batches); one sequence of every real token if not `per_sequence`.
-    Sequences without a real token are left out."""
+                 per_sequence: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(token, sequence, S): the batch's real tokens among its N = B*T (padding, attention_mask 0, is none), the
+    sequence of each numbered from 0, and S, the sequences: each row of the batch, split again where its position
+    ids restart at 0 on a real token (rows packed into one, TRL's padding-free batches); one sequence of every
+    real token if not `per_sequence`. A row without a real token is no sequence."""
     t = n_tokens // batch_size
     device = attention_mask.device if attention_mask is not None else None
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == (batch_size, t):
         real = attention_mask.bool()
     else:
         real = torch.ones(batch_size, t, dtype=torch.bool, device=device)
-    starts = torch.zeros_like(real)
-    starts[:, 0] = True
-    if per_sequence and position_ids is not None and position_ids.shape == real.shape:
+    token = real.reshape(-1).nonzero().squeeze(-1)
+    if not per_sequence:
+        return token, torch.zeros_like(token), int(token.numel() > 0)
+    starts = real & (real.cumsum(dim=1) == 1)  # each row's first real token
+    if position_ids is not None and position_ids.shape == real.shape:
         starts |= real & (position_ids.to(real.device) == 0)
-    elif not per_sequence:
-        starts[1:, 0] = False
-    ids = starts.reshape(-1).cumsum(0) - 1
-    member = torch.zeros(int(ids[-1]) + 1, n_tokens, device=real.device)
-    member[ids, torch.arange(n_tokens, device=real.device)] = real.reshape(-1).float()
-    return member[member.sum(dim=1) > 0]
+    sequence = starts.reshape(-1).cumsum(0).index_select(0, token) - 1
+    return token, sequence, int(starts.sum())
 
 
 def balance_loss(
@@ -147,30 +145,39 @@ def balance_loss(
       expert:  f_i = E/(K T) #{t selects i},   P_i = 1/T sum_t s_{i,t},   L = sum_i f_i P_i
       device:  f'_d = mean_{i in d} f_i,       P'_d = sum_{i in d} P_i,   L = sum_d f'_d P'_d
       comm:    f''_d = D/(M T) #{t sent to d},                            L = sum_d f''_d P'_d
-    Padding tokens (attention_mask 0) count nowhere; rows packed into one (position ids restarting at 0) are
-    sequences apart (`sequences_of`). With `seq_aux: false` (the original code's batch-wise loss) the batch's
-    real tokens are counted as one sequence. For sigmoid routing (DeepSeek-V3) `biases` holds each layer's
-    score-correction bias (it decides `f`), and P averages the scores normalised per token: the sequence-wise
-    balance loss of the V3 report (eq. 17-20), which its configs weight by 0.0001.
+    Padding tokens (attention_mask 0) count nowhere, and a row of padding is no sequence; rows packed into one
+    (position ids restarting at 0) are sequences apart (`sequences_of`). With `seq_aux: false` (the original
+    code's batch-wise loss) the batch's real tokens are counted as one sequence. For sigmoid routing
+    (DeepSeek-V3) `biases` holds each layer's score-correction bias (it decides `f`), and P averages the scores
+    normalised per token: the sequence-wise balance loss of the V3 report (eq. 17-20), which its configs weight
+    by 0.0001. Sums are scattered in fp32 (no autocast: token counts in bf16 lose whole tokens).
     """
     n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
     d, m = config.device_groups, config.device_topk
     alpha1, alpha2, alpha3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
+    device = router_logits[0].device
     total = router_logits[0].new_zeros((), dtype=torch.float32)
-    member = sequences_of(router_logits[0].shape[0], batch_size, attention_mask, position_ids, config.seq_aux)
-    member = member.to(router_logits[0].device)
-    n_tok = member.sum(dim=1, keepdim=True).clamp(min=1)  # (S, 1)
+    token, sequence, n_seq = sequences_of(router_logits[0].shape[0], batch_size, attention_mask, position_ids,
+                                          config.seq_aux)
+    token, sequence = token.to(device), sequence.to(device)
+    n_tok = torch.bincount(sequence, minlength=n_seq).clamp(min=1).float()[:, None]  # (S, 1)
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:  # (N, X) -> (S, X): each sequence's sum
+        return values.new_zeros(n_seq, values.shape[-1]).index_add_(0, sequence, values.index_select(0, token))
+
     loads = []
     for logits, bias in zip(router_logits, biases or [None] * len(router_logits)):
         scores = affinities(logits.float(), config)  # (N, E)
         _, idx = select_experts(scores, config, bias)
         if config.scoring_func == "sigmoid":  # DeepSeek-V3 eq. 20: P_i from the scores normalised per token
             scores = scores / scores.sum(dim=-1, keepdim=True)
-        chosen = F.one_hot(idx, n_experts).sum(dim=1).to(scores.dtype)  # (N, E) in {0, 1}
-        counts = member @ chosen  # (S, E): each sequence's real tokens that chose expert i
+        chosen = F.one_hot(idx, n_experts).sum(dim=1).float()  # (N, E) in {0, 1}
+        counts = per_sequence(chosen)  # (S, E): each sequence's real tokens that chose expert i
         loads.append(counts.sum(dim=0).detach())
+        if not n_seq:  # nothing but padding: no loss
+            continue
         f = counts * n_experts / (top_k * n_tok)  # (S, E)
-        p = member @ scores / n_tok  # (S, E)
+        p = per_sequence(scores) / n_tok  # (S, E)
         if alpha1:
             total = total + alpha1 * (f * p).sum(-1).mean()
         if d > 1 and (alpha2 or alpha3):
@@ -179,7 +186,7 @@ def balance_loss(
                 total = total + alpha2 * (f.view(-1, d, n_experts // d).mean(-1) * p_dev).sum(-1).mean()
             if alpha3:
                 sent = chosen.view(-1, d, n_experts // d).amax(-1)  # (N, D): token reaches device d
-                f_comm = (member @ sent) * d / (m * n_tok)
+                f_comm = per_sequence(sent) * d / (m * n_tok)
                 total = total + alpha3 * (f_comm * p_dev).sum(-1).mean()
     return BalanceStats(loss=total, expert_load=torch.stack(loads))
 
@@ -359,6 +366,8 @@ def _merge_per_expert_weights(module, state_dict, prefix, *_):
     n = module.num_experts
     names = {(e, kind): f"{prefix}{e}.{kind}_proj.weight" for e in range(n) for kind in ("gate", "up", "down")}
     present = {key: name for key, name in names.items() if name in state_dict}
+    if not present:  # nothing of the experts in this state dict (an adapter, another shard): their weights untouched
+        return
     if len(present) == len(names):
         gate = [state_dict.pop(names[e, "gate"]) for e in range(n)]
         up = [state_dict.pop(names[e, "up"]) for e in range(n)]
@@ -616,6 +625,11 @@ class LatentAlignPreTrainedModel(hf.DeepseekV2PreTrainedModel):
     config: LatentAlignConfig
     _no_split_modules = ["DecoderLayer"]  # FSDP's wrapping unit and device_map's indivisible block
     _keep_in_fp32_modules_strict = ["gate.weight", "e_score_correction_bias"]  # the bias moves by 0.001 a step
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DeepseekRouter) and module.score_bias is not None:  # a model made on the meta device
+            init.zeros_(module.e_score_correction_bias)  # (FSDP, a checkpoint without it) starts balanced, not random
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:

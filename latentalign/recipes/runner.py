@@ -68,7 +68,8 @@ class Runner:
             raise RecipeError(f"{self.run_dir}: a file, not a run folder; name another folder (-o).")
         self.manifest_path = self.run_dir / "manifest.json"
         foreign = sorted(p.name for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
-                         if p.name not in ("recipe.yaml", LOCK) and not (p / "STAGE.json").is_file())
+                         if p.name not in ("recipe.yaml", LOCK, "manifest.json.tmp")
+                         and not (p / "STAGE.json").is_file())
         if foreign and not self.manifest_path.is_file():
             raise RecipeError(f"{self.run_dir}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
                               f"and no manifest.json: not a run folder, whose folders a run would move aside; name "
@@ -205,10 +206,22 @@ class Runner:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
 
+    def _unlock(self) -> None:
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()  # closing the file releases the lock
+            self._lock_file = None
+
     def run(self) -> dict:
         if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock()
+        try:
+            return self._run()
+        finally:
+            self._unlock()  # a failed run's retry in the same process (a notebook) is not locked out
+
+    def _run(self) -> dict:
+        if is_main_process():
             (self.run_dir / "recipe.yaml").write_text(self._rerunnable_yaml())
         self._save_manifest()
         _barrier()

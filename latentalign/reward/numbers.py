@@ -19,9 +19,10 @@ _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
 # Units after a number: "5 km/h", "7 apples", "3 m/s", "5 cm^2" and "5 m^2", degrees; not a variable or a constant
 # ("2x", "3i", "2e", "2pi", "2x^3").
 _CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
-# Words after a number that change its value or make it a bound: not a unit ("1.5 million", "72 or more").
-_VALUE_WORD = (r"(?![a-zA-Z ./]*\b(?:or|and|more|less|fewer|most|least|than|over|under|million|billion|trillion"
-               r"|thousand|hundred|dozens?|factorial|half|quarter|thirds?|times|squared|cubed)\b)")
+# Words after a number that change its value or make it a bound: not a unit ("1.5 million", "3 and a half hours",
+# "72 or more"); "12 fewer cookies", "3 times", "20 more than last week" keep their number.
+_VALUE_WORD = (r"(?![a-zA-Z ./]*\b(?:million|billion|trillion|thousand|hundred|dozens?|factorial|squared|cubed"
+               r"|a\s+(?:half|quarter|third)|or\s+(?:more|less|fewer|so|greater|higher|lower|above|below))\b)")
 _UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}{_VALUE_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))"
                     rf"[a-zA-Z ./]*"
                     r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")

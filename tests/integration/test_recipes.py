@@ -366,6 +366,15 @@ def test_a_folder_that_is_no_run_folder_or_one_another_run_writes_to_is_refused(
         with pytest.raises(RecipeError, match=r"live: another run is writing to this folder \(process 4242\)"):
             Runner(recipe, live, log=lambda *_: None).run()
     assert not (live / "manifest.json").exists()
+    failing = Runner(recipe, live, log=lambda *_: None)
+    failing._run = lambda: 1 / 0  # a run that fails; its retry in the same process (a notebook) is not locked out
+    with pytest.raises(ZeroDivisionError):
+        failing.run()
+    retry = Runner(recipe, live, log=lambda *_: None)
+    retry._run = lambda: {"ok": True}
+    assert retry.run() == {"ok": True}
+    (live / "manifest.json.tmp").write_text("{")  # a first manifest write cut short (a full disk): a run folder
+    Runner(recipe, live)
 
 
 def test_a_stage_made_again_leaves_the_stages_that_read_it_to_do_again(tmp_path):

@@ -374,3 +374,12 @@ def test_the_trainer_resumes_a_sharded_checkpoint_whose_experts_span_shards(tmp_
     load_sharded_checkpoint(fresh, tmp_path, strict=False)
     for name, tensor in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def test_a_state_dict_without_experts_leaves_them_untouched(make_config):
+    """An adapter's or another shard's state dict: the experts' weights are not even looked at (ZeRO-3 holds them
+    partitioned, shape (0,), where reading their width failed)."""
+    experts = LatentAlignForCausalLM(make_config()).model.layers[1].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(torch.empty(0))
+    experts.down_proj = torch.nn.Parameter(torch.empty(0))
+    assert not experts.load_state_dict({}, strict=False).unexpected_keys

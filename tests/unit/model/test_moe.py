@@ -96,6 +96,20 @@ def test_rows_packed_into_one_keep_their_per_sequence_balance_loss(make_config, 
     assert abs(whole.item() - packed.aux_loss.item()) > 1e-4 * packed.aux_loss.item()  # the pack as one: another
 
 
+def test_balance_sums_stay_exact_under_autocast_and_padding_alone_costs_nothing(make_config):
+    config = make_config(n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    logits = (torch.randn(4 * 512, 8, requires_grad=True),)
+    exact = balance_loss(logits, config, batch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: true computes under it; a bf16 sum loses tokens
+        under = balance_loss(logits, config, batch_size=4)
+    assert under.expert_load.dtype == torch.float32 and torch.equal(under.expert_load, exact.expert_load)
+    assert under.expert_load.sum().item() == 4 * 512 * 2
+    assert under.loss.item() == pytest.approx(exact.loss.item(), rel=1e-6)
+    padding = balance_loss(logits, config, torch.zeros(4, 512, dtype=torch.long), batch_size=4)
+    assert padding.loss.item() == 0.0 and padding.expert_load.sum().item() == 0
+
+
 def test_loss_adds_the_weighted_balance_loss(make_config):
     torch.manual_seed(0)
     model = LatentAlignForCausalLM(make_config(router_aux_loss_coef=0.5))

@@ -134,3 +134,16 @@ def test_a_kimi_k2_checkpoint_reads_as_deepseek_v3(make_config, tmp_path, make_b
                                                       "architectures": ["KimiVLForConditionalGeneration"]}))
     with pytest.raises(CheckpointError, match="'kimi_k2' is not a DeepSeek-V2/V3 architecture"):
         load_model(tmp_path)
+
+
+def test_a_model_made_on_the_meta_device_starts_with_zero_router_biases(make_config):
+    """FSDP's start and a checkpoint without the biases make the model on the meta device and initialise what was
+    not loaded: the bias buffer was left as whatever memory to_empty gave it."""
+    with torch.device("meta"):
+        model = latentalign.LatentAlignForCausalLM(make_config(**V3))
+    model.to_empty(device="cpu")
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.fill_(7.0)  # what the memory held
+    model.init_weights()
+    for layer in model.model.layers[1:]:
+        assert torch.equal(layer.mlp.gate.e_score_correction_bias, torch.zeros(8))

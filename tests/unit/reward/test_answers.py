@@ -230,3 +230,24 @@ def test_an_answer_stated_in_a_sentence_of_prose_is_its_one_number(completion):
 ])
 def test_words_that_change_a_number_or_bound_it_are_not_a_unit(completion, reference):
     assert not is_correct(completion, reference)
+
+
+@pytest.mark.parametrize("completion", ["The answer is 12 fewer cookies.", "The answer is 12 times.",
+                                        "The answer is 12 more than last week.", "The answer is 12 left over.",
+                                        "The answer is 12 minutes or a fifth of an hour."])
+def test_words_after_a_number_that_keep_it_are_still_its_unit(completion):
+    """"How many fewer / more / times": the number is the answer."""
+    assert is_correct(completion, "#### 12")
+
+
+def test_a_label_followed_by_blanks_is_read_in_linear_time():
+    """Adjacent optional blanks in the label's pattern matched a run of 2,000 spaces in every way: 69 s, holding
+    the GIL; a regression would hang, so it runs in a child with a deadline."""
+    script = ("import time; from latentalign.reward.answers import final_answer\n"
+              "start = time.perf_counter()\n"
+              "for s in ['answer is' + ' ' * 20000, 'answer:' + ' ' * 20000, '# answer:' + ' ' * 20000,\n"
+              "          'answer' + ' ' * 20000 + 'x', '**Answer**' + ' **' * 5000]:\n"
+              "    final_answer(s)\n"
+              "print(time.perf_counter() - start < 5)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split("\n")[-2] == "True", result.stderr[-2000:]
