@@ -360,8 +360,10 @@ def run(cfg: RLStageConfig, callbacks=None) -> dict:
     args = trl_args(cfg)
     rows, eval_rows = _stage_rows(cfg)
 
+    # vLLM samples in the dtype of the export it starts from, where the sync check's tolerance follows the
+    # policy's: with use_vllm both keep the checkpoint's (an fp32 export would start vLLM in fp16)
     model, tokenizer = load_starting_point(cfg.model, tokenizer_spec=cfg.tokenizer, overrides=cfg.model_overrides,
-                                           seed=cfg.seed, trains_all=not cfg.use_lora)
+                                           seed=cfg.seed, trains_all=not (cfg.use_lora or args.use_vllm))
     ends = model.generation_config.eos_token_id  # what TRL's rollouts end on, as it reads them
     ends = {*(ends if isinstance(ends, list) else [ends] if ends is not None else []), tokenizer.eos_token_id} - {None}
     rewards, _ = build_rewards(cfg, args.max_completion_length, ends)
