@@ -85,9 +85,14 @@ class Runner:
             "base_model": recipe.base_model or self._first_model(), "run_dir": str(self.run_dir),
             # a model card names a hub base model only; a relative folder `org/name` looks like one
             "base_model_local": Path(str(recipe.base_model or self._first_model())).exists(),
-            "stages": {name: stages.get(name, {}) for name in recipe.stages},
+            "stages": {name: self._as_now(name, stages.get(name, {})) for name in recipe.stages},
             **self._carried_over(manifest),
         }
+
+    def _as_now(self, name: str, entry: dict) -> dict:
+        """A stage's entry from the last run, "stale" where it said done and is not under this recipe's settings
+        (a run stopped before it redid the stage showed the old one as done)."""
+        return {**entry, "status": "stale"} if entry.get("status") == "done" and not self.is_done(name) else entry
 
     def _carried_over(self, manifest: dict) -> dict:
         """What an earlier run in this folder left that still holds for this recipe: the final model is this

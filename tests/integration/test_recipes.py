@@ -397,6 +397,10 @@ def test_a_stage_made_again_leaves_the_stages_that_read_it_to_do_again(tmp_path)
     (tmp_path / "sft" / MARKER).write_text(f"{recipe.stages['sft'].hash}\n{json.dumps({'made': 'again'})}\n")
     # those reading it; the runner makes them again in order, and so their readers (rl_preference, push) in turn
     assert [name for name in recipe.stages if not runner.is_done(name)] == ["reward", "rl", "eval"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {n: {"status": "done"} for n in recipe.stages}}))
+    statuses = {n: e["status"] for n, e in Runner(recipe, tmp_path).manifest["stages"].items()}
+    assert statuses == {"sft": "done", "reward": "stale", "rl": "stale", "rl_preference": "done", "eval": "stale",
+                        "push": "done"}  # until the run redoes them; a run stopped before showed them done
     (tmp_path / "rl" / MARKER).write_text(recipe.stages["rl"].hash + "\n")  # a marker of before: as it was
     assert runner.is_done("rl")
 
