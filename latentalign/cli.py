@@ -226,17 +226,6 @@ def _run_errors():
     return (*_user_errors(), EvalError, PushError, OSError)  # OSError: a full disk, a read-only folder
 
 
-def _sigterm_stops_the_run() -> None:
-    """SIGTERM (`timeout`, SLURM, `docker stop`) ends the run as Ctrl-C does: the stage is recorded as failed
-    (not left "running") and a rerun resumes it; exit status 143, as for the signal."""
-    import signal
-
-    def stop(signum, frame):
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 @command("run")
 def run_command(
     recipe: str = typer.Argument(..., help=f"A shipped recipe ({SHIPPED_RECIPES}) or a YAML file."),
@@ -267,8 +256,17 @@ def run_command(
             kinds = ", ".join(f"{n}:{s.type}" for n, s in recipe_obj.stages.items())
             typer.echo(f"{recipe_obj.source}: valid ({kinds})")
             return
-        _sigterm_stops_the_run()
-        manifest = run_recipe(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
+        from latentalign.recipes.runner import TERMINATED, stop_on_sigterm
+
+        stop_on_sigterm()
+        try:
+            manifest = run_recipe(recipe, overrides or [], output_dir=output_dir, log=typer.echo)
+        except BaseException:
+            if TERMINATED.is_set():  # whatever the signal surfaced as (inside an import: another error)
+                raise SystemExit(143) from None
+            raise
+        if TERMINATED.is_set():  # caught on the way by something that went on: the run still ends so
+            raise SystemExit(143)
     except _run_errors() as err:
         _fail(str(err))
     if manifest.get("eval_table"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,19 @@ from ..training import is_main_process
 from .schema import Recipe, RecipeError
 
 MARKER = "DONE"
+TERMINATED = threading.Event()  # set by `stop_on_sigterm`'s handler
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, SLURM, `docker stop`) ends the run as Ctrl-C does: the stage is recorded as failed by
+    the signal (not left "running"), a rerun resumes it, and the CLI exits 143, as for the signal."""
+    import signal
+
+    def stop(signum, frame):
+        TERMINATED.set()
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, stop)
 LOCK = ".lock"  # held by the run writing to the folder (`Runner._lock`)
 
 
@@ -232,6 +246,8 @@ class Runner:
         _barrier()
         total = len(self.recipe.stages)
         for i, (name, stage) in enumerate(self.recipe.stages.items(), start=1):
+            if TERMINATED.is_set():  # a SIGTERM that surfaced as an error something caught: no stage more
+                raise SystemExit(143)
             entry = self.manifest["stages"][name]
             if self.is_done(name):
                 self.log(f"[{i}/{total}] {name} ({stage.type}): done earlier, skipped")
@@ -249,7 +265,10 @@ class Runner:
                 # training kinds run in every process (they train together); eval and push in the main one
                 result = stage.kind.execute(self, name, stage) if stage.kind.every_process or is_main_process() else {}
             except BaseException as err:  # the manifest says which stage stopped and why; a rerun resumes it
-                entry.update(status="failed", error=f"{type(err).__name__}: {err}"[:1000],
+                error = f"{type(err).__name__}: {err}"
+                if TERMINATED.is_set():  # a signal inside an import surfaces as another error
+                    error = "terminated (SIGTERM)" + ("" if isinstance(err, SystemExit) else f"; then {error}")
+                entry.update(status="failed", error=error[:1000],
                              seconds=round(time.perf_counter() - start, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 try:
                     self._save_manifest()

@@ -424,10 +424,10 @@ def test_sigterm_records_the_stage_as_failed_and_exits_143(tmp_path):
     deadline = time.monotonic() + 300
     while not (out / "sft" / "STAGE.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # while the stage imports its libraries, or trains
     assert proc.wait(timeout=120) == 143
     sft = json.loads((out / "manifest.json").read_text())["stages"]["sft"]
-    assert sft["status"] == "failed" and sft["error"].startswith("SystemExit: 143")
+    assert sft["status"] == "failed" and sft["error"].startswith("terminated (SIGTERM)")
 
 
 @pytest.mark.slow  # the tiny chain on a V3 model, about a minute: `make test-slow` (CI runs it)
