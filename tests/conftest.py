@@ -61,12 +61,9 @@ def two_processes():
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("-m"):
+    if config.getoption("-m") or os.environ.get("LATENTALIGN_SLOW") == "1":
         return
-    skips = {"transformers_common": pytest.mark.skip(reason="transformers' common tests: run `make test-transformers`")}
-    if os.environ.get("LATENTALIGN_SLOW") != "1":
-        skips["slow"] = pytest.mark.skip(reason="slow: run with `make test-slow` or -m slow")
+    skip = pytest.mark.skip(reason="slow: run with `make test-slow` or -m slow")
     for item in items:
-        for keyword, skip in skips.items():
-            if keyword in item.keywords:
-                item.add_marker(skip)
+        if "slow" in item.keywords:
+            item.add_marker(skip)

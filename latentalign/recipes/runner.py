@@ -218,6 +218,7 @@ class Runner:
         except OSError:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "?"
+            self._unlock()
             raise RecipeError(f"{self.run_dir}: another run is writing to this folder (process {holder}); wait for "
                               f"it to end, or name another folder (-o).") from None
         self._lock_file.seek(0)

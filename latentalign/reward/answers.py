@@ -61,9 +61,9 @@ _HASHES = re.compile(r"####[ \t]*([^\sA-Za-z][^\n]*)")  # GSM8K's "#### 72", not
 # Where an answer's statement starts: "the answer is", "Answer:", markdown's "**Answer:**" and "**Answer**:", and a
 # heading's next line ("### Final Answer\n18").
 # Each run of spaces has one way to be matched (a run of blanks after "answer is" took 69 s for 2 KB otherwise).
-_ANSWER_IS = re.compile(r"answer(?:[ \t]|\*\*)*(?:is\b|:)(?:[ \t:]|\*\*)*(?:\n\s*)?(?=\S)"
-                        r"|^#{1,6}[ \t]*(?:final[ \t]+)?answer(?:[ \t:]|\*\*)*\n\s*(?=\S)",
-                        re.IGNORECASE | re.MULTILINE)
+_ANSWER_IS = re.compile(r"answer(?:[ \t]|\*\*)*(?:is\b|:)(?:[^\S\n]|:|\*\*)*(?:\n\s*)?(?=\S)"
+                        r"|^#{1,6}[ \t]*(?:final[ \t]+)?answer(?:[^\S\n]|:|\*\*)*\n\s*(?=\S)",
+                        re.IGNORECASE | re.MULTILINE)  # blanks but a line break, \r and NBSP too, then one
 _TOKEN = (rf"-?\\[dt]?frac\s*\{{\s*-?\d+\s*\}}\s*\{{\s*\d+\s*\}}|-?\\[dt]?frac\d\d"
           rf"|(?:{_NUM})(?:\s*/\s*\d+(?![\d,]))?(?![\d,])")
 _LAST_NUMBER = re.compile(_TOKEN)

@@ -21,8 +21,11 @@ _PLAIN = re.compile(rf"^({_NUM})(?:\s*/\s*({_NUM}))?$")
 _CONSTANT_WORD = r"(?!(?:pi|e|i|ln|log|exp|sqrt|sin|cos|tan|inf|infty|oo)(?![a-zA-Z]))"
 # Words after a number that change its value or make it a bound: not a unit ("1.5 million", "3 and a half hours",
 # "72 or more"); "12 fewer cookies", "3 times", "20 more than last week" keep their number.
+_SMALL = r"(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)"
 _VALUE_WORD = (r"(?![a-zA-Z ./]*\b(?:million|billion|trillion|thousand|hundred|dozens?|factorial|squared|cubed"
-               r"|a\s+(?:half|quarter|third)|or\s+(?:more|less|fewer|so|greater|higher|lower|above|below))\b)")
+               r"|a\s+(?:half|quarter|third)|and\s+(?:a\s+|an?\s+|one\s+|two\s+|three\s+)?(?:half|thirds?|quarters?)"
+               r"|at\s+(?:most|least)|(?:and|or)\s+(?:more|less|fewer|so|greater|higher|lower|above|below|over|under"
+               rf"|up|beyond)|over\s+{_SMALL}|or\s+{_SMALL}|to\s+the)\b)")
 _UNITS = re.compile(rf"^(.*?\d%?)\s*(?:{_CONSTANT_WORD}{_VALUE_WORD}(?:[a-zA-Z]{{2,}}|[mgshlLKJNWVA](?![a-zA-Z]))"
                     rf"[a-zA-Z ./]*"
                     r"|(?:[a-zA-Z]{2,}|(?<=\s)m)\s*\^\s*\{?[23]\}?|\^?\s*\\circ|°)$")

@@ -227,6 +227,9 @@ def test_an_answer_stated_in_a_sentence_of_prose_is_its_one_number(completion):
     ("The answer is 3 and a half hours.", "3"), ("The answer is not 5.", "#### 5"),
     ("The answer is 18 or 20 dollars.", "#### 18"), ("The answer is \\sqrt{2} meters.", "#### 2"),
     ("Answer: in 2 days she makes 18 dollars.", "#### 2"),
+    ("The answer is 72 at most.", "#### 72"), ("The answer is 72 and above.", "#### 72"),
+    ("The answer is 72 or under.", "#### 72"), ("The answer is 6 and one half cups.", "6"),
+    ("The answer is 6 and two thirds.", "6"), ("The answer is 72 over two.", "72"), ("The answer is 5 or six.", "5"),
 ])
 def test_words_that_change_a_number_or_bound_it_are_not_a_unit(completion, reference):
     assert not is_correct(completion, reference)
@@ -234,7 +237,8 @@ def test_words_that_change_a_number_or_bound_it_are_not_a_unit(completion, refer
 
 @pytest.mark.parametrize("completion", ["The answer is 12 fewer cookies.", "The answer is 12 times.",
                                         "The answer is 12 more than last week.", "The answer is 12 left over.",
-                                        "The answer is 12 minutes or a fifth of an hour."])
+                                        "We add 3 and 4 to get 7, then 9.\nThe answer is:\r\n12",
+                                        "The answer is:\xa012", "Answer:\u3000 12 apples."])
 def test_words_after_a_number_that_keep_it_are_still_its_unit(completion):
     """"How many fewer / more / times": the number is the answer."""
     assert is_correct(completion, "#### 12")
